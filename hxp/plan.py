@@ -1,0 +1,139 @@
+"""Desired vs observed -> typed actions, with a reason for every unit left alone.
+
+Pure: observation happens in backends; this module only compares.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from hxp.config import unit_config_hash
+from hxp.graph import DependencyGraph
+from hxp.spec import Stack
+from hxp.units import expand_units
+
+PLAN_FORMAT = 1
+
+
+class ActionKind(StrEnum):
+    CREATE = "create"
+    UPDATE = "update"
+    START = "start"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True)
+class ObservedUnit:
+    """What a backend saw of one unit instance."""
+
+    name: str
+    exists: bool
+    running: bool = False
+    healthy: bool | None = None
+    config_hash: str | None = None
+    revision: int | None = None
+
+
+@dataclass(frozen=True)
+class Action:
+    """One change to make to one unit instance, and why."""
+
+    unit: str
+    instance: str
+    host: str
+    kind: ActionKind
+    reason: str
+    config_hash: str
+
+
+@dataclass(frozen=True)
+class NoOp:
+    """A unit instance left alone, and why."""
+
+    unit: str
+    instance: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an apply would do, in dependency order."""
+
+    stack: str
+    config_hash: str
+    order: tuple[str, ...]
+    actions: tuple[Action, ...] = field(default=())
+    noops: tuple[NoOp, ...] = field(default=())
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.actions)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON form (docs/plan-format.md)."""
+        return {
+            "format": PLAN_FORMAT,
+            "stack": self.stack,
+            "config_hash": self.config_hash,
+            "order": list(self.order),
+            "changes": self.changes,
+            "actions": [{**asdict(a), "kind": a.kind.value} for a in self.actions],
+            "noops": [asdict(n) for n in self.noops],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def summary(self) -> str:
+        """A human-readable plan, one line per unit instance."""
+        lines = [f"Plan for stack {self.stack} (config {self.config_hash[:12]}):"]
+        for a in self.actions:
+            lines.append(f"  {a.kind.value:<7} {a.instance:<24} {a.reason}")
+        for n in self.noops:
+            lines.append(f"  {'ok':<7} {n.instance:<24} {n.reason}")
+        verdict = f"{len(self.actions)} to change" if self.changes else "No changes"
+        lines.append(f"{verdict}, {len(self.noops)} unchanged.")
+        return "\n".join(lines)
+
+
+def plan_stack(stack: Stack, observed: Mapping[str, ObservedUnit], stack_hash: str) -> Plan:
+    """Compare every desired unit instance with what was observed."""
+    graph = DependencyGraph(stack.dependencies())
+    rank = {name: i for i, name in enumerate(graph.order())}
+    instances = sorted(expand_units(stack), key=lambda u: (rank[u.unit], u.replica))
+    actions: list[Action] = []
+    noops: list[NoOp] = []
+    hashes = {name: unit_config_hash(stack, name) for name in stack.units()}
+    for inst in instances:
+        want = hashes[inst.unit]
+        seen = observed.get(inst.name)
+        change: tuple[ActionKind, str] | None = None
+        if seen is None or not seen.exists:
+            change = (ActionKind.CREATE, "not deployed")
+        elif seen.config_hash != want:
+            change = (ActionKind.UPDATE, f"config hash {(seen.config_hash or 'none')[:12]} -> {want[:12]}")
+        elif not seen.running:
+            change = (ActionKind.START, "config hash unchanged, but not running")
+        if change is not None:
+            actions.append(Action(inst.unit, inst.name, inst.host, change[0], change[1], want))
+        else:
+            state = "running" if seen is None or seen.healthy is not False else "running (unhealthy)"
+            noops.append(NoOp(inst.unit, inst.name, f"{state}, config hash unchanged"))
+    desired = {i.name for i in instances}
+    for name in sorted(set(observed) - desired):
+        seen = observed[name]
+        if seen.exists:
+            actions.append(
+                Action(name, name, "", ActionKind.REMOVE, "no longer in the stack", "")
+            )
+    return Plan(
+        stack=stack.stack,
+        config_hash=stack_hash,
+        order=tuple(graph.order()),
+        actions=tuple(actions),
+        noops=tuple(noops),
+    )

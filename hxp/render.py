@@ -1,0 +1,276 @@
+"""Render unit files, Compose files and Kubernetes manifests from a stack.
+
+Jinja2's sandbox with StrictUndefined: a template can read what it is given and nothing else,
+and a missing value is an error naming the template and line. Operators override any built-in
+template by putting a file of the same name in the stack's `templates_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import jinja2
+import yaml
+from jinja2.sandbox import SandboxedEnvironment
+
+from hxp import __version__
+from hxp.errors import Issue, OutputCheckError, StackValidationError, TemplateError
+from hxp.spec import Stack, format_duration
+from hxp.units import UnitInstance, expand_units
+
+Target = Literal["systemd", "compose", "k8s"]
+TARGETS: tuple[Target, ...] = ("systemd", "compose", "k8s")
+_HEADER_RE = re.compile(r"\A\{#-?\s*hxp-template\s+version=(\d+)\b")
+
+
+def builtin_templates_dir() -> Path:
+    """The templates shipped with hxp: the repository's templates/ or the wheel's copy."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "templates", here / "_templates"):
+        if candidate.is_dir():
+            return candidate
+    raise TemplateError("built-in templates not found (broken installation)")
+
+
+class _VersionedLoader(jinja2.FileSystemLoader):
+    """A file loader that refuses templates without a `{# hxp-template version=N #}` header."""
+
+    def __init__(self, searchpath: list[Path]) -> None:
+        super().__init__([str(p) for p in searchpath])
+        self.versions: dict[str, tuple[int, str]] = {}
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str | None, Callable[[], bool] | None]:
+        source, filename, uptodate = super().get_source(environment, template)
+        match = _HEADER_RE.match(source)
+        if match is None:
+            raise TemplateError(
+                f"{filename}:1 template has no version header "
+                "('{# hxp-template version=N #}' on the first line)"
+            )
+        self.versions[template] = (int(match.group(1)), filename or template)
+        return source, filename, uptodate
+
+
+def systemd_arg(value: str) -> str:
+    """Quote one argv element for ExecStart=: no word splitting, no $VAR or %-specifier."""
+    escaped = (
+        value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    )
+    return f'"{escaped}"'
+
+
+def systemd_value(value: str) -> str:
+    """Quote a value for Environment=/Description= lines: no %-specifier expansion."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
+
+
+def systemd_text(value: str) -> str:
+    """Free text (Description=): specifiers escaped, no quoting needed."""
+    return value.replace("%", "%%")
+
+
+def yaml_str(value: Any) -> str:
+    """A YAML scalar that always reads back as the same string (JSON is a YAML subset)."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def compose_str(value: Any) -> str:
+    """A YAML string for Compose, with `$` escaped so Compose does not interpolate it."""
+    return json.dumps(str(value).replace("$", "$$"), ensure_ascii=False)
+
+
+def compose_duration(seconds: float) -> str:
+    return format_duration(seconds)
+
+
+def url_parts(url: str) -> dict[str, Any]:
+    """Split a health URL for probes: scheme, host, port, path (with query)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return {"scheme": parts.scheme.upper(), "host": parts.hostname, "port": port, "path": path}
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    """One output file: where it goes, what it holds, and which template made it."""
+
+    path: str
+    content: str
+    template: str
+    template_version: int
+    mode: int = 0o644
+
+
+class Renderer:
+    """Jinja2 sandbox over `templates_dir` (operator overrides) then the built-in templates."""
+
+    def __init__(self, templates_dir: str | Path | None = None) -> None:
+        search: list[Path] = []
+        if templates_dir is not None:
+            user = Path(templates_dir)
+            if not user.is_dir():
+                raise StackValidationError(
+                    [Issue(f"no such directory {str(user)!r}", "templates_dir")]
+                )
+            search.append(user)
+        search.append(builtin_templates_dir())
+        self.loader = _VersionedLoader(search)
+        self.env = SandboxedEnvironment(
+            loader=self.loader,
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.env.filters.update(
+            systemd_arg=systemd_arg,
+            systemd_value=systemd_value,
+            systemd_text=systemd_text,
+            yaml_str=yaml_str,
+            compose_str=compose_str,
+            duration=compose_duration,
+            url_parts=url_parts,
+        )
+
+    def render(self, template: str, **context: Any) -> RenderedFile:
+        """Render one template; errors name the template file and line."""
+        try:
+            tpl = self.env.get_template(template)
+            version, filename = self.loader.versions[template]
+            header = f"Rendered by hxp {__version__} from {template} (template version {version})"
+            text = tpl.render(header=header, **context)
+        except TemplateError:
+            raise
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(
+                f"{exc.filename or exc.name or template}:{exc.lineno} template syntax error: "
+                f"{exc.message}"
+            ) from None
+        except jinja2.TemplateNotFound as exc:
+            raise TemplateError(f"template {exc.name!r} not found") from None
+        except Exception as exc:  # a runtime error inside the template
+            raise TemplateError(f"{_template_frame(exc, template)} {exc}") from None
+        return RenderedFile(path="", content=text, template=template, template_version=version)
+
+
+def _template_frame(exc: BaseException, fallback: str) -> str:
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".j2")
+    ]
+    if frames:
+        return f"{frames[-1].filename}:{frames[-1].lineno}"
+    return fallback
+
+
+def _need_images(units: Iterable[UnitInstance], target: str) -> None:
+    issues = [
+        Issue(f"required to render target {target}", f"{u.field_path}.image")
+        for u in units
+        if u.image is None and u.replica == 0
+    ]
+    if issues:
+        raise StackValidationError(issues)
+
+
+def _dependency_conditions(stack: Stack) -> dict[str, dict[str, str]]:
+    units = stack.units()
+    out: dict[str, dict[str, str]] = {}
+    for name, unit in units.items():
+        out[name] = {}
+        for dep in unit.depends_on:
+            dep_spec = units[dep]
+            healthy = dep_spec.health is not None or dep in stack.models
+            out[name][dep] = "service_healthy" if healthy else "service_started"
+    return out
+
+
+def render_stack(stack: Stack, target: Target, renderer: Renderer | None = None,
+                 only: set[str] | None = None) -> list[RenderedFile]:
+    """Render every file of `target` for the stack (or for the units in `only`)."""
+    renderer = renderer or Renderer(stack.templates_dir)
+    units = expand_units(stack, only)
+    files: list[RenderedFile] = []
+    if target == "systemd":
+        for unit in units:
+            r = renderer.render("systemd/unit.service.j2", stack=stack, unit=unit)
+            files.append(_at(r, unit.systemd_name))
+    elif target == "compose":
+        _need_images(units, target)
+        first = [u for u in units if u.replica == 0]
+        r = renderer.render(
+            "compose/compose.yaml.j2",
+            stack=stack,
+            units=first,
+            conditions=_dependency_conditions(stack),
+        )
+        files.append(_at(r, "compose.yaml"))
+    elif target == "k8s":
+        _need_images(units, target)
+        for unit in units:
+            if unit.replica != 0:
+                continue
+            r = renderer.render("k8s/unit.yaml.j2", stack=stack, unit=unit)
+            files.append(_at(r, f"{unit.unit}.yaml"))
+    else:  # pragma: no cover - Target is a closed Literal
+        raise StackValidationError([Issue(f"unknown target {target!r}", "target")])
+    for f in files:
+        check_parses(f)
+    return files
+
+
+def _at(rendered: RenderedFile, path: str) -> RenderedFile:
+    return RenderedFile(
+        path=path,
+        content=rendered.content,
+        template=rendered.template,
+        template_version=rendered.template_version,
+        mode=rendered.mode,
+    )
+
+
+def check_parses(f: RenderedFile) -> None:
+    """Every YAML output must parse back into mappings; an error names file and line."""
+    if not f.path.endswith((".yaml", ".yml")):
+        return
+    try:
+        docs = [d for d in yaml.safe_load_all(f.content) if d is not None]
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
+        raise OutputCheckError(
+            [f"{f.path}:{line} (from {f.template}) does not parse as YAML: {exc.problem}"]
+        ) from None
+    for doc in docs:
+        if not isinstance(doc, dict):
+            raise OutputCheckError([f"{f.path} (from {f.template}): a document is not a mapping"])
+
+
+def write_files(files: Iterable[RenderedFile], out_dir: str | Path) -> list[Path]:
+    """Write rendered files under `out_dir` (no path escapes it); returns the paths written."""
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        target = (root / f.path).resolve()
+        if root.resolve() not in target.parents:
+            raise OutputCheckError([f"refusing to write outside {root}: {f.path}"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(f.content)
+        tmp.chmod(f.mode)
+        tmp.replace(target)
+        written.append(target)
+    return written

@@ -1,0 +1,567 @@
+"""Typed, frozen models of the operator's stack file (see docs/configuration.md).
+
+Every name, port, duration, size, URL, argv list and env value is validated here, before it can
+reach a unit file, a command line or a YAML document.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    model_validator,
+)
+
+CURRENT_VERSION = 2
+
+_NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_PORT_NAME_RE = re.compile(r"[a-z]([-a-z0-9]{0,13}[a-z0-9])?")
+_ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_IMAGE_RE = re.compile(
+    r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?"
+)
+_HF_REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?")
+_REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+){0,2}([a-z0-9.+-]*)")
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*"
+)
+_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "TiB": 1024**4,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+}
+# Characters that must never appear in a value that reaches a unit file or a YAML document.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(
+            f"invalid name {value!r}: use 1-63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def _check_port_name(value: str) -> str:
+    if not _PORT_NAME_RE.fullmatch(value):
+        raise ValueError(f"invalid port name {value!r}: 1-15 lowercase letters, digits and '-'")
+    return value
+
+
+def _check_env_key(value: str) -> str:
+    if not _ENV_KEY_RE.fullmatch(value):
+        raise ValueError(f"invalid environment variable name {value!r}")
+    return value
+
+
+def _env_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value
+
+
+def _check_text(value: str) -> str:
+    if _CONTROL_RE.search(value):
+        raise ValueError(f"{value!r} contains a newline or control character")
+    return value
+
+
+def _check_arg(value: str) -> str:
+    if value == "":
+        raise ValueError("an empty argument is not allowed")
+    return _check_text(value)
+
+
+def _check_image(value: str) -> str:
+    if not _IMAGE_RE.fullmatch(value):
+        raise ValueError(f"invalid image reference {value!r}")
+    return value
+
+
+def _check_hf_repo(value: str) -> str:
+    if not _HF_REPO_RE.fullmatch(value) or ".." in value:
+        raise ValueError(f"invalid model id {value!r}: expected 'org/name' (no '..')")
+    return value
+
+
+def _check_revision(value: str) -> str:
+    if not _REVISION_RE.fullmatch(value) or ".." in value:
+        raise ValueError(f"invalid revision {value!r}")
+    return value
+
+
+def _check_version(value: Any) -> Any:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str) and not _VERSION_RE.fullmatch(value):
+        raise ValueError(f"invalid version {value!r}: expected e.g. '0.11.0'")
+    return value
+
+
+def _check_address(value: str) -> str:
+    if not _HOSTNAME_RE.fullmatch(value) and not re.fullmatch(r"[0-9a-fA-F:.]+", value):
+        raise ValueError(f"invalid host address {value!r}")
+    return value
+
+
+def _check_user(value: str) -> str:
+    if not _USER_RE.fullmatch(value):
+        raise ValueError(f"invalid user name {value!r}")
+    return value
+
+
+def _check_abs_path(value: str) -> str:
+    _check_text(value)
+    if not value.startswith("/") or any(p == ".." for p in value.split("/")):
+        raise ValueError(f"invalid path {value!r}: must be absolute, without '..'")
+    if re.search(r"[\s\"'\\$`;&|<>*?%]", value):
+        raise ValueError(f"invalid path {value!r}: no spaces, quotes or shell characters")
+    return value
+
+
+def _check_url(value: str) -> str:
+    _check_text(value)
+    if re.search(r"\s", value):
+        raise ValueError(f"invalid URL {value!r}: contains whitespace")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid URL {value!r}: expected http(s)://host[:port]/path")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {value!r}: bad port") from exc
+    return value
+
+
+def parse_duration(value: Any) -> float:
+    """Parse `500ms`, `2s`, `5m`, `1h`, `1d` (or a bare number of seconds) into seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"invalid duration {value!r}: use e.g. 500ms, 2s, 5m, 1h")
+    if seconds < 0 or seconds > 366 * 86400:
+        raise ValueError(f"duration {value!r} out of range")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds back into the stack file's notation (the largest exact unit)."""
+    if seconds == 0:
+        return "0s"
+    for unit in ("d", "h", "m", "s"):
+        factor = _DURATION_UNITS[unit]
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{round(seconds * 1000)}ms"
+
+
+def parse_size(value: Any) -> int:
+    """Parse `512MiB`, `80GiB` (or a bare number of bytes) into bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid size {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.fullmatch(value.strip())):
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    else:
+        raise ValueError(f"invalid size {value!r}: use e.g. 512MiB, 80GiB")
+    if size <= 0:
+        raise ValueError(f"size {value!r} must be positive")
+    return size
+
+
+def format_size(size: int) -> str:
+    """Format bytes in the largest binary unit that divides them exactly."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+PortName = Annotated[str, AfterValidator(_check_port_name)]
+EnvKey = Annotated[str, AfterValidator(_check_env_key)]
+EnvValue = Annotated[str, BeforeValidator(_env_value), AfterValidator(_check_text)]
+Text = Annotated[str, AfterValidator(_check_text)]
+Arg = Annotated[str, AfterValidator(_check_arg)]
+Argv = Annotated[list[Arg], Field(min_length=1, max_length=512)]
+Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+]
+Size = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
+Url = Annotated[str, AfterValidator(_check_url)]
+ImageRef = Annotated[str, AfterValidator(_check_image)]
+AbsPath = Annotated[str, AfterValidator(_check_abs_path)]
+UserName = Annotated[str, AfterValidator(_check_user)]
+Version = Annotated[str, BeforeValidator(_check_version)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GpuSpec(_Model):
+    """One GPU on a host."""
+
+    index: Annotated[int, Field(ge=0, le=63, strict=True)]
+    memory_gib: Annotated[float, Field(gt=0, le=4096)]
+    name: Text | None = None
+
+
+Backend = Literal["process", "docker", "systemd"]
+Runner = Literal["local", "ssh", "docker-exec"]
+
+
+class HostSpec(_Model):
+    """A machine units run on, and how hxp reaches it."""
+
+    backend: Backend = "process"
+    address: Annotated[str, AfterValidator(_check_address)] | None = None
+    runner: Runner = "local"
+    ssh_user: UserName | None = None
+    ssh_port: Port = 22
+    container: Name | None = Field(
+        default=None, description="container to `docker exec` into (runner docker-exec)"
+    )
+    gpus: list[GpuSpec] = Field(default_factory=list, max_length=64)
+    labels: dict[PortName, Text] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _runner_needs(self) -> HostSpec:
+        if self.runner == "ssh" and self.address is None:
+            raise ValueError("runner 'ssh' needs an address")
+        if self.runner == "docker-exec" and self.container is None:
+            raise ValueError("runner 'docker-exec' needs a container")
+        indexes = [g.index for g in self.gpus]
+        if len(set(indexes)) != len(indexes):
+            raise ValueError(f"duplicate GPU index in {indexes}")
+        return self
+
+
+class HttpCheck(_Model):
+    url: Url
+    expect_status: Annotated[int, Field(ge=100, le=599)] = 200
+    body_contains: Text | None = None
+
+
+class TcpCheck(_Model):
+    host: Annotated[str, AfterValidator(_check_address)] = "127.0.0.1"
+    port: Port
+
+
+class HealthSpec(_Model):
+    """How hxp decides that a unit is ready and healthy."""
+
+    http: HttpCheck | None = None
+    tcp: TcpCheck | None = None
+    command: Argv | None = None
+    interval: Duration = 5.0
+    timeout: Duration = 2.0
+    retries: Annotated[int, Field(ge=1, le=100)] = 3
+    start_period: Duration = 0.0
+
+    @model_validator(mode="after")
+    def _one_check(self) -> HealthSpec:
+        if self.http is None and self.tcp is None and self.command is None:
+            raise ValueError("health needs at least one of http, tcp, command")
+        if self.timeout <= 0 or self.interval <= 0:
+            raise ValueError("health interval and timeout must be positive")
+        return self
+
+
+class VolumeSpec(_Model):
+    """A named volume mounted into a unit (Docker volume, Kubernetes PVC, host directory)."""
+
+    name: Name
+    target: AbsPath
+    size: Size = 10 * 1024**3
+    read_only: bool = False
+
+
+class ResourceSpec(_Model):
+    memory: Size | None = None
+    cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
+
+
+RestartPolicy = Literal["always", "on-failure", "no"]
+
+
+class _UnitSpec(_Model):
+    """Fields every deployable unit (service or model) shares."""
+
+    host: Name
+    env: dict[EnvKey, EnvValue] = Field(default_factory=dict)
+    secret_env: dict[EnvKey, Name] = Field(
+        default_factory=dict,
+        description="environment variable -> Prefect Secret block (Kubernetes: Secret) name",
+    )
+    depends_on: list[Name] = Field(default_factory=list)
+    replicas: Annotated[int, Field(ge=1, le=64, strict=True)] = 1
+    health: HealthSpec | None = None
+    image: ImageRef | None = None
+    user: UserName = Field(default="hxp", description="system user for process/systemd units")
+    uid: Annotated[int, Field(ge=1, le=2**31 - 1)] = Field(
+        default=10001, description="numeric non-root uid for containers (Docker, Kubernetes)"
+    )
+    ingress_host: Annotated[str, AfterValidator(_check_address)] | None = Field(
+        default=None, description="Kubernetes Ingress host name for this unit"
+    )
+    workdir: AbsPath | None = None
+    volumes: list[VolumeSpec] = Field(default_factory=list)
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    restart: RestartPolicy = "on-failure"
+    stop_timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _unique_lists(self) -> _UnitSpec:
+        if len(set(self.depends_on)) != len(self.depends_on):
+            raise ValueError(f"depends_on lists a unit twice: {self.depends_on}")
+        names = [v.name for v in self.volumes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate volume name in {names}")
+        clash = set(self.env) & set(self.secret_env)
+        if clash:
+            raise ValueError(f"{sorted(clash)} set in both env and secret_env")
+        return self
+
+
+class ServiceSpec(_UnitSpec):
+    """A supporting service: database, cache, gateway, exporter."""
+
+    command: Argv | None = None
+    ports: dict[PortName, Port] = Field(default_factory=dict)
+
+
+KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
+ModelDtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+class VllmSpec(_Model):
+    """vLLM engine settings of a model."""
+
+    version: Version = "0.11.0"
+    max_model_len: Annotated[int, Field(ge=16, le=10_000_000)] | None = None
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
+    tensor_parallel_size: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
+    pipeline_parallel_size: Annotated[int, Field(ge=1, le=64)] = 1
+    kv_cache_dtype: KvCacheDtype = "auto"
+    dtype: ModelDtype = "auto"
+    quantization: Name | None = None
+    max_num_seqs: Annotated[int, Field(ge=1, le=65536)] | None = None
+    max_num_batched_tokens: Annotated[int, Field(ge=1)] | None = None
+    enforce_eager: bool = False
+    extra_args: list[Arg] = Field(default_factory=list, max_length=256)
+
+
+class ModelSpec(_UnitSpec):
+    """A vLLM model server."""
+
+    model: Annotated[str, AfterValidator(_check_hf_repo)]
+    revision: Annotated[str, AfterValidator(_check_revision)] | None = None
+    served_name: Name | None = None
+    gpus: Literal["auto"] | list[Annotated[int, Field(ge=0, le=63, strict=True)]] = "auto"
+    port: Port = 8000
+    python: Annotated[str, AfterValidator(_check_arg)] = Field(
+        default="python3", description="interpreter that has vLLM installed (process, systemd)"
+    )
+    vllm: VllmSpec = Field(default_factory=VllmSpec)
+
+
+class ReceiverSpec(_Model):
+    """An Alertmanager receiver; secrets come from Prefect Secret blocks."""
+
+    name: Name
+    type: Literal["webhook", "email", "slack"]
+    url: Url | None = None
+    to: Text | None = None
+    channel: Text | None = None
+    secret_block: Name | None = None
+    severity: list[Literal["critical", "warning", "info"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fields_for_type(self) -> ReceiverSpec:
+        if self.type == "webhook" and self.url is None:
+            raise ValueError("a webhook receiver needs url")
+        if self.type == "email" and self.to is None:
+            raise ValueError("an email receiver needs to")
+        if self.type == "slack" and self.url is None and self.secret_block is None:
+            raise ValueError("a slack receiver needs url or secret_block")
+        return self
+
+
+class PrometheusSpec(_Model):
+    host: Name
+    port: Port = 9090
+    scrape_interval: Duration = 15.0
+    retention: Duration = 15 * 86400.0
+
+
+class AlertmanagerSpec(_Model):
+    host: Name
+    port: Port = 9093
+    receivers: list[ReceiverSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AlertmanagerSpec:
+        names = [r.name for r in self.receivers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate receiver name {dup}")
+        return self
+
+
+class PushgatewaySpec(_Model):
+    host: Name
+    port: Port = 9091
+
+
+class GrafanaSpec(_Model):
+    url: Url
+    token_block: Name | None = None
+
+
+class SloSpec(_Model):
+    ttft_p95: Duration = 2.0
+    e2e_p99: Duration = 30.0
+
+
+class MonitoringSpec(_Model):
+    prometheus: PrometheusSpec | None = None
+    alertmanager: AlertmanagerSpec | None = None
+    pushgateway: PushgatewaySpec | None = None
+    grafana: GrafanaSpec | None = None
+    slo: SloSpec = Field(default_factory=SloSpec)
+
+
+UnitSpec = ServiceSpec | ModelSpec
+
+
+class Stack(_Model):
+    """A whole fleet: hosts, services, models and their monitoring."""
+
+    version: Annotated[int, Field(ge=1, strict=True)] = CURRENT_VERSION
+    stack: Name
+    hosts: Annotated[dict[Name, HostSpec], Field(min_length=1)]
+    services: dict[Name, ServiceSpec] = Field(default_factory=dict)
+    models: dict[Name, ModelSpec] = Field(default_factory=dict)
+    monitoring: MonitoringSpec | None = None
+    templates_dir: AbsPath | None = Field(
+        default=None, description="directory whose templates override the built-in ones"
+    )
+
+    @model_validator(mode="after")
+    def _references(self) -> Stack:
+        problems: list[str] = []
+        for kind, units in (("services", self.services), ("models", self.models)):
+            for name, unit in units.items():
+                if unit.host not in self.hosts:
+                    problems.append(f"{kind}.{name}.host: unknown host {unit.host!r}")
+                for dep in unit.depends_on:
+                    if dep == name:
+                        problems.append(f"{kind}.{name}.depends_on: depends on itself")
+                    elif dep not in self.services and dep not in self.models:
+                        problems.append(f"{kind}.{name}.depends_on: unknown unit {dep!r}")
+        for name in sorted(set(self.services) & set(self.models)):
+            problems.append(f"models.{name}: name already used by services.{name}")
+        problems.extend(self._backend_requirements())
+        problems.extend(self._port_conflicts())
+        if self.monitoring is not None:
+            for part in ("prometheus", "alertmanager", "pushgateway"):
+                spec = getattr(self.monitoring, part)
+                if spec is not None and spec.host not in self.hosts:
+                    problems.append(f"monitoring.{part}.host: unknown host {spec.host!r}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _backend_requirements(self) -> Iterator[str]:
+        for name, svc in self.services.items():
+            host = self.hosts.get(svc.host)
+            if host is None:
+                continue
+            if host.backend == "docker" and svc.image is None:
+                yield f"services.{name}.image: required on host {svc.host!r} (backend docker)"
+            if host.backend != "docker" and svc.command is None:
+                yield (
+                    f"services.{name}.command: required on host {svc.host!r} "
+                    f"(backend {host.backend})"
+                )
+        for name, model in self.models.items():
+            host = self.hosts.get(model.host)
+            if host is None or model.gpus == "auto" or not host.gpus:
+                continue
+            known = {g.index for g in host.gpus}
+            missing = sorted(set(model.gpus) - known)
+            if missing:
+                yield f"models.{name}.gpus: host {model.host!r} has no GPU {missing}"
+
+    def _port_conflicts(self) -> Iterator[str]:
+        taken: dict[tuple[str, int], str] = {}
+        for kind, name, host, port, replicas in self._port_claims():
+            for i in range(replicas):
+                key = (host, port + i)
+                owner = f"{kind}.{name}"
+                if key in taken and taken[key] != owner:
+                    yield f"{owner}: port {port + i} on host {host!r} already used by {taken[key]}"
+                    break
+                taken[key] = owner
+
+    def _port_claims(self) -> Iterator[tuple[str, str, str, int, int]]:
+        for name, svc in sorted(self.services.items()):
+            for port in svc.ports.values():
+                yield "services", name, svc.host, port, svc.replicas
+        for name, model in sorted(self.models.items()):
+            yield "models", name, model.host, model.port, model.replicas
+        if self.monitoring is not None:
+            for part in ("prometheus", "alertmanager", "pushgateway"):
+                spec = getattr(self.monitoring, part)
+                if spec is not None:
+                    yield "monitoring", part, spec.host, spec.port, 1
+
+    def units(self) -> dict[str, UnitSpec]:
+        """Services and models in one namespace, keyed by unit name."""
+        merged: dict[str, UnitSpec] = dict(self.services)
+        merged.update(self.models)
+        return merged
+
+    def unit(self, name: str) -> UnitSpec:
+        units = self.units()
+        if name not in units:
+            from hxp.errors import UnknownUnitError
+
+            raise UnknownUnitError(f"unknown unit {name!r}; the stack has {sorted(units)}")
+        return units[name]
+
+    def dependencies(self) -> dict[str, list[str]]:
+        """unit -> the units it depends on."""
+        return {name: list(unit.depends_on) for name, unit in self.units().items()}

@@ -1,0 +1,190 @@
+"""Expand a stack's services and models into concrete unit instances (one per replica).
+
+An instance carries everything a renderer or backend needs: argv, environment, ports, health,
+GPU assignment. Deciding these is pure; backends and templates only read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hxp.errors import Issue, StackValidationError
+from hxp.spec import HealthSpec, HostSpec, HttpCheck, ModelSpec, ServiceSpec, Stack, UnitSpec
+
+UnitKind = Literal["service", "model"]
+
+
+@dataclass(frozen=True)
+class UnitInstance:
+    """One replica of a service or model, ready to render or run."""
+
+    stack: str
+    unit: str
+    kind: UnitKind
+    replica: int
+    replicas: int
+    host: str
+    host_spec: HostSpec
+    spec: UnitSpec
+    argv: tuple[str, ...]
+    container_args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    ports: tuple[tuple[str, int], ...]
+    health: HealthSpec | None
+    image: str | None
+    gpus: tuple[int, ...] | None
+    gpu_count: int
+    depends_on: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        """Instance name: the unit name, with `-N` for replicated units."""
+        return self.unit if self.replicas == 1 else f"{self.unit}-{self.replica}"
+
+    @property
+    def host_env(self) -> tuple[tuple[str, str], ...]:
+        """Environment for a process on the host: `env` plus the GPUs this replica owns.
+
+        Containers get their GPUs through device requests instead.
+        """
+        if self.gpus is None or any(k == "CUDA_VISIBLE_DEVICES" for k, _ in self.env):
+            return self.env
+        visible = ("CUDA_VISIBLE_DEVICES", ",".join(str(g) for g in self.gpus))
+        return tuple(sorted((*self.env, visible)))
+
+    @property
+    def systemd_name(self) -> str:
+        return f"hxp-{self.stack}-{self.name}.service"
+
+    @property
+    def field_path(self) -> str:
+        return f"{'models' if self.kind == 'model' else 'services'}.{self.unit}"
+
+
+def tensor_parallel_size(model: ModelSpec) -> int:
+    """TP as declared; `auto` falls back to the listed GPUs per replica, else 1.
+
+    The resource calculator (hxp.resources) refines `auto` from the model's config.
+    """
+    tp = model.vllm.tensor_parallel_size
+    if tp != "auto":
+        return tp
+    if isinstance(model.gpus, list) and model.gpus:
+        return max(1, len(model.gpus) // model.replicas)
+    return 1
+
+
+def vllm_args(model: ModelSpec, name: str, port: int) -> list[str]:
+    """Arguments of vLLM's OpenAI-compatible server for one model replica."""
+    v = model.vllm
+    args = ["--model", model.model]
+    if model.revision:
+        args += ["--revision", model.revision]
+    args += ["--served-model-name", model.served_name or name]
+    args += ["--host", "0.0.0.0", "--port", str(port)]  # noqa: S104 - a server listens
+    args += ["--tensor-parallel-size", str(tensor_parallel_size(model))]
+    if v.pipeline_parallel_size > 1:
+        args += ["--pipeline-parallel-size", str(v.pipeline_parallel_size)]
+    args += ["--gpu-memory-utilization", f"{v.gpu_memory_utilization:g}"]
+    if v.max_model_len is not None:
+        args += ["--max-model-len", str(v.max_model_len)]
+    if v.dtype != "auto":
+        args += ["--dtype", v.dtype]
+    if v.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", v.kv_cache_dtype]
+    if v.quantization is not None:
+        args += ["--quantization", v.quantization]
+    if v.max_num_seqs is not None:
+        args += ["--max-num-seqs", str(v.max_num_seqs)]
+    if v.max_num_batched_tokens is not None:
+        args += ["--max-num-batched-tokens", str(v.max_num_batched_tokens)]
+    if v.enforce_eager:
+        args.append("--enforce-eager")
+    return args + list(v.extra_args)
+
+
+def _model_gpus(name: str, model: ModelSpec, replica: int) -> tuple[int, ...] | None:
+    if model.gpus == "auto":
+        return None
+    tp = tensor_parallel_size(model) * model.vllm.pipeline_parallel_size
+    need = tp * model.replicas
+    if len(model.gpus) < need:
+        raise StackValidationError(
+            [
+                Issue(
+                    f"{model.replicas} replica(s) x {tp} GPU(s) each need {need} GPUs, "
+                    f"{len(model.gpus)} listed",
+                    f"models.{name}.gpus",
+                )
+            ]
+        )
+    return tuple(model.gpus[replica * tp : (replica + 1) * tp])
+
+
+def _service_instance(stack: Stack, name: str, svc: ServiceSpec, i: int) -> UnitInstance:
+    ports = tuple((pn, p + i) for pn, p in sorted(svc.ports.items()))
+    return UnitInstance(
+        stack=stack.stack,
+        unit=name,
+        kind="service",
+        replica=i,
+        replicas=svc.replicas,
+        host=svc.host,
+        host_spec=stack.hosts[svc.host],
+        spec=svc,
+        argv=tuple(svc.command or ()),
+        container_args=tuple(svc.command or ()),
+        env=tuple(sorted(svc.env.items())),
+        ports=ports,
+        health=svc.health,
+        image=svc.image,
+        gpus=None,
+        gpu_count=0,
+        depends_on=tuple(svc.depends_on),
+    )
+
+
+def _model_instance(stack: Stack, name: str, model: ModelSpec, i: int) -> UnitInstance:
+    port = model.port + i
+    args = vllm_args(model, name, port)
+    gpus = _model_gpus(name, model, i)
+    env = dict(model.env)
+    health = model.health or HealthSpec(
+        http=HttpCheck(url=f"http://127.0.0.1:{port}/health"),
+        interval=5.0,
+        timeout=2.0,
+        retries=3,
+        start_period=600.0,
+    )
+    return UnitInstance(
+        stack=stack.stack,
+        unit=name,
+        kind="model",
+        replica=i,
+        replicas=model.replicas,
+        host=model.host,
+        host_spec=stack.hosts[model.host],
+        spec=model,
+        argv=(model.python, "-m", "vllm.entrypoints.openai.api_server", *args),
+        container_args=tuple(args),
+        env=tuple(sorted(env.items())),
+        ports=(("http", port),),
+        health=health,
+        image=model.image or f"vllm/vllm-openai:v{model.vllm.version}",
+        gpus=gpus,
+        gpu_count=tensor_parallel_size(model) * model.vllm.pipeline_parallel_size,
+        depends_on=tuple(model.depends_on),
+    )
+
+
+def expand_units(stack: Stack, only: set[str] | None = None) -> list[UnitInstance]:
+    """Every replica of every service and model (or of the units in `only`), sorted by name."""
+    out: list[UnitInstance] = []
+    for name, svc in sorted(stack.services.items()):
+        if only is None or name in only:
+            out.extend(_service_instance(stack, name, svc, i) for i in range(svc.replicas))
+    for name, model in sorted(stack.models.items()):
+        if only is None or name in only:
+            out.extend(_model_instance(stack, name, model, i) for i in range(model.replicas))
+    return out
