@@ -184,6 +184,11 @@ def cmd_render(args: argparse.Namespace) -> int:
         else:
             problems.extend(f"{r.check}: {p}" for p in r.problems)
     if problems:
+        if any("is not executable" in p for p in problems):
+            problems.append(
+                "hint: programs are looked up on this machine; check on the target host "
+                "or render with --no-verify"
+            )
         raise OutputCheckError(problems)
     return 0
 

