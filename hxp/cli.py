@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_graph)
 
-    p = sub.add_parser("render", help="render systemd units, a Compose file or Kubernetes manifests")
+    p = sub.add_parser(
+        "render", help="render systemd units, a Compose file or Kubernetes manifests"
+    )
     _add_stack_args(p)
     p.add_argument("--target", choices=["systemd", "compose", "k8s"], required=True)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")

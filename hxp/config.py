@@ -90,7 +90,7 @@ class _Converter:
             raise self.error(node, "recursive YAML alias", path)
         self.locations[path] = Location(self.source, node.start_mark.line + 1)
         if isinstance(node, yaml.ScalarNode):
-            value = self.loader.construct_object(node, deep=True)  # type: ignore[no-untyped-call]
+            value = self.loader.construct_object(node, deep=True)
             if not isinstance(value, str | int | float | bool | type(None)):
                 value = str(node.value)
             return value
@@ -105,15 +105,13 @@ class _Converter:
         raise self.error(node, "unsupported YAML node", path)
 
     def _mapping(self, node: yaml.MappingNode, path: PathKey) -> Data:
-        self.loader.flatten_mapping(node)  # type: ignore[no-untyped-call]
-        out: Data = {}
         seen_lines: dict[str, int] = {}
-        for key_node, value_node in node.value:
+        for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise self.error(key_node, "a mapping key must be a plain string", path)
-            key = self.loader.construct_object(key_node)  # type: ignore[no-untyped-call]
-            if not isinstance(key, str):
-                key = str(key_node.value)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = str(key_node.value)
             if key in seen_lines:
                 raise self.error(
                     key_node,
@@ -121,6 +119,11 @@ class _Converter:
                     (*path, key),
                 )
             seen_lines[key] = key_node.start_mark.line + 1
+        # Merge keys (`<<: *base`) come first after flattening; explicit keys then win.
+        self.loader.flatten_mapping(node)
+        out: Data = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
             out[key] = self.convert(value_node, (*path, key))
         return out
 
@@ -148,7 +151,7 @@ def parse_document(text: str | bytes, source: str) -> Document:
         raise StackFileError([Issue("document too large", location=Location(source))])
     loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()  # type: ignore[no-untyped-call]
+        node = loader.get_single_node()
         if node is None:
             raise StackFileError([Issue("empty stack file", location=Location(source))])
         converter = _Converter(source, loader)
@@ -161,11 +164,9 @@ def parse_document(text: str | bytes, source: str) -> Document:
             [Issue(f"YAML syntax error: {problem}", location=Location(source, line))]
         ) from None
     except yaml.YAMLError as exc:
-        raise StackFileError(
-            [Issue(f"YAML error: {exc}", location=Location(source))]
-        ) from None
+        raise StackFileError([Issue(f"YAML error: {exc}", location=Location(source))]) from None
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        loader.dispose()
     if not isinstance(data, dict):
         raise StackFileError(
             [
@@ -321,8 +322,14 @@ def _drop_under(prov: dict[PathKey, Location], path: PathKey) -> None:
         del prov[key]
 
 
-def _record(prov: dict[PathKey, Location], path: PathKey, value: Any, doc: Document | None,
-            src_path: PathKey, fallback: Location) -> None:
+def _record(
+    prov: dict[PathKey, Location],
+    path: PathKey,
+    value: Any,
+    doc: Document | None,
+    src_path: PathKey,
+    fallback: Location,
+) -> None:
     """Record the provenance of `value` (and all values below it) written at `path`."""
     loc = doc.locations.get(src_path, fallback) if doc is not None else fallback
     prov[path] = loc
@@ -336,8 +343,15 @@ def _record(prov: dict[PathKey, Location], path: PathKey, value: Any, doc: Docum
             _record(prov, (*path, key), v, doc, (*src_path, str(i)), fallback)
 
 
-def _merge(base: Any, over: Any, prov: dict[PathKey, Location], path: PathKey,
-           doc: Document | None, src_path: PathKey, fallback: Location) -> Any:
+def _merge(
+    base: Any,
+    over: Any,
+    prov: dict[PathKey, Location],
+    path: PathKey,
+    doc: Document | None,
+    src_path: PathKey,
+    fallback: Location,
+) -> Any:
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
@@ -359,8 +373,9 @@ def _merge(base: Any, over: Any, prov: dict[PathKey, Location], path: PathKey,
     return copy.deepcopy(over)
 
 
-def _set_path(data: Data, path: Sequence[str], value: Any, source: str,
-              prov: dict[PathKey, Location]) -> Data:
+def _set_path(
+    data: Data, path: Sequence[str], value: Any, source: str, prov: dict[PathKey, Location]
+) -> Data:
     """Apply one override (`a.b.c = value`); into a list of named items, a segment is a name."""
     if not path or any(p == "" for p in path):
         raise StackValidationError([Issue("empty key in override path", location=Location(source))])
@@ -431,7 +446,12 @@ def set_overrides(items: Iterable[str]) -> list[tuple[str, list[str], Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise StackValidationError(
-                [Issue(f"override {item!r} must look like path.to.key=value", location=Location("--set"))]
+                [
+                    Issue(
+                        f"override {item!r} must look like path.to.key=value",
+                        location=Location("--set"),
+                    )
+                ]
             )
         out.append((f"--set {key}", key.strip().split("."), parse_override_value(raw)))
     return out
@@ -487,11 +507,16 @@ def config_hash(stack: Stack) -> str:
 def unit_config_hash(stack: Stack, unit: str) -> str:
     """The hash of one unit's spec (plus its host), for drift detection and no-op reasons."""
     spec = stack.unit(unit)
-    payload = {"unit": spec.model_dump(mode="json"), "host": stack.hosts[spec.host].model_dump(mode="json")}
+    payload = {
+        "unit": spec.model_dump(mode="json"),
+        "host": stack.hosts[spec.host].model_dump(mode="json"),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _pydantic_issues(exc: ValidationError, prov: Mapping[PathKey, Location]) -> list[Issue]:
+def _pydantic_issues(
+    exc: ValidationError, prov: Mapping[PathKey, Location], fallback: Location | None
+) -> list[Issue]:
     issues = []
     for err in exc.errors(include_url=False):
         loc_path = tuple(str(p) for p in err["loc"] if not _is_union_tag(p))
@@ -508,24 +533,37 @@ def _pydantic_issues(exc: ValidationError, prov: Mapping[PathKey, Location]) -> 
             m = re.match(r"^([a-z][\w.\-]*): (.*)$", line)
             if m and not loc_path:
                 p = tuple(m.group(1).split("."))
-                issues.append(Issue(m.group(2), m.group(1), _nearest(prov, p)))
+                issues.append(Issue(m.group(2), m.group(1), _nearest(prov, p) or fallback))
             else:
                 shown = line
                 if err["type"] not in ("extra_forbidden", "missing") and "input" in err:
                     value = err["input"]
                     if isinstance(value, str | int | float) and repr(value)[:60] not in shown:
                         shown = f"{line} (got {value!r:.60})"
-                issues.append(Issue(shown, format_path(loc_path), _nearest(prov, loc_path)))
+                issues.append(
+                    Issue(shown, format_path(loc_path), _nearest(prov, loc_path) or fallback)
+                )
     return issues
 
 
 def _is_union_tag(part: Any) -> bool:
-    # pydantic inserts union member names such as 'literal['auto']' or 'list[...]' in locs.
-    return isinstance(part, str) and ("[" in part or part in ("int", "str", "float"))
+    # pydantic inserts union member names such as 'literal['auto']', 'list[...]' or
+    # 'constrained-int', and '[key]' for dict keys, in locs. Match only those shapes, so that
+    # an operator's key that merely contains '[' (or an escape sequence) is still shown.
+    if not isinstance(part, str):
+        return False
+    return (
+        part == "[key]"
+        or re.fullmatch(r"[a-z][a-z-]*\[.*\]", part, re.DOTALL) is not None
+        or part in ("int", "str", "float", "bool", "constrained-int", "constrained-float")
+    )
 
 
-def build_config(documents: Sequence[Document], environ: Mapping[str, str] | None = None,
-                 overrides: Sequence[str] = ()) -> EffectiveConfig:
+def build_config(
+    documents: Sequence[Document],
+    environ: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+) -> EffectiveConfig:
     """Merge documents, environment and explicit overrides into one validated stack."""
     prov: dict[PathKey, Location] = {}
     data: Data = {}
@@ -539,7 +577,8 @@ def build_config(documents: Sequence[Document], environ: Mapping[str, str] | Non
     try:
         stack = Stack.model_validate(data)
     except ValidationError as exc:
-        raise StackValidationError(_pydantic_issues(exc, prov)) from None
+        fallback = Location(", ".join(d.source for d in documents)) if documents else None
+        raise StackValidationError(_pydantic_issues(exc, prov, fallback)) from None
     return EffectiveConfig(
         stack=stack,
         data=data,
@@ -549,8 +588,11 @@ def build_config(documents: Sequence[Document], environ: Mapping[str, str] | Non
     )
 
 
-def load_config(files: Sequence[str | Path], environ: Mapping[str, str] | None = None,
-                overrides: Sequence[str] = ()) -> EffectiveConfig:
+def load_config(
+    files: Sequence[str | Path],
+    environ: Mapping[str, str] | None = None,
+    overrides: Sequence[str] = (),
+) -> EffectiveConfig:
     """Read stack files (later wins), apply HXP__ environment and `--set` overrides, validate."""
     if not files:
         raise StackFileError("no stack file given (use -f FILE)")

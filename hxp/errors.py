@@ -27,8 +27,13 @@ class Issue:
 
     def __str__(self) -> str:
         where = f"{self.location} " if self.location is not None else ""
-        field = f"{self.path}: " if self.path else ""
+        field = f"{_printable(self.path)}: " if self.path else ""
         return f"{where}{field}{self.message}"
+
+
+def _printable(text: str) -> str:
+    """Escape control characters (as in repr) so a hostile key cannot forge output lines."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class HxpError(Exception):

@@ -3,10 +3,39 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hxp.errors import CycleError, Issue, StackValidationError, UnknownUnitError
+
+
+def find_cycle(depends_on: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """A cycle as `[a, b, c, a]` following depends_on edges, or None."""
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(depends_on, white)
+    for root in sorted(depends_on):
+        if colour[root] != white:
+            continue
+        stack: list[tuple[str, int]] = [(root, 0)]
+        path: list[str] = [root]
+        colour[root] = grey
+        while stack:
+            node, i = stack[-1]
+            deps = sorted(d for d in depends_on[node] if d in depends_on)
+            if i < len(deps):
+                stack[-1] = (node, i + 1)
+                nxt = deps[i]
+                if colour[nxt] == grey:
+                    return [*path[path.index(nxt) :], nxt]
+                if colour[nxt] == white:
+                    colour[nxt] = grey
+                    stack.append((nxt, 0))
+                    path.append(nxt)
+            else:
+                colour[node] = black
+                stack.pop()
+                path.pop()
+    return None
 
 
 class DependencyGraph:
@@ -48,31 +77,7 @@ class DependencyGraph:
 
     def find_cycle(self) -> list[str] | None:
         """A cycle as `[a, b, c, a]` following depends_on edges, or None."""
-        white, grey, black = 0, 1, 2
-        colour = dict.fromkeys(self._deps, white)
-        for root in sorted(self._deps):
-            if colour[root] != white:
-                continue
-            stack: list[tuple[str, int]] = [(root, 0)]
-            path: list[str] = [root]
-            colour[root] = grey
-            while stack:
-                node, i = stack[-1]
-                deps = sorted(self._deps[node])
-                if i < len(deps):
-                    stack[-1] = (node, i + 1)
-                    nxt = deps[i]
-                    if colour[nxt] == grey:
-                        return [*path[path.index(nxt) :], nxt]
-                    if colour[nxt] == white:
-                        colour[nxt] = grey
-                        stack.append((nxt, 0))
-                        path.append(nxt)
-                else:
-                    colour[node] = black
-                    stack.pop()
-                    path.pop()
-        return None
+        return find_cycle(self._deps)
 
     def _topological(self) -> list[str]:
         remaining = {n: len(d) for n, d in self._deps.items()}
@@ -165,9 +170,7 @@ class ReadyScheduler:
         for unit in scope:
             self.graph._known(unit)
         self.subset = scope
-        self._pending = {
-            n: sum(1 for d in self.graph.dependencies(n) if d in scope) for n in scope
-        }
+        self._pending = {n: sum(1 for d in self.graph.dependencies(n) if d in scope) for n in scope}
 
     def take_ready(self) -> list[str]:
         """Units that may start now; each is handed out once."""

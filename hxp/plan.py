@@ -115,21 +115,24 @@ def plan_stack(stack: Stack, observed: Mapping[str, ObservedUnit], stack_hash: s
         if seen is None or not seen.exists:
             change = (ActionKind.CREATE, "not deployed")
         elif seen.config_hash != want:
-            change = (ActionKind.UPDATE, f"config hash {(seen.config_hash or 'none')[:12]} -> {want[:12]}")
+            change = (
+                ActionKind.UPDATE,
+                f"config hash {(seen.config_hash or 'none')[:12]} -> {want[:12]}",
+            )
         elif not seen.running:
             change = (ActionKind.START, "config hash unchanged, but not running")
         if change is not None:
             actions.append(Action(inst.unit, inst.name, inst.host, change[0], change[1], want))
         else:
-            state = "running" if seen is None or seen.healthy is not False else "running (unhealthy)"
+            state = (
+                "running" if seen is None or seen.healthy is not False else "running (unhealthy)"
+            )
             noops.append(NoOp(inst.unit, inst.name, f"{state}, config hash unchanged"))
     desired = {i.name for i in instances}
     for name in sorted(set(observed) - desired):
         seen = observed[name]
         if seen.exists:
-            actions.append(
-                Action(name, name, "", ActionKind.REMOVE, "no longer in the stack", "")
-            )
+            actions.append(Action(name, name, "", ActionKind.REMOVE, "no longer in the stack", ""))
     return Plan(
         stack=stack.stack,
         config_hash=stack_hash,

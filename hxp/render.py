@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import jinja2
 import yaml
 from jinja2.sandbox import SandboxedEnvironment
+from pydantic import BaseModel
 
 from hxp import __version__
 from hxp.errors import Issue, OutputCheckError, StackValidationError, TemplateError
@@ -48,7 +49,7 @@ class _VersionedLoader(jinja2.FileSystemLoader):
 
     def get_source(
         self, environment: jinja2.Environment, template: str
-    ) -> tuple[str, str | None, Callable[[], bool] | None]:
+    ) -> tuple[str, str, Callable[[], bool]]:
         source, filename, uptodate = super().get_source(environment, template)
         match = _HEADER_RE.match(source)
         if match is None:
@@ -56,15 +57,13 @@ class _VersionedLoader(jinja2.FileSystemLoader):
                 f"{filename}:1 template has no version header "
                 "('{# hxp-template version=N #}' on the first line)"
             )
-        self.versions[template] = (int(match.group(1)), filename or template)
+        self.versions[template] = (int(match.group(1)), filename)
         return source, filename, uptodate
 
 
 def systemd_arg(value: str) -> str:
     """Quote one argv element for ExecStart=: no word splitting, no $VAR or %-specifier."""
-    escaped = (
-        value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
-    )
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
     return f'"{escaped}"'
 
 
@@ -79,14 +78,30 @@ def systemd_text(value: str) -> str:
     return value.replace("%", "%%")
 
 
+# Left raw by json.dumps, but refused by YAML readers (C1 controls, surrogates, U+FFFE/U+FFFF)
+# or read as a line break and folded (U+0085, U+2028, U+2029): written as \uXXXX escapes.
+_YAML_UNSAFE_RE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
+
+
+def _quoted(text: str) -> str:
+    return _YAML_UNSAFE_RE.sub(
+        lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False)
+    )
+
+
 def yaml_str(value: Any) -> str:
     """A YAML scalar that always reads back as the same string (JSON is a YAML subset)."""
-    return json.dumps(str(value), ensure_ascii=False)
+    return _quoted(str(value))
 
 
 def compose_str(value: Any) -> str:
     """A YAML string for Compose, with `$` escaped so Compose does not interpolate it."""
-    return json.dumps(str(value).replace("$", "$$"), ensure_ascii=False)
+    return _quoted(str(value).replace("$", "$$"))
+
+
+def k8s_arg(value: Any) -> str:
+    """A YAML string for a container's command/args: `$` doubled, so no $(VAR) is expanded."""
+    return _quoted(str(value).replace("$", "$$"))
 
 
 def compose_duration(seconds: float) -> str:
@@ -114,6 +129,19 @@ class RenderedFile:
     mode: int = 0o644
 
 
+# pydantic's own API on models (parse_raw/parse_file can unpickle or read files, model_* can
+# rebuild and dump): templates read a model's fields and the stack's own methods, never these.
+_PYDANTIC_API = frozenset(dir(BaseModel))
+
+
+class _Sandbox(SandboxedEnvironment):
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        model = isinstance(obj, BaseModel) or (isinstance(obj, type) and issubclass(obj, BaseModel))
+        if model and attr in _PYDANTIC_API:
+            return False
+        return bool(super().is_safe_attribute(obj, attr, value))
+
+
 class Renderer:
     """Jinja2 sandbox over `templates_dir` (operator overrides) then the built-in templates."""
 
@@ -128,7 +156,7 @@ class Renderer:
             search.append(user)
         search.append(builtin_templates_dir())
         self.loader = _VersionedLoader(search)
-        self.env = SandboxedEnvironment(
+        self.env = _Sandbox(
             loader=self.loader,
             undefined=jinja2.StrictUndefined,
             autoescape=False,
@@ -142,6 +170,7 @@ class Renderer:
             systemd_text=systemd_text,
             yaml_str=yaml_str,
             compose_str=compose_str,
+            k8s_arg=k8s_arg,
             duration=compose_duration,
             url_parts=url_parts,
         )
@@ -150,7 +179,7 @@ class Renderer:
         """Render one template; errors name the template file and line."""
         try:
             tpl = self.env.get_template(template)
-            version, filename = self.loader.versions[template]
+            version, _filename = self.loader.versions[template]
             header = f"Rendered by hxp {__version__} from {template} (template version {version})"
             text = tpl.render(header=header, **context)
         except TemplateError:
@@ -168,9 +197,7 @@ class Renderer:
 
 
 def _template_frame(exc: BaseException, fallback: str) -> str:
-    frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".j2")
-    ]
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.endswith(".j2")]
     if frames:
         return f"{frames[-1].filename}:{frames[-1].lineno}"
     return fallback
@@ -203,8 +230,9 @@ def systemd_units(stack: Stack, units: Iterable[UnitInstance]) -> list[UnitInsta
     return [u for u in units if stack.hosts[u.host].backend != "docker"]
 
 
-def render_stack(stack: Stack, target: Target, renderer: Renderer | None = None,
-                 only: set[str] | None = None) -> list[RenderedFile]:
+def render_stack(
+    stack: Stack, target: Target, renderer: Renderer | None = None, only: set[str] | None = None
+) -> list[RenderedFile]:
     """Render every file of `target` for the stack (or for the units in `only`)."""
     renderer = renderer or Renderer(stack.templates_dir)
     units = expand_units(stack, only)

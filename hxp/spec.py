@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from hxp.graph import find_cycle
+
 CURRENT_VERSION = 2
 
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -95,9 +97,20 @@ def _check_arg(value: str) -> str:
     return _check_text(value)
 
 
+def _check_program(value: str) -> str:
+    # systemd reads a leading - @ : + ! | of ExecStart's program as a flag even when quoted,
+    # and takes the program path literally (no $$ unescaping): neither can be quoted away.
+    if value[:1] in ("-", "@", ":", "+", "!", "|") or "$" in value:
+        raise ValueError(
+            f"invalid program {value!r}: must not start with - @ : + ! | or contain '$'"
+        )
+    return _check_arg(value)
+
+
 def _check_argv(value: list[str]) -> list[str]:
     if not value[0]:
         raise ValueError("the program (first argument) must not be empty")
+    _check_program(value[0])
     return value
 
 
@@ -395,10 +408,25 @@ class ModelSpec(_UnitSpec):
     served_name: Name | None = None
     gpus: Literal["auto"] | list[Annotated[int, Field(ge=0, le=63, strict=True)]] = "auto"
     port: Port = 8000
-    python: Annotated[str, Field(min_length=1), AfterValidator(_check_arg)] = Field(
+    python: Annotated[str, Field(min_length=1), AfterValidator(_check_program)] = Field(
         default="python3", description="interpreter that has vLLM installed (process, systemd)"
     )
     vllm: VllmSpec = Field(default_factory=VllmSpec)
+
+    def tensor_parallel(self) -> int:
+        """TP as declared; `auto` falls back to the listed GPUs per replica, else 1.
+
+        The resource calculator (hxp.resources) refines `auto` from the model's config.
+        """
+        tp = self.vllm.tensor_parallel_size
+        if tp != "auto":
+            return tp
+        if isinstance(self.gpus, list) and self.gpus:
+            return max(1, len(self.gpus) // self.replicas)
+        return 1
+
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel() * self.vllm.pipeline_parallel_size
 
 
 class ReceiverSpec(_Model):
@@ -498,6 +526,13 @@ class Stack(_Model):
         for name in sorted(set(self.services) & set(self.models)):
             problems.append(f"models.{name}: name already used by services.{name}")
         problems.extend(self._backend_requirements())
+        if not problems:
+            cycle = find_cycle(self.dependencies())
+            if cycle is not None:
+                kind = "models" if cycle[0] in self.models else "services"
+                problems.append(
+                    f"{kind}.{cycle[0]}.depends_on: dependency cycle: {' -> '.join(cycle)}"
+                )
         problems.extend(self._port_conflicts())
         if self.monitoring is not None:
             for part in ("prometheus", "alertmanager", "pushgateway"):
@@ -522,11 +557,20 @@ class Stack(_Model):
                 )
         for name, model in self.models.items():
             host = self.hosts.get(model.host)
-            if host is None or model.gpus == "auto" or not host.gpus:
+            if host is None or model.gpus == "auto":
                 continue
+            need = model.gpus_per_replica() * model.replicas
+            if len(model.gpus) < need:
+                yield (
+                    f"models.{name}.gpus: {model.replicas} replica(s) x "
+                    f"{model.gpus_per_replica()} GPU(s) each need {need} GPUs, "
+                    f"{len(model.gpus)} listed"
+                )
+            if len(set(model.gpus)) != len(model.gpus):
+                yield f"models.{name}.gpus: a GPU is listed twice in {model.gpus}"
             known = {g.index for g in host.gpus}
             missing = sorted(set(model.gpus) - known)
-            if missing:
+            if host.gpus and missing:
                 yield f"models.{name}.gpus: host {model.host!r} has no GPU {missing}"
 
     def _port_conflicts(self) -> Iterator[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from hxp.errors import Issue, StackValidationError
 from hxp.spec import HealthSpec, HostSpec, HttpCheck, ModelSpec, ServiceSpec, Stack, UnitSpec
 
 UnitKind = Literal["service", "model"]
@@ -62,19 +61,6 @@ class UnitInstance:
         return f"{'models' if self.kind == 'model' else 'services'}.{self.unit}"
 
 
-def tensor_parallel_size(model: ModelSpec) -> int:
-    """TP as declared; `auto` falls back to the listed GPUs per replica, else 1.
-
-    The resource calculator (hxp.resources) refines `auto` from the model's config.
-    """
-    tp = model.vllm.tensor_parallel_size
-    if tp != "auto":
-        return tp
-    if isinstance(model.gpus, list) and model.gpus:
-        return max(1, len(model.gpus) // model.replicas)
-    return 1
-
-
 def vllm_args(model: ModelSpec, name: str, port: int) -> list[str]:
     """Arguments of vLLM's OpenAI-compatible server for one model replica."""
     v = model.vllm
@@ -83,7 +69,7 @@ def vllm_args(model: ModelSpec, name: str, port: int) -> list[str]:
         args += ["--revision", model.revision]
     args += ["--served-model-name", model.served_name or name]
     args += ["--host", "0.0.0.0", "--port", str(port)]  # noqa: S104 - a server listens
-    args += ["--tensor-parallel-size", str(tensor_parallel_size(model))]
+    args += ["--tensor-parallel-size", str(model.tensor_parallel())]
     if v.pipeline_parallel_size > 1:
         args += ["--pipeline-parallel-size", str(v.pipeline_parallel_size)]
     args += ["--gpu-memory-utilization", f"{v.gpu_memory_utilization:g}"]
@@ -104,22 +90,12 @@ def vllm_args(model: ModelSpec, name: str, port: int) -> list[str]:
     return args + list(v.extra_args)
 
 
-def _model_gpus(name: str, model: ModelSpec, replica: int) -> tuple[int, ...] | None:
+def _model_gpus(model: ModelSpec, replica: int) -> tuple[int, ...] | None:
+    """The GPUs one replica owns: consecutive slices of the listed GPUs (checked in spec)."""
     if model.gpus == "auto":
         return None
-    tp = tensor_parallel_size(model) * model.vllm.pipeline_parallel_size
-    need = tp * model.replicas
-    if len(model.gpus) < need:
-        raise StackValidationError(
-            [
-                Issue(
-                    f"{model.replicas} replica(s) x {tp} GPU(s) each need {need} GPUs, "
-                    f"{len(model.gpus)} listed",
-                    f"models.{name}.gpus",
-                )
-            ]
-        )
-    return tuple(model.gpus[replica * tp : (replica + 1) * tp])
+    per = model.gpus_per_replica()
+    return tuple(model.gpus[replica * per : (replica + 1) * per])
 
 
 def _service_instance(stack: Stack, name: str, svc: ServiceSpec, i: int) -> UnitInstance:
@@ -148,7 +124,7 @@ def _service_instance(stack: Stack, name: str, svc: ServiceSpec, i: int) -> Unit
 def _model_instance(stack: Stack, name: str, model: ModelSpec, i: int) -> UnitInstance:
     port = model.port + i
     args = vllm_args(model, name, port)
-    gpus = _model_gpus(name, model, i)
+    gpus = _model_gpus(model, i)
     env = dict(model.env)
     health = model.health or HealthSpec(
         http=HttpCheck(url=f"http://127.0.0.1:{port}/health"),
@@ -173,7 +149,7 @@ def _model_instance(stack: Stack, name: str, model: ModelSpec, i: int) -> UnitIn
         health=health,
         image=model.image or f"vllm/vllm-openai:v{model.vllm.version}",
         gpus=gpus,
-        gpu_count=tensor_parallel_size(model) * model.vllm.pipeline_parallel_size,
+        gpu_count=model.gpus_per_replica(),
         depends_on=tuple(model.depends_on),
     )
 

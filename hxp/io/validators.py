@@ -80,7 +80,10 @@ def parse_exposure(output: str) -> float | None:
 def check_systemd(paths: Sequence[Path], max_exposure: float = MAX_EXPOSURE) -> list[CheckResult]:
     """`systemd-analyze verify` (empty stderr required) and `security --offline=yes` scores."""
     tool = shutil.which("systemd-analyze")
-    verify, security = CheckResult("systemd-analyze verify"), CheckResult("systemd-analyze security")
+    verify, security = (
+        CheckResult("systemd-analyze verify"),
+        CheckResult("systemd-analyze security"),
+    )
     if tool is None:
         verify.skipped = security.skipped = "systemd-analyze not installed"
         return [verify, security]
@@ -141,7 +144,9 @@ def check_k8s(paths: Sequence[Path], version: str = KUBERNETES_VERSION) -> list[
     result = CheckResult(f"kubernetes-validate --strict -k {version}")
     tool = _tool("kubernetes-validate")
     if tool is None:
-        result.skipped = "kubernetes-validate not installed (pip install 'hxp-orchestration[verify]')"
+        result.skipped = (
+            "kubernetes-validate not installed (pip install 'hxp-orchestration[verify]')"
+        )
         return [result]
     for path in paths:
         out = _run([tool, "--strict", "-k", version, str(path)])
@@ -150,8 +155,9 @@ def check_k8s(paths: Sequence[Path], version: str = KUBERNETES_VERSION) -> list[
     return [result]
 
 
-def check_rendered(files: Sequence[RenderedFile], target: Target,
-                   out_dir: Path | None = None) -> list[CheckResult]:
+def check_rendered(
+    files: Sequence[RenderedFile], target: Target, out_dir: Path | None = None
+) -> list[CheckResult]:
     """Validate rendered files with the real tools for their target."""
     with tempfile.TemporaryDirectory(prefix="hxp-verify-") as tmp:
         paths = write_files(files, out_dir or Path(tmp))

@@ -1,0 +1,1 @@
+"""Prefect tasks: one side effect each, typed, retried only on transient errors."""
