@@ -12,9 +12,16 @@ from prefect.artifacts import create_markdown_artifact
 
 from hxp.errors import OutputCheckError
 from hxp.graph import DependencyGraph
+from hxp.io.validators import CheckResult
 from hxp.plan import plan_stack
 from hxp.render import TARGETS, Target
 from tasks.stack import load_stack, render_target, verify_target
+
+
+def _outcome(result: CheckResult) -> str:
+    if result.skipped:
+        return f"skipped: {result.skipped}"
+    return "ok" if result.ok else "FAILED"
 
 
 @flow(name="validate-stack", flow_run_name="validate-{stack_files[0]}", log_prints=False)
@@ -40,11 +47,7 @@ def validate_stack(
     chosen: list[Target] = list(targets or TARGETS)
     rendered = {t: render_target(effective, t) for t in chosen}
     results = {t: verify_target(files, t) for t, files in rendered.items()} if verify else {}
-    rows = [
-        f"| {t} | {r.check} | {'skipped: ' + r.skipped if r.skipped else ('ok' if r.ok else 'FAILED')} |"
-        for t, rs in results.items()
-        for r in rs
-    ]
+    rows = [f"| {t} | {r.check} | {_outcome(r)} |" for t, rs in results.items() for r in rs]
     problems = [f"{r.check}: {p}" for rs in results.values() for r in rs for p in r.problems]
     create_markdown_artifact(
         key=f"validate-{stack.stack}",

@@ -33,7 +33,7 @@ def test_demo_stack_validates_and_leaves_an_artifact() -> None:
 def test_invalid_override_fails_the_flow_with_the_field_named() -> None:
     from flows.validate_stack import validate_stack
 
-    with pytest.raises(StackValidationError, match="services.cache.replicas"):
+    with pytest.raises(StackValidationError, match=r"services\.cache\.replicas"):
         validate_stack(
             [str(ROOT / "examples/demo/stack.yaml")],
             overrides=["services.cache.replicas=many"],
