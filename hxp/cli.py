@@ -193,20 +193,218 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    from hxp.store import default_state_dir
+
+    return Path(args.state_dir) if getattr(args, "state_dir", None) else default_state_dir()
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from hxp.plan import plan_stack
 
     effective = _load(args)
-    plan = plan_stack(effective.stack, {}, effective.content_hash)
+    if args.offline:
+        observed = {}
+    else:
+        from hxp.backends import observe_all
+
+        observed = observe_all(effective.stack, _state_dir(args))
+    plan = plan_stack(effective.stack, observed, effective.content_hash)
     if args.json:
         print(plan.to_json())
     else:
         print(plan.summary())
+        if args.offline:
+            print(
+                "(--offline: nothing was observed; this is the plan for empty hosts)",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def _quiet_prefect_tracebacks(debug: bool) -> None:
+    """Prefect logs a flow's exception with its traceback; operators get the message only."""
+    import logging
+
+    class _NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.exc_info = None
+            record.exc_text = None
+            return True
+
+    if debug:
+        return
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoTraceback())
+
+
+def _prefect(args: argparse.Namespace) -> None:
+    from hxp.io.prefect_server import ensure_api
+
+    url = ensure_api(_state_dir(args))
+    print(f"Prefect API: {url}", file=sys.stderr)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import prefect  # noqa: F401 - sets up Prefect's logging
+
+    _quiet_prefect_tracebacks(args.debug)
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    if not result["changed"]:
+        print("No changes.")
+        for noop in result["plan"]["noops"]:
+            print(f"  {noop['instance']:<24} {noop['reason']}")
+        return
+    print(f"{'unit':<20} {'revision':>8} {'seconds':>8}  actions")
+    for unit, info in result["units"].items():
+        actions = ", ".join(f"{i}:{k}" for i, k in info["applied"])
+        print(f"{unit:<20} {info['revision'] or '-':>8} {info['seconds']:>8.2f}  {actions}")
+    print(f"Deploy #{result['deploy_id']} of stack {result['stack']} succeeded.")
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    _load(args)  # bad input fails here, before any server starts
+    _prefect(args)
+    from flows.deploy import deploy_stack
+
+    result = deploy_stack(
+        _files(args),
+        overrides=args.overrides,
+        units=args.units or None,
+        state_dir=str(_state_dir(args)),
+        wait_for_lock=not args.no_wait,
+    )
+    _print_result(result)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    effective = _load(args)
+    _prefect(args)
+    from flows.deploy import rollback
+
+    result = rollback(
+        effective.stack.stack,
+        unit=args.unit,
+        to_revision=args.to,
+        state_dir=str(_state_dir(args)),
+        wait_for_lock=not args.no_wait,
+    )
+    print(f"Rolled back {result['rolled_back']}.")
+    _print_result(result)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hxp.backends import observe_all
+    from hxp.config import unit_config_hash
+    from hxp.units import expand_units
+
+    effective = _load(args)
+    stack = effective.stack
+    seen = observe_all(stack, _state_dir(args))
+    rows = []
+    all_good = True
+    for inst in expand_units(stack):
+        obs = seen.get(inst.name)
+        want = unit_config_hash(stack, inst.unit)
+        if obs is None:
+            state, config, rev, detail = "absent", "-", "-", ""
+        else:
+            state = "running" if obs.running else "stopped"
+            config = "current" if obs.config_hash == want else "drift"
+            rev, detail = str(obs.revision or "-"), obs.detail
+        all_good &= state == "running" and config == "current"
+        rows.append((inst.name, inst.host, state, config, rev, detail))
+    extra = sorted(set(seen) - {i.name for i in expand_units(stack)})
+    for name in extra:
+        rows.append((name, seen[name].host, "orphan", "-", str(seen[name].revision or "-"), ""))
+    if args.json:
+        keys = ("instance", "host", "state", "config", "revision", "detail")
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+    else:
+        print(f"{'instance':<24} {'host':<12} {'state':<8} {'config':<8} {'rev':>4}  detail")
+        for r in rows:
+            print(f"{r[0]:<24} {r[1]:<12} {r[2]:<8} {r[3]:<8} {r[4]:>4}  {r[5]}")
+    return 0 if all_good and not extra else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from hxp.backends import observe_all, stack_backends
+    from hxp.backends.base import Remove, UnitRef
+    from hxp.graph import DependencyGraph
+    from hxp.io.lock import stack_lock
+    from hxp.store import Store
+    from hxp.units import expand_units
+
+    effective = _load(args)
+    stack = effective.stack
+    state = _state_dir(args)
+    backends = stack_backends(stack, state)
+    with stack_lock(state, stack.stack, f"hxp down (pid {os.getpid()})", wait=not args.no_wait):
+        seen = observe_all(stack, state)
+        order = DependencyGraph(stack.dependencies()).reverse_order()
+        rank = {u: i for i, u in enumerate(order)}
+        unit_of = {inst.name: inst.unit for inst in expand_units(stack)}
+        instances = sorted(seen.values(), key=lambda o: rank.get(unit_of.get(o.name, ""), -1))
+        for obs in instances:
+            unit = unit_of.get(obs.name, obs.name)
+            host = obs.host if obs.host in backends else next(iter(backends))
+            backends[host].apply(Remove(UnitRef(stack.stack, unit, obs.name)))
+            print(f"removed {obs.name}")
+        Store(state).add_event(stack.stack, "down", f"removed {len(instances)} instance(s)")
+    print(f"Stack {stack.stack} is down." if instances else f"Stack {stack.stack}: nothing runs.")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from hxp.store import Store
+
+    effective = _load(args)
+    store = Store(_state_dir(args))
+    stack = effective.stack.stack
+
+    def when(t: float | None) -> str:
+        return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+    if args.unit:
+        effective.stack.unit(args.unit)
+        print(f"{'rev':>4}  {'status':<12} {'config':<12} {'deploy':>6}  created")
+        for rev in store.revisions(stack, args.unit):
+            print(
+                f"{rev.revision:>4}  {rev.status:<12} {rev.config_hash[:12]:<12} "
+                f"{rev.deploy_id or '-':>6}  {when(rev.created_at)}"
+            )
+        return 0
+    print(
+        f"{'id':>4}  {'kind':<8} {'status':<11} {'config':<12} {'actor':<10} started"
+        "              finished"
+    )
+    for d in store.deploys(stack, args.limit):
         print(
-            "(no backend was observed: this is the plan for an empty host)",
-            file=sys.stderr,
+            f"{d.id:>4}  {d.kind:<8} {d.status:<11} {(d.config_hash or '-')[:12]:<12} "
+            f"{(d.actor or '-'):<10} {when(d.started_at)}  {when(d.finished_at)}"
         )
     return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from hxp.io.prefect_server import server_status, start_server, stop_server
+
+    state = _state_dir(args)
+    if args.action == "start":
+        started = start_server(state)
+        print(f"Prefect server: {started['ui']} (API {started['url']}, log {started['log']})")
+        return 0
+    if args.action == "stop":
+        print("stopped" if stop_server(state) else "no server was running")
+        return 0
+    record = server_status(state)
+    print(f"running: {record['ui']}" if record else "not running")
+    return 0 if record else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,9 +447,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="what an apply would change, and why")
     _add_stack_args(p)
+    _add_state_arg(p)
     p.add_argument("--json", action="store_true", help="stable JSON (docs/plan-format.md)")
+    p.add_argument("--offline", action="store_true", help="observe nothing: plan for empty hosts")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="deploy the stack (a deploy-stack flow run)")
+    _add_stack_args(p)
+    _add_state_arg(p)
+    p.add_argument(
+        "--unit",
+        dest="units",
+        action="append",
+        default=[],
+        metavar="UNIT",
+        help="deploy only this unit (repeatable)",
+    )
+    p.add_argument(
+        "--no-wait", action="store_true", help="fail at once if another run holds the stack's lock"
+    )
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("rollback", help="put back the last good (or a given) revision")
+    _add_stack_args(p)
+    _add_state_arg(p)
+    p.add_argument("unit", nargs="?", help="the unit to roll back (default: the whole stack)")
+    p.add_argument("--to", type=int, metavar="REVISION", help="the unit's revision to restore")
+    p.add_argument("--no-wait", action="store_true")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("status", help="what each unit's backend observes")
+    _add_stack_args(p)
+    _add_state_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("down", help="stop and remove every unit of the stack")
+    _add_stack_args(p)
+    _add_state_arg(p)
+    p.add_argument("--no-wait", action="store_true")
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("history", help="deploy runs, or one unit's revisions")
+    _add_stack_args(p)
+    _add_state_arg(p)
+    p.add_argument("unit", nargs="?")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("server", help="the local Prefect server hxp starts on demand")
+    _add_state_arg(p)
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(func=cmd_server)
     return parser
+
+
+def _add_state_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="store and process state (default $HXP_STATE_DIR or ~/.local/state/hxp)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

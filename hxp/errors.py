@@ -84,3 +84,20 @@ class OutputCheckError(HxpError):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = tuple(problems)
         super().__init__("\n".join(self.problems))
+
+
+class BackendError(HxpError):
+    """A backend could not carry out an action. `transient` errors are worth retrying."""
+
+    def __init__(self, message: str, *, transient: bool = False, unit: str | None = None) -> None:
+        self.transient = transient
+        self.unit = unit
+        super().__init__(f"{unit}: {message}" if unit else message)
+
+
+class DeployError(HxpError):
+    """A deploy failed (and was rolled back); the message names the unit and the failed check."""
+
+
+class LockedError(HxpError):
+    """Another run holds the stack's lock."""

@@ -36,6 +36,8 @@ class ObservedUnit:
     healthy: bool | None = None
     config_hash: str | None = None
     revision: int | None = None
+    detail: str = ""
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,19 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan_stack(stack: Stack, observed: Mapping[str, ObservedUnit], stack_hash: str) -> Plan:
-    """Compare every desired unit instance with what was observed."""
+def plan_stack(
+    stack: Stack,
+    observed: Mapping[str, ObservedUnit],
+    stack_hash: str,
+    only: set[str] | None = None,
+) -> Plan:
+    """Compare every desired unit instance with what was observed.
+
+    `only` limits the plan to those units (and removes no orphans).
+    """
     graph = DependencyGraph(stack.dependencies())
     rank = {name: i for i, name in enumerate(graph.order())}
-    instances = sorted(expand_units(stack), key=lambda u: (rank[u.unit], u.replica))
+    instances = sorted(expand_units(stack, only), key=lambda u: (rank[u.unit], u.replica))
     actions: list[Action] = []
     noops: list[NoOp] = []
     hashes = {name: unit_config_hash(stack, name) for name in stack.units()}
@@ -128,11 +138,13 @@ def plan_stack(stack: Stack, observed: Mapping[str, ObservedUnit], stack_hash: s
                 "running" if seen is None or seen.healthy is not False else "running (unhealthy)"
             )
             noops.append(NoOp(inst.unit, inst.name, f"{state}, config hash unchanged"))
-    desired = {i.name for i in instances}
-    for name in sorted(set(observed) - desired):
+    desired = {i.name for i in expand_units(stack)}
+    for name in sorted(set(observed) - desired) if only is None else []:
         seen = observed[name]
         if seen.exists:
-            actions.append(Action(name, name, "", ActionKind.REMOVE, "no longer in the stack", ""))
+            actions.append(
+                Action(name, name, seen.host, ActionKind.REMOVE, "no longer in the stack", "")
+            )
     return Plan(
         stack=stack.stack,
         config_hash=stack_hash,

@@ -302,7 +302,7 @@ def write_files(files: Iterable[RenderedFile], out_dir: str | Path) -> list[Path
             raise OutputCheckError([f"refusing to write outside {root}: {f.path}"])
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(f.content)
+        tmp.write_text(f.content, encoding="utf-8")
         tmp.chmod(f.mode)
         tmp.replace(target)
         written.append(target)

@@ -306,6 +306,10 @@ class HealthSpec(_Model):
     timeout: Duration = 2.0
     retries: Annotated[int, Field(ge=1, le=100)] = 3
     start_period: Duration = 0.0
+    min_ready: Duration = Field(
+        default=0.0,
+        description="after its first passed check, the unit must stay up and healthy this long",
+    )
 
     @model_validator(mode="after")
     def _one_check(self) -> HealthSpec:
@@ -545,6 +549,10 @@ class Stack(_Model):
 
     def _backend_requirements(self) -> Iterator[str]:
         for name, svc in self.services.items():
+            for arg in svc.command or ():
+                for ref in re.findall(r"\{port\.([a-z][-a-z0-9]*)\}", arg):
+                    if ref not in svc.ports:
+                        yield f"services.{name}.command: {{port.{ref}}} names no port in ports"
             host = self.hosts.get(svc.host)
             if host is None:
                 continue

@@ -6,8 +6,10 @@ GPU assignment. Deciding these is pure; backends and templates only read them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from hxp.spec import HealthSpec, HostSpec, HttpCheck, ModelSpec, ServiceSpec, Stack, UnitSpec
 
@@ -35,6 +37,8 @@ class UnitInstance:
     gpus: tuple[int, ...] | None
     gpu_count: int
     depends_on: tuple[str, ...] = field(default=())
+    # (unit, replicas) of each dependency: what a backend rendering a unit file alone needs.
+    dependency_replicas: tuple[tuple[str, int], ...] = field(default=())
 
     @property
     def name(self) -> str:
@@ -98,8 +102,45 @@ def _model_gpus(model: ModelSpec, replica: int) -> tuple[int, ...] | None:
     return tuple(model.gpus[replica * per : (replica + 1) * per])
 
 
+_PLACEHOLDER_RE = re.compile(r"\{(replica|instance|port\.[a-z][-a-z0-9]*)\}")
+
+
+def substitute(value: str, values: dict[str, str]) -> str:
+    """Replace `{replica}`, `{instance}` and `{port.NAME}`; any other text stays as it is."""
+    return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), m.group(0)), value)
+
+
+def _replica_health(
+    health: HealthSpec | None, shift: dict[int, int], values: dict[str, str]
+) -> HealthSpec | None:
+    """A replica's checks: placeholders filled, and a declared base port moved to its own."""
+    if health is None:
+        return None
+    changes: dict[str, object] = {}
+    if health.http is not None:
+        url = substitute(health.http.url, values)
+        parts = urlsplit(url)
+        if parts.port in shift:
+            url = urlunsplit(parts._replace(netloc=f"{parts.hostname}:{shift[parts.port]}"))
+        changes["http"] = health.http.model_copy(update={"url": url})
+    if health.tcp is not None and health.tcp.port in shift:
+        changes["tcp"] = health.tcp.model_copy(update={"port": shift[health.tcp.port]})
+    if health.command is not None:
+        changes["command"] = [substitute(a, values) for a in health.command]
+    return health.model_copy(update=changes)
+
+
+def _dependency_replicas(stack: Stack, deps: list[str]) -> tuple[tuple[str, int], ...]:
+    units = stack.units()
+    return tuple((d, units[d].replicas) for d in sorted(deps) if d in units)
+
+
 def _service_instance(stack: Stack, name: str, svc: ServiceSpec, i: int) -> UnitInstance:
     ports = tuple((pn, p + i) for pn, p in sorted(svc.ports.items()))
+    instance = name if svc.replicas == 1 else f"{name}-{i}"
+    values = {"replica": str(i), "instance": instance, **{f"port.{pn}": str(p) for pn, p in ports}}
+    argv = tuple(substitute(a, values) for a in svc.command or ())
+    shift = {p: p + i for p in svc.ports.values()}
     return UnitInstance(
         stack=stack.stack,
         unit=name,
@@ -109,15 +150,16 @@ def _service_instance(stack: Stack, name: str, svc: ServiceSpec, i: int) -> Unit
         host=svc.host,
         host_spec=stack.hosts[svc.host],
         spec=svc,
-        argv=tuple(svc.command or ()),
-        container_args=tuple(svc.command or ()),
-        env=tuple(sorted(svc.env.items())),
+        argv=argv,
+        container_args=argv,
+        env=tuple(sorted((k, substitute(v, values)) for k, v in svc.env.items())),
         ports=ports,
-        health=svc.health,
+        health=_replica_health(svc.health, shift, values),
         image=svc.image,
         gpus=None,
         gpu_count=0,
         depends_on=tuple(svc.depends_on),
+        dependency_replicas=_dependency_replicas(stack, svc.depends_on),
     )
 
 
@@ -151,6 +193,7 @@ def _model_instance(stack: Stack, name: str, model: ModelSpec, i: int) -> UnitIn
         gpus=gpus,
         gpu_count=model.gpus_per_replica(),
         depends_on=tuple(model.depends_on),
+        dependency_replicas=_dependency_replicas(stack, model.depends_on),
     )
 
 

@@ -7,6 +7,11 @@ set -euo pipefail
 wanted=(
   "systemd-analyze systemd"
   "nginx nginx"
+  "dockerd docker.io"
+  "busybox busybox-static"
+  "iptables iptables"
+  "debootstrap debootstrap"
+  "systemd-nspawn systemd-container"
 )
 
 missing=()

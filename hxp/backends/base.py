@@ -1,0 +1,107 @@
+"""The one interface every deployment target implements: observe, apply a typed action, logs.
+
+Flows and the deploy engine only see this Protocol; a new target is a new module beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+from hxp.plan import ObservedUnit
+from hxp.units import UnitInstance
+
+# Labels/markers every backend attaches to what it creates.
+LABEL_STACK = "hxp.stack"
+LABEL_UNIT = "hxp.unit"
+LABEL_INSTANCE = "hxp.instance"
+LABEL_CONFIG_HASH = "hxp.config-hash"
+LABEL_REVISION = "hxp.revision"
+
+
+@dataclass(frozen=True)
+class UnitRef:
+    """Which instance of which stack an action is about."""
+
+    stack: str
+    unit: str
+    instance: str
+
+    @classmethod
+    def of(cls, unit: UnitInstance) -> UnitRef:
+        return cls(unit.stack, unit.unit, unit.name)
+
+    def __str__(self) -> str:
+        return f"{self.stack}/{self.instance}"
+
+
+@dataclass(frozen=True)
+class Create:
+    """Create and start an instance that does not exist yet."""
+
+    unit: UnitInstance
+    config_hash: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class Update:
+    """Replace a running instance with a new version; the old one is kept for Restore."""
+
+    unit: UnitInstance
+    config_hash: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class Start:
+    ref: UnitRef
+
+
+@dataclass(frozen=True)
+class Stop:
+    ref: UnitRef
+    grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Stop and delete an instance and everything it owns (the kept previous version too)."""
+
+    ref: UnitRef
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Put back the version an Update replaced, and start it."""
+
+    ref: UnitRef
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The new version is good: drop the kept previous version."""
+
+    ref: UnitRef
+
+
+BackendAction = Create | Update | Start | Stop | Remove | Restore | Commit
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A deployment target on one host."""
+
+    kind: ClassVar[str]
+
+    def observe(self, stack: str) -> dict[str, ObservedUnit]:
+        """Every instance of `stack` this backend manages, by instance name."""
+        ...
+
+    def apply(self, action: BackendAction) -> None:
+        """Carry out one action; raise BackendError (transient or not) on failure."""
+        ...
+
+    def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
+        """The last lines an instance wrote."""
+        ...

@@ -1,0 +1,454 @@
+"""Docker containers through the Docker SDK, one per unit instance, on a local or ssh host.
+
+Each instance is the container `hxp-<stack>-<instance>`, labelled with its stack, unit,
+instance, config hash and revision. An Update stops the current container and keeps it, renamed
+`hxp-<stack>-<instance>-prev`, until Commit removes it or Restore puts it back. Containers run
+with host networking, `--init`, a non-root uid, no capabilities and `no-new-privileges`; models
+get their GPUs through device requests (never CUDA_VISIBLE_DEVICES).
+
+Images must already be on the host: no registry pull is attempted, a missing image is a
+permanent error. The container healthcheck is a shell one-liner run inside the container:
+HTTP checks use `wget` (busybox or GNU) or else `curl`, TCP checks `nc -z` or else busybox's
+`nc HOST PORT -e true`; the deploy's readiness gate still probes from the orchestrator.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, ClassVar
+
+import docker
+import docker.errors
+import docker.types
+
+from hxp.backends.base import (
+    LABEL_CONFIG_HASH,
+    LABEL_INSTANCE,
+    LABEL_REVISION,
+    LABEL_STACK,
+    LABEL_UNIT,
+    BackendAction,
+    Commit,
+    Create,
+    Remove,
+    Restore,
+    Start,
+    Stop,
+    UnitRef,
+    Update,
+)
+from hxp.errors import BackendError
+from hxp.plan import ObservedUnit
+from hxp.spec import HealthSpec, HostSpec, RestartPolicy
+from hxp.units import UnitInstance
+
+# Docker-only labels: what Stop/Start/Restore need when they have no unit spec at hand.
+LABEL_STOP_TIMEOUT = "hxp.stop-timeout"
+LABEL_RESTART = "hxp.restart"
+
+PREVIOUS_SUFFIX = "-prev"
+ON_FAILURE_RETRIES = 5
+NANOSECONDS = 1_000_000_000
+DEFAULT_GRACE = 10.0
+
+
+# ---------------------------------------------------------------- pure: names and specs
+
+
+def container_name(stack: str, instance: str) -> str:
+    """The current container of an instance."""
+    return f"hxp-{stack}-{instance}"
+
+
+def previous_name(stack: str, instance: str) -> str:
+    """The container an Update replaced, kept stopped until Commit or Restore."""
+    return container_name(stack, instance) + PREVIOUS_SUFFIX
+
+
+def volume_name(stack: str, unit: str, volume: str) -> str:
+    """A unit's named volume (shared by its replicas, kept when the unit is removed)."""
+    return f"hxp-{stack}-{unit}-{volume}"
+
+
+def restart_policy(policy: RestartPolicy) -> dict[str, Any]:
+    """Docker's restart policy for the stack file's `restart`."""
+    match policy:
+        case "always":
+            return {"Name": "always"}
+        case "on-failure":
+            return {"Name": "on-failure", "MaximumRetryCount": ON_FAILURE_RETRIES}
+        case "no":
+            return {"Name": "no"}
+
+
+def _nanoseconds(seconds: float) -> int:
+    return round(seconds * NANOSECONDS)
+
+
+def healthcheck(health: HealthSpec) -> dict[str, Any]:
+    """The container healthcheck for a unit's checks (all must pass), timings in nanoseconds.
+
+    A lone command runs as it is (exec form); HTTP and TCP checks need a shell in the image and
+    only test for success: the readiness gate checks the exact status and body.
+    """
+    steps: list[str] = []
+    if health.http is not None:
+        url = shlex.quote(health.http.url)
+        steps.append(f"{{ wget -q -O /dev/null {url} || curl -fsS -o /dev/null {url}; }}")
+    if health.tcp is not None:
+        host, port = shlex.quote(health.tcp.host), str(health.tcp.port)
+        steps.append(f"{{ nc -z {host} {port} 2>/dev/null || nc {host} {port} -e true; }}")
+    if health.command is not None:
+        steps.append(shlex.join(health.command))
+    if health.command is not None and len(steps) == 1:
+        test = ["CMD", *health.command]
+    else:
+        test = ["CMD-SHELL", " && ".join(steps)]
+    return {
+        "test": test,
+        "interval": _nanoseconds(health.interval),
+        "timeout": _nanoseconds(health.timeout),
+        "retries": health.retries,
+        "start_period": _nanoseconds(health.start_period),
+    }
+
+
+def labels_of(unit: UnitInstance, config_hash: str, revision: int) -> dict[str, str]:
+    return {
+        LABEL_STACK: unit.stack,
+        LABEL_UNIT: unit.unit,
+        LABEL_INSTANCE: unit.name,
+        LABEL_CONFIG_HASH: config_hash,
+        LABEL_REVISION: str(revision),
+        LABEL_STOP_TIMEOUT: f"{unit.spec.stop_timeout:g}",
+        LABEL_RESTART: unit.spec.restart,
+    }
+
+
+def create_kwargs(unit: UnitInstance, config_hash: str, revision: int) -> dict[str, Any]:
+    """Keyword arguments of `client.containers.create` for one instance (raises BackendError)."""
+    ref = str(UnitRef.of(unit))
+    if unit.image is None:
+        raise BackendError("the docker backend needs an image", unit=ref)
+    if unit.spec.secret_env:
+        raise BackendError(
+            f"secret_env {sorted(unit.spec.secret_env)} is not supported by the docker backend "
+            "yet (it needs the Prefect Secret integration); refusing to start without it",
+            unit=ref,
+        )
+    spec = unit.spec
+    kwargs: dict[str, Any] = {
+        "image": unit.image,
+        "name": container_name(unit.stack, unit.name),
+        "environment": dict(unit.env),
+        "user": f"{spec.uid}:{spec.uid}",
+        "network_mode": "host",
+        "init": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "restart_policy": restart_policy(spec.restart),
+        "labels": labels_of(unit, config_hash, revision),
+    }
+    # Services give their full argv; a model's image has vLLM's server as its entrypoint.
+    if unit.container_args:
+        kwargs["command"] = list(unit.container_args)
+    if unit.health is not None:
+        kwargs["healthcheck"] = healthcheck(unit.health)
+    if spec.workdir is not None:
+        kwargs["working_dir"] = spec.workdir
+    if spec.volumes:
+        kwargs["volumes"] = {
+            volume_name(unit.stack, unit.unit, v.name): {
+                "bind": v.target,
+                "mode": "ro" if v.read_only else "rw",
+            }
+            for v in spec.volumes
+        }
+    if spec.resources.memory is not None:
+        kwargs["mem_limit"] = spec.resources.memory
+    if spec.resources.cpus is not None:
+        kwargs["nano_cpus"] = round(spec.resources.cpus * NANOSECONDS)
+    if unit.gpu_count:
+        if unit.gpus is not None:
+            request = docker.types.DeviceRequest(
+                device_ids=[str(g) for g in unit.gpus], capabilities=[["gpu"]]
+            )
+        else:
+            request = docker.types.DeviceRequest(count=unit.gpu_count, capabilities=[["gpu"]])
+        kwargs["device_requests"] = [request]
+    if unit.kind == "model":
+        # vLLM's workers share tensors through /dev/shm; Docker's private one is 64 MiB.
+        kwargs["ipc_mode"] = "host"
+    return kwargs
+
+
+def _label_int(labels: Mapping[str, str], key: str) -> int | None:
+    try:
+        return int(labels[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def observed_from_attrs(attrs: Mapping[str, Any], host_name: str) -> ObservedUnit | None:
+    """What an inspected container says about its instance; None for a kept previous version
+    or a container hxp did not create."""
+    labels: Mapping[str, str] = (attrs.get("Config") or {}).get("Labels") or {}
+    stack, instance = labels.get(LABEL_STACK), labels.get(LABEL_INSTANCE)
+    if not stack or not instance:
+        return None
+    if str(attrs.get("Name", "")).lstrip("/") != container_name(stack, instance):
+        return None
+    state: Mapping[str, Any] = attrs.get("State") or {}
+    status = str(state.get("Status", "unknown"))
+    running = status == "running"
+    health = (state.get("Health") or {}).get("Status")
+    healthy: bool | None
+    if not running:
+        healthy = False
+    elif health is None:
+        healthy = True
+    else:
+        healthy = {"healthy": True, "unhealthy": False}.get(health)  # "starting": unknown yet
+    detail = status
+    if health is not None:
+        detail += f", health {health}"
+    if status in ("exited", "dead", "restarting"):
+        detail += f", exit code {state.get('ExitCode')}"
+    if attrs.get("RestartCount"):
+        detail += f", restarts {attrs['RestartCount']}"
+    if state.get("Error"):
+        detail += f", error: {state['Error']}"
+    return ObservedUnit(
+        name=instance,
+        exists=True,
+        running=running,
+        healthy=healthy,
+        config_hash=labels.get(LABEL_CONFIG_HASH),
+        revision=_label_int(labels, LABEL_REVISION),
+        detail=detail,
+        host=host_name,
+    )
+
+
+def _grace_of(labels: Mapping[str, str]) -> float:
+    try:
+        return float(labels[LABEL_STOP_TIMEOUT])
+    except (KeyError, ValueError):
+        return DEFAULT_GRACE
+
+
+def _restart_of(labels: Mapping[str, str]) -> dict[str, Any]:
+    match labels.get(LABEL_RESTART):
+        case "always":
+            return restart_policy("always")
+        case "no":
+            return restart_policy("no")
+        case _:
+            return restart_policy("on-failure")
+
+
+# ---------------------------------------------------------------- the backend
+
+
+class DockerBackend:
+    """Containers on one host's Docker engine (local socket, DOCKER_HOST, or ssh)."""
+
+    kind: ClassVar[str] = "docker"
+
+    def __init__(self, host_name: str, host: HostSpec, state_dir: str | Path) -> None:
+        self.host_name = host_name
+        self.host = host
+        self.state_dir = Path(state_dir)
+        self._docker: Any = None
+
+    # ---------------------------------------------------------------- the Backend interface
+
+    def observe(self, stack: str) -> dict[str, ObservedUnit]:
+        out: dict[str, ObservedUnit] = {}
+        with self._errors(None):
+            found = self._client().containers.list(
+                all=True, filters={"label": f"{LABEL_STACK}={stack}"}
+            )
+            for container in found:
+                seen = observed_from_attrs(container.attrs, self.host_name)
+                if seen is not None:
+                    out[seen.name] = seen
+        return dict(sorted(out.items()))
+
+    def apply(self, action: BackendAction) -> None:
+        match action:
+            case Create(unit=unit, config_hash=h, revision=rev):
+                ref = UnitRef.of(unit)
+                kwargs = create_kwargs(unit, h, rev)
+                with self._errors(ref):
+                    self._require_image(unit.image or "", ref)
+                    current = self._get(ref, container_name(ref.stack, ref.instance))
+                    if current is not None:  # a retried Create: start over
+                        self._discard(current)
+                    self._start(self._client().containers.create(**kwargs), ref)
+            case Update(unit=unit, config_hash=h, revision=rev):
+                ref = UnitRef.of(unit)
+                kwargs = create_kwargs(unit, h, rev)
+                with self._errors(ref):
+                    self._require_image(unit.image or "", ref)
+                    self._update(ref, kwargs, h)
+            case Start(ref=ref):
+                with self._errors(ref):
+                    current = self._get(ref, container_name(ref.stack, ref.instance))
+                    if current is None:
+                        raise BackendError("not created", unit=str(ref))
+                    self._start(current, ref)
+            case Stop(ref=ref, grace_seconds=grace):
+                with self._errors(ref):
+                    current = self._get(ref, container_name(ref.stack, ref.instance))
+                    if current is not None:
+                        self._park(current, grace)
+            case Remove(ref=ref):
+                with self._errors(ref):
+                    for name in (container_name(ref.stack, ref.instance), self._prev(ref)):
+                        container = self._get(ref, name)
+                        if container is not None:
+                            self._discard(container)
+            case Restore(ref=ref):
+                with self._errors(ref):
+                    previous = self._get(ref, self._prev(ref))
+                    if previous is None:
+                        raise BackendError("no previous version kept to restore", unit=str(ref))
+                    current = self._get(ref, container_name(ref.stack, ref.instance))
+                    if current is not None:
+                        self._discard(current)
+                    previous.rename(container_name(ref.stack, ref.instance))
+                    self._start(previous, ref)
+            case Commit(ref=ref):
+                with self._errors(ref):
+                    previous = self._get(ref, self._prev(ref))
+                    if previous is not None:
+                        self._discard(previous)
+
+    def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
+        with self._errors(ref):
+            current = self._get(ref, container_name(ref.stack, ref.instance))
+            if current is None:
+                return []
+            raw: bytes = current.logs(stdout=True, stderr=True, tail=lines)
+        return raw.decode("utf-8", "replace").splitlines()[-lines:] if lines > 0 else []
+
+    # ---------------------------------------------------------------- mechanics
+
+    @staticmethod
+    def _prev(ref: UnitRef) -> str:
+        return previous_name(ref.stack, ref.instance)
+
+    def _update(self, ref: UnitRef, kwargs: dict[str, Any], config_hash: str) -> None:
+        current = self._get(ref, container_name(ref.stack, ref.instance))
+        if current is not None and current.labels.get(LABEL_CONFIG_HASH) == config_hash:
+            # A retried update: the new version exists already; keep the kept old one.
+            self._start(current, ref)
+            return
+        if current is not None:
+            previous = self._get(ref, self._prev(ref))
+            if previous is not None:
+                self._discard(previous)
+            self._park(current, _grace_of(current.labels))
+            current.rename(self._prev(ref))
+        # With no current container, an earlier try already kept the old one (or none existed).
+        self._start(self._client().containers.create(**kwargs), ref)
+
+    def _client(self) -> Any:
+        """The Docker client, connected on first use."""
+        if self._docker is not None:
+            return self._docker
+        where = f"Docker on host {self.host_name!r}"
+        try:
+            match self.host.runner:
+                case "local":
+                    client = docker.from_env()
+                case "ssh":
+                    user = f"{self.host.ssh_user}@" if self.host.ssh_user else ""
+                    client = docker.DockerClient(
+                        base_url=f"ssh://{user}{self.host.address}:{self.host.ssh_port}",
+                        use_ssh_client=True,
+                    )
+                case "docker-exec":
+                    raise BackendError(
+                        f"host {self.host_name!r}: the docker backend runs on a local or ssh "
+                        "host, not inside a container (runner docker-exec)"
+                    )
+            client.ping()
+        except (docker.errors.DockerException, OSError) as exc:
+            raise BackendError(f"cannot reach {where}: {exc}", transient=True) from exc
+        self._docker = client
+        return client
+
+    @contextmanager
+    def _errors(self, ref: UnitRef | None) -> Iterator[None]:
+        """Docker SDK failures as BackendError: unreachable or server-side ones are transient."""
+        unit = str(ref) if ref is not None else None
+        where = f"Docker on host {self.host_name!r}"
+        try:
+            yield
+        except docker.errors.APIError as exc:
+            message = exc.explanation or str(exc)
+            raise BackendError(
+                f"{where}: {message}", transient=exc.is_server_error(), unit=unit
+            ) from exc
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"{where}: {exc}", unit=unit) from exc
+        except OSError as exc:  # requests' connection errors and timeouts, ssh failures
+            raise BackendError(f"cannot reach {where}: {exc}", transient=True, unit=unit) from exc
+
+    def _require_image(self, image: str, ref: UnitRef) -> None:
+        try:
+            self._client().images.get(image)
+        except docker.errors.ImageNotFound:
+            raise BackendError(
+                f"image {image} not found on host {self.host_name!r}; no registry pull is "
+                "attempted (build or load it on the host first)",
+                unit=str(ref),
+            ) from None
+
+    def _get(self, ref: UnitRef, name: str) -> Any:
+        """The container called `name`, if it is this instance's; None when there is none."""
+        try:
+            container = self._client().containers.get(name)
+        except docker.errors.NotFound:
+            return None
+        labels = container.labels
+        if labels.get(LABEL_STACK) != ref.stack or labels.get(LABEL_INSTANCE) != ref.instance:
+            owner = f"{labels.get(LABEL_STACK)}/{labels.get(LABEL_INSTANCE)}"
+            raise BackendError(
+                f"container {name} on host {self.host_name!r} belongs to {owner}, not to this "
+                "instance; hxp will not touch it",
+                unit=str(ref),
+            )
+        return container
+
+    def _start(self, container: Any, ref: UnitRef) -> None:
+        container.reload()
+        if container.status == "running":
+            return
+        container.update(restart_policy=_restart_of(container.labels))
+        try:
+            container.start()
+        except docker.errors.APIError as exc:
+            # The runtime could not start the program (missing executable, no GPU runtime):
+            # retrying will not help.
+            raise BackendError(
+                f"cannot start {container.name}: {exc.explanation or exc}", unit=str(ref)
+            ) from exc
+
+    @staticmethod
+    def _park(container: Any, grace: float) -> None:
+        """Stop a container and keep it stopped, even across a restart of the Docker engine."""
+        container.update(restart_policy={"Name": "no"})
+        container.stop(timeout=math.ceil(grace))
+
+    def _discard(self, container: Any) -> None:
+        """Stop a container gracefully (if it still can be) and delete it."""
+        with suppress(docker.errors.APIError):
+            self._park(container, _grace_of(container.labels))
+        container.remove(force=True)

@@ -1,0 +1,231 @@
+"""The embedded default backend: supervised local processes under a state directory.
+
+Each instance lives in STATE/process/<stack>/<instance>/: spec.json (argv, env, cwd, config
+hash, revision), output.log, supervisor.json (pids with kernel start times), and previous/
+(the version an update replaced, until it is committed or restored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, ClassVar
+
+from hxp.backends.base import (
+    BackendAction,
+    Commit,
+    Create,
+    Remove,
+    Restore,
+    Start,
+    Stop,
+    UnitRef,
+    Update,
+)
+from hxp.backends.supervisor import alive, write_json
+from hxp.errors import BackendError
+from hxp.plan import ObservedUnit
+from hxp.units import UnitInstance
+
+START_CONFIRM_SECONDS = 5.0
+
+
+class ProcessBackend:
+    """Local processes, each under its own small supervisor."""
+
+    kind: ClassVar[str] = "process"
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.root = Path(state_dir) / "process"
+
+    # ---------------------------------------------------------------- paths and records
+
+    def _dir(self, ref: UnitRef) -> Path:
+        return self.root / ref.stack / ref.instance
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data
+
+    def _supervisor(self, directory: Path) -> dict[str, Any] | None:
+        return self._read(directory / "supervisor.json")
+
+    def _running(self, directory: Path) -> bool:
+        sup = self._supervisor(directory)
+        if sup is None or not alive(sup.get("pid"), sup.get("ticks")):
+            return False
+        return sup.get("state") == "running" and alive(sup.get("child_pid"), sup.get("child_ticks"))
+
+    # ---------------------------------------------------------------- the Backend interface
+
+    def observe(self, stack: str) -> dict[str, ObservedUnit]:
+        out: dict[str, ObservedUnit] = {}
+        base = self.root / stack
+        if not base.is_dir():
+            return out
+        for directory in sorted(p for p in base.iterdir() if p.is_dir()):
+            spec = self._read(directory / "spec.json")
+            if spec is None:
+                continue
+            running = self._running(directory)
+            sup = self._supervisor(directory) or {}
+            state = sup.get("state", "never started")
+            detail = f"{state}, restarts {sup.get('restarts', 0)}"
+            if sup.get("exit_code") is not None:
+                detail += f", last exit code {sup['exit_code']}"
+            out[directory.name] = ObservedUnit(
+                name=directory.name,
+                exists=True,
+                running=running,
+                healthy=running,
+                config_hash=spec.get("config_hash"),
+                revision=spec.get("revision"),
+                detail=detail,
+            )
+        return out
+
+    def apply(self, action: BackendAction) -> None:
+        match action:
+            case Create(unit=unit, config_hash=h, revision=rev):
+                ref = UnitRef.of(unit)
+                self._stop(ref, unit.spec.stop_timeout)
+                self._write_spec(ref, unit, h, rev)
+                self._start(ref)
+            case Update(unit=unit, config_hash=h, revision=rev):
+                ref = UnitRef.of(unit)
+                directory = self._dir(ref)
+                current = self._read(directory / "spec.json")
+                self._stop(ref, unit.spec.stop_timeout)
+                # A retried update must not keep the new version as "previous".
+                if current is not None and current.get("config_hash") != h:
+                    self._keep_previous(directory)
+                self._write_spec(ref, unit, h, rev)
+                self._start(ref)
+            case Start(ref=ref):
+                self._start(ref)
+            case Stop(ref=ref, grace_seconds=grace):
+                self._stop(ref, grace)
+            case Remove(ref=ref):
+                self._stop(ref, self._grace(ref))
+                shutil.rmtree(self._dir(ref), ignore_errors=True)
+            case Restore(ref=ref):
+                directory = self._dir(ref)
+                previous = directory / "previous"
+                if not (previous / "spec.json").exists():
+                    raise BackendError("no previous version kept to restore", unit=str(ref))
+                self._stop(ref, self._grace(ref))
+                for name in ("spec.json",):
+                    (previous / name).replace(directory / name)
+                shutil.rmtree(previous, ignore_errors=True)
+                (directory / "supervisor.json").unlink(missing_ok=True)
+                self._start(ref)
+            case Commit(ref=ref):
+                shutil.rmtree(self._dir(ref) / "previous", ignore_errors=True)
+
+    def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
+        path = self._dir(ref) / "output.log"
+        try:
+            with path.open("rb") as f:
+                tail = deque(f, maxlen=lines)
+        except OSError:
+            return []
+        return [line.decode("utf-8", "replace").rstrip("\n") for line in tail]
+
+    # ---------------------------------------------------------------- mechanics
+
+    def _grace(self, ref: UnitRef) -> float:
+        spec = self._read(self._dir(ref) / "spec.json") or {}
+        return float(spec.get("stop_timeout", 10.0))
+
+    def _write_spec(self, ref: UnitRef, unit: UnitInstance, config_hash: str, rev: int) -> None:
+        directory = self._dir(ref)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json(
+            directory / "spec.json",
+            {
+                "stack": ref.stack,
+                "unit": ref.unit,
+                "instance": ref.instance,
+                "argv": list(unit.argv),
+                "env": dict(unit.host_env),
+                "cwd": unit.spec.workdir,
+                "restart": unit.spec.restart,
+                "stop_timeout": unit.spec.stop_timeout,
+                "config_hash": config_hash,
+                "revision": rev,
+            },
+        )
+        (directory / "supervisor.json").unlink(missing_ok=True)
+
+    @staticmethod
+    def _keep_previous(directory: Path) -> None:
+        previous = directory / "previous"
+        shutil.rmtree(previous, ignore_errors=True)
+        previous.mkdir()
+        shutil.copy2(directory / "spec.json", previous / "spec.json")
+
+    def _start(self, ref: UnitRef) -> None:
+        directory = self._dir(ref)
+        if not (directory / "spec.json").exists():
+            raise BackendError("not created", unit=str(ref))
+        if self._running(directory):
+            return
+        # A supervisor still alive (in backoff, or stopping) would fight a new one: end it.
+        self._stop(ref, self._grace(ref))
+        (directory / "supervisor.json").unlink(missing_ok=True)
+        with (directory / "supervisor.log").open("ab") as errors:
+            launcher = subprocess.Popen(
+                [sys.executable, "-m", "hxp.backends.supervisor", "--detach", str(directory)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                start_new_session=True,
+                close_fds=True,
+            )
+            launcher.wait(timeout=START_CONFIRM_SECONDS)
+        deadline = time.monotonic() + START_CONFIRM_SECONDS
+        while time.monotonic() < deadline:
+            sup = self._supervisor(directory)
+            if sup is not None and sup.get("state") == "exec-failed":
+                raise BackendError(str(sup.get("error")), unit=str(ref))
+            if sup is not None and sup.get("child_pid"):
+                return
+            time.sleep(0.02)
+        raise BackendError("supervisor did not start in time", transient=True, unit=str(ref))
+
+    def _stop(self, ref: UnitRef, grace: float) -> None:
+        directory = self._dir(ref)
+        sup = self._supervisor(directory)
+        if sup is None:
+            return
+        pid, ticks = sup.get("pid"), sup.get("ticks")
+        child, child_ticks = sup.get("child_pid"), sup.get("child_ticks")
+        if pid is not None and alive(pid, ticks):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace + 5.0
+            while alive(pid, ticks) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if alive(pid, ticks):
+                os.killpg(pid, signal.SIGKILL)
+        # A supervisor killed from outside may leave its child behind: never a recycled pid.
+        if child is not None and alive(child, child_ticks):
+            os.kill(child, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while alive(child, child_ticks) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if alive(child, child_ticks):
+                os.kill(child, signal.SIGKILL)
+        state = self._supervisor(directory) or sup
+        state.update(state="stopped", child_pid=None)
+        write_json(directory / "supervisor.json", state)

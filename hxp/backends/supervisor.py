@@ -1,0 +1,160 @@
+"""A tiny per-instance supervisor for the process backend.
+
+`python -m hxp.backends.supervisor DIR` reads DIR/spec.json, runs the program with its log
+in DIR/output.log, restarts it per its restart policy with exponential backoff, and on SIGTERM
+stops it (SIGTERM, then SIGKILL after the grace period). It records its own and the child's
+pid with their kernel start times in DIR/supervisor.json, so a restarted orchestrator can
+re-adopt it and never signals a recycled pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
+MAX_BACKOFF = 30.0
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":  # a zombie is not running
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int | None, ticks: int | None) -> bool:
+    """True only if `pid` runs and is the same process that was recorded (same start time)."""
+    return pid is not None and ticks is not None and start_ticks(pid) == ticks
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    tmp.replace(path)
+
+
+class Supervisor:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.spec = json.loads((directory / "spec.json").read_text())
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+        self.restarts = 0
+        self.state: dict[str, Any] = {
+            "pid": os.getpid(),
+            "ticks": start_ticks(os.getpid()),
+            "config_hash": self.spec["config_hash"],
+            "revision": self.spec["revision"],
+            "started_at": time.time(),
+        }
+
+    def record(self, **changes: Any) -> None:
+        self.state.update(changes)
+        write_json(self.dir / "supervisor.json", self.state)
+
+    def env(self) -> dict[str, str]:
+        base = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
+        return {**base, **self.spec["env"]}
+
+    def spawn(self) -> bool:
+        log = open(self.dir / "output.log", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.child = subprocess.Popen(
+                self.spec["argv"],
+                env=self.env(),
+                cwd=self.spec.get("cwd") or str(self.dir),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            log.write(f"hxp: cannot start {self.spec['argv'][0]!r}: {exc.strerror}\n".encode())
+            log.close()
+            self.record(state="exec-failed", error=f"cannot start: {exc.strerror}", child_pid=None)
+            return False
+        log.close()
+        self.record(
+            state="running",
+            child_pid=self.child.pid,
+            child_ticks=start_ticks(self.child.pid),
+            child_started_at=time.time(),
+            restarts=self.restarts,
+        )
+        return True
+
+    def on_term(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def stop_child(self) -> None:
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        child.terminate()
+        try:
+            child.wait(timeout=float(self.spec.get("stop_timeout", 10)))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    def should_restart(self, code: int) -> bool:
+        policy = self.spec.get("restart", "on-failure")
+        return policy == "always" or (policy == "on-failure" and code != 0)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.on_term)
+        signal.signal(signal.SIGINT, self.on_term)
+        if not self.spawn():
+            return 1
+        backoff = 0.5  # doubled before use: the first restart waits 1 s
+        while True:
+            assert self.child is not None
+            while not self.stopping and self.child.poll() is None:
+                time.sleep(0.05)
+            if self.stopping:
+                self.record(state="stopping")
+                self.stop_child()
+                self.record(state="stopped", child_pid=None, exit_code=self.child.returncode)
+                return 0
+            code = self.child.returncode
+            ran_for = time.time() - float(self.state.get("child_started_at", time.time()))
+            self.record(state="exited", exit_code=code, child_pid=None)
+            if not self.should_restart(code):
+                return 0
+            backoff = 1.0 if ran_for > 60 else min(backoff * 2, MAX_BACKOFF)
+            self.record(state="backoff", next_start=time.time() + backoff)
+            deadline = time.time() + backoff
+            while time.time() < deadline and not self.stopping:
+                time.sleep(0.05)
+            if self.stopping:
+                self.record(state="stopped")
+                return 0
+            self.restarts += 1
+            if not self.spawn():
+                return 1
+
+
+def main(argv: list[str]) -> int:
+    detach = bool(argv) and argv[0] == "--detach"
+    args = argv[1:] if detach else argv
+    if len(args) != 1:
+        print("usage: python -m hxp.backends.supervisor [--detach] DIR", file=sys.stderr)
+        return 2
+    if detach and os.fork() > 0:
+        return 0  # the caller reaps us at once; the supervisor is nobody's zombie
+    return Supervisor(Path(args[0])).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

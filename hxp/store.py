@@ -1,0 +1,360 @@
+"""Deployment history: config snapshots, unit revisions, deploy runs, events (SQLite, WAL).
+
+One file under the state directory; every write is a transaction, so a crash leaves either
+the old or the new record, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hxp.config import ConfigSnapshot
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    content_hash TEXT PRIMARY KEY,
+    stack TEXT NOT NULL,
+    config TEXT NOT NULL,
+    sources TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deploys (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    stack TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config_hash TEXT,
+    plan TEXT,
+    result TEXT,
+    actor TEXT,
+    flow_run_id TEXT,
+    started_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    stack TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    config_hash TEXT NOT NULL,
+    snapshot_hash TEXT NOT NULL REFERENCES snapshots(content_hash),
+    deploy_id INTEGER REFERENCES deploys(id),
+    status TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    files TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    UNIQUE (stack, unit, revision)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    stack TEXT NOT NULL,
+    unit TEXT,
+    deploy_id INTEGER,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS revisions_unit ON revisions (stack, unit, revision);
+CREATE INDEX IF NOT EXISTS events_stack ON events (stack, at);
+"""
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One version of one unit as it was applied."""
+
+    stack: str
+    unit: str
+    revision: int
+    config_hash: str
+    snapshot_hash: str
+    deploy_id: int | None
+    status: str
+    spec: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class DeployRecord:
+    id: int
+    stack: str
+    kind: str
+    status: str
+    config_hash: str | None
+    actor: str | None
+    flow_run_id: str | None
+    started_at: float
+    finished_at: float | None
+    result: dict[str, Any] | None
+
+
+def default_state_dir() -> Path:
+    """$HXP_STATE_DIR, else $XDG_STATE_HOME/hxp, else ~/.local/state/hxp."""
+    if os.environ.get("HXP_STATE_DIR"):
+        return Path(os.environ["HXP_STATE_DIR"])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "hxp"
+
+
+class Store:
+    """The SQLite store under a state directory."""
+
+    def __init__(self, state_dir: str | Path | None = None) -> None:
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = self.state_dir / "hxp.sqlite3"
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        try:
+            yield db
+        finally:
+            db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # ---------------------------------------------------------------- snapshots
+
+    def save_snapshot(self, snapshot: ConfigSnapshot) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO snapshots VALUES (?, ?, ?, ?, ?)",
+                (
+                    snapshot.content_hash,
+                    snapshot.stack,
+                    json.dumps(snapshot.config, sort_keys=True),
+                    json.dumps(list(snapshot.sources)),
+                    snapshot.created_at,
+                ),
+            )
+
+    def snapshot(self, content_hash: str) -> ConfigSnapshot | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM snapshots WHERE content_hash = ?", (content_hash,)
+            ).fetchone()
+        return _snapshot(row) if row else None
+
+    def latest_snapshot(self, stack: str) -> ConfigSnapshot | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT s.* FROM deploys d JOIN snapshots s ON s.content_hash = d.config_hash "
+                "WHERE d.stack = ? AND d.status = 'succeeded' ORDER BY d.id DESC LIMIT 1",
+                (stack,),
+            ).fetchone()
+        return _snapshot(row) if row else None
+
+    # ---------------------------------------------------------------- deploy runs
+
+    def begin_deploy(
+        self,
+        stack: str,
+        kind: str,
+        config_hash: str | None,
+        plan: dict[str, Any] | None = None,
+        actor: str | None = None,
+        flow_run_id: str | None = None,
+    ) -> int:
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO deploys (stack, kind, status, config_hash, plan, actor, flow_run_id,"
+                " started_at) VALUES (?, ?, 'running', ?, ?, ?, ?, ?)",
+                (
+                    stack,
+                    kind,
+                    config_hash,
+                    json.dumps(plan) if plan is not None else None,
+                    actor,
+                    flow_run_id,
+                    time.time(),
+                ),
+            )
+            deploy_id = cur.lastrowid
+        assert deploy_id is not None
+        return deploy_id
+
+    def finish_deploy(self, deploy_id: int, status: str, result: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE deploys SET status = ?, result = ?, finished_at = ? WHERE id = ?",
+                (status, json.dumps(result, sort_keys=True, default=str), time.time(), deploy_id),
+            )
+
+    def deploys(self, stack: str, limit: int = 20) -> list[DeployRecord]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT * FROM deploys WHERE stack = ? ORDER BY id DESC LIMIT ?", (stack, limit)
+            ).fetchall()
+        return [_deploy(r) for r in rows]
+
+    def unfinished_deploys(self, stack: str) -> list[DeployRecord]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT * FROM deploys WHERE stack = ? AND status = 'running' ORDER BY id",
+                (stack,),
+            ).fetchall()
+        return [_deploy(r) for r in rows]
+
+    # ---------------------------------------------------------------- revisions
+
+    def next_revision(self, stack: str, unit: str) -> int:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT COALESCE(MAX(revision), 0) FROM revisions WHERE stack = ? AND unit = ?",
+                (stack, unit),
+            ).fetchone()
+        return int(row[0]) + 1
+
+    def record_revision(
+        self,
+        stack: str,
+        unit: str,
+        config_hash: str,
+        snapshot_hash: str,
+        deploy_id: int | None,
+        spec: dict[str, Any],
+        status: str = "applied",
+        files: dict[str, str] | None = None,
+        revision: int | None = None,
+    ) -> int:
+        with self.transaction() as db:
+            if revision is None:
+                row = db.execute(
+                    "SELECT COALESCE(MAX(revision), 0) FROM revisions WHERE stack = ? AND unit = ?",
+                    (stack, unit),
+                ).fetchone()
+                revision = int(row[0]) + 1
+            db.execute(
+                "INSERT INTO revisions (stack, unit, revision, config_hash, snapshot_hash,"
+                " deploy_id, status, spec, files, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    stack,
+                    unit,
+                    revision,
+                    config_hash,
+                    snapshot_hash,
+                    deploy_id,
+                    status,
+                    json.dumps(spec, sort_keys=True),
+                    json.dumps(files or {}, sort_keys=True),
+                    time.time(),
+                ),
+            )
+        return revision
+
+    def set_revision_status(self, stack: str, unit: str, revision: int, status: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE revisions SET status = ? WHERE stack = ? AND unit = ? AND revision = ?",
+                (status, stack, unit, revision),
+            )
+
+    def revisions(self, stack: str, unit: str | None = None) -> list[Revision]:
+        query = "SELECT * FROM revisions WHERE stack = ?"
+        args: list[Any] = [stack]
+        if unit is not None:
+            query += " AND unit = ?"
+            args.append(unit)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY unit, revision", args).fetchall()
+        return [_revision(r) for r in rows]
+
+    def last_good(self, stack: str, unit: str, before: int | None = None) -> Revision | None:
+        """The newest revision of a unit that deployed and passed its gate."""
+        query = "SELECT * FROM revisions WHERE stack = ? AND unit = ? AND status = 'good'"
+        args: list[Any] = [stack, unit]
+        if before is not None:
+            query += " AND revision < ?"
+            args.append(before)
+        with self._connect() as db:
+            row = db.execute(query + " ORDER BY revision DESC LIMIT 1", args).fetchone()
+        return _revision(row) if row else None
+
+    # ---------------------------------------------------------------- events
+
+    def add_event(
+        self,
+        stack: str,
+        kind: str,
+        message: str,
+        unit: str | None = None,
+        deploy_id: int | None = None,
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO events (stack, unit, deploy_id, kind, message, at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (stack, unit, deploy_id, kind, message, time.time()),
+            )
+
+    def events(self, stack: str, deploy_id: int | None = None) -> list[dict[str, Any]]:
+        query = "SELECT * FROM events WHERE stack = ?"
+        args: Sequence[Any] = (stack,)
+        if deploy_id is not None:
+            query += " AND deploy_id = ?"
+            args = (stack, deploy_id)
+        with self._connect() as db:
+            return [dict(r) for r in db.execute(query + " ORDER BY id", args).fetchall()]
+
+
+def _snapshot(row: sqlite3.Row) -> ConfigSnapshot:
+    return ConfigSnapshot(
+        stack=row["stack"],
+        content_hash=row["content_hash"],
+        config=json.loads(row["config"]),
+        sources=tuple(json.loads(row["sources"])),
+        created_at=row["created_at"],
+    )
+
+
+def _deploy(row: sqlite3.Row) -> DeployRecord:
+    return DeployRecord(
+        id=row["id"],
+        stack=row["stack"],
+        kind=row["kind"],
+        status=row["status"],
+        config_hash=row["config_hash"],
+        actor=row["actor"],
+        flow_run_id=row["flow_run_id"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        result=json.loads(row["result"]) if row["result"] else None,
+    )
+
+
+def _revision(row: sqlite3.Row) -> Revision:
+    return Revision(
+        stack=row["stack"],
+        unit=row["unit"],
+        revision=row["revision"],
+        config_hash=row["config_hash"],
+        snapshot_hash=row["snapshot_hash"],
+        deploy_id=row["deploy_id"],
+        status=row["status"],
+        spec=json.loads(row["spec"]),
+        created_at=row["created_at"],
+    )

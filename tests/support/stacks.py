@@ -1,0 +1,70 @@
+"""Small stacks on the process backend with ports the OS hands out, for deploy tests."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import textwrap
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def web_stack(tmp: Path, name: str = "t", extra: str = "") -> tuple[Path, dict[str, int]]:
+    """db <- cache <- api, each a Python HTTP server with an HTTP readiness check."""
+    ports = {"db": free_port(), "cache": free_port(), "api": free_port()}
+    py = sys.executable
+    text = (
+        textwrap.dedent(
+            f"""\
+        stack: {name}
+        hosts:
+          local: {{backend: process}}
+        services:
+          db:
+            host: local
+            command: [{py}, -m, http.server, "{ports["db"]}", --bind, 127.0.0.1]
+            ports: {{http: {ports["db"]}}}
+            env: {{VERSION: "1"}}
+            health:
+              http: {{url: "http://127.0.0.1:{ports["db"]}/"}}
+              interval: 500ms
+              timeout: 500ms
+              retries: 3
+              start_period: 5s
+          cache:
+            host: local
+            command: [{py}, -m, http.server, "{ports["cache"]}", --bind, 127.0.0.1]
+            ports: {{http: {ports["cache"]}}}
+            depends_on: [db]
+            env: {{VERSION: "1"}}
+            health:
+              tcp: {{port: {ports["cache"]}}}
+              interval: 500ms
+              timeout: 500ms
+              retries: 3
+              start_period: 5s
+          api:
+            host: local
+            command: [{py}, -m, http.server, "{ports["api"]}", --bind, 127.0.0.1]
+            ports: {{http: {ports["api"]}}}
+            depends_on: [cache]
+            env: {{VERSION: "1"}}
+            health:
+              http: {{url: "http://127.0.0.1:{ports["api"]}/"}}
+              interval: 500ms
+              timeout: 500ms
+              retries: 3
+              start_period: 5s
+        """
+        )
+        + extra
+    )
+    path = tmp / f"{name}.yaml"
+    path.write_text(text)
+    return path, ports
