@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit bench clean
+.PHONY: demo demo-down test lint unit bench clean
+
+# The demo keeps its store, process state and Prefect server in the checkout.
+DEMO_ENV := HXP_STATE_DIR=$(CURDIR)/.hxp-state
+DEMO := examples/demo/stack.yaml
 
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	bash scripts/install-system-deps.sh
@@ -14,14 +18,24 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-## demo: validate, render and plan the demo stack (grows with each feature)
+## demo: deploy the demo stack on local processes with a local Prefect server; demo-down ends it
 demo: $(STAMP)
-	$(BIN)/hxp validate -f examples/demo/stack.yaml
-	$(BIN)/hxp graph -f examples/demo/stack.yaml
-	$(BIN)/hxp render -f examples/demo/stack.yaml --target systemd --out out/demo/systemd
-	$(BIN)/hxp render -f examples/demo/stack.yaml --target compose --out out/demo/compose
-	$(BIN)/hxp render -f examples/demo/stack.yaml --target k8s --out out/demo/k8s
-	$(BIN)/hxp plan -f examples/demo/stack.yaml
+	$(BIN)/hxp validate -f $(DEMO)
+	$(BIN)/hxp graph -f $(DEMO)
+	$(BIN)/hxp render -f $(DEMO) --target systemd --out out/demo/systemd
+	$(BIN)/hxp render -f $(DEMO) --target compose --out out/demo/compose
+	$(BIN)/hxp render -f $(DEMO) --target k8s --out out/demo/k8s
+	$(DEMO_ENV) $(BIN)/hxp server start
+	$(DEMO_ENV) $(BIN)/hxp plan -f $(DEMO)
+	$(DEMO_ENV) $(BIN)/hxp apply -f $(DEMO)
+	$(DEMO_ENV) $(BIN)/hxp apply -f $(DEMO)
+	$(DEMO_ENV) $(BIN)/hxp status -f $(DEMO)
+	@$(DEMO_ENV) $(BIN)/hxp server status
+	@echo "Demo running. Open the Prefect UI above; stop everything with: make demo-down"
+
+demo-down: $(STAMP)
+	$(DEMO_ENV) $(BIN)/hxp down -f $(DEMO)
+	$(DEMO_ENV) $(BIN)/hxp server stop
 
 ## test: lint, type-check the core, run every test (slow real-service tests included)
 test: $(STAMP) lint
@@ -38,6 +52,7 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/graph_scale.py
+	$(BIN)/python bench/deploy.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

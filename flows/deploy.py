@@ -14,8 +14,8 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config
-from hxp.errors import DeployError
+from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config, load_config
+from hxp.errors import DeployError, HxpError
 from hxp.graph import DependencyGraph
 from hxp.io.lock import stack_lock
 from hxp.plan import Action, ActionKind, Plan, plan_stack
@@ -40,11 +40,16 @@ MAX_PARALLEL_UNITS = 8
 
 
 def _run_name() -> str:
+    """`deploy-<stack>` (plus the units when only some are deployed)."""
     params = flow_run.parameters
     files = params.get("stack_files") or ["stack.yaml"]
-    first = files if isinstance(files, str) else files[0]
+    files = [files] if isinstance(files, str) else list(files)
     units = params.get("units") or ([params["service"]] if params.get("service") else [])
-    return f"deploy-{'+'.join(units) or 'stack'}-{first.rsplit('/', 1)[-1]}"
+    try:
+        name = load_config(files, {}, list(params.get("overrides") or [])).stack.stack
+    except HxpError:
+        name = files[0].rsplit("/", 1)[-1]
+    return f"deploy-{name}" + (f"-{'+'.join(units)}" if units else "")
 
 
 def _finish_interrupted(store: Store, stack: Stack, state: str) -> list[str]:

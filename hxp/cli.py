@@ -246,8 +246,12 @@ def _prefect(args: argparse.Namespace) -> None:
     print(f"Prefect API: {url}", file=sys.stderr)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import prefect  # noqa: F401 - sets up Prefect's logging
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     _quiet_prefect_tracebacks(args.debug)
+    # A CLI run is watched by its operator and its store closes interrupted deploys: the flow
+    # heartbeat (about 1 s per run, PREFECT.md) buys nothing here. Workers keep it.
+    temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}).__enter__()
 
 
 def _print_result(result: dict[str, Any]) -> None:

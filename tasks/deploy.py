@@ -22,7 +22,7 @@ from hxp.errors import BackendError, DeployError
 from hxp.health import ReadinessGate
 from hxp.io.probes import wait_ready
 from hxp.plan import Action, ActionKind, ObservedUnit
-from hxp.spec import Stack
+from hxp.spec import HealthSpec, Stack
 from hxp.store import Store
 from hxp.units import UnitInstance, expand_units
 
@@ -85,9 +85,19 @@ def observe_stack(stack: Stack, state_dir: str) -> dict[str, ObservedUnit]:
     return observe_all(stack, state_dir)
 
 
+SETTLE_SECONDS = 0.5
+
+
 def _gate(backend: Backend, unit: UnitInstance) -> ReadinessGate | None:
+    """Wait for the unit's checks; a unit without checks must at least stay up a moment."""
     if unit.health is None:
-        return None
+        time.sleep(SETTLE_SECONDS)
+        seen = backend.observe(unit.stack).get(unit.name)
+        if seen is not None and seen.running:
+            return None
+        gate = ReadinessGate(HealthSpec(command=["true"]))
+        gate.give_up(f"stopped within {SETTLE_SECONDS}s ({seen.detail if seen else 'gone'})")
+        return gate
 
     def running() -> bool:
         seen = backend.observe(unit.stack).get(unit.name)
@@ -247,7 +257,14 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
             try:
                 backend.apply(Restore(ref))
             except BackendError as exc:
-                if store.last_good(ctx.stack.stack, outcome.unit) is not None:
+                good = store.last_good(ctx.stack.stack, outcome.unit)
+                seen = backend.observe(ctx.stack.stack).get(instance)
+                if good is not None and seen is not None and seen.config_hash == good.config_hash:
+                    # The update failed before it replaced anything.
+                    state = "running" if seen.running else "NOT running"
+                    done.append(f"{instance}: unchanged at revision {good.revision}, {state}")
+                    continue
+                if good is not None:
                     done.append(f"{instance}: could NOT be restored: {exc}")
                     continue
                 backend.apply(Remove(ref))  # never had a good version: nothing to go back to

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,6 +101,7 @@ class ProcessBackend:
             case Create(unit=unit, config_hash=h, revision=rev):
                 ref = UnitRef.of(unit)
                 self._stop(ref, unit.spec.stop_timeout)
+                self._ports_free(unit)
                 self._write_spec(ref, unit, h, rev)
                 self._start(ref)
             case Update(unit=unit, config_hash=h, revision=rev):
@@ -108,6 +110,7 @@ class ProcessBackend:
                 current = self._read(directory / "spec.json")
                 self._stop(ref, unit.spec.stop_timeout)
                 # A retried update must not keep the new version as "previous".
+                self._ports_free(unit)
                 if current is not None and current.get("config_hash") != h:
                     self._keep_previous(directory)
                 self._write_spec(ref, unit, h, rev)
@@ -147,6 +150,18 @@ class ProcessBackend:
     def _grace(self, ref: UnitRef) -> float:
         spec = self._read(self._dir(ref) / "spec.json") or {}
         return float(spec.get("stop_timeout", 10.0))
+
+    @staticmethod
+    def _ports_free(unit: UnitInstance) -> None:
+        """A port something else listens on would make the new process fail (permanent)."""
+        for name, port in unit.ports:
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    raise BackendError(
+                        f"port {port} ({name}) is already in use by another process",
+                        unit=f"{unit.stack}/{unit.name}",
+                    )
 
     def _write_spec(self, ref: UnitRef, unit: UnitInstance, config_hash: str, rev: int) -> None:
         directory = self._dir(ref)

@@ -138,6 +138,18 @@ def parse_systemctl_show(
     return units
 
 
+def stop_seconds(unit_file: str | None) -> float:
+    """TimeoutStopSec= of a unit file in seconds (systemd's default 90 s when unset)."""
+    for line in (unit_file or "").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "TimeoutStopSec":
+            try:
+                return float(value.strip().removesuffix("s"))
+            except ValueError:
+                return 90.0
+    return 90.0
+
+
 def describe_state(props: dict[str, str]) -> str:
     """A one-line state of a unit for ObservedUnit.detail, e.g. `active/running, restarts 0`."""
     if props.get("LoadState", "loaded") not in ("loaded", ""):
@@ -302,13 +314,15 @@ class SystemdBackend:
                 self.runner.run(["rm", "-f", "--", self.previous_path(_checked(ref))])
 
     def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
+        if lines <= 0:
+            return []
         result = self.runner.run(
             [
                 "journalctl",
                 "-u",
                 self.unit_name(_checked(ref)),
                 "-n",
-                str(max(1, int(lines))),
+                str(int(lines)),
                 "--no-pager",
                 "-o",
                 "cat",
@@ -366,6 +380,8 @@ class SystemdBackend:
         self._ensure_user(unit.spec.user)
         path = self.unit_path(ref)
         current = self.runner.read_file(path)
+        # A restart first stops the running version: allow for the longer stop timeout.
+        budget = max(stop_seconds(current), stop_seconds(content)) + SYSTEMCTL_TIMEOUT
         # Back up what is about to be overwritten, unless it is this very version (a retried
         # update must not keep the new version as "previous").
         if current is not None and parse_markers(current.splitlines()).config_hash != config_hash:
@@ -375,24 +391,26 @@ class SystemdBackend:
         self._daemon_reload()
         self._systemctl("enable", ref)
         self._systemctl("reset-failed", ref, check=False)
-        self._systemctl("restart", ref)
+        self._systemctl("restart", ref, timeout=budget)
 
     def _restore(self, ref: UnitRef) -> None:
         previous = self.runner.read_file(self.previous_path(ref))
         if previous is None:
             raise BackendError("no previous version kept to restore", unit=str(ref))
+        current = self.runner.read_file(self.unit_path(ref))
+        budget = max(stop_seconds(current), stop_seconds(previous)) + SYSTEMCTL_TIMEOUT
         self.runner.write_file(self.unit_path(ref), previous, 0o644)
         self.runner.run(["rm", "-f", "--", self.previous_path(ref)])
         self._daemon_reload()
         self._systemctl("reset-failed", ref, check=False)
-        self._systemctl("restart", ref)
+        self._systemctl("restart", ref, timeout=budget)
 
     def _remove(self, ref: UnitRef) -> None:
-        installed = self.runner.run(["test", "-f", self.unit_path(ref)], check=False)
-        if installed.returncode == 0:
+        installed = self.runner.read_file(self.unit_path(ref))
+        if installed is not None:
             self.runner.run(
                 ["systemctl", "disable", "--now", "--", self.unit_name(ref)],
-                timeout=SYSTEMCTL_TIMEOUT,
+                timeout=stop_seconds(installed) + SYSTEMCTL_TIMEOUT,
             )
         self.runner.run(["rm", "-f", "--", self.unit_path(ref)])
         self.runner.run(["rm", "-rf", "--", self.backup_dir(ref)])
@@ -412,4 +430,5 @@ __all__ = [
     "parse_markers",
     "parse_systemctl_show",
     "render_unit",
+    "stop_seconds",
 ]

@@ -206,10 +206,10 @@ def test_two_concurrent_applies_are_serialized(env, tmp_path: Path) -> None:  # 
     path, _ports, state = env
     deploy([path], state)
     v2 = overlay(
-        tmp_path, "v2", "services:\n  db:\n    env: {VERSION: '2'}\n    health: {min_ready: 1s}\n"
+        tmp_path, "v2", "services:\n  db:\n    env: {VERSION: '2'}\n    health: {min_ready: 4s}\n"
     )
     v3 = overlay(
-        tmp_path, "v3", "services:\n  db:\n    env: {VERSION: '3'}\n    health: {min_ready: 1s}\n"
+        tmp_path, "v3", "services:\n  db:\n    env: {VERSION: '3'}\n    health: {min_ready: 4s}\n"
     )
     procs = [hxp("apply", "-f", str(path), "-f", str(v), state=state) for v in (v2, v3)]
     outputs = [p.communicate(timeout=240)[0] for p in procs]

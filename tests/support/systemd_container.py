@@ -49,28 +49,31 @@ def debian_systemd_root(cache: Path = CACHE_DIR) -> Path:
     cache.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{cache.name}-build-", dir=cache.parent))
     try:
-        subprocess.run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--include={PACKAGES}",
-                SUITE,
-                str(build / "root"),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=1800,
-        )
         root = build / "root"
+        done = subprocess.run(
+            ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(root)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"debootstrap exited {done.returncode}: {(done.stdout + done.stderr)[-2000:]}"
+            )
         # No getty on a container's console; no machine-id clash between containers.
         for unit in ("getty@tty1.service",):
             link = root / "etc/systemd/system/getty.target.wants" / unit
             link.unlink(missing_ok=True)
         (root / "etc/machine-id").write_text("")
         (root / COMPLETE_MARKER).write_text(_MARKER_TEXT)
-        if cache.exists():  # an incomplete earlier build
+        if cache.exists() and not _complete(cache):  # an interrupted older layout
             shutil.rmtree(cache)
-        root.rename(cache)
+        try:
+            root.rename(cache)
+        except OSError:
+            if not _complete(cache):  # else another test run finished first: use its build
+                raise
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return cache

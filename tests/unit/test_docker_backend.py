@@ -13,6 +13,7 @@ from hxp.backends.base import (
     LABEL_REVISION,
     LABEL_STACK,
     LABEL_UNIT,
+    Backend,
 )
 from hxp.backends.docker import (
     DockerBackend,
@@ -339,6 +340,7 @@ def test_names() -> None:
 
 def test_the_backend_connects_lazily(tmp_path: Any) -> None:
     backend = DockerBackend("box", HostSpec(backend="docker"), tmp_path)
+    assert isinstance(backend, Backend)
     assert backend.kind == "docker"
     assert backend._docker is None
 

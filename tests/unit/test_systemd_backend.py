@@ -35,6 +35,7 @@ from hxp.backends.systemd import (
     parse_markers,
     parse_systemctl_show,
     render_unit,
+    stop_seconds,
 )
 from hxp.config import load_config
 from hxp.errors import BackendError
@@ -226,6 +227,20 @@ def test_parse_marker_listing_from_grep_null() -> None:
     # A file name with a colon stays whole: the separator is NUL, not ':'.
     odd = parse_marker_listing(b"/etc/systemd/system/hxp-a:b.service\x00# hxp-stack: a\n")
     assert list(odd) == ["/etc/systemd/system/hxp-a:b.service"]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        pytest.param("[Service]\nTimeoutStopSec=30\n", 30.0, id="seconds"),
+        pytest.param("TimeoutStopSec=2.5s\n", 2.5, id="suffix"),
+        pytest.param("TimeoutStopSec=5min\n", 90.0, id="unparsed-default"),
+        pytest.param("[Service]\n", 90.0, id="unset-default"),
+        pytest.param(None, 90.0, id="no-file"),
+    ],
+)
+def test_stop_seconds(text: str | None, seconds: float) -> None:
+    assert stop_seconds(text) == seconds
 
 
 # ---------------------------------------------------------------- rendering
