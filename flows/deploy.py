@@ -32,6 +32,7 @@ from tasks.deploy import (
     remove_instance,
     rollback_unit,
     state_dir_of,
+    sync_gateway,
     verify_units,
 )
 from tasks.stack import load_stack
@@ -239,6 +240,8 @@ def _deploy(
         previous = previous_snapshot.restore() if previous_snapshot else None
         store.save_snapshot(ConfigSnapshot.of(effective))
         ctx = DeployContext(stack, state, deploy_id, effective.content_hash)
+        if stack.gateway is not None:
+            sync_gateway(ctx)  # nginx up, pointing at what runs now
         outcomes, failure = _apply_graph(ctx, plan)
         if failure is None and outcomes:
             failure = verify_units(ctx, outcomes)
@@ -270,6 +273,8 @@ def _deploy(
                 remove_instance(ctx, action.instance, action.host)
         for outcome in outcomes:
             commit_unit(ctx, outcome)
+        if stack.gateway is not None:
+            sync_gateway(ctx)
         result = {
             o.unit: {"revision": o.revision, "applied": o.applied, "seconds": round(o.seconds, 3)}
             for o in outcomes

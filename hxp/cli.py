@@ -356,7 +356,13 @@ def cmd_down(args: argparse.Namespace) -> int:
             unit = unit_of.get(obs.name, obs.name)
             host = obs.host if obs.host in backends else next(iter(backends))
             backends[host].apply(Remove(UnitRef(stack.stack, unit, obs.name)))
+            Store(state).release(stack.stack, obs.name)  # its GPU reservations, if any
             print(f"removed {obs.name}")
+        if stack.gateway is not None:
+            from hxp.io.gateway import NginxGateway
+
+            if NginxGateway(state, stack.stack, stack.gateway).stop():
+                print("stopped the gateway")
         Store(state).add_event(stack.stack, "down", f"removed {len(instances)} instance(s)")
     print(f"Stack {stack.stack} is down." if instances else f"Stack {stack.stack}: nothing runs.")
     return 0

@@ -101,3 +101,11 @@ class DeployError(HxpError):
 
 class LockedError(HxpError):
     """Another run holds the stack's lock."""
+
+
+class SecretError(HxpError):
+    """A secret could not be resolved, or sits in a file others may read; never shows the value."""
+
+
+class GpuAllocationError(HxpError):
+    """No set of GPUs on a host can take a model: says what it needs and what is free."""

@@ -14,7 +14,7 @@ from typing import Any
 from hxp.config import unit_config_hash
 from hxp.graph import DependencyGraph
 from hxp.spec import Stack
-from hxp.units import expand_units
+from hxp.units import UnitInstance, expand_units
 
 PLAN_FORMAT = 1
 
@@ -24,6 +24,7 @@ class ActionKind(StrEnum):
     UPDATE = "update"
     START = "start"
     REMOVE = "remove"
+    REPLACE = "replace"  # blue-green: start beside the old instance, switch, drain, stop it
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Action:
     kind: ActionKind
     reason: str
     config_hash: str
+    replaces: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,44 @@ class Plan:
         return "\n".join(lines)
 
 
+def _plan_routed(
+    inst: UnitInstance,
+    want: str,
+    observed: Mapping[str, ObservedUnit],
+    actions: list[Action],
+    noops: list[NoOp],
+    extra: list[Action],
+) -> None:
+    """A unit behind the gateway lives in one of two slots (`x` or `x-g`); changes go
+    blue-green into the other slot."""
+    slots = [o for o in (observed.get(inst.name), observed.get(f"{inst.name}-g")) if o and o.exists]
+    if not slots:
+        actions.append(
+            Action(inst.unit, inst.name, inst.host, ActionKind.CREATE, "not deployed", want)
+        )
+        return
+    slots.sort(key=lambda o: (o.config_hash != want, not o.running, o.name))
+    live, leftovers = slots[0], slots[1:]
+    for o in leftovers:  # a second slot left behind (an interrupted switch): drop it last
+        reason = f"leftover blue-green slot of {live.name}"
+        extra.append(Action(inst.unit, o.name, inst.host, ActionKind.REMOVE, reason, ""))
+    if live.config_hash == want and live.running:
+        state = "running" if live.healthy is not False else "running (unhealthy)"
+        noops.append(NoOp(inst.unit, live.name, f"{state}, config hash unchanged"))
+    elif live.config_hash == want:
+        reason = "config hash unchanged, but not running"
+        actions.append(Action(inst.unit, live.name, inst.host, ActionKind.START, reason, want))
+    else:
+        target = (
+            inst.name if live.name.endswith("-g") and live.name != inst.name else f"{inst.name}-g"
+        )
+        old = (live.config_hash or "none")[:12]
+        reason = f"blue-green {live.name} -> {target}: config hash {old} -> {want[:12]}"
+        actions.append(
+            Action(inst.unit, target, inst.host, ActionKind.REPLACE, reason, want, live.name)
+        )
+
+
 def plan_stack(
     stack: Stack,
     observed: Mapping[str, ObservedUnit],
@@ -118,17 +158,20 @@ def plan_stack(
     actions: list[Action] = []
     noops: list[NoOp] = []
     hashes = {name: unit_config_hash(stack, name) for name in stack.units()}
+    routed = set(stack.gateway.routes) if stack.gateway is not None else set()
+    extra: list[Action] = []
     for inst in instances:
         want = hashes[inst.unit]
+        if inst.unit in routed:
+            _plan_routed(inst, want, observed, actions, noops, extra)
+            continue
         seen = observed.get(inst.name)
         change: tuple[ActionKind, str] | None = None
         if seen is None or not seen.exists:
             change = (ActionKind.CREATE, "not deployed")
         elif seen.config_hash != want:
-            change = (
-                ActionKind.UPDATE,
-                f"config hash {(seen.config_hash or 'none')[:12]} -> {want[:12]}",
-            )
+            old = (seen.config_hash or "none")[:12]
+            change = (ActionKind.UPDATE, f"config hash {old} -> {want[:12]}")
         elif not seen.running:
             change = (ActionKind.START, "config hash unchanged, but not running")
         if change is not None:
@@ -138,7 +181,9 @@ def plan_stack(
                 "running" if seen is None or seen.healthy is not False else "running (unhealthy)"
             )
             noops.append(NoOp(inst.unit, inst.name, f"{state}, config hash unchanged"))
+    actions.extend(extra)
     desired = {i.name for i in expand_units(stack)}
+    desired |= {f"{i.name}-g" for i in expand_units(stack) if i.unit in routed}
     for name in sorted(set(observed) - desired) if only is None else []:
         seen = observed[name]
         if seen.exists:

@@ -25,6 +25,7 @@ from hxp import __version__
 from hxp.errors import Issue, OutputCheckError, StackValidationError, TemplateError
 from hxp.spec import Stack, format_duration
 from hxp.units import UnitInstance, expand_units
+from hxp.vllm import CONTAINER_CACHE_DIR
 
 Target = Literal["systemd", "compose", "k8s"]
 TARGETS: tuple[Target, ...] = ("systemd", "compose", "k8s")
@@ -174,6 +175,8 @@ class Renderer:
             duration=compose_duration,
             url_parts=url_parts,
         )
+        # Where model containers keep their caches (hxp.vllm): the templates mount it writable.
+        self.env.globals["cache_dir"] = CONTAINER_CACHE_DIR
 
     def render(self, template: str, **context: Any) -> RenderedFile:
         """Render one template; errors name the template file and line."""

@@ -416,6 +416,13 @@ class ModelSpec(_UnitSpec):
         default="python3", description="interpreter that has vLLM installed (process, systemd)"
     )
     vllm: VllmSpec = Field(default_factory=VllmSpec)
+    engine: Literal["vllm", "simulator"] = Field(
+        default="vllm",
+        description="`simulator` runs hxp-vllm-sim, a development double, instead of vLLM",
+    )
+    simulator_args: list[Arg] = Field(
+        default_factory=list, description="extra hxp-vllm-sim flags (engine: simulator)"
+    )
 
     def tensor_parallel(self) -> int:
         """TP as declared; `auto` falls back to the listed GPUs per replica, else 1.
@@ -430,6 +437,8 @@ class ModelSpec(_UnitSpec):
         return 1
 
     def gpus_per_replica(self) -> int:
+        if self.engine == "simulator":
+            return 0  # the development double needs no GPU
         return self.tensor_parallel() * self.vllm.pipeline_parallel_size
 
 
@@ -491,6 +500,24 @@ class SloSpec(_Model):
     e2e_p99: Duration = 30.0
 
 
+class GatewaySpec(_Model):
+    """An nginx gateway on one host that load-balances the replicas of routed units.
+
+    A routed unit is updated blue-green: the new version starts beside the old one on the
+    unit's second port range (each port + replicas), is gated, takes the traffic, and the old
+    one is drained and stopped.
+    """
+
+    host: Name
+    routes: Annotated[dict[Name, Port], Field(min_length=1)] = Field(
+        description="unit -> the port the gateway listens on for it"
+    )
+    drain_timeout: Duration = Field(
+        default=30.0, description="how long an old replica may finish its in-flight requests"
+    )
+    bind: Annotated[str, AfterValidator(_check_address)] = "127.0.0.1"
+
+
 class MonitoringSpec(_Model):
     prometheus: PrometheusSpec | None = None
     alertmanager: AlertmanagerSpec | None = None
@@ -511,6 +538,7 @@ class Stack(_Model):
     services: dict[Name, ServiceSpec] = Field(default_factory=dict)
     models: dict[Name, ModelSpec] = Field(default_factory=dict)
     monitoring: MonitoringSpec | None = None
+    gateway: GatewaySpec | None = None
     templates_dir: AbsPath | None = Field(
         default=None, description="directory whose templates override the built-in ones"
     )
@@ -543,6 +571,14 @@ class Stack(_Model):
                 spec = getattr(self.monitoring, part)
                 if spec is not None and spec.host not in self.hosts:
                     problems.append(f"monitoring.{part}.host: unknown host {spec.host!r}")
+        if self.gateway is not None:
+            if self.gateway.host not in self.hosts:
+                problems.append(f"gateway.host: unknown host {self.gateway.host!r}")
+            elif self.hosts[self.gateway.host].backend != "process":
+                problems.append("gateway.host: the gateway runs on a local (process) host for now")
+            for routed in self.gateway.routes:
+                if routed not in self.services and routed not in self.models:
+                    problems.append(f"gateway.routes.{routed}: unknown unit {routed!r}")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -593,11 +629,17 @@ class Stack(_Model):
                 taken[key] = owner
 
     def _port_claims(self) -> Iterator[tuple[str, str, str, int, int]]:
+        routed = set(self.gateway.routes) if self.gateway is not None else set()
         for name, svc in sorted(self.services.items()):
+            slots = 2 if name in routed else 1  # blue-green: a second port range
             for port in svc.ports.values():
-                yield "services", name, svc.host, port, svc.replicas
+                yield "services", name, svc.host, port, svc.replicas * slots
         for name, model in sorted(self.models.items()):
-            yield "models", name, model.host, model.port, model.replicas
+            slots = 2 if name in routed else 1
+            yield "models", name, model.host, model.port, model.replicas * slots
+        if self.gateway is not None:
+            for unit, port in sorted(self.gateway.routes.items()):
+                yield "gateway", unit, self.gateway.host, port, 1
         if self.monitoring is not None:
             for part in ("prometheus", "alertmanager", "pushgateway"):
                 spec = getattr(self.monitoring, part)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hxp.config import ConfigSnapshot
+from hxp.errors import GpuAllocationError
+from hxp.gpu_alloc import Reservation
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -61,6 +63,14 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     message TEXT NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gpu_reservations (
+    host TEXT NOT NULL,
+    gpu_index INTEGER NOT NULL,
+    stack TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    reserved_at REAL NOT NULL,
+    PRIMARY KEY (host, gpu_index)
 );
 CREATE INDEX IF NOT EXISTS revisions_unit ON revisions (stack, unit, revision);
 CREATE INDEX IF NOT EXISTS events_stack ON events (stack, at);
@@ -319,6 +329,64 @@ class Store:
             args = (stack, deploy_id)
         with self._connect() as db:
             return [dict(r) for r in db.execute(query + " ORDER BY id", args).fetchall()]
+
+    # ---------------------------------------------------------------- GPU reservations
+
+    def reserve(self, host: str, stack: str, instance: str, gpus: Sequence[int]) -> None:
+        """Make `gpus` on `host` the instance's reservation (replacing what it held there);
+        a GPU another instance holds is refused."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT gpu_index, stack, instance FROM gpu_reservations WHERE host = ?", (host,)
+            ).fetchall()
+            clash = [r for r in rows if r[0] in set(gpus) and (r[1], r[2]) != (stack, instance)]
+            if clash:
+                held = ", ".join(f"GPU {r[0]} by {r[1]}/{r[2]}" for r in clash)
+                raise GpuAllocationError(f"host {host!r}: {held} already reserved")
+            db.execute(
+                "DELETE FROM gpu_reservations WHERE host = ? AND stack = ? AND instance = ?",
+                (host, stack, instance),
+            )
+            now = time.time()
+            db.executemany(
+                "INSERT INTO gpu_reservations VALUES (?, ?, ?, ?, ?)",
+                [(host, g, stack, instance, now) for g in gpus],
+            )
+
+    def release(self, stack: str, instance: str, host: str | None = None) -> list[Reservation]:
+        """Drop the instance's reservations (on one host, or everywhere); returns what it held."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT * FROM gpu_reservations WHERE stack = ? AND instance = ?",
+                (stack, instance),
+            ).fetchall()
+            rows = [r for r in rows if host is None or r["host"] == host]
+            db.executemany(
+                "DELETE FROM gpu_reservations WHERE host = ? AND gpu_index = ?",
+                [(r["host"], r["gpu_index"]) for r in rows],
+            )
+        return [_reservation(r) for r in rows]
+
+    def reservations(self, host: str | None = None) -> list[Reservation]:
+        """Every GPU reservation (of one host), by host and GPU."""
+        query = "SELECT * FROM gpu_reservations"
+        args: tuple[Any, ...] = ()
+        if host is not None:
+            query += " WHERE host = ?"
+            args = (host,)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY host, gpu_index", args).fetchall()
+        return [_reservation(r) for r in rows]
+
+
+def _reservation(row: sqlite3.Row) -> Reservation:
+    return Reservation(
+        host=row["host"],
+        gpu_index=row["gpu_index"],
+        stack=row["stack"],
+        instance=row["instance"],
+        reserved_at=row["reserved_at"],
+    )
 
 
 def _snapshot(row: sqlite3.Row) -> ConfigSnapshot:

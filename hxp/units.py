@@ -12,6 +12,8 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from hxp.spec import HealthSpec, HostSpec, HttpCheck, ModelSpec, ServiceSpec, Stack, UnitSpec
+from hxp.vllm import VllmLaunch, container_cache_env, replica_gpus, vllm_launch
+from hxp.vllm import vllm_args as vllm_args  # re-exported: its old home
 
 UnitKind = Literal["service", "model"]
 
@@ -37,12 +39,21 @@ class UnitInstance:
     gpus: tuple[int, ...] | None
     gpu_count: int
     depends_on: tuple[str, ...] = field(default=())
+    slot: int = 0  # blue-green: 0 runs on the declared ports, 1 on each port + replicas
     # (unit, replicas) of each dependency: what a backend rendering a unit file alone needs.
     dependency_replicas: tuple[tuple[str, int], ...] = field(default=())
+    # The container's entrypoint, when hxp sets it (models: `vllm serve`); None: the image's.
+    container_entrypoint: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
         """Instance name: the unit name, with `-N` for replicated units."""
+        base = self.unit if self.replicas == 1 else f"{self.unit}-{self.replica}"
+        return f"{base}-g" if self.slot else base
+
+    @property
+    def base_name(self) -> str:
+        """The replica's name without its blue-green slot."""
         return self.unit if self.replicas == 1 else f"{self.unit}-{self.replica}"
 
     @property
@@ -57,49 +68,19 @@ class UnitInstance:
         return tuple(sorted((*self.env, visible)))
 
     @property
+    def container_env(self) -> tuple[tuple[str, str], ...]:
+        """Environment inside a container: `env`, plus a writable HOME and HF_HOME for models."""
+        if self.kind != "model":
+            return self.env
+        return tuple(sorted((*self.env, *container_cache_env(dict(self.env)).items())))
+
+    @property
     def systemd_name(self) -> str:
         return f"hxp-{self.stack}-{self.name}.service"
 
     @property
     def field_path(self) -> str:
         return f"{'models' if self.kind == 'model' else 'services'}.{self.unit}"
-
-
-def vllm_args(model: ModelSpec, name: str, port: int) -> list[str]:
-    """Arguments of vLLM's OpenAI-compatible server for one model replica."""
-    v = model.vllm
-    args = ["--model", model.model]
-    if model.revision:
-        args += ["--revision", model.revision]
-    args += ["--served-model-name", model.served_name or name]
-    args += ["--host", "0.0.0.0", "--port", str(port)]  # noqa: S104 - a server listens
-    args += ["--tensor-parallel-size", str(model.tensor_parallel())]
-    if v.pipeline_parallel_size > 1:
-        args += ["--pipeline-parallel-size", str(v.pipeline_parallel_size)]
-    args += ["--gpu-memory-utilization", f"{v.gpu_memory_utilization:g}"]
-    if v.max_model_len is not None:
-        args += ["--max-model-len", str(v.max_model_len)]
-    if v.dtype != "auto":
-        args += ["--dtype", v.dtype]
-    if v.kv_cache_dtype != "auto":
-        args += ["--kv-cache-dtype", v.kv_cache_dtype]
-    if v.quantization is not None:
-        args += ["--quantization", v.quantization]
-    if v.max_num_seqs is not None:
-        args += ["--max-num-seqs", str(v.max_num_seqs)]
-    if v.max_num_batched_tokens is not None:
-        args += ["--max-num-batched-tokens", str(v.max_num_batched_tokens)]
-    if v.enforce_eager:
-        args.append("--enforce-eager")
-    return args + list(v.extra_args)
-
-
-def _model_gpus(model: ModelSpec, replica: int) -> tuple[int, ...] | None:
-    """The GPUs one replica owns: consecutive slices of the listed GPUs (checked in spec)."""
-    if model.gpus == "auto":
-        return None
-    per = model.gpus_per_replica()
-    return tuple(model.gpus[replica * per : (replica + 1) * per])
 
 
 _PLACEHOLDER_RE = re.compile(r"\{(replica|instance|port\.[a-z][-a-z0-9]*)\}")
@@ -135,12 +116,16 @@ def _dependency_replicas(stack: Stack, deps: list[str]) -> tuple[tuple[str, int]
     return tuple((d, units[d].replicas) for d in sorted(deps) if d in units)
 
 
-def _service_instance(stack: Stack, name: str, svc: ServiceSpec, i: int) -> UnitInstance:
-    ports = tuple((pn, p + i) for pn, p in sorted(svc.ports.items()))
+def _service_instance(
+    stack: Stack, name: str, svc: ServiceSpec, i: int, slot: int = 0
+) -> UnitInstance:
+    offset = i + slot * svc.replicas
+    ports = tuple((pn, p + offset) for pn, p in sorted(svc.ports.items()))
     instance = name if svc.replicas == 1 else f"{name}-{i}"
+    instance = f"{instance}-g" if slot else instance
     values = {"replica": str(i), "instance": instance, **{f"port.{pn}": str(p) for pn, p in ports}}
     argv = tuple(substitute(a, values) for a in svc.command or ())
-    shift = {p: p + i for p in svc.ports.values()}
+    shift = {p: p + offset for p in svc.ports.values()}
     return UnitInstance(
         stack=stack.stack,
         unit=name,
@@ -160,15 +145,24 @@ def _service_instance(stack: Stack, name: str, svc: ServiceSpec, i: int) -> Unit
         gpu_count=0,
         depends_on=tuple(svc.depends_on),
         dependency_replicas=_dependency_replicas(stack, svc.depends_on),
+        slot=slot,
     )
 
 
-def _model_instance(stack: Stack, name: str, model: ModelSpec, i: int) -> UnitInstance:
-    port = model.port + i
-    args = vllm_args(model, name, port)
-    gpus = _model_gpus(model, i)
+def _model_instance(
+    stack: Stack, name: str, model: ModelSpec, i: int, slot: int = 0
+) -> UnitInstance:
+    port = model.port + i + slot * model.replicas
+    launch = (
+        simulator_launch(model, name, port)
+        if model.engine == "simulator"
+        else (vllm_launch(model, name, port))
+    )
+    gpus = replica_gpus(model, i)
     env = dict(model.env)
-    health = model.health or HealthSpec(
+    health = _replica_health(
+        model.health, {model.port: port}, {"replica": str(i), "port.http": str(port)}
+    ) or HealthSpec(
         http=HttpCheck(url=f"http://127.0.0.1:{port}/health"),
         interval=5.0,
         timeout=2.0,
@@ -184,8 +178,8 @@ def _model_instance(stack: Stack, name: str, model: ModelSpec, i: int) -> UnitIn
         host=model.host,
         host_spec=stack.hosts[model.host],
         spec=model,
-        argv=(model.python, "-m", "vllm.entrypoints.openai.api_server", *args),
-        container_args=tuple(args),
+        argv=launch.host_argv,
+        container_args=launch.container_args,
         env=tuple(sorted(env.items())),
         ports=(("http", port),),
         health=health,
@@ -194,7 +188,42 @@ def _model_instance(stack: Stack, name: str, model: ModelSpec, i: int) -> UnitIn
         gpu_count=model.gpus_per_replica(),
         depends_on=tuple(model.depends_on),
         dependency_replicas=_dependency_replicas(stack, model.depends_on),
+        container_entrypoint=launch.container_entrypoint,
+        slot=slot,
     )
+
+
+def simulator_launch(model: ModelSpec, name: str, port: int) -> VllmLaunch:
+    """hxp-vllm-sim in place of vLLM: same port, served name and version (a development double)."""
+    args = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        model.model,
+        "--served-model-name",
+        model.served_name or name,
+        "--version",
+        model.vllm.version,
+    ]
+    if model.vllm.max_model_len is not None:
+        args += ["--max-model-len", str(model.vllm.max_model_len)]
+    args += list(model.simulator_args)
+    return VllmLaunch(
+        host_argv=(model.python, "-m", "hxp.sim.vllm", *args),
+        container_args=tuple(args),
+        container_entrypoint=("python3", "-m", "hxp.sim.vllm"),
+    )
+
+
+def slot_instances(stack: Stack, unit: str, slot: int) -> list[UnitInstance]:
+    """A unit's replicas in one blue-green slot (1: each port + replicas, names `-g`)."""
+    if unit in stack.services:
+        svc = stack.services[unit]
+        return [_service_instance(stack, unit, svc, i, slot) for i in range(svc.replicas)]
+    model = stack.models[unit]
+    return [_model_instance(stack, unit, model, i, slot) for i in range(model.replicas)]
 
 
 def expand_units(stack: Stack, only: set[str] | None = None) -> list[UnitInstance]:

@@ -20,11 +20,12 @@ from hxp.backends import backend_for, observe_all
 from hxp.backends.base import Backend, Commit, Create, Remove, Restore, Start, UnitRef, Update
 from hxp.errors import BackendError, DeployError
 from hxp.health import ReadinessGate
-from hxp.io.probes import wait_ready
+from hxp.io.gateway import NginxGateway
+from hxp.io.probes import wait_drained, wait_ready
 from hxp.plan import Action, ActionKind, ObservedUnit
 from hxp.spec import HealthSpec, Stack
 from hxp.store import Store
-from hxp.units import UnitInstance, expand_units
+from hxp.units import UnitInstance, expand_units, slot_instances
 
 LOG_LINES = 20
 
@@ -103,7 +104,70 @@ def _gate(backend: Backend, unit: UnitInstance) -> ReadinessGate | None:
         seen = backend.observe(unit.stack).get(unit.name)
         return seen is not None and seen.running
 
-    return asyncio.run(wait_ready(unit.health, running))
+    gate = asyncio.run(wait_ready(unit.health, running))
+    if gate.verdict == "ready" and unit.kind == "model":
+        _model_api_gate(gate, unit)
+    return gate
+
+
+def _model_api_gate(gate: ReadinessGate, unit: UnitInstance) -> None:
+    """After /health: the served name is listed and a one-token completion works."""
+    from hxp.io.probes import probe_model_api
+    from hxp.spec import ModelSpec
+
+    assert isinstance(unit.spec, ModelSpec)
+    assert unit.health is not None
+    served = unit.spec.served_name or unit.unit
+    port = dict(unit.ports)["http"]
+    for attempt in range(unit.health.retries):
+        result = asyncio.run(probe_model_api(port, served, max(unit.health.timeout, 5.0)))
+        if result.ok:
+            return
+        if attempt + 1 < unit.health.retries:
+            time.sleep(unit.health.interval)
+    gate.give_up(f"{result.check}: {result.reason}")
+
+
+_NEEDS_GPUS = (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.REPLACE)
+
+
+def _prepare(
+    ctx: DeployContext,
+    unit: str,
+    instances: dict[str, UnitInstance],
+    actions: list[Action],
+    outcome: UnitOutcome,
+) -> tuple[dict[str, str], dict[str, UnitInstance]]:
+    """Before any change: the unit's secret values, and GPUs for `gpus: auto` models."""
+    from hxp.errors import GpuAllocationError, SecretError
+    from tasks.gpus import allocate_unit_gpus
+    from tasks.secrets import default_resolver, resolve_unit_secrets
+
+    spec = ctx.stack.unit(unit)
+    field_path = f"{'models' if unit in ctx.stack.models else 'services'}.{unit}"
+    try:
+        secrets = (
+            resolve_unit_secrets(spec, default_resolver(ctx.state_dir), field_path)
+            if spec.secret_env
+            else {}
+        )
+        placement = allocate_unit_gpus(
+            ctx.stack,
+            ctx.state_dir,
+            unit,
+            instances,
+            [a.instance for a in actions if a.kind in _NEEDS_GPUS],
+            f"deploy #{ctx.deploy_id} of {ctx.stack.stack}",
+        )
+    except (SecretError, GpuAllocationError) as exc:
+        outcome.reason = str(exc)
+        ctx.store().add_event(ctx.stack.stack, "unit-failed", outcome.reason, unit, ctx.deploy_id)
+        raise UnitDeployError(outcome) from None
+    if placement.note:
+        get_run_logger().warning("%s: %s", unit, placement.note)
+    for name, inst in placement.instances.items():
+        get_run_logger().info("%s: GPUs %s", name, ",".join(map(str, inst.gpus or ())))
+    return secrets, placement.instances
 
 
 @task(
@@ -120,9 +184,13 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
     started = time.monotonic()
     store = ctx.store()
     backend = ctx.backend(host)
-    instances = {u.name: u for u in expand_units(ctx.stack, {unit})}
+    instances = {u.name: u for u in _all_slots(ctx.stack, unit)}
     outcome = UnitOutcome(unit=unit, host=host, ok=False)
-    changes_version = any(a.kind in (ActionKind.CREATE, ActionKind.UPDATE) for a in actions)
+    secrets, placed = _prepare(ctx, unit, instances, actions, outcome)
+    instances.update(placed)
+    changes_version = any(
+        a.kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.REPLACE) for a in actions
+    )
     if changes_version:
         outcome.revision = store.record_revision(
             ctx.stack.stack,
@@ -141,11 +209,13 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
         try:
             match action.kind:
                 case ActionKind.CREATE:
-                    backend.apply(Create(inst, action.config_hash, revision))
+                    backend.apply(Create(inst, action.config_hash, revision, secrets))
                 case ActionKind.UPDATE:
-                    backend.apply(Update(inst, action.config_hash, revision))
+                    backend.apply(Update(inst, action.config_hash, revision, secrets))
                 case ActionKind.START:
                     backend.apply(Start(ref))
+                case ActionKind.REPLACE:  # the new slot starts beside the old one
+                    backend.apply(Create(inst, action.config_hash, revision, secrets))
                 case ActionKind.REMOVE:  # pragma: no cover - orphans go through remove_instance
                     backend.apply(Remove(ref))
         except BackendError as exc:
@@ -178,11 +248,89 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
             unit,
             ctx.deploy_id,
         )
+        if ctx.stack.gateway is not None and unit in ctx.stack.gateway.routes:
+            _route(ctx, backend, action, inst, instances, outcome)
     if outcome.revision is not None:
         store.set_revision_status(ctx.stack.stack, unit, outcome.revision, "ready")
     outcome.ok = True
     outcome.seconds = time.monotonic() - started
     return outcome
+
+
+def _all_slots(stack: Stack, unit: str) -> list[UnitInstance]:
+    """A unit's instances; for a unit behind the gateway, both blue-green slots."""
+    insts = expand_units(stack, {unit})
+    if stack.gateway is not None and unit in stack.gateway.routes:
+        insts += slot_instances(stack, unit, 1)
+    return insts
+
+
+def route_port(inst: UnitInstance) -> int:
+    """The port the gateway sends a unit's traffic to: its `http` port, else its first."""
+    ports = dict(inst.ports)
+    return ports.get("http", inst.ports[0][1])
+
+
+def gateway_of(ctx: DeployContext) -> NginxGateway:
+    assert ctx.stack.gateway is not None
+    return NginxGateway(ctx.state_dir, ctx.stack.stack, ctx.stack.gateway)
+
+
+def _swap(ctx: DeployContext, unit: str, remove: int | None, add: int | None) -> None:
+    gateway = gateway_of(ctx)
+    ports = [p for p in gateway.live().get(unit, []) if p != remove]
+    if add is not None and add not in ports:
+        ports.append(add)
+    gateway.set_upstream(unit, ports)
+
+
+def _route(
+    ctx: DeployContext,
+    backend: Backend,
+    action: Action,
+    inst: UnitInstance,
+    instances: dict[str, UnitInstance],
+    outcome: UnitOutcome,
+) -> None:
+    """Put a ready instance behind the gateway; for blue-green, retire the old slot."""
+    logger = get_run_logger()
+    assert ctx.stack.gateway is not None
+    if action.kind is not ActionKind.REPLACE:
+        _swap(ctx, inst.unit, None, route_port(inst))
+        return
+    old = instances[action.replaces]
+    _swap(ctx, inst.unit, route_port(old), route_port(inst))
+    outcome.applied.append((old.name, "switched"))
+    logger.info("%s: traffic switched to %s; draining", old.name, inst.name)
+    drained = asyncio.run(wait_drained(old, ctx.stack.gateway.drain_timeout))
+    logger.info("%s: %s", old.name, drained)
+    backend.apply(Remove(UnitRef.of(old)))
+    ctx.store().release(ctx.stack.stack, old.name)  # its GPU reservations, if any
+    outcome.applied.append((old.name, "retired"))
+    ctx.store().add_event(
+        ctx.stack.stack,
+        "blue-green",
+        f"{old.name} -> {inst.name}: {drained}",
+        inst.unit,
+        ctx.deploy_id,
+    )
+
+
+@task(name="gateway", task_run_name="gateway-{ctx.stack.stack}", cache_policy=NO_CACHE)
+def sync_gateway(ctx: DeployContext) -> dict[str, list[int]]:
+    """Point the gateway at the routed instances that run now (starting nginx if needed)."""
+    if ctx.stack.gateway is None:
+        return {}
+    seen = observe_all(ctx.stack, ctx.state_dir)
+    live: dict[str, list[int]] = {}
+    for unit in ctx.stack.gateway.routes:
+        live[unit] = sorted(
+            route_port(i)
+            for i in _all_slots(ctx.stack, unit)
+            if i.name in seen and seen[i.name].running
+        )
+    gateway_of(ctx).apply(live)
+    return live
 
 
 @task(name="verify", task_run_name="verify-{ctx.stack.stack}", cache_policy=NO_CACHE)
@@ -193,8 +341,10 @@ def verify_units(ctx: DeployContext, outcomes: list[UnitOutcome]) -> UnitOutcome
     for outcome in outcomes:
         backend = ctx.backend(outcome.host)
         seen = backend.observe(ctx.stack.stack)
-        instances = {u.name: u for u in expand_units(ctx.stack, {outcome.unit})}
-        for instance, _ in outcome.applied:
+        instances = {u.name: u for u in _all_slots(ctx.stack, outcome.unit)}
+        for instance, kind in outcome.applied:
+            if kind in ("switched", "retired"):  # the old slot of a blue-green replace
+                continue
             obs = seen.get(instance)
             inst = instances[instance]
             reason = ""
@@ -218,6 +368,7 @@ def remove_instance(ctx: DeployContext, instance: str, host: str) -> str:
     hosts = ctx.stack.hosts
     backend = ctx.backend(host if host in hosts else next(iter(hosts)))
     backend.apply(Remove(UnitRef(ctx.stack.stack, instance, instance)))
+    ctx.store().release(ctx.stack.stack, instance)  # its GPU reservations, if any
     ctx.store().add_event(ctx.stack.stack, "removed", instance, instance, ctx.deploy_id)
     return instance
 
@@ -244,14 +395,18 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
     store = ctx.store()
     done: list[str] = []
     old = (
-        {u.name: u for u in expand_units(previous, {outcome.unit})}
+        {u.name: u for u in _all_slots(previous, outcome.unit)}
         if (previous is not None and outcome.unit in previous.units())
         else {}
     )
+    new = {u.name: u for u in _all_slots(ctx.stack, outcome.unit)}
     for instance, kind in reversed(outcome.applied):
         ref = UnitRef(ctx.stack.stack, outcome.unit, instance)
-        if kind == ActionKind.CREATE.value:
+        if kind in ("retired", "switched", ActionKind.REPLACE.value):
+            done.extend(_undo_blue_green(ctx, backend, kind, instance, old, new, outcome))
+        elif kind == ActionKind.CREATE.value:
             backend.apply(Remove(ref))
+            store.release(ctx.stack.stack, instance)
             done.append(f"{instance}: removed (created by this deploy)")
         elif kind == ActionKind.UPDATE.value:
             try:
@@ -268,6 +423,7 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
                     done.append(f"{instance}: could NOT be restored: {exc}")
                     continue
                 backend.apply(Remove(ref))  # never had a good version: nothing to go back to
+                store.release(ctx.stack.stack, instance)
                 done.append(f"{instance}: removed (no earlier good version)")
                 continue
             gate = _gate(backend, old[instance]) if instance in old else None
@@ -282,6 +438,47 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
     for line in done:
         store.add_event(ctx.stack.stack, "rolled-back", line, outcome.unit, ctx.deploy_id)
     return done
+
+
+def _undo_blue_green(
+    ctx: DeployContext,
+    backend: Backend,
+    kind: str,
+    instance: str,
+    old: dict[str, UnitInstance],
+    new: dict[str, UnitInstance],
+    outcome: UnitOutcome,
+) -> list[str]:
+    """Reverse one step of a blue-green replace (steps are undone newest first)."""
+    replaced = [i for i, k in outcome.applied if k == ActionKind.REPLACE.value]
+    target = new.get(replaced[0]) if replaced else None
+    if kind == "retired":  # the old slot was stopped: bring its previous version back
+        if instance not in old:
+            return [f"{instance}: cannot come back (no earlier good configuration)"]
+        revision = ctx.store().last_good(ctx.stack.stack, outcome.unit)
+        backend.apply(
+            Create(
+                old[instance],
+                revision.config_hash if revision else "",
+                revision.revision if revision else 0,
+            )
+        )
+        gate = _gate(backend, old[instance])
+        if gate is not None and gate.verdict != "ready":
+            return [f"{instance}: restarted but NOT healthy: {gate.explain()}"]
+        _swap(ctx, outcome.unit, route_port(target) if target else None, route_port(old[instance]))
+        return [f"{instance}: previous version restarted and back behind the gateway"]
+    if kind == "switched":
+        if instance in old:
+            _swap(
+                ctx, outcome.unit, route_port(target) if target else None, route_port(old[instance])
+            )
+        return [f"{instance}: traffic switched back"]
+    # The new slot: out of the gateway (if it got there), then removed.
+    if instance in new:
+        _swap(ctx, outcome.unit, route_port(new[instance]), None)
+    backend.apply(Remove(UnitRef(ctx.stack.stack, outcome.unit, instance)))
+    return [f"{instance}: new slot removed; the old one kept serving"]
 
 
 def state_dir_of(state_dir: str | Path | None) -> str:

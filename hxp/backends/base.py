@@ -5,7 +5,8 @@ Flows and the deploy engine only see this Protocol; a new target is a new module
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
 from hxp.plan import ObservedUnit
@@ -35,13 +36,21 @@ class UnitRef:
         return f"{self.stack}/{self.instance}"
 
 
+def _no_secrets() -> Mapping[str, str]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Create:
-    """Create and start an instance that does not exist yet."""
+    """Create and start an instance that does not exist yet.
+
+    `secrets` holds the values of the unit's `secret_env` (never in repr, so never in a log).
+    """
 
     unit: UnitInstance
     config_hash: str
     revision: int
+    secrets: Mapping[str, str] = field(default_factory=_no_secrets, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class Update:
     unit: UnitInstance
     config_hash: str
     revision: int
+    secrets: Mapping[str, str] = field(default_factory=_no_secrets, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,12 @@ Each instance is the container `hxp-<stack>-<instance>`, labelled with its stack
 instance, config hash and revision. An Update stops the current container and keeps it, renamed
 `hxp-<stack>-<instance>-prev`, until Commit removes it or Restore puts it back. Containers run
 with host networking, `--init`, a non-root uid, no capabilities and `no-new-privileges`; models
-get their GPUs through device requests (never CUDA_VISIBLE_DEVICES).
+get their GPUs through device requests (never CUDA_VISIBLE_DEVICES), `vllm serve` as their
+entrypoint and a `hxp-<stack>-<unit>-cache` volume for the Hugging Face and compile caches.
+
+Secret values (`secret_env`, resolved by the deploy task) go into the container's environment:
+that is Docker's model, so anyone who may run `docker inspect` on the host can read them. They
+never reach labels, the command line or hxp's logs.
 
 Images must already be on the host: no registry pull is attempted, a missing image is a
 permanent error. The container healthcheck is a shell one-liner run inside the container:
@@ -45,6 +50,7 @@ from hxp.errors import BackendError
 from hxp.plan import ObservedUnit
 from hxp.spec import HealthSpec, HostSpec, RestartPolicy
 from hxp.units import UnitInstance
+from hxp.vllm import CONTAINER_CACHE_DIR
 
 # Docker-only labels: what Stop/Start/Restore need when they have no unit spec at hand.
 LABEL_STOP_TIMEOUT = "hxp.stop-timeout"
@@ -129,22 +135,32 @@ def labels_of(unit: UnitInstance, config_hash: str, revision: int) -> dict[str, 
     }
 
 
-def create_kwargs(unit: UnitInstance, config_hash: str, revision: int) -> dict[str, Any]:
-    """Keyword arguments of `client.containers.create` for one instance (raises BackendError)."""
+def create_kwargs(
+    unit: UnitInstance, config_hash: str, revision: int, secrets: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of `client.containers.create` for one instance (raises BackendError).
+
+    `secrets` holds the value of every `secret_env` variable; one missing is refused, never
+    silently dropped.
+    """
     ref = str(UnitRef.of(unit))
     if unit.image is None:
         raise BackendError("the docker backend needs an image", unit=ref)
-    if unit.spec.secret_env:
+    secrets = secrets or {}
+    missing = sorted(set(unit.spec.secret_env) - set(secrets))
+    if missing:
         raise BackendError(
-            f"secret_env {sorted(unit.spec.secret_env)} is not supported by the docker backend "
-            "yet (it needs the Prefect Secret integration); refusing to start without it",
+            f"secret_env {missing} has no value (the deploy resolves it from its Secret "
+            "block); refusing to start without it",
             unit=ref,
         )
     spec = unit.spec
+    environment = dict(unit.container_env)
+    environment.update({k: secrets[k] for k in unit.spec.secret_env})
     kwargs: dict[str, Any] = {
         "image": unit.image,
         "name": container_name(unit.stack, unit.name),
-        "environment": dict(unit.env),
+        "environment": environment,
         "user": f"{spec.uid}:{spec.uid}",
         "network_mode": "host",
         "init": True,
@@ -153,21 +169,29 @@ def create_kwargs(unit: UnitInstance, config_hash: str, revision: int) -> dict[s
         "restart_policy": restart_policy(spec.restart),
         "labels": labels_of(unit, config_hash, revision),
     }
-    # Services give their full argv; a model's image has vLLM's server as its entrypoint.
+    # Services give their full argv; a model runs `vllm serve` (hxp.vllm) with its arguments.
+    if unit.container_entrypoint is not None:
+        kwargs["entrypoint"] = list(unit.container_entrypoint)
     if unit.container_args:
         kwargs["command"] = list(unit.container_args)
     if unit.health is not None:
         kwargs["healthcheck"] = healthcheck(unit.health)
     if spec.workdir is not None:
         kwargs["working_dir"] = spec.workdir
-    if spec.volumes:
-        kwargs["volumes"] = {
-            volume_name(unit.stack, unit.unit, v.name): {
-                "bind": v.target,
-                "mode": "ro" if v.read_only else "rw",
-            }
-            for v in spec.volumes
+    volumes = {
+        volume_name(unit.stack, unit.unit, v.name): {
+            "bind": v.target,
+            "mode": "ro" if v.read_only else "rw",
         }
+        for v in spec.volumes
+    }
+    if unit.kind == "model" and all(v.target != CONTAINER_CACHE_DIR for v in spec.volumes):
+        volumes[volume_name(unit.stack, unit.unit, "cache")] = {
+            "bind": CONTAINER_CACHE_DIR,
+            "mode": "rw",
+        }
+    if volumes:
+        kwargs["volumes"] = volumes
     if spec.resources.memory is not None:
         kwargs["mem_limit"] = spec.resources.memory
     if spec.resources.cpus is not None:
@@ -281,18 +305,18 @@ class DockerBackend:
 
     def apply(self, action: BackendAction) -> None:
         match action:
-            case Create(unit=unit, config_hash=h, revision=rev):
+            case Create(unit=unit, config_hash=h, revision=rev, secrets=secrets):
                 ref = UnitRef.of(unit)
-                kwargs = create_kwargs(unit, h, rev)
+                kwargs = create_kwargs(unit, h, rev, secrets)
                 with self._errors(ref):
                     self._require_image(unit.image or "", ref)
                     current = self._get(ref, container_name(ref.stack, ref.instance))
                     if current is not None:  # a retried Create: start over
                         self._discard(current)
                     self._start(self._client().containers.create(**kwargs), ref)
-            case Update(unit=unit, config_hash=h, revision=rev):
+            case Update(unit=unit, config_hash=h, revision=rev, secrets=secrets):
                 ref = UnitRef.of(unit)
-                kwargs = create_kwargs(unit, h, rev)
+                kwargs = create_kwargs(unit, h, rev, secrets)
                 with self._errors(ref):
                     self._require_image(unit.image or "", ref)
                     self._update(ref, kwargs, h)

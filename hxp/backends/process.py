@@ -1,8 +1,10 @@
 """The embedded default backend: supervised local processes under a state directory.
 
-Each instance lives in STATE/process/<stack>/<instance>/: spec.json (argv, env, cwd, config
-hash, revision), output.log, supervisor.json (pids with kernel start times), and previous/
-(the version an update replaced, until it is committed or restored).
+Each instance lives in STATE/process/<stack>/<instance>/ (mode 0700): spec.json (argv, env,
+cwd, config hash, revision; mode 0600), secrets.env (the values of `secret_env`, mode 0600,
+only when the unit has secrets: never in spec.json, argv or a log), output.log, supervisor.json
+(pids with kernel start times), and previous/ (the version an update replaced, until it is
+committed or restored).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,7 +33,7 @@ from hxp.backends.base import (
     UnitRef,
     Update,
 )
-from hxp.backends.supervisor import alive, write_json
+from hxp.backends.supervisor import SECRETS_FILE, alive, write_env_file, write_json
 from hxp.errors import BackendError
 from hxp.plan import ObservedUnit
 from hxp.units import UnitInstance
@@ -98,13 +101,13 @@ class ProcessBackend:
 
     def apply(self, action: BackendAction) -> None:
         match action:
-            case Create(unit=unit, config_hash=h, revision=rev):
+            case Create(unit=unit, config_hash=h, revision=rev, secrets=secrets):
                 ref = UnitRef.of(unit)
                 self._stop(ref, unit.spec.stop_timeout)
                 self._ports_free(unit)
-                self._write_spec(ref, unit, h, rev)
+                self._write_spec(ref, unit, h, rev, secrets)
                 self._start(ref)
-            case Update(unit=unit, config_hash=h, revision=rev):
+            case Update(unit=unit, config_hash=h, revision=rev, secrets=secrets):
                 ref = UnitRef.of(unit)
                 directory = self._dir(ref)
                 current = self._read(directory / "spec.json")
@@ -113,7 +116,7 @@ class ProcessBackend:
                 self._ports_free(unit)
                 if current is not None and current.get("config_hash") != h:
                     self._keep_previous(directory)
-                self._write_spec(ref, unit, h, rev)
+                self._write_spec(ref, unit, h, rev, secrets)
                 self._start(ref)
             case Start(ref=ref):
                 self._start(ref)
@@ -128,8 +131,10 @@ class ProcessBackend:
                 if not (previous / "spec.json").exists():
                     raise BackendError("no previous version kept to restore", unit=str(ref))
                 self._stop(ref, self._grace(ref))
-                for name in ("spec.json",):
-                    (previous / name).replace(directory / name)
+                (directory / SECRETS_FILE).unlink(missing_ok=True)
+                for name in ("spec.json", SECRETS_FILE):
+                    if (previous / name).exists():
+                        (previous / name).replace(directory / name)
                 shutil.rmtree(previous, ignore_errors=True)
                 (directory / "supervisor.json").unlink(missing_ok=True)
                 self._start(ref)
@@ -163,9 +168,32 @@ class ProcessBackend:
                         unit=f"{unit.stack}/{unit.name}",
                     )
 
-    def _write_spec(self, ref: UnitRef, unit: UnitInstance, config_hash: str, rev: int) -> None:
+    def _write_spec(
+        self,
+        ref: UnitRef,
+        unit: UnitInstance,
+        config_hash: str,
+        rev: int,
+        secrets: Mapping[str, str],
+    ) -> None:
         directory = self._dir(ref)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        directory.chmod(0o700)
+        missing = sorted(set(unit.spec.secret_env) - set(secrets))
+        if missing:
+            raise BackendError(
+                f"secret_env {missing} has no value (the deploy resolves it from its Secret "
+                "block); refusing to start without it",
+                unit=str(ref),
+            )
+        if unit.spec.secret_env:
+            values = {k: secrets[k] for k in unit.spec.secret_env}
+            try:
+                write_env_file(directory / SECRETS_FILE, values)
+            except ValueError as exc:
+                raise BackendError(str(exc), unit=str(ref)) from None
+        else:
+            (directory / SECRETS_FILE).unlink(missing_ok=True)
         write_json(
             directory / "spec.json",
             {
@@ -187,8 +215,10 @@ class ProcessBackend:
     def _keep_previous(directory: Path) -> None:
         previous = directory / "previous"
         shutil.rmtree(previous, ignore_errors=True)
-        previous.mkdir()
-        shutil.copy2(directory / "spec.json", previous / "spec.json")
+        previous.mkdir(mode=0o700)
+        for name in ("spec.json", SECRETS_FILE):
+            if (directory / name).exists():
+                shutil.copy2(directory / name, previous / name)
 
     def _start(self, ref: UnitRef) -> None:
         directory = self._dir(ref)

@@ -1,6 +1,7 @@
 """A tiny per-instance supervisor for the process backend.
 
-`python -m hxp.backends.supervisor DIR` reads DIR/spec.json, runs the program with its log
+`python -m hxp.backends.supervisor DIR` reads DIR/spec.json (and DIR/secrets.env, the
+`secret_env` values, when there is one), runs the program with its log
 in DIR/output.log, restarts it per its restart policy with exponential backoff, and on SIGTERM
 stops it (SIGTERM, then SIGKILL after the grace period). It records its own and the child's
 pid with their kernel start times in DIR/supervisor.json, so a restarted orchestrator can
@@ -20,6 +21,8 @@ from typing import Any
 
 SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
 MAX_BACKOFF = 30.0
+SECRETS_FILE = "secrets.env"
+PRIVATE = 0o600
 
 
 def start_ticks(pid: int) -> int | None:
@@ -39,10 +42,40 @@ def alive(pid: int | None, ticks: int | None) -> bool:
     return pid is not None and ticks is not None and start_ticks(pid) == ticks
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def _write_private(path: Path, text: str) -> None:
+    """Replace `path` atomically with a file only its owner can read (mode 0600 from the start)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
     tmp.replace(path)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_private(path, json.dumps(data, sort_keys=True))
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> None:
+    """`KEY=value` lines, mode 0600; a value with a newline or NUL cannot be written."""
+    for key, value in values.items():
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise ValueError(f"the value of {key} contains a newline or NUL")
+    _write_private(path, "".join(f"{k}={v}\n" for k, v in sorted(values.items())))
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The values write_env_file wrote; an absent file is no values."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.split("\n"):  # not splitlines(): a value may hold U+2028 and the like
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key] = value
+    return out
 
 
 class Supervisor:
@@ -66,7 +99,7 @@ class Supervisor:
 
     def env(self) -> dict[str, str]:
         base = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
-        return {**base, **self.spec["env"]}
+        return {**base, **self.spec["env"], **read_env_file(self.dir / SECRETS_FILE)}
 
     def spawn(self) -> bool:
         log = open(self.dir / "output.log", "ab")  # noqa: SIM115 - handed to the child

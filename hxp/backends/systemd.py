@@ -8,12 +8,17 @@ that is the version Restore puts back and Commit drops. Every command goes throu
 
 The kept copy lives outside /var/lib/hxp: that tree holds the units' StateDirectory=, owned
 by the unit's user, and a file there could be swapped for a unit that runs as root.
+
+A unit with `secret_env` reads its values from ENV_ROOT/<stack>/<instance>.env (written by the
+runner as root, mode 0600, in a 0700 directory; the template names it in EnvironmentFile=). The
+values travel to the host on the runner's stdin, never on a command line, and are never part of
+the unit file.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
@@ -38,6 +43,7 @@ from hxp.units import UnitInstance
 
 UNIT_DIR = "/etc/systemd/system"
 BACKUP_ROOT = "/var/lib/hxp-systemd"
+ENV_ROOT = "/etc/hxp"
 SHOW_PROPERTIES = (
     "Id",
     "LoadState",
@@ -185,6 +191,18 @@ class _DependencyView:
     replicas: int
 
 
+def env_file_text(values: Mapping[str, str]) -> str:
+    """An EnvironmentFile= body: `KEY="value"` lines, quoted so systemd reads each value back
+    verbatim (no expansion); a newline or NUL cannot be written and is refused."""
+    lines = []
+    for key, value in sorted(values.items()):
+        if any(c in value for c in "\n\r\0"):
+            raise BackendError(f"the value of {key} contains a newline or NUL")
+        escaped = "".join("\\" + c if c in '\\"`$' else c for c in value)
+        lines.append(f'{key}="{escaped}"\n')
+    return "".join(lines)
+
+
 def render_unit(unit: UnitInstance, config_hash: str, revision: int) -> str:
     """The unit file hxp installs: the rendered template plus its marker lines."""
     rendered = Renderer().render("systemd/unit.service.j2", stack=_StackView(unit), unit=unit)
@@ -233,6 +251,13 @@ class SystemdBackend:
 
     def previous_path(self, ref: UnitRef) -> str:
         return f"{self.backup_dir(ref)}/previous.service"
+
+    @staticmethod
+    def env_path(ref: UnitRef) -> str:
+        return f"{ENV_ROOT}/{ref.stack}/{ref.instance}.env"
+
+    def previous_env_path(self, ref: UnitRef) -> str:
+        return f"{self.backup_dir(ref)}/previous.env"
 
     # ---------------------------------------------------------------- the Backend interface
 
@@ -296,10 +321,10 @@ class SystemdBackend:
 
     def apply(self, action: BackendAction) -> None:
         match action:
-            case Create(unit=unit, config_hash=h, revision=rev):
-                self._install(unit, h, rev)
-            case Update(unit=unit, config_hash=h, revision=rev):
-                self._install(unit, h, rev)
+            case Create(unit=unit, config_hash=h, revision=rev, secrets=secrets):
+                self._install(unit, h, rev, secrets)
+            case Update(unit=unit, config_hash=h, revision=rev, secrets=secrets):
+                self._install(unit, h, rev, secrets)
             case Start(ref=ref):
                 self._require_installed(_checked(ref))
                 self._systemctl("reset-failed", ref, check=False)
@@ -312,6 +337,7 @@ class SystemdBackend:
                 self._restore(_checked(ref))
             case Commit(ref=ref):
                 self.runner.run(["rm", "-f", "--", self.previous_path(_checked(ref))])
+                self.runner.run(["rm", "-f", "--", self.previous_env_path(ref)])
 
     def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
         if lines <= 0:
@@ -374,8 +400,18 @@ class SystemdBackend:
         if self.runner.run(["id", "-u", "--", user], check=False).returncode != 0:
             raise BackendError(f"cannot add system user {user!r}: {added.error_text}")
 
-    def _install(self, unit: UnitInstance, config_hash: str, revision: int) -> None:
+    def _install(
+        self, unit: UnitInstance, config_hash: str, revision: int, secrets: Mapping[str, str]
+    ) -> None:
         ref = _checked(UnitRef.of(unit))
+        missing = sorted(set(unit.spec.secret_env) - set(secrets))
+        if missing:
+            raise BackendError(
+                f"secret_env {missing} has no value (the deploy resolves it from its Secret "
+                "block); refusing to start without it",
+                unit=str(ref),
+            )
+        env_text = env_file_text({k: secrets[k] for k in unit.spec.secret_env})
         content = render_unit(unit, config_hash, revision)
         self._ensure_user(unit.spec.user)
         path = self.unit_path(ref)
@@ -387,6 +423,16 @@ class SystemdBackend:
         if current is not None and parse_markers(current.splitlines()).config_hash != config_hash:
             self.runner.run(["install", "-d", "-m", "0700", "--", self.backup_dir(ref)])
             self.runner.write_file(self.previous_path(ref), current, 0o600)
+            current_env = self.runner.read_file(self.env_path(ref))
+            if current_env is not None:
+                self.runner.write_file(self.previous_env_path(ref), current_env, 0o600)
+            else:
+                self.runner.run(["rm", "-f", "--", self.previous_env_path(ref)])
+        if unit.spec.secret_env:
+            self.runner.run(["install", "-d", "-m", "0700", "--", f"{ENV_ROOT}/{ref.stack}"])
+            self.runner.write_file(self.env_path(ref), env_text, 0o600)
+        else:
+            self.runner.run(["rm", "-f", "--", self.env_path(ref)])
         self.runner.write_file(path, content, 0o644)
         self._daemon_reload()
         self._systemctl("enable", ref)
@@ -400,6 +446,10 @@ class SystemdBackend:
         current = self.runner.read_file(self.unit_path(ref))
         budget = max(stop_seconds(current), stop_seconds(previous)) + SYSTEMCTL_TIMEOUT
         self.runner.write_file(self.unit_path(ref), previous, 0o644)
+        previous_env = self.runner.read_file(self.previous_env_path(ref))
+        if previous_env is not None:
+            self.runner.write_file(self.env_path(ref), previous_env, 0o600)
+            self.runner.run(["rm", "-f", "--", self.previous_env_path(ref)])
         self.runner.run(["rm", "-f", "--", self.previous_path(ref)])
         self._daemon_reload()
         self._systemctl("reset-failed", ref, check=False)
@@ -413,6 +463,7 @@ class SystemdBackend:
                 timeout=stop_seconds(installed) + SYSTEMCTL_TIMEOUT,
             )
         self.runner.run(["rm", "-f", "--", self.unit_path(ref)])
+        self.runner.run(["rm", "-f", "--", self.env_path(ref)])
         self.runner.run(["rm", "-rf", "--", self.backup_dir(ref)])
         self._daemon_reload()
         self._systemctl("reset-failed", ref, check=False)
@@ -425,6 +476,7 @@ __all__ = [
     "SystemdBackend",
     "UnitMarkers",
     "describe_state",
+    "env_file_text",
     "marker_lines",
     "parse_marker_listing",
     "parse_markers",

@@ -11,6 +11,7 @@ import httpx
 
 from hxp.health import ProbeResult, ReadinessGate, Verdict
 from hxp.spec import HealthSpec, HttpCheck, TcpCheck
+from hxp.units import UnitInstance
 
 
 async def probe_http(check: HttpCheck, timeout: float) -> ProbeResult:
@@ -126,3 +127,76 @@ async def wait_ready(health: HealthSpec, is_running: Callable[[], bool]) -> Read
         # Poll quickly at first (most units are ready within a second), then at `interval`.
         await asyncio.sleep(min(pause, health.interval))
         pause *= 2
+
+
+async def probe_model_api(port: int, served_name: str, timeout: float) -> ProbeResult:
+    """A model is ready when `/v1/models` lists its served name and a one-token completion
+    succeeds (vLLM's /health alone only says the engine is alive)."""
+    base = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            models = await client.get(f"{base}/v1/models")
+            names = (
+                [m.get("id") for m in models.json().get("data", [])] if models.is_success else []
+            )
+            if served_name not in names:
+                return ProbeResult(
+                    False,
+                    f"models {base}",
+                    f"/v1/models lists {names}, not {served_name!r}",
+                    time.monotonic() - start,
+                )
+            done = await client.post(
+                f"{base}/v1/completions",
+                json={"model": served_name, "prompt": "ping", "max_tokens": 1},
+            )
+    except (httpx.HTTPError, ValueError) as exc:
+        return ProbeResult(
+            False, f"models {base}", f"{type(exc).__name__}: {exc}", time.monotonic() - start
+        )
+    if not done.is_success:
+        return ProbeResult(
+            False, f"completion {base}", f"status {done.status_code}", time.monotonic() - start
+        )
+    return ProbeResult(
+        True, f"completion {base}", "one-token completion ok", time.monotonic() - start
+    )
+
+
+def _running_requests(text: str) -> float:
+    """vllm:num_requests_running + vllm:num_requests_waiting from a /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+            total += sum(sample.value for sample in family.samples)
+    return total
+
+
+SERVICE_DRAIN_GRACE = 1.0
+
+
+async def wait_drained(unit: UnitInstance, timeout: float) -> str:
+    """Wait until an instance taken out of the gateway has finished its requests.
+
+    Models report `vllm:num_requests_running`/`_waiting` on /metrics: wait for 0 (or the
+    cap). Other services give no such signal: they get a short grace period.
+    """
+    start = time.monotonic()
+    if unit.kind != "model":
+        await asyncio.sleep(min(SERVICE_DRAIN_GRACE, timeout))
+        return f"grace {min(SERVICE_DRAIN_GRACE, timeout):.1f}s (no drain metric for a service)"
+    port = dict(unit.ports).get("http", unit.ports[0][1])
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while (elapsed := time.monotonic() - start) < timeout:
+            try:
+                page = await client.get(f"http://127.0.0.1:{port}/metrics")
+                busy = _running_requests(page.text) if page.is_success else 0.0
+            except httpx.HTTPError:
+                return f"gone after {elapsed:.1f}s"
+            if busy == 0:
+                return f"drained in {elapsed:.1f}s"
+            await asyncio.sleep(0.1)
+    return f"still busy after the {timeout:.0f}s drain cap; stopping it anyway"

@@ -190,13 +190,16 @@ def test_model_replicas_get_their_own_gpus_as_device_requests() -> None:
     all_units = units()
     for replica, gpu in (("llm-0", "2"), ("llm-1", "3")):
         kwargs = create_kwargs(all_units[replica], "h", 1)
-        assert kwargs["environment"] == {"HF_HOME": "/cache"}
+        # The operator's HF_HOME wins; HOME points at the model's cache volume.
+        assert kwargs["environment"] == {"HF_HOME": "/cache", "HOME": "/var/cache/hxp"}
+        assert kwargs["volumes"]["hxp-demo-llm-cache"] == {"bind": "/var/cache/hxp", "mode": "rw"}
         assert "CUDA_VISIBLE_DEVICES" not in kwargs["environment"]
         [request] = kwargs["device_requests"]
         assert request["DeviceIDs"] == [gpu]
         assert request["Capabilities"] == [["gpu"]]
         assert kwargs["image"] == "vllm/vllm-openai:v0.11.0"
-        assert kwargs["command"][:2] == ["--model", "org/model"]
+        assert kwargs["entrypoint"] == ["vllm", "serve"]
+        assert kwargs["command"][:2] == ["org/model", "--served-model-name"]
         assert kwargs["labels"][LABEL_INSTANCE] == replica
         assert kwargs["labels"][LABEL_UNIT] == "llm"
         assert kwargs["name"] == f"hxp-demo-{replica}"

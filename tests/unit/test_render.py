@@ -371,13 +371,14 @@ def test_compose_hostile_values_read_back(hostile_stack: Stack) -> None:
     # Unit names that YAML 1.1 reads as booleans, numbers or null stay strings.
     assert list(doc["services"]) == ["0x10", "2024", "yes", "null"]
     assert list(doc["networks"]) == ["hostile"]
-    assert list(doc["volumes"]) == ["2024-01-01"]
+    assert list(doc["volumes"]) == ["2024-01-01", "null-cache"]  # a model's cache volume
     assert list(doc["services"]["2024"]["depends_on"]) == ["0x10", "null"]
     for name in ("yes", "null"):
         svc, unit = doc["services"][name], units[name]
         assert [compose_interpolate(a) for a in svc["command"]] == list(unit.container_args)
         env = {k: compose_interpolate(v) for k, v in svc["environment"].items()}
-        assert env == dict(unit.env)
+        assert env == dict(unit.container_env)
+        assert dict(unit.env).items() <= env.items()
         assert all(isinstance(k, str) for k in svc["environment"])
     test = doc["services"]["yes"]["healthcheck"]["test"]
     assert [compose_interpolate(a) for a in test] == ["CMD", HOSTILE_PROGRAM, *HOSTILE_VALUES]
@@ -389,7 +390,9 @@ def test_k8s_hostile_values_read_back(hostile_stack: Stack) -> None:
     for name in ("yes", "null"):
         docs = {d["kind"]: d for d in yaml.safe_load_all(files[f"{name}.yaml"])}
         unit = units[name]
-        assert docs["ConfigMap"]["data"] == dict(unit.env)  # envFrom values are not expanded
+        # envFrom values are not expanded
+        assert docs["ConfigMap"]["data"] == dict(unit.container_env)
+        assert dict(unit.env).items() <= docs["ConfigMap"]["data"].items()
         container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
         assert [k8s_expand(a) for a in container["args"]] == list(unit.container_args)
         if name == "yes":

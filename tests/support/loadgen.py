@@ -1,0 +1,86 @@
+"""A bounded load generator for tests and benchmarks: N requests at fixed concurrency.
+
+Traffic goes only to the given loopback URL; the loop stops by itself after N requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class LoadResult:
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+    served_by: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds else 0.0
+
+
+async def run_load(url: str, model: str, total: int, concurrency: int = 32) -> LoadResult:
+    """POST `total` one-token completions to `url` with `concurrency` in flight."""
+    result = LoadResult()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    body = {"model": model, "prompt": "hello", "max_tokens": 2}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    start = time.monotonic()
+    async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+
+        async def worker() -> None:
+            while True:
+                try:
+                    queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                result.sent += 1
+                try:
+                    response = await client.post(f"{url}/v1/completions", json=body)
+                except httpx.HTTPError as exc:
+                    result.failed += 1
+                    result.errors[type(exc).__name__] += 1
+                    continue
+                if response.status_code == 200:
+                    result.ok += 1
+                    result.served_by[response.json().get("model", "?")] += 1
+                else:
+                    result.failed += 1
+                    result.errors[f"HTTP {response.status_code}"] += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.seconds = time.monotonic() - start
+    return result
+
+
+class BackgroundLoad:
+    """run_load in a thread, so a deploy can run in the foreground meanwhile."""
+
+    def __init__(self, url: str, model: str, total: int, concurrency: int = 32) -> None:
+        self.result: LoadResult | None = None
+        self._thread = threading.Thread(
+            target=lambda: setattr(
+                self, "result", asyncio.run(run_load(url, model, total, concurrency))
+            ),
+            daemon=True,
+        )
+
+    def start(self) -> BackgroundLoad:
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float = 600) -> LoadResult:
+        self._thread.join(timeout)
+        assert self.result is not None, "the load generator did not finish"
+        return self.result
