@@ -18,6 +18,7 @@ from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config, 
 from hxp.errors import DeployError, HxpError
 from hxp.graph import DependencyGraph
 from hxp.io.lock import stack_lock
+from hxp.io.telemetry import pushgateway_url, record_deploy
 from hxp.plan import Action, ActionKind, Plan, plan_stack
 from hxp.spec import Stack
 from hxp.store import Store
@@ -35,9 +36,21 @@ from tasks.deploy import (
     sync_gateway,
     verify_units,
 )
+from tasks.metrics import push_metrics
 from tasks.stack import load_stack
 
 MAX_PARALLEL_UNITS = 8
+
+
+def _publish(store: Store, stack: Stack, deploy_id: int, state: str) -> None:
+    """Count a finished deploy in the shared registry; push the stack's deploy series."""
+    record_deploy(store, stack.stack, deploy_id)
+    url = pushgateway_url(stack)
+    if url is not None:
+        try:
+            push_metrics(url, state, stack.stack, "deploy")
+        except Exception as exc:  # a monitoring outage must not fail a deploy
+            get_run_logger().warning("push to %s failed: %s", url, exc)
 
 
 def _run_name() -> str:
@@ -86,6 +99,7 @@ def _finish_interrupted(store: Store, stack: Stack, state: str) -> list[str]:
         store.finish_deploy(
             record.id, "interrupted", {"reason": "the orchestrator stopped", "rollback": done}
         )
+        record_deploy(store, stack.stack, record.id)
         lines.extend(f"deploy #{record.id} (interrupted): {line}" for line in done)
     return lines
 
@@ -228,6 +242,7 @@ def _deploy(
             logger.info(line)
         if not plan.changes:
             store.finish_deploy(deploy_id, "succeeded", {"changes": False})
+            _publish(store, stack, deploy_id, state)
             return {
                 "stack": stack.stack,
                 "deploy_id": deploy_id,
@@ -260,8 +275,11 @@ def _deploy(
                     "check": failure.check,
                     "logs": failure.logs,
                     "rollback": rollback,
+                    "seconds": round(failure.seconds, 3),
+                    "units": {o.unit: round(o.seconds, 3) for o in outcomes},
                 },
             )
+            _publish(store, stack, deploy_id, state)
             create_markdown_artifact(
                 key=f"deploy-{stack.stack}",
                 markdown=f"```\n{summary}\n```",
@@ -280,6 +298,7 @@ def _deploy(
             for o in outcomes
         }
         store.finish_deploy(deploy_id, "succeeded", {"changes": True, "units": result})
+        _publish(store, stack, deploy_id, state)
         create_table_artifact(
             key=f"deploy-{stack.stack}",
             table=[

@@ -283,6 +283,30 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitoring(args: argparse.Namespace) -> int:
+    effective = _load(args)
+    if effective.stack.monitoring is None or effective.stack.monitoring.prometheus is None:
+        raise InputError("monitoring.prometheus: required to deploy monitoring")
+    _prefect(args)
+    from flows.monitoring import deploy_monitoring
+
+    result = deploy_monitoring(
+        _files(args),
+        overrides=args.overrides,
+        state_dir=str(_state_dir(args)),
+        verify_timeout=args.verify_timeout,
+    )
+    changed = ", ".join(result["changed_files"]) or "no config changes"
+    print(
+        f"Monitoring of {result['stack']}: {changed}; reloaded: "
+        f"{', '.join(result['reloaded']) or 'nothing'}"
+    )
+    print(f"{len(result['targets_up'])} target(s) up, {len(result['rule_groups'])} rule group(s)")
+    for component, url in result["urls"].items():
+        print(f"{component}: {url}")
+    return 0
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     effective = _load(args)
     _prefect(args)
@@ -417,6 +441,109 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0 if record else 1
 
 
+def cmd_exporter(args: argparse.Namespace) -> int:
+    """Serve the orchestrator's hxp_* and fleet:* series, rebuilt from the store per scrape."""
+    import signal
+
+    from hxp.io.telemetry import make_exporter
+
+    state = _state_dir(args)
+    try:
+        server = make_exporter(state, args.port, args.bind, args.stack or None)
+    except OSError as exc:
+        raise HxpError(f"cannot listen on {args.bind}:{args.port}: {exc.strerror}") from exc
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    url = f"http://{args.bind}:{server.server_address[1]}/metrics"
+    print(f"hxp exporter: {url} (store {state})", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from hxp.resources import FitRequest, GpuMemory, fit, load_model_config, misfit_message
+
+    tp = args.tensor_parallel_size
+    request = FitRequest(
+        config=load_model_config(args.config),
+        gpus=(GpuMemory(args.gpu_memory_gib, args.gpu_free_gib, args.gpu_name),) * args.gpus,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size="auto" if tp == "auto" else int(tp),
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        vllm_version=args.vllm_version,
+        enforce_eager=args.enforce_eager,
+    )
+    result = fit(request)
+    message = misfit_message(result, request)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "message": message}, indent=2, sort_keys=True))
+    else:
+        print(result.explain())
+        print(message)
+    return 0 if result.fits else 1
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from hxp.health import SweepSettings, exit_code
+    from hxp.io.sweep import health_table, pushgateway_of, sweep_stack
+
+    stack = _load(args).stack
+    settings = SweepSettings(
+        flap_threshold=args.flap_threshold,
+        synthetic_window=args.synthetic_window,
+        observe=not args.no_observe,
+    )
+    push = args.pushgateway or (pushgateway_of(stack) if args.push else None)
+
+    def sweep() -> Any:
+        return sweep_stack(stack, _state_dir(args), settings, args.reroute, push)
+
+    if args.json:
+        report = sweep()
+        print(json.dumps(report.to_dict(), indent=2))
+        return exit_code(report.status)
+    from rich.console import Console
+
+    console = Console()
+    report = sweep()
+    if not args.watch:
+        console.print(health_table(report))
+        for note in report.notes:
+            console.print(f"note: {note}", style="yellow")
+        return exit_code(report.status)
+    from rich.live import Live
+
+    try:
+        with Live(health_table(report), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(args.interval)
+                report = sweep()
+                live.update(health_table(report), refresh=True)
+    except KeyboardInterrupt:
+        pass
+    return exit_code(report.status)
+
+
+def _tp_arg(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hxp", description="Deploy and run fleets of vLLM model servers and their services."
@@ -447,10 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser(
-        "render", help="render systemd units, a Compose file or Kubernetes manifests"
+        "render",
+        help="render systemd units, a Compose file, Kubernetes manifests or the monitoring files",
     )
     _add_stack_args(p)
-    p.add_argument("--target", choices=["systemd", "compose", "k8s"], required=True)
+    p.add_argument("--target", choices=["systemd", "compose", "k8s", "monitoring"], required=True)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--no-verify", action="store_true", help="skip the external validators")
     p.set_defaults(func=cmd_render)
@@ -461,6 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="stable JSON (docs/plan-format.md)")
     p.add_argument("--offline", action="store_true", help="observe nothing: plan for empty hosts")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "monitoring",
+        help="deploy or reload Prometheus, Alertmanager and the Pushgateway, then verify them",
+    )
+    _add_stack_args(p)
+    _add_state_arg(p)
+    p.add_argument("--verify-timeout", type=float, default=60.0, metavar="SECONDS")
+    p.set_defaults(func=cmd_monitoring)
 
     p = sub.add_parser("apply", help="deploy the stack (a deploy-stack flow run)")
     _add_stack_args(p)
@@ -509,6 +646,108 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state_arg(p)
     p.add_argument("action", choices=["start", "stop", "status"])
     p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser(
+        "exporter",
+        help="serve hxp_* and fleet:* metrics from the store (for Prometheus)",
+        description="Rebuilds every series from the store on each scrape, so it stays right "
+        "across orchestrator restarts. Runs until SIGTERM/SIGINT.",
+    )
+    _add_state_arg(p)
+    p.add_argument("--port", type=int, default=9464, help="port to listen on (default 9464)")
+    p.add_argument("--bind", default="127.0.0.1", metavar="ADDR", help="address (127.0.0.1)")
+    p.add_argument("--stack", action="append", metavar="NAME", help="only this stack; repeatable")
+    p.set_defaults(func=cmd_exporter)
+
+    p = sub.add_parser(
+        "fit",
+        help="will a model fit on these GPUs under vLLM, and with how much KV cache",
+        description="Exit 0 if it fits, 1 if it does not, 2 on bad input.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="the model's config.json")
+    p.add_argument("--gpus", type=int, required=True, metavar="N", help="number of GPUs")
+    p.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        required=True,
+        metavar="G",
+        help="total memory per GPU in GiB, as torch reports it (e.g. 79.19 on an H100)",
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, required=True, metavar="U")
+    p.add_argument("--max-model-len", type=int, required=True, metavar="L")
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=_tp_arg,
+        default="auto",
+        metavar="T|auto",
+        help="'auto' picks the smallest size that fits (default)",
+    )
+    p.add_argument("--pipeline-parallel-size", type=int, default=1, metavar="P")
+    p.add_argument("--dtype", default="auto", metavar="D")
+    p.add_argument(
+        "--quantization",
+        default=None,
+        metavar="Q",
+        help="override config.json's quantization_config (e.g. fp8)",
+    )
+    p.add_argument("--kv-cache-dtype", default="auto", metavar="K")
+    p.add_argument("--max-num-seqs", type=int, default=None, metavar="S")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="B")
+    p.add_argument("--vllm-version", default="0.11.0", metavar="V")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument(
+        "--gpu-free-gib",
+        type=float,
+        default=None,
+        metavar="F",
+        help="memory free on each GPU before vLLM starts (default: all of it)",
+    )
+    p.add_argument(
+        "--gpu-name",
+        default=None,
+        metavar="NAME",
+        help="e.g. 'NVIDIA A100-SXM4-80GB' (vLLM's batch defaults exclude A100s)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser(
+        "health",
+        help="check every unit now: composite health table",
+        description="Exit 0 healthy, 1 degraded (or unknown), 2 unhealthy.",
+    )
+    _add_stack_args(p)
+    _add_state_arg(p)
+    p.add_argument("--watch", action="store_true", help="sweep again every --interval seconds")
+    p.add_argument("--interval", type=float, default=5.0, metavar="S")
+    p.add_argument(
+        "--flap-threshold",
+        type=int,
+        default=2,
+        metavar="N",
+        help="consecutive sweeps that must agree before a state changes (default 2)",
+    )
+    p.add_argument(
+        "--synthetic-window",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="real traffic this recent skips the synthetic completion (default 300)",
+    )
+    p.add_argument("--no-observe", action="store_true", help="skip the backend layer")
+    p.add_argument(
+        "--reroute",
+        action="store_true",
+        help="also take unhealthy replicas out of the gateway (as the flow does)",
+    )
+    p.add_argument(
+        "--push",
+        action="store_true",
+        help="push hxp_unit_health to the stack's monitoring.pushgateway",
+    )
+    p.add_argument("--pushgateway", metavar="URL", help="push hxp_unit_health to this URL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_health)
     return parser
 
 

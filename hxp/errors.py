@@ -109,3 +109,15 @@ class SecretError(HxpError):
 
 class GpuAllocationError(HxpError):
     """No set of GPUs on a host can take a model: says what it needs and what is free."""
+
+
+class PromQLSyntaxError(HxpError):
+    """A PromQL expression the query lint cannot read; the message names the offset."""
+
+
+class QueryLintError(OutputCheckError):
+    """A rule or dashboard query names a series that no known exporter exposes."""
+
+
+class MonitoringError(HxpError):
+    """Prometheus or Alertmanager refused a config, or a monitoring check failed after deploy."""

@@ -27,8 +27,9 @@ from hxp.spec import Stack, format_duration
 from hxp.units import UnitInstance, expand_units
 from hxp.vllm import CONTAINER_CACHE_DIR
 
-Target = Literal["systemd", "compose", "k8s"]
-TARGETS: tuple[Target, ...] = ("systemd", "compose", "k8s")
+Target = Literal["systemd", "compose", "k8s", "monitoring"]
+TARGETS: tuple[Target, ...] = ("systemd", "compose", "k8s")  # the unit targets
+ALL_TARGETS: tuple[Target, ...] = (*TARGETS, "monitoring")
 _HEADER_RE = re.compile(r"\A\{#-?\s*hxp-template\s+version=(\d+)\b")
 
 
@@ -261,11 +262,27 @@ def render_stack(
                 continue
             r = renderer.render("k8s/unit.yaml.j2", stack=stack, unit=unit)
             files.append(_at(r, f"{unit.unit}.yaml"))
+    elif target == "monitoring":
+        files.extend(_monitoring_files(stack))
     else:  # pragma: no cover - Target is a closed Literal
         raise StackValidationError([Issue(f"unknown target {target!r}", "target")])
     for f in files:
         check_parses(f)
     return files
+
+
+def _monitoring_files(stack: Stack) -> list[RenderedFile]:
+    """Prometheus/Alertmanager config, rules, dashboards, provisioning; the query lint must pass."""
+    from hxp.errors import QueryLintError
+    from hxp.monitoring import GENERATOR, GENERATOR_VERSION, lint_files, monitoring_files
+
+    generated = monitoring_files(stack)
+    problems = lint_files(stack, generated)
+    if problems:
+        raise QueryLintError(problems)
+    return [
+        RenderedFile(f.path, f.content, GENERATOR, GENERATOR_VERSION, f.mode) for f in generated
+    ]
 
 
 def _at(rendered: RenderedFile, path: str) -> RenderedFile:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -38,9 +38,13 @@ DEFAULT_BLOCK_SIZE = 16
 # Reserve constants (see module docstring). Each is an estimate; docs/benchmarks.md shows how well
 # they do on real logs.
 #: Bytes per (sequence x vocab) element at the peak of vLLM's dummy sampler run: the logits, their
-#: float32 copy and the softmax/top-p work tensors. Calibrated on vLLM 0.19 H100 logs (Llama-3.1,
-#: Qwen2.5, Gemma-2/3: torch peak 1.89-3.99 GiB with max_num_seqs 1024).
-SAMPLER_BYTES_PER_LOGIT = 15.5
+#: float32 copy and the top-k/top-p work tensors. With PyTorch's sort-based top-k/top-p the
+#: peak is about 36 B (V0 logs: vllm#10511 H100 1.26 GiB, vllm#13882 1.42 GiB; V1 0.9.2:
+#: the last pipeline stage of vllm#20665 holds 0.8 GiB less than the first). With FlashInfer's
+#: sampler (shipped in the 0.8.x images) and in recent V1 (0.19 H100 logs: torch peak 1.89-3.99
+#: GiB over 1024 x 128k-262k logits) it is about 15.5 B. vLLM 0.12-0.18 are not measured here.
+SAMPLER_BYTES_SORT = 36.0
+SAMPLER_BYTES_LEAN = 15.5
 #: Non-torch memory that grows during profiling (cuBLAS/attention workspaces), one GPU.
 NON_TORCH_GIB_SINGLE = 0.25
 #: The same with tensor parallelism over NVLink: NCCL/custom all-reduce and symmetric-memory
@@ -51,7 +55,7 @@ NON_TORCH_GIB_TP_PCIE = 0.35
 #: CUDA context plus what NCCL allocates before vLLM's first memory snapshot: used outside the
 #: utilization budget (0.51 GiB on an H100 in vLLM 0.19 logs).
 CONTEXT_GIB_SINGLE = 0.5
-CONTEXT_GIB_MULTI = 0.8
+CONTEXT_GIB_MULTI = 0.6
 #: CUDA-graph pool estimate: a first capture plus a per-graph, per-layer cost (vLLM 0.19-0.21
 #: "Estimated ... CUDA graph memory" lines: 0.52 GiB for 36 layers, 1.05 GiB for 62 layers).
 CUDAGRAPH_FIRST_GIB = 0.17
@@ -142,6 +146,7 @@ class FitRequest:
     usage_context: UsageContext = "api_server"
     block_size: int = DEFAULT_BLOCK_SIZE
     nvlink: bool | None = None
+    sampler_bytes_per_logit: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +245,9 @@ def _get(cfg: Mapping[str, Any], *names: str) -> Any:
     return None
 
 
-def _pos_int(cfg: Mapping[str, Any], names: Sequence[str], where: str, default: int | None = None) -> int:
+def _pos_int(
+    cfg: Mapping[str, Any], names: Sequence[str], where: str, default: int | None = None
+) -> int:
     value = _get(cfg, *names)
     if value is None:
         if default is not None:
@@ -304,13 +311,19 @@ def model_shape(
     if moe is not None and len(moe_layers) == num_layers:
         intermediate = 0
     kinds, window = _layer_kinds(text, where, model_type, num_layers)
-    rotary_dim = mla.qk_rope_head_dim if mla else int(head_dim * float(
-        _get(text, "partial_rotary_factor") or 1.0
-    ))
-    config_dtype = str(_get(config, "torch_dtype", "dtype") or _get(text, "torch_dtype", "dtype")
-                       or "bfloat16")
+    rotary_dim = (
+        mla.qk_rope_head_dim
+        if mla
+        else int(head_dim * float(_get(text, "partial_rotary_factor") or 1.0))
+    )
+    config_dtype = str(
+        _get(config, "torch_dtype", "dtype") or _get(text, "torch_dtype", "dtype") or "bfloat16"
+    )
     qkv_bias = bool(_get(text, "qkv_bias", "attention_bias")) or model_type in {
-        "qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl",
+        "qwen2",
+        "qwen2_moe",
+        "qwen2_vl",
+        "qwen2_5_vl",
     }
     o_bias = bool(_get(text, "attention_bias")) and model_type not in {"qwen2", "qwen2_moe"}
     qk_norm = model_type.startswith(("qwen3", "gemma3", "olmo2"))
@@ -418,19 +431,26 @@ def _layer_kinds(
         if "sliding" in kinds and window is None:
             raise ModelConfigError(f"{where}sliding_window: layer_types has sliding layers")
         return tuple(kinds), window if "sliding" in kinds else None
+    none: tuple[tuple[LayerKind, ...], int | None] = (_kinds(num_layers, lambda i: False), None)
     if window is None or _get(text, "use_sliding_window") is False:
-        return ("full",) * num_layers, None
+        return none
     if model_type.startswith("gemma3"):
         pattern = int(_get(text, "sliding_window_pattern") or 6)
-        return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers)), window
+        return _kinds(num_layers, lambda i: (i + 1) % pattern != 0), window
     if model_type.startswith("gemma2"):
-        return tuple("sliding" if i % 2 == 0 else "full" for i in range(num_layers)), window
+        return _kinds(num_layers, lambda i: i % 2 == 0), window
     if model_type.startswith("qwen2") and _get(text, "use_sliding_window"):
         first = int(_get(text, "max_window_layers") or 0)
-        return tuple("sliding" if i >= first else "full" for i in range(num_layers)), window
+        return _kinds(num_layers, lambda i: i >= first), window
     if model_type in {"mistral", "mixtral", "mistral3"}:
-        return ("sliding",) * num_layers, window
-    return ("full",) * num_layers, None
+        return _kinds(num_layers, lambda i: True), window
+    return none
+
+
+def _kinds(num_layers: int, sliding: Callable[[int], bool]) -> tuple[LayerKind, ...]:
+    full: LayerKind = "full"
+    window: LayerKind = "sliding"
+    return tuple(window if sliding(i) else full for i in range(num_layers))
 
 
 def _derived_max_len(text: Mapping[str, Any], where: str) -> int:
@@ -464,7 +484,9 @@ def _vision_shape(config: Mapping[str, Any], text_hidden: int) -> VisionShape | 
     patches = max(1, (image // patch) ** 2)
     tokens = int(_get(config, "mm_tokens_per_image") or patches)
     per_layer = 4 * hidden * hidden + 2 * hidden * inter + 4 * hidden
-    params = depth * per_layer + patches * hidden + 3 * patch * patch * hidden + hidden * text_hidden
+    params = (
+        depth * per_layer + patches * hidden + 3 * patch * patch * hidden + hidden * text_hidden
+    )
     return VisionShape(
         params=params,
         tokens_per_item=tokens,
@@ -493,11 +515,16 @@ def _quant_scheme(
     if method in {"fp8", "fbgemm_fp8", "ptpc_fp8"}:
         block = qc.get("weight_block_size")
         if isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) for b in block):
-            return QuantScheme("fp8", 1.0 + 4.0 / (block[0] * block[1]),
-                               f"fp8 weights, {block[0]}x{block[1]} block scales")
+            return QuantScheme(
+                "fp8",
+                1.0 + 4.0 / (block[0] * block[1]),
+                f"fp8 weights, {block[0]}x{block[1]} block scales",
+            )
         return QuantScheme("fp8", 1.0, "fp8 weights, per-tensor scales")
     if method == "modelopt":
-        algo = str(qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo") or "FP8")
+        algo = str(
+            qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo") or "FP8"
+        )
         if "FP4" in algo.upper():
             raise UnsupportedModelError(
                 f"quantization_config.quant_algo: {algo!r} (NVFP4) is not supported"
@@ -511,15 +538,19 @@ def _quant_scheme(
         per_group = 2.0 + bits / 8.0  # fp16 scale + packed zero point per group
         overhead = per_group / group if group > 0 else 0.0
         kind = "awq" if method.startswith("awq") else "gptq"
-        return QuantScheme(kind, bits / 8.0 + overhead,
-                           f"int{bits} weights, group {group}, fp16 scales")
+        return QuantScheme(
+            kind, bits / 8.0 + overhead, f"int{bits} weights, group {group}, fp16 scales"
+        )
     if method == "bitsandbytes":
         if qc.get("load_in_8bit"):
             return QuantScheme("bitsandbytes", 1.0, "int8 weights (bitsandbytes)")
         double = bool(qc.get("bnb_4bit_use_double_quant"))
         absmax = 1.0 / 64 + 4.0 / (64 * 256) if double else 4.0 / 64
-        return QuantScheme("bitsandbytes", 0.5 + absmax,
-                           "4-bit weights, 64-block absmax" + (" (double quant)" if double else ""))
+        return QuantScheme(
+            "bitsandbytes",
+            0.5 + absmax,
+            "4-bit weights, 64-block absmax" + (" (double quant)" if double else ""),
+        )
     if method == "compressed-tensors":
         return _compressed_tensors(qc)
     raise UnsupportedModelError(
@@ -613,8 +644,10 @@ def _kv_elem_bytes(shape: ModelShape, kv_cache_dtype: str) -> int:
     name = kv_cache_dtype.lower()
     if name in _FP8_KV:
         return 1
-    if name in {"auto", "bfloat16", "float16", "half"}:
-        return 4 if shape.config_dtype == "float32" and name == "float32" else 2
+    if name == "auto":
+        return shape.dtype_bytes  # the KV cache takes the model's dtype
+    if name in {"bfloat16", "float16", "half"}:
+        return 2
     raise FitRequestError(
         f"kv_cache_dtype: {kv_cache_dtype!r} is not supported (auto, {', '.join(sorted(_FP8_KV))})"
     )
@@ -722,15 +755,13 @@ class EngineProfile:
     max_num_seqs: int
     profile_tokens: int
     large_gpu_defaults: bool
+    sampler_bytes_per_logit: float
 
 
 def engine_profile(req: FitRequest, shape: ModelShape, max_model_len: int) -> EngineProfile:
     """Resolve the engine (V0/V1), its defaults and the features of this vLLM version."""
     version = parse_vllm_version(req.vllm_version)
-    if req.engine == "auto":
-        v1 = version >= (0, 8, 0)
-    else:
-        v1 = req.engine == "v1"
+    v1 = version >= (0, 8, 0) if req.engine == "auto" else req.engine == "v1"
     if v1 and version < (0, 7, 0):
         raise FitRequestError(f"engine: the V1 engine does not exist in vLLM {req.vllm_version}")
     if not v1 and version >= (0, 11, 0):
@@ -761,7 +792,15 @@ def engine_profile(req: FitRequest, shape: ModelShape, max_model_len: int) -> En
         max_num_seqs=req.max_num_seqs or seqs,
         profile_tokens=req.max_num_batched_tokens or tokens,
         large_gpu_defaults=large,
+        sampler_bytes_per_logit=req.sampler_bytes_per_logit or _sampler_bytes(v1, version),
     )
+
+
+def _sampler_bytes(v1: bool, version: tuple[int, int, int]) -> float:
+    """Peak bytes per logit of the profile's sampler run (see SAMPLER_BYTES_SORT)."""
+    if not v1 or (0, 9, 0) <= version < (0, 12, 0):
+        return SAMPLER_BYTES_SORT
+    return SAMPLER_BYTES_LEAN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,8 +839,14 @@ def forward_bytes_per_token(shape: ModelShape, tp: int) -> float:
         mlp = max(mlp, 3 * shape.intermediate_size / tp)
     if shape.mla is not None:
         m = shape.mla
-        attn = shape.num_heads / tp * (
-            2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + m.qk_nope_head_dim + 2 * m.v_head_dim
+        attn = (
+            shape.num_heads
+            / tp
+            * (
+                2 * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+                + m.qk_nope_head_dim
+                + 2 * m.v_head_dim
+            )
         )
     else:
         q = shape.num_heads / tp
@@ -809,7 +854,7 @@ def forward_bytes_per_token(shape: ModelShape, tp: int) -> float:
     return b * (max(mlp, attn) + 4 * h)
 
 
-def cudagraph_gib(shape: ModelShape, layers: int, max_num_seqs: int, v1: bool) -> float:
+def cudagraph_gib(layers: int, max_num_seqs: int, v1: bool) -> float:
     """Estimated CUDA-graph pool on one GPU (empirical, see the constants above)."""
     max_capture = min(2 * max_num_seqs, 512) if v1 else min(max_num_seqs, 256)
     sizes = [s for s in _capture_sizes() if s <= max_capture]
@@ -842,7 +887,7 @@ def reserve_for_stage(
     if stage == pp - 1:
         seqs = min(eng.max_num_seqs, tokens)
         sampler = (
-            seqs * shape.vocab_size * SAMPLER_BYTES_PER_LOGIT + tokens * shape.hidden_size * 2
+            seqs * shape.vocab_size * eng.sampler_bytes_per_logit + tokens * shape.hidden_size * 2
         ) / GIB
     encoder = 0.0
     if shape.vision is not None and stage == 0:
@@ -850,14 +895,15 @@ def reserve_for_stage(
         items = max(1, tokens // max(v.tokens_per_item, 1))
         if not eng.v1:
             items = min(items, eng.max_num_seqs)
-        encoder = items * v.patches_per_item * (v.intermediate + 4 * v.hidden) * 2 / GIB
+        # fc1 output and its activation are alive together, plus the residual stream.
+        encoder = items * v.patches_per_item * (2 * v.intermediate + 4 * v.hidden) * 2 / GIB
     if tp > 1:
         non_torch = NON_TORCH_GIB_TP_NVLINK if nvlink else NON_TORCH_GIB_TP_PCIE
     elif pp > 1:
         non_torch = 0.1
     else:
         non_torch = NON_TORCH_GIB_SINGLE
-    graphs = 0.0 if enforce_eager else cudagraph_gib(shape, layers, eng.max_num_seqs, eng.v1)
+    graphs = 0.0 if enforce_eager else cudagraph_gib(layers, eng.max_num_seqs, eng.v1)
     return Reserve(
         activation_gib=max(fwd, sampler, encoder),
         forward_gib=fwd,
@@ -894,9 +940,10 @@ def kv_layout(kinds: Sequence[LayerKind], hybrid: bool) -> KvLayout:
     size = big if big < small * 1.5 else small
     groups: list[LayerKind] = []
     padding = 0
-    for kind_, count in (("full", full), ("sliding", sliding)):
+    counts: tuple[tuple[LayerKind, int], ...] = (("full", full), ("sliding", sliding))
+    for kind_, count in counts:
         n = math.ceil(count / size)
-        groups.extend([kind_] * n)  # type: ignore[list-item]
+        groups.extend([kind_] * n)
         padding += n * size - count
     return KvLayout(size, tuple(groups), padding)
 
@@ -1096,7 +1143,9 @@ def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitR
     pp = req.pipeline_parallel_size
     world = tp * pp
     gpus = req.gpus[:world]
-    gpu = min(gpus, key=lambda g: (g.free_gib if g.free_gib is not None else g.total_gib, g.total_gib))
+    gpu = min(
+        gpus, key=lambda g: (g.free_gib if g.free_gib is not None else g.total_gib, g.total_gib)
+    )
     util = req.gpu_memory_utilization
     nvlink = req.nvlink if req.nvlink is not None else gpu.total_gib >= 70
     eng = engine_profile(req, shape, max_len)
@@ -1109,7 +1158,11 @@ def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitR
     stages: list[StageResult] = []
     start = 0
     for s, n in enumerate(stage_layers):
-        kinds = shape.layer_kinds[start : start + n] if (hybrid or all_sliding) else ("full",) * n
+        kinds = (
+            shape.layer_kinds[start : start + n]
+            if (hybrid or all_sliding)
+            else _kinds(n, lambda i: False)
+        )
         start += n
         w = weight_bytes(shape, tp, pp, s)
         res = reserve_for_stage(shape, eng, tp, pp, s, n, nvlink, req.enforce_eager)
@@ -1182,8 +1235,24 @@ def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitR
     best_len = _largest_len(req, shape, tp, max_len, num_blocks, layout, window, eng)
     result_weights = heaviest.weights_gib
     lines = _explain_lines(
-        req, shape, tp, eng, stages, worst, gpu, budget, per_layer, num_blocks, tokens, per_req,
-        concurrency, max_len, best_len, reasons, warnings, nvlink,
+        req,
+        shape,
+        tp,
+        eng,
+        stages,
+        worst,
+        gpu,
+        budget,
+        per_layer,
+        num_blocks,
+        tokens,
+        per_req,
+        concurrency,
+        max_len,
+        best_len,
+        reasons,
+        warnings,
+        nvlink,
     )
     return FitResult(
         fits=fits,
@@ -1191,8 +1260,8 @@ def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitR
         pipeline_parallel_size=pp,
         weights_gib_per_gpu=result_weights,
         kv_bytes_per_token_per_gpu=kv_token_bytes,
-        reserve_gib_per_gpu=worst.reserve.total_gib,
-        available_kv_gib_per_gpu=worst.available_kv_gib,
+        reserve_gib_per_gpu=max(st.reserve.total_gib for st in stages),
+        available_kv_gib_per_gpu=min(st.available_kv_gib for st in stages),
         kv_cache_tokens=tokens,
         num_gpu_blocks=num_blocks,
         max_concurrency=concurrency,
@@ -1319,11 +1388,7 @@ def _explain_lines(
     for st in stages:
         prefix = f"stage {st.stage}: " if pp > 1 else ""
         r = st.reserve
-        graphs = (
-            f" + CUDA graphs {r.cudagraph_gib:.2f}"
-            if r.cudagraph_in_budget
-            else ""
-        )
+        graphs = f" + CUDA graphs {r.cudagraph_gib:.2f}" if r.cudagraph_in_budget else ""
         lines += [
             f"{prefix}weights per GPU: {st.weights_gib:.2f} GiB ({st.layers} layers)",
             f"{prefix}KV per token per GPU: {kv_expr} = {per_layer:,} B/layer x {st.layers} "
@@ -1362,9 +1427,16 @@ def _explain_lines(
 def misfit_message(result: FitResult, req: FitRequest) -> str:
     """One line for an operator: what is needed, what is there, and what would fit."""
     if result.fits:
-        return (
-            f"fits at TP={result.tensor_parallel_size} with {result.kv_cache_tokens:,} KV tokens "
+        failed = [why for tp, why in result.tp_candidates if why != "fits"]
+        tokens = (
+            f"{result.kv_cache_tokens:,} KV tokens "
             f"({result.max_concurrency:.2f}x at {result.max_model_len:,})"
+        )
+        tp = result.tensor_parallel_size
+        return (
+            f"{failed[0]}; TP={tp} fits with {tokens}"
+            if failed
+            else f"fits at TP={tp} with {tokens}"
         )
     message = result.reasons[0] if result.reasons else "does not fit"
     if req.tensor_parallel_size == "auto":

@@ -450,8 +450,18 @@ class ReceiverSpec(_Model):
     url: Url | None = None
     to: Text | None = None
     channel: Text | None = None
-    secret_block: Name | None = None
+    secret_block: Name | None = Field(
+        default=None,
+        description="Prefect Secret block: the Slack webhook URL, the SMTP password, or a "
+        "webhook URL that must stay out of rendered files",
+    )
     severity: list[Literal["critical", "warning", "info"]] = Field(default_factory=list)
+    smarthost: Annotated[str, AfterValidator(_check_text)] | None = Field(
+        default=None, description="email: SMTP server host:port (default localhost:25)"
+    )
+    sender: Text | None = Field(default=None, description="email: From address")
+    username: Text | None = Field(default=None, description="email: SMTP user name")
+    send_resolved: bool = True
 
     @model_validator(mode="after")
     def _fields_for_type(self) -> ReceiverSpec:
@@ -468,6 +478,9 @@ class PrometheusSpec(_Model):
     host: Name
     port: Port = 9090
     scrape_interval: Duration = 15.0
+    evaluation_interval: Duration | None = Field(
+        default=None, description="rule evaluation interval; default: scrape_interval"
+    )
     retention: Duration = 15 * 86400.0
 
 
@@ -475,6 +488,9 @@ class AlertmanagerSpec(_Model):
     host: Name
     port: Port = 9093
     receivers: list[ReceiverSpec] = Field(default_factory=list)
+    group_wait: Duration = 30.0
+    group_interval: Duration = 300.0
+    repeat_interval: Duration = 4 * 3600.0
 
     @model_validator(mode="after")
     def _unique(self) -> AlertmanagerSpec:
@@ -498,6 +514,26 @@ class GrafanaSpec(_Model):
 class SloSpec(_Model):
     ttft_p95: Duration = 2.0
     e2e_p99: Duration = 30.0
+
+
+class AlertsSpec(_Model):
+    """Thresholds and timings of the generated alert rules (hxp.monitoring)."""
+
+    down_for: Duration = Field(
+        default=60.0, description="`for:` of availability alerts (down, absent, unhealthy)"
+    )
+    saturation_for: Duration = Field(
+        default=600.0, description="`for:` of saturation and SLO alerts"
+    )
+    window: Duration = Field(default=300.0, description="rate and quantile window")
+    queue_waiting: Annotated[float, Field(ge=0)] = Field(
+        default=50, description="requests waiting in one replica's queue"
+    )
+    kv_cache_usage: Annotated[float, Field(gt=0, le=1)] = 0.95
+    gpu_memory_usage: Annotated[float, Field(gt=0, le=1)] = 0.95
+    preemptions: Annotated[float, Field(ge=0)] = Field(
+        default=0, description="preemptions per replica within `window` tolerated"
+    )
 
 
 class GatewaySpec(_Model):
@@ -524,6 +560,96 @@ class MonitoringSpec(_Model):
     pushgateway: PushgatewaySpec | None = None
     grafana: GrafanaSpec | None = None
     slo: SloSpec = Field(default_factory=SloSpec)
+    alerts: AlertsSpec = Field(default_factory=AlertsSpec)
+
+
+_METRIC_NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}")
+_LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,99}")
+_SERIES_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
+
+
+def _check_metric_name(value: str) -> str:
+    if not _METRIC_NAME_RE.fullmatch(value):
+        raise ValueError(f"invalid metric name {value!r}")
+    if value.startswith(("fleet:", "hxp_")):
+        raise ValueError(f"{value!r}: fleet: and hxp_ are what hxp publishes, not inputs")
+    return value
+
+
+def _check_label_name(value: str) -> str:
+    if not _LABEL_NAME_RE.fullmatch(value) or value.startswith("__"):
+        raise ValueError(f"invalid label name {value!r}")
+    if value in ("le", "quantile"):
+        raise ValueError(f"label {value!r} belongs to histogram/summary buckets")
+    return value
+
+
+def _check_series_name(value: str) -> str:
+    if not _SERIES_NAME_RE.fullmatch(value):
+        raise ValueError(f"invalid series name {value!r}: lowercase letters, digits, '_'")
+    return value
+
+
+LabelName = Annotated[str, AfterValidator(_check_label_name)]
+Price = Annotated[float, Field(ge=0, le=1_000_000)]
+
+
+class SeriesSpec(_Model):
+    """A custom fleet series: one vLLM (or other) family, reduced per model and fleet-wide."""
+
+    family: Annotated[str, AfterValidator(_check_metric_name)] = Field(
+        description="family as scraped, e.g. vllm:num_preemptions (a counter's _total optional)"
+    )
+    op: Literal["rate", "sum", "avg", "max", "min", "p50", "p90", "p95", "p99"] = Field(
+        default="rate",
+        description="rate: counters; sum/avg/max/min: gauges; pNN: histogram quantiles",
+    )
+    match: dict[LabelName, Text] = Field(
+        default_factory=dict, description="only series with these label values"
+    )
+
+
+class MetricsSpec(_Model):
+    """What the aggregate-metrics flow publishes besides the built-in fleet series."""
+
+    price_per_million_tokens: Price | None = Field(
+        default=None, description="price of 1M tokens (prompt and generated alike)"
+    )
+    price_per_million_prompt_tokens: Price | None = None
+    price_per_million_generation_tokens: Price | None = None
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
+    per_label: Annotated[list[LabelName], Field(max_length=8)] = Field(
+        default_factory=list,
+        description="break tokens/s (and cost) down by these labels of the token counters",
+    )
+    series: dict[Annotated[str, AfterValidator(_check_series_name)], SeriesSpec] = Field(
+        default_factory=dict, description="name -> custom series, published as fleet:<name>"
+    )
+    stale_after: Duration = Field(
+        default=300.0, description="a previous scrape older than this gives no rate"
+    )
+    scrape_timeout: Duration = 2.0
+    max_concurrency: Annotated[int, Field(ge=1, le=1024)] = 64
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MetricsSpec:
+        if len(set(self.per_label)) != len(self.per_label):
+            raise ValueError(f"per_label lists a label twice: {self.per_label}")
+        from hxp.metrics import FLEET_SERIES
+
+        clash = sorted(n for n in self.series if f"fleet:{n}" in FLEET_SERIES)
+        if clash:
+            raise ValueError(f"series {clash}: name taken by a built-in fleet series")
+        if self.scrape_timeout <= 0:
+            raise ValueError("scrape_timeout must be positive")
+        return self
+
+    def prices(self) -> tuple[float | None, float | None]:
+        """(prompt, generation) price per million tokens; None where none is configured."""
+        both = self.price_per_million_tokens
+        prompt = self.price_per_million_prompt_tokens
+        generation = self.price_per_million_generation_tokens
+        return (both if prompt is None else prompt, both if generation is None else generation)
 
 
 UnitSpec = ServiceSpec | ModelSpec
@@ -538,6 +664,7 @@ class Stack(_Model):
     services: dict[Name, ServiceSpec] = Field(default_factory=dict)
     models: dict[Name, ModelSpec] = Field(default_factory=dict)
     monitoring: MonitoringSpec | None = None
+    metrics: MetricsSpec | None = None
     gateway: GatewaySpec | None = None
     templates_dir: AbsPath | None = Field(
         default=None, description="directory whose templates override the built-in ones"

@@ -72,6 +72,46 @@ CREATE TABLE IF NOT EXISTS gpu_reservations (
     reserved_at REAL NOT NULL,
     PRIMARY KEY (host, gpu_index)
 );
+CREATE TABLE IF NOT EXISTS health_instances (
+    stack TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    status TEXT NOT NULL,
+    seen TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    pending TEXT,
+    pending_count INTEGER NOT NULL DEFAULT 0,
+    port INTEGER,
+    ejected INTEGER NOT NULL DEFAULT 0,
+    data TEXT NOT NULL DEFAULT '{}',
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (stack, instance)
+);
+CREATE TABLE IF NOT EXISTS health_units (
+    stack TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    checked_at REAL NOT NULL,
+    PRIMARY KEY (stack, unit)
+);
+CREATE TABLE IF NOT EXISTS metric_baselines (
+    stack TEXT NOT NULL,
+    target TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (stack, target)
+);
+CREATE TABLE IF NOT EXISTS metric_runs (
+    stack TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    samples TEXT NOT NULL,
+    runs INTEGER NOT NULL,
+    seconds_sum REAL NOT NULL,
+    seconds_buckets TEXT NOT NULL,
+    errors TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS revisions_unit ON revisions (stack, unit, revision);
 CREATE INDEX IF NOT EXISTS events_stack ON events (stack, at);
 """
@@ -377,6 +417,184 @@ class Store:
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY host, gpu_index", args).fetchall()
         return [_reservation(r) for r in rows]
+
+    # ---------------------------------------------------------------- metrics aggregation
+
+    def stacks(self) -> list[str]:
+        """Every stack the store has deploys, revisions or aggregations of."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT stack FROM deploys UNION SELECT stack FROM revisions"
+                " UNION SELECT stack FROM metric_runs ORDER BY stack"
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def event_units(
+        self, stack: str, kinds: Sequence[str]
+    ) -> list[tuple[int | None, str, str, float]]:
+        """(deploy id, unit or '', kind, at) of the stack's events of these kinds, oldest first."""
+        marks = ",".join("?" * len(kinds))
+        with self._connect() as db:
+            rows = db.execute(
+                f"SELECT deploy_id, COALESCE(unit, ''), kind, at FROM events"  # noqa: S608
+                f" WHERE stack = ? AND kind IN ({marks}) ORDER BY id",
+                (stack, *kinds),
+            ).fetchall()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def metric_baselines(self, stack: str) -> dict[str, dict[str, Any]]:
+        """Each target's previous scrape (hxp.metrics.Baseline as JSON)."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT target, data FROM metric_baselines WHERE stack = ?", (stack,)
+            ).fetchall()
+        return {r[0]: json.loads(r[1]) for r in rows}
+
+    def save_aggregation(
+        self,
+        stack: str,
+        baselines: dict[str, dict[str, Any]],
+        targets: Sequence[str],
+        samples: list[Any],
+        seconds: float,
+        bounds: Sequence[float],
+        errors: dict[str, int],
+    ) -> None:
+        """One aggregation run: new baselines (targets gone from `targets` are dropped; dead ones
+        keep their old baseline), the published samples, the cumulative duration histogram and
+        error counts (for hxp exporter), in one transaction."""
+        with self.transaction() as db:
+            marks = ",".join("?" * len(targets))
+            db.execute(
+                f"DELETE FROM metric_baselines WHERE stack = ? AND target NOT IN ({marks})",  # noqa: S608
+                (stack, *targets),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO metric_baselines VALUES (?, ?, ?)",
+                [(stack, t, json.dumps(b)) for t, b in baselines.items()],
+            )
+            row = db.execute("SELECT * FROM metric_runs WHERE stack = ?", (stack,)).fetchone()
+            runs, total = (row["runs"], row["seconds_sum"]) if row else (0, 0.0)
+            buckets: dict[str, int] = json.loads(row["seconds_buckets"]) if row else {}
+            counts: dict[str, int] = json.loads(row["errors"]) if row else {}
+            for bound in bounds:
+                if seconds <= bound:
+                    buckets[repr(float(bound))] = buckets.get(repr(float(bound)), 0) + 1
+            for key, n in errors.items():
+                counts[key] = counts.get(key, 0) + n
+            db.execute(
+                "INSERT OR REPLACE INTO metric_runs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    stack,
+                    time.time(),
+                    json.dumps(samples),
+                    runs + 1,
+                    total + seconds,
+                    json.dumps(buckets, sort_keys=True),
+                    json.dumps(counts, sort_keys=True),
+                ),
+            )
+
+    def aggregation_state(self, stack: str) -> dict[str, Any] | None:
+        """The stack's last aggregation (at, samples) and its cumulative run figures."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM metric_runs WHERE stack = ?", (stack,)).fetchone()
+        if row is None:
+            return None
+        return {
+            "at": row["at"],
+            "samples": json.loads(row["samples"]),
+            "runs": row["runs"],
+            "seconds_sum": row["seconds_sum"],
+            "seconds_buckets": {float(k): v for k, v in json.loads(row["seconds_buckets"]).items()},
+            "errors": json.loads(row["errors"]),
+        }
+
+    # ---------------------------------------------------------------- health sweeps
+
+    def health_state(self, stack: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The last sweep's instances (hxp.health.InstanceHealth) and units (UnitRecord)."""
+        from hxp.health import InstanceHealth, Status, UnitRecord
+
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM health_instances WHERE stack = ?", (stack,))
+            instances = {
+                r["instance"]: InstanceHealth(
+                    instance=r["instance"],
+                    unit=r["unit"],
+                    status=Status(r["status"]),
+                    seen=Status(r["seen"]),
+                    reason=r["reason"],
+                    since=r["since"],
+                    checked_at=r["checked_at"],
+                    pending=Status(r["pending"]) if r["pending"] else None,
+                    count=r["pending_count"],
+                    port=r["port"],
+                    ejected=bool(r["ejected"]),
+                    data=tuple(sorted(json.loads(r["data"]).items())),
+                )
+                for r in rows.fetchall()
+            }
+            rows = db.execute("SELECT * FROM health_units WHERE stack = ?", (stack,))
+            units = {
+                r["unit"]: UnitRecord(
+                    r["unit"], Status(r["status"]), r["reason"], r["since"], r["checked_at"]
+                )
+                for r in rows.fetchall()
+            }
+        return instances, units
+
+    def save_health(
+        self,
+        stack: str,
+        instances: Sequence[Any],
+        units: Sequence[Any],
+        events: Sequence[tuple[str, str, str]] = (),
+    ) -> None:
+        """Replace the stack's health state with one sweep's (InstanceHealth, UnitHealth), and
+        add its (unit, kind, message) events, in one transaction."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("DELETE FROM health_instances WHERE stack = ?", (stack,))
+            db.execute("DELETE FROM health_units WHERE stack = ?", (stack,))
+            db.executemany(
+                "INSERT INTO health_instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        stack,
+                        i.instance,
+                        i.unit,
+                        i.status.value,
+                        i.seen.value,
+                        i.reason,
+                        i.since,
+                        i.pending.value if i.pending else None,
+                        i.count,
+                        i.port,
+                        int(i.ejected),
+                        json.dumps(dict(i.data)),
+                        i.checked_at,
+                    )
+                    for i in instances
+                ],
+            )
+            db.executemany(
+                "INSERT INTO health_units VALUES (?,?,?,?,?,?)",
+                [(stack, u.unit, u.status.value, u.reason, u.since, now) for u in units],
+            )
+            db.executemany(
+                "INSERT INTO events (stack, unit, deploy_id, kind, message, at)"
+                " VALUES (?, ?, NULL, ?, ?, ?)",
+                [(stack, unit, kind, message, now) for unit, kind, message in events],
+            )
+
+    def set_ejected(self, stack: str, instances: Sequence[str], ejected: bool) -> None:
+        """Mark instances as taken out of (or put back into) the gateway by a sweep."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE health_instances SET ejected = ? WHERE stack = ? AND instance = ?",
+                [(int(ejected), stack, i) for i in instances],
+            )
 
 
 def _reservation(row: sqlite3.Row) -> Reservation:

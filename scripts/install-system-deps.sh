@@ -12,6 +12,10 @@ wanted=(
   "iptables iptables"
   "debootstrap debootstrap"
   "systemd-nspawn systemd-container"
+  "prometheus prometheus"
+  "promtool prometheus"
+  "prometheus-pushgateway prometheus-pushgateway"
+  "prometheus-alertmanager prometheus-alertmanager"
 )
 
 missing=()

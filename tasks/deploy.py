@@ -128,7 +128,7 @@ def _model_api_gate(gate: ReadinessGate, unit: UnitInstance) -> None:
     gate.give_up(f"{result.check}: {result.reason}")
 
 
-_NEEDS_GPUS = (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.REPLACE)
+_STARTS_NEW = (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.REPLACE)
 
 
 def _prepare(
@@ -138,17 +138,19 @@ def _prepare(
     actions: list[Action],
     outcome: UnitOutcome,
 ) -> tuple[dict[str, str], dict[str, UnitInstance]]:
-    """Before any change: the unit's secret values, and GPUs for `gpus: auto` models."""
+    """Before any change: the unit's secret values, and GPUs for `gpus: auto` models (both only
+    for actions that start a new version)."""
     from hxp.errors import GpuAllocationError, SecretError
     from tasks.gpus import allocate_unit_gpus
     from tasks.secrets import default_resolver, resolve_unit_secrets
 
     spec = ctx.stack.unit(unit)
     field_path = f"{'models' if unit in ctx.stack.models else 'services'}.{unit}"
+    starting = [a.instance for a in actions if a.kind in _STARTS_NEW]
     try:
         secrets = (
             resolve_unit_secrets(spec, default_resolver(ctx.state_dir), field_path)
-            if spec.secret_env
+            if spec.secret_env and starting
             else {}
         )
         placement = allocate_unit_gpus(
@@ -156,7 +158,7 @@ def _prepare(
             ctx.state_dir,
             unit,
             instances,
-            [a.instance for a in actions if a.kind in _NEEDS_GPUS],
+            starting,
             f"deploy #{ctx.deploy_id} of {ctx.stack.stack}",
         )
     except (SecretError, GpuAllocationError) as exc:

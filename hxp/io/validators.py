@@ -165,4 +165,8 @@ def check_rendered(
             return check_systemd(paths)
         if target == "compose":
             return check_compose(paths)
+        if target == "monitoring":
+            from hxp.io.monitoring import check_monitoring_dir
+
+            return check_monitoring_dir(out_dir or Path(tmp))
         return check_k8s(paths)

@@ -363,3 +363,11 @@ def test_docker_exec_hosts_are_refused(tmp_path: Any) -> None:
     with pytest.raises(BackendError, match="docker-exec") as info:
         DockerBackend("box", host, tmp_path).observe("demo")
     assert not info.value.transient
+
+
+def test_secret_values_go_into_the_container_environment_only() -> None:
+    text = STACK.replace("    env: {GREETING: hello}\n", "    secret_env: {TOKEN: api-token}\n")
+    kwargs = create_kwargs(units(text)["web"], "h", 1, {"TOKEN": "s3cr3t", "OTHER": "unused"})
+    assert kwargs["environment"] == {"TOKEN": "s3cr3t"}  # what the unit asks for, no more
+    rest = {k: v for k, v in kwargs.items() if k != "environment"}
+    assert "s3cr3t" not in repr(rest)  # not in labels, command, healthcheck, ...

@@ -64,5 +64,13 @@ def test_plan_json_is_stable() -> None:
     data = json.loads(plan.to_json())
     assert set(data) == {"format", "stack", "config_hash", "order", "changes", "actions", "noops"}
     assert data["format"] == 1
-    assert set(data["actions"][0]) == {"unit", "instance", "host", "kind", "reason", "config_hash"}
+    assert set(data["actions"][0]) == {
+        "unit",
+        "instance",
+        "host",
+        "kind",
+        "reason",
+        "config_hash",
+        "replaces",
+    }
     assert plan.to_json() == plan_stack(cfg.stack, {}, cfg.content_hash).to_json()

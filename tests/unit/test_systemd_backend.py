@@ -29,6 +29,7 @@ from hxp.backends.systemd import (
     SystemdBackend,
     UnitMarkers,
     describe_state,
+    env_file_text,
     is_running,
     marker_lines,
     parse_marker_listing,
@@ -574,3 +575,88 @@ def test_hostile_names_never_reach_a_command(bad: str) -> None:
     with pytest.raises(BackendError):
         backend.observe(bad)
     assert host.commands == []
+
+
+# ---------------------------------------------------------------- secrets
+
+SECRET = 'hf_tok"en$HOME`x`\\back'
+ENV_FILE = "/etc/hxp/demo/web.env"
+
+
+class ModeHost(FakeHost):
+    """A FakeHost that remembers each file's mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: dict[str, int] = {}
+
+    def write_file(self, path: str, content: str, mode: int) -> None:
+        super().write_file(path, content, mode)
+        self.modes[path] = mode
+
+
+def secret_web(token: str = SECRET) -> UnitInstance:
+    data = {
+        "stack": "demo",
+        "hosts": {"box": {"backend": "systemd"}},
+        "services": {
+            "web": {
+                "host": "box",
+                "command": ["python3", "-m", "http.server", "8000"],
+                "secret_env": {"HF_TOKEN": "hf-token"},
+            }
+        },
+    }
+    (unit,) = expand_units(stack_from_data(data))
+    return unit
+
+
+def test_env_file_text_quotes_every_value_for_systemd() -> None:
+    assert env_file_text({"B": "plain", "A": SECRET}) == (
+        'A="hf_tok\\"en\\$HOME\\`x\\`\\\\back"\nB="plain"\n'
+    )
+    with pytest.raises(BackendError, match="the value of A contains a newline") as info:
+        env_file_text({"A": "one\ntwo"})
+    assert "one" not in str(info.value)
+
+
+def test_secrets_go_to_a_root_only_env_file_never_the_unit_file() -> None:
+    host = ModeHost()
+    backend = SystemdBackend("box", HostSpec(backend="systemd"), None, runner=host)
+    with pytest.raises(BackendError, match=r"secret_env \['HF_TOKEN'\] has no value"):
+        backend.apply(Create(secret_web(), "h1", 1))
+    assert host.files == {}
+    backend.apply(Create(secret_web(), "h1", 1, {"HF_TOKEN": SECRET}))
+    assert host.modes[ENV_FILE] == 0o600
+    assert ["install", "-d", "-m", "0700", "--", "/etc/hxp/demo"] in host.commands
+    assert host.files[ENV_FILE] == env_file_text({"HF_TOKEN": SECRET})
+    assert f"EnvironmentFile={ENV_FILE}" in host.files[UNIT]
+    assert [p for p, text in host.files.items() if "hf_tok" in text] == [ENV_FILE]
+    assert not any("hf_tok" in " ".join(c) for c in host.commands)  # never on a command line
+
+
+def test_update_keeps_the_previous_env_file_for_restore_and_remove_deletes_it() -> None:
+    host = ModeHost()
+    backend = SystemdBackend("box", HostSpec(backend="systemd"), None, runner=host)
+    backend.apply(Create(secret_web(), "h1", 1, {"HF_TOKEN": "old"}))
+    backend.apply(Update(secret_web(), "h2", 2, {"HF_TOKEN": "new"}))
+    previous_env = f"{BACKUP_ROOT}/demo/web/previous.env"
+    assert host.files[previous_env] == 'HF_TOKEN="old"\n'
+    assert host.modes[previous_env] == 0o600
+    assert host.files[ENV_FILE] == 'HF_TOKEN="new"\n'
+    backend.apply(Restore(REF))
+    assert host.files[ENV_FILE] == 'HF_TOKEN="old"\n'
+    assert previous_env not in host.files
+    backend.apply(Update(secret_web(), "h3", 3, {"HF_TOKEN": "newer"}))
+    backend.apply(Commit(REF))
+    assert previous_env not in host.files
+    backend.apply(Remove(REF))
+    assert host.files == {}
+
+
+def test_a_unit_that_drops_its_secrets_loses_its_env_file() -> None:
+    backend, host = fake_backend()
+    backend.apply(Create(secret_web(), "h1", 1, {"HF_TOKEN": "old"}))
+    backend.apply(Update(web(), "h2", 2))
+    assert ENV_FILE not in host.files
+    assert "EnvironmentFile" not in host.files[UNIT]

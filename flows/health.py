@@ -1,0 +1,186 @@
+"""`health-sweep`: check every unit of a stack, combine layers, replicas and dependencies into
+each unit's health, take unhealthy replicas out of the gateway (and put them back), and tell
+people: a table and a summary in the UI, one event per change, gauges on the Pushgateway.
+
+A sweep runs often and briefly: run it with the flow heartbeat off (`run_health_sweep`, as
+the tests and the benchmark do); see docs/operations.md. `hxp health` runs the same steps
+(hxp.io.sweep) without Prefect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+
+from hxp.health import Status, SweepReport, SweepSettings, health_markdown, health_rows
+from hxp.io.sweep import pushgateway_of, record_metrics
+from tasks.deploy import state_dir_of
+from tasks.health import (
+    observe_health,
+    probe_health,
+    push_health_metrics,
+    record_health,
+    reroute_gateway,
+)
+from tasks.stack import load_stack
+
+_STACK_LINE = re.compile(r"^stack:\s*['\"]?([a-z0-9-]+)", re.MULTILINE)
+
+
+def _run_name() -> str:
+    """`health-<stack>`, read from the first stack file's `stack:` line (no full parse)."""
+    files = flow_run.parameters.get("stack_files") or ["stack.yaml"]
+    first = files if isinstance(files, str) else files[0]
+    try:
+        found = _STACK_LINE.search(Path(first).read_text(errors="replace")[:65536])
+    except OSError:
+        found = None
+    return f"health-{found.group(1) if found else Path(first).stem}"
+
+
+def resource(stack: str, unit: str) -> dict[str, str]:
+    """The Prefect event resource of a unit: `hxp.unit.<stack>.<unit>`."""
+    return {
+        "prefect.resource.id": f"hxp.unit.{stack}.{unit}",
+        "prefect.resource.name": unit,
+        "hxp.stack": stack,
+    }
+
+
+def _emit_events(report: SweepReport) -> int:
+    """One event per state change, one per replica moved in or out of the gateway, one per
+    alert. Returns how many were emitted."""
+    count = 0
+    for t in report.transitions:
+        emit_event(
+            event=t.event,
+            resource=resource(report.stack, t.unit),
+            payload={
+                "before": t.before.value if t.before else None,
+                "after": t.after.value,
+                "reason": t.reason,
+            },
+        )
+        count += 1
+    for route in report.routes:
+        moves = [("hxp.health.replica-removed", i) for i in route.removed]
+        moves += [("hxp.health.replica-restored", i) for i in route.restored]
+        for name, instance in moves:
+            emit_event(
+                event=name,
+                resource=resource(report.stack, route.unit),
+                payload={"instance": instance, "upstream": list(route.after)},
+            )
+            count += 1
+        if route.alert:
+            emit_event(
+                event="hxp.health.last-replica",
+                resource=resource(report.stack, route.unit),
+                payload={"alert": route.alert, "upstream": list(route.after)},
+            )
+            count += 1
+    return count
+
+
+@flow(name="health-sweep", flow_run_name=_run_name)
+async def health_sweep(
+    stack_files: list[str] | str,
+    overrides: list[str] | None = None,
+    state_dir: str | None = None,
+    flap_threshold: int = 2,
+    min_healthy_share: float = 0.5,
+    synthetic_window: float = 300.0,
+    concurrency: int = 200,
+    observe: bool = True,
+    reroute: bool = True,
+    pushgateway_url: str | None = None,
+) -> dict[str, Any]:
+    """Check every unit of a stack and act on what changed.
+
+    Args:
+        stack_files: Stack file(s) in merge order; a later file wins.
+        overrides: `path.to.key=value` overrides applied last, like `hxp --set`.
+        state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
+        flap_threshold: Consecutive sweeps that must agree before a state changes.
+        min_healthy_share: A replicated unit with fewer replicas serving is unhealthy.
+        synthetic_window: Seconds: real successful requests this recent skip the synthetic
+            one-token completion.
+        concurrency: Network calls in flight at once.
+        observe: Ask the backends (the backend layer); off checks the endpoints only.
+        reroute: Take unhealthy replicas out of the gateway and put recovered ones back.
+        pushgateway_url: Push hxp_unit_health here; default the stack's monitoring.pushgateway.
+    """
+    logger = get_run_logger()
+    settings = SweepSettings(
+        flap_threshold=flap_threshold,
+        min_healthy_share=min_healthy_share,
+        synthetic_window=synthetic_window,
+        concurrency=concurrency,
+        observe=observe,
+    )
+    files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
+    stack = load_stack(files, list(overrides or [])).stack
+    state = state_dir_of(state_dir)
+    started = time.monotonic()
+    observation = observe_health(stack, state, settings)
+    probed = await probe_health(stack, state, observation, settings)
+    report = record_health(stack, state, observation, probed, settings)
+    if reroute and stack.gateway is not None:
+        report.routes, notes = reroute_gateway(stack, state, report)
+        report.notes.extend(notes)
+    report.seconds = time.monotonic() - started
+    record_metrics(report)
+    url = pushgateway_url or pushgateway_of(stack)
+    if url:
+        try:
+            push_health_metrics(stack.stack, url)
+        except OSError as exc:
+            report.notes.append(f"pushgateway {url}: {exc}")
+    events = _emit_events(report)
+    for t in report.transitions:
+        log = logger.warning if t.after is not Status.HEALTHY else logger.info
+        log("%s: %s -> %s (%s): %s", t.unit, t.before or "new", t.after, t.event, t.reason)
+    for note in report.notes:
+        logger.warning(note)
+    await acreate_table_artifact(
+        key=f"health-{stack.stack}",
+        table=health_rows(report),
+        description=f"health of stack {stack.stack}: {report.status.value}",
+    )
+    await acreate_markdown_artifact(
+        key=f"health-summary-{stack.stack}",
+        markdown=health_markdown(report),
+        description=f"health sweep of stack {stack.stack}",
+    )
+    logger.info(
+        "stack %s is %s: %d unit(s), %d instance(s), %d change(s), %d event(s), %.2fs",
+        stack.stack,
+        report.status.value,
+        len(report.units),
+        len(report.instances),
+        len(report.transitions),
+        events,
+        report.seconds,
+    )
+    return report.to_dict()
+
+
+def run_health_sweep(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run `health_sweep` to completion with the flow heartbeat off.
+
+    The heartbeat (PREFECT.md) costs a flow run about a second and can only be turned off in
+    code; a sweep is short and runs again soon, so a crashed one needs no detecting.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        result: dict[str, Any] = asyncio.run(health_sweep(*args, **kwargs))
+    return result

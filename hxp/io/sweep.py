@@ -1,0 +1,322 @@
+"""One health sweep, step by step, without Prefect: observe, probe, settle, reroute, publish.
+
+flows/health.py runs each step as a Prefect task; `hxp health` calls `sweep_stack`, which runs
+the same steps in a row. Every decision comes from hxp.health; these functions only fetch,
+store and apply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hxp.backends import stack_backends
+from hxp.errors import BackendError, LockedError
+from hxp.health import (
+    InstanceChecks,
+    LayerResult,
+    Replica,
+    RouteDecision,
+    Status,
+    SweepReport,
+    SweepSettings,
+    evaluate_sweep,
+    health_rows,
+    plan_checks,
+    plan_route,
+)
+from hxp.plan import ObservedUnit
+from hxp.spec import Stack
+from hxp.store import Store
+
+PUSH_TIMEOUT = 5.0
+PUSH_JOB = "hxp-health"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the backends said: instances by name, and hosts that could not be asked (why)."""
+
+    units: dict[str, ObservedUnit] | None
+    blind: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Probed:
+    checks: list[InstanceChecks]
+    results: list[LayerResult]
+
+
+def observe(stack: Stack, state_dir: str | Path, settings: SweepSettings) -> Observation:
+    """Every instance the stack's backends run; a host whose backend fails is `blind` (its
+    instances get an unknown backend layer) instead of failing the sweep."""
+    if not settings.observe:
+        return Observation(None)
+    owners = {name: unit.host for name, unit in _instances(stack)}
+    seen: dict[str, ObservedUnit] = {}
+    blind: dict[str, str] = {}
+    visited: dict[tuple[str, str, str], str] = {}
+    for name, backend in stack_backends(stack, state_dir).items():
+        host = stack.hosts[name]
+        key = (host.backend, host.address or "local", host.container or "")
+        if key in visited:
+            if visited[key] in blind:
+                blind[name] = blind[visited[key]]
+            continue
+        visited[key] = name
+        try:
+            found = backend.observe(stack.stack)
+        except BackendError as exc:
+            blind[name] = str(exc)
+            continue
+        for instance, unit in found.items():
+            owner = unit.host or owners.get(instance, name)
+            seen[instance] = ObservedUnit(**{**unit.__dict__, "host": owner})
+    return Observation(seen, blind)
+
+
+def _instances(stack: Stack) -> Iterable[tuple[str, Any]]:
+    from hxp.health import sweep_instances
+
+    return ((i.name, i) for i in sweep_instances(stack, None))
+
+
+async def probe(
+    stack: Stack, state_dir: str | Path, observation: Observation, settings: SweepSettings
+) -> Probed:
+    """Plan the checks (hxp.health.plan_checks) and run them all concurrently."""
+    from hxp.io.probes import run_checks
+
+    previous, _ = Store(state_dir).health_state(stack.stack)
+    checks = plan_checks(stack, observation.units, observation.blind)
+    data = {name: dict(i.data) for name, i in previous.items()}
+    return Probed(checks, await run_checks(checks, stack.hosts, data, settings))
+
+
+def settle(
+    stack: Stack,
+    state_dir: str | Path,
+    observation: Observation,
+    probed: Probed,
+    settings: SweepSettings,
+    now: float | None = None,
+) -> SweepReport:
+    """Combine layers, replicas and dependencies, damp against the stored state, and store the
+    result with one event per transition (the store's events table)."""
+    store = Store(state_dir)
+    previous, previous_units = store.health_state(stack.stack)
+    report = evaluate_sweep(
+        stack,
+        probed.checks,
+        probed.results,
+        observation.units,
+        previous,
+        previous_units,
+        settings,
+        time.time() if now is None else now,
+        observation.blind,
+    )
+    events = [
+        (
+            t.unit,
+            "health",
+            f"{t.before.value if t.before else 'new'} -> {t.after.value}: {t.reason}",
+        )
+        for t in report.transitions
+    ]
+    store.save_health(stack.stack, report.instances, report.units, events)
+    for host, why in sorted(observation.blind.items()):
+        report.notes.append(f"host {host}: backend not observed: {why}")
+    return report
+
+
+def reroute(
+    stack: Stack, state_dir: str | Path, report: SweepReport
+) -> tuple[list[RouteDecision], list[str]]:
+    """Take unhealthy replicas out of the gateway, put recovered ones back (hxp.health.
+    plan_route), under the stack's lock: a running deploy owns the upstreams, so a sweep that
+    cannot take the lock at once leaves them alone. Returns the decisions and notes."""
+    if stack.gateway is None or not stack.gateway.routes:
+        return [], []
+    from hxp.io.gateway import NginxGateway
+    from hxp.io.lock import stack_lock
+
+    gateway = NginxGateway(state_dir, stack.stack, stack.gateway)
+    if not gateway.running:
+        return [], ["the gateway is not running: upstreams left alone"]
+    units = {u.unit: u for u in report.units}
+
+    def decide(live: Mapping[str, Sequence[int]]) -> list[RouteDecision]:
+        out = []
+        for unit in sorted(stack.gateway.routes if stack.gateway else ()):
+            if unit not in units:
+                continue
+            replicas = [
+                Replica(i.instance, i.port, i.status, i.ejected)
+                for i in units[unit].replicas
+                if i.port is not None
+            ]
+            out.append(plan_route(unit, live.get(unit, []), replicas))
+        return out
+
+    decisions = decide(gateway.live())
+    notes = [f"ALERT {d.unit}: {d.alert}" for d in decisions if d.alert]
+    store = Store(state_dir)
+    if any(d.changed for d in decisions):
+        try:
+            with stack_lock(state_dir, stack.stack, "health sweep", wait=False):
+                live = gateway.live()
+                decisions = decide(live)  # again, under the lock
+                for d in decisions:
+                    live[d.unit] = list(d.after)
+                if any(d.changed for d in decisions):
+                    gateway.apply(live)
+        except LockedError as exc:
+            notes.append(f"{exc}: gateway upstreams left alone this sweep")
+            return [RouteDecision(d.unit, d.before, d.before) for d in decisions], notes
+        except BackendError as exc:
+            notes.append(f"gateway update failed: {exc}")
+            return [RouteDecision(d.unit, d.before, d.before) for d in decisions], notes
+        store.set_ejected(stack.stack, [i for d in decisions for i in d.removed], True)
+        store.set_ejected(stack.stack, [i for d in decisions for i in d.restored], False)
+    # A deploy may have put an ejected replica back itself: it is no longer ours to restore.
+    back = [
+        i.instance
+        for d in decisions
+        for i in units[d.unit].replicas
+        if i.ejected and i.port in d.after and i.instance not in d.removed
+    ]
+    store.set_ejected(stack.stack, back, False)
+    return decisions, notes
+
+
+# ---------------------------------------------------------------- metrics
+
+_SET: dict[str, set[tuple[str, str, str]]] = {}
+
+
+def record_metrics(report: SweepReport) -> None:
+    """hxp_unit_health{stack,unit,layer} (each layer's worst over the unit's replicas, and
+    layer="composite") and the sweep's duration, in the shared registry."""
+    from hxp.io.telemetry import HEALTH_VALUE, SWEEP_SECONDS, UNIT_HEALTH
+
+    labels: set[tuple[str, str, str]] = set()
+    for unit in report.units:
+        layers = {**unit.layers(), "composite": unit.status}
+        for layer, status in layers.items():
+            key = (report.stack, unit.unit, layer)
+            UNIT_HEALTH.labels(*key).set(HEALTH_VALUE[status.value])
+            labels.add(key)
+    for stale in _SET.get(report.stack, set()) - labels:
+        UNIT_HEALTH.remove(*stale)
+    _SET[report.stack] = labels
+    SWEEP_SECONDS.labels(report.stack).observe(report.seconds)
+
+
+class _OneStack:
+    """The shared registry's sweep metrics, limited to one stack's series (a push replaces
+    the stack's whole group on the Pushgateway)."""
+
+    def __init__(self, stack: str) -> None:
+        self.stack = stack
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.metrics_core import Metric
+
+        from hxp.io.telemetry import SWEEP_SECONDS, UNIT_HEALTH
+
+        for collector in (UNIT_HEALTH, SWEEP_SECONDS):
+            for family in collector.collect():
+                mine = Metric(family.name, family.documentation, family.type, family.unit)
+                mine.samples = [s for s in family.samples if s.labels.get("stack") == self.stack]
+                yield mine
+
+
+def pushgateway_of(stack: Stack) -> str | None:
+    """The stack's Pushgateway URL (monitoring.pushgateway), if it declares one."""
+    monitoring = stack.monitoring
+    if monitoring is None or monitoring.pushgateway is None:
+        return None
+    pg = monitoring.pushgateway
+    address = stack.hosts[pg.host].address or "127.0.0.1"
+    if ":" in address:
+        address = f"[{address}]"
+    return f"http://{address}:{pg.port}"
+
+
+def push_metrics(stack: str, url: str, timeout: float = PUSH_TIMEOUT) -> None:
+    """PUT the stack's sweep metrics to the Pushgateway (job=hxp-health, stack=<stack>)."""
+    from prometheus_client import CollectorRegistry, push_to_gateway
+
+    registry = CollectorRegistry()
+    registry.register(_OneStack(stack))
+    push_to_gateway(
+        url, job=PUSH_JOB, grouping_key={"stack": stack}, registry=registry, timeout=timeout
+    )
+
+
+# ---------------------------------------------------------------- the whole sweep
+
+
+def sweep_stack(
+    stack: Stack,
+    state_dir: str | Path,
+    settings: SweepSettings,
+    reroute_gateway: bool = True,
+    pushgateway: str | None = None,
+) -> SweepReport:
+    """Every step of a sweep in a row, without Prefect (what `hxp health` runs)."""
+    import asyncio
+
+    started = time.monotonic()
+    observation = observe(stack, state_dir, settings)
+    probed = asyncio.run(probe(stack, state_dir, observation, settings))
+    report = settle(stack, state_dir, observation, probed, settings)
+    if reroute_gateway:
+        report.routes, notes = reroute(stack, state_dir, report)
+        report.notes.extend(notes)
+    report.seconds = time.monotonic() - started
+    record_metrics(report)
+    if pushgateway:
+        try:
+            push_metrics(stack.stack, pushgateway)
+        except OSError as exc:
+            report.notes.append(f"pushgateway {pushgateway}: {exc}")
+    return report
+
+
+# ---------------------------------------------------------------- the table
+
+_STYLE = {
+    Status.HEALTHY: "green",
+    Status.DEGRADED: "yellow",
+    Status.UNHEALTHY: "bold red",
+    Status.UNKNOWN: "magenta",
+}
+
+
+def health_table(report: SweepReport) -> Any:
+    """The composite table as a rich Table (rich is imported only here)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(
+        title=f"stack {report.stack}: {report.status.value} ({report.seconds:.2f}s)",
+        title_justify="left",
+    )
+    for column in ("unit", "instance", "status", "layers", "ms", "reason"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("unit", "status"))
+    for row in health_rows(report):
+        status = Status(row["status"])
+        table.add_row(
+            row["unit"],
+            row["instance"],
+            Text(row["status"], style=_STYLE[status]),
+            row["layers"],
+            row["latency_ms"],
+            row["reason"],
+        )
+    return table
