@@ -31,6 +31,7 @@ demo: $(STAMP)
 	$(DEMO_ENV) $(BIN)/hxp apply -f $(DEMO)
 	$(DEMO_ENV) $(BIN)/hxp status -f $(DEMO)
 	@$(DEMO_ENV) $(BIN)/hxp server status
+	@echo "Gateway: model chat on http://127.0.0.1:18090/v1 (hxp-vllm-sim, a development double), api on http://127.0.0.1:18091/"
 	@echo "Demo running. Open the Prefect UI above; stop everything with: make demo-down"
 
 demo-down: $(STAMP)

@@ -234,9 +234,15 @@ def _quiet_prefect_tracebacks(debug: bool) -> None:
 
     if debug:
         return
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
-        for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_NoTraceback())
+    loggers = [logging.getLogger()] + [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+                handler.addFilter(_NoTraceback())
 
 
 def _prefect(args: argparse.Namespace) -> None:
@@ -248,10 +254,13 @@ def _prefect(args: argparse.Namespace) -> None:
     import prefect  # noqa: F401 - sets up Prefect's logging
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    _quiet_prefect_tracebacks(args.debug)
     # A CLI run is watched by its operator and its store closes interrupted deploys: the flow
     # heartbeat (about 1 s per run, PREFECT.md) buys nothing here. Workers keep it.
     temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}).__enter__()
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # configure now, so the filter below lands on the handlers in use
+    _quiet_prefect_tracebacks(args.debug)
 
 
 def _print_result(result: dict[str, Any]) -> None:

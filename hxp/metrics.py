@@ -507,8 +507,12 @@ def window(previous: Baseline, page: Page, at: float) -> Window | None:
     )
     reset = restarted
     old = previous.values
+    # A family the previous scrape did not read (a series declared since) has no window yet.
+    known = {key.split("{", 1)[0] for key in old}
     counters: dict[str, dict[LabelKey, float]] = {}
     for family, series in page.counters.items():
+        if family not in known and not restarted:
+            continue
         out = counters.setdefault(family, {})
         for key, value in series.items():
             before = None if restarted else old.get(series_key(family, key))
@@ -520,6 +524,8 @@ def window(previous: Baseline, page: Page, at: float) -> Window | None:
                 out[key], reset = value, True
     histograms: dict[str, dict[LabelKey, Histogram]] = {}
     for family, hseries in page.histograms.items():
+        if family not in known and not restarted:
+            continue
         hout = histograms.setdefault(family, {})
         for key, h in hseries.items():
             before_counts = [old.get(series_key(family, key, f"le={b!r}")) for b in h.bounds]

@@ -13,7 +13,7 @@ model id). A service is scraped when it declares a port named `metrics`; a model
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -873,3 +873,21 @@ def lint_files(stack: Stack, files: list[MonitoringFile]) -> list[str]:
     boards = [json.loads(f.content) for f in files if f.path.endswith(".json")]
     queries = rule_expressions(stack) + dashboard_queries(boards)
     return lint_queries(queries, default_sources(), recorded_series(stack))
+
+
+def replica_health(targets: Iterable[tuple[str, str, str, str]]) -> tuple[list[str], list[str]]:
+    """(up, down) as `job/replica` from (job, replica, health, error) of scrape targets.
+
+    A replica is up when any of its targets is: the idle blue-green slot of a routed unit is
+    scraped too, and is down by design.
+    """
+    health: dict[str, list[tuple[str, str]]] = {}
+    for job, replica, state, error in targets:
+        health.setdefault(f"{job}/{replica}", []).append((state, error))
+    up = sorted(k for k, v in health.items() if any(s == "up" for s, _ in v))
+    down = sorted(
+        f"{k}: {v[0][0]} ({v[0][1] or 'no scrape yet'})"
+        for k, v in health.items()
+        if not any(s == "up" for s, _ in v)
+    )
+    return up, down

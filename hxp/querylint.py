@@ -72,13 +72,19 @@ def simulator_source() -> MetricSource:
 
 
 def exporter_source() -> MetricSource:
-    """`hxp exporter`'s registry: every hxp_* family, with _total/_bucket/... suffixes."""
+    """`hxp exporter`'s families: every hxp_* one (with _total/_bucket/... suffixes) and the
+    fleet:* gauges the aggregation flow publishes through it."""
     from prometheus_client import generate_latest
 
     from hxp.io.telemetry import REGISTRY
 
-    text = generate_latest(REGISTRY).decode()
-    return MetricSource("hxp exporter /metrics", frozenset(exposition_series(text)))
+    series = exposition_series(generate_latest(REGISTRY).decode())
+    try:
+        from hxp.metrics import FLEET_SERIES
+    except ImportError:  # pragma: no cover - the aggregation module is part of hxp
+        FLEET_SERIES = {}
+    series.update(FLEET_SERIES)
+    return MetricSource("hxp exporter /metrics", frozenset(series))
 
 
 def fixture_sources(directory: Path = FIXTURES) -> list[MetricSource]:

@@ -465,8 +465,8 @@ class ReceiverSpec(_Model):
 
     @model_validator(mode="after")
     def _fields_for_type(self) -> ReceiverSpec:
-        if self.type == "webhook" and self.url is None:
-            raise ValueError("a webhook receiver needs url")
+        if self.type == "webhook" and self.url is None and self.secret_block is None:
+            raise ValueError("a webhook receiver needs url or secret_block")
         if self.type == "email" and self.to is None:
             raise ValueError("an email receiver needs to")
         if self.type == "slack" and self.url is None and self.secret_block is None:

@@ -50,9 +50,15 @@ def scrape(
             out[name] = Scrape(fetched.at, None, fetched.error, fetched.error_class)
             return
         try:
-            out[name] = Scrape(fetched.at, parse_page(fetched.body, wanted))
+            page = parse_page(fetched.body, wanted)
         except Exception as exc:  # the parser raises ValueError and worse on foreign text
             out[name] = Scrape(fetched.at, None, f"not a metrics page: {exc}", "permanent")
+            return
+        if not page.families() and page.started is None:
+            why = "not a metrics page: none of the aggregated families"
+            out[name] = Scrape(fetched.at, None, why, "permanent")
+            return
+        out[name] = Scrape(fetched.at, page)
 
     asyncio.run(fetch_all(list(by_url), timeout, concurrency, on_page, client))
     return out

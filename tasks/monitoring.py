@@ -38,6 +38,7 @@ from hxp.monitoring import (
     lint_files,
     monitoring_files,
     recording_rules,
+    replica_health,
     rule_group_names,
     secret_blocks,
 )
@@ -175,30 +176,22 @@ def verify_monitoring(stack: Stack, timeout: float = 60.0) -> VerifyReport:
     want_groups = set(rule_group_names(stack))
     want_rules = len(recording_rules(stack)) + len(alert_rules(stack))
 
-    def targets() -> tuple[list[str], list[str]] | None:
+    def replicas() -> tuple[list[str], list[str]]:
         seen = prometheus_targets(prom)
-        up = [f"{t.job}/{t.labels.get('replica', t.instance)}" for t in seen if t.health == "up"]
-        down = [
-            f"{t.job}/{t.labels.get('replica', t.instance)} ({t.health}: {t.error or '-'})"
-            for t in seen
-            if t.health != "up"
-        ]
-        return (up, down) if seen and not down else None
+        return replica_health(
+            (t.job, t.labels.get("replica", t.instance), t.health, t.error) for t in seen
+        )
 
-    result = wait_until(targets, timeout)
-    if result is None:
-        seen = prometheus_targets(prom)
-        down = [
-            f"{t.job}/{t.labels.get('replica', t.instance)}: {t.health} "
-            f"({t.error or 'no scrape yet'})"
-            for t in seen
-            if t.health != "up"
-        ]
+    def all_up() -> tuple[list[str], list[str]] | None:
+        up, down = replicas()
+        return (up, down) if up and not down else None
+
+    up, down = wait_until(all_up, timeout) or replicas()
+    if down or not up:
         raise MonitoringError(
             f"monitoring of {stack.stack}: targets not up after {timeout:.0f}s: "
             + ("; ".join(down) or "Prometheus has no targets")
         )
-    up, down = result
     groups = prometheus_rule_groups(prom)
     missing = sorted(want_groups - set(groups))
     loaded = sum(n for g, n in groups.items() if g in want_groups)

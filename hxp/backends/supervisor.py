@@ -99,6 +99,10 @@ class Supervisor:
 
     def env(self) -> dict[str, str]:
         base = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
+        # The orchestrator's own bin directory comes first: `python3` is the interpreter hxp
+        # runs in (hxp-vllm-sim and hxp exporter are importable there).
+        own_bin = str(Path(sys.executable).parent)
+        base["PATH"] = os.pathsep.join([own_bin, base.get("PATH", os.defpath)])
         return {**base, **self.spec["env"], **read_env_file(self.dir / SECRETS_FILE)}
 
     def spawn(self) -> bool:

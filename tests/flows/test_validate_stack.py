@@ -19,15 +19,15 @@ def test_demo_stack_validates_and_leaves_an_artifact() -> None:
 
     result = validate_stack([str(ROOT / "examples/demo/stack.yaml")], targets=["systemd", "k8s"])
     assert result["stack"] == "demo"
-    assert result["order"] == ["store", "cache", "api"]
+    assert result["order"] == ["store", "cache", "api", "chat"]
     assert result["checks"]["systemd"] == {
         "systemd-analyze verify": True,
         "systemd-analyze security": True,
     }
-    assert sorted(result["files"]["k8s"]) == ["api.yaml", "cache.yaml", "store.yaml"]
+    assert sorted(result["files"]["k8s"]) == ["api.yaml", "cache.yaml", "chat.yaml", "store.yaml"]
     artifact = Artifact.get("validate-demo")
     assert artifact is not None
-    assert "store → cache → api" in str(artifact.data)
+    assert "store → cache → api → chat" in str(artifact.data)
 
 
 def test_invalid_override_fails_the_flow_with_the_field_named() -> None:

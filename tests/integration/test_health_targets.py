@@ -45,13 +45,13 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_all(stack: Stack, state: Path) -> ProcessBackend:
-    """Create every instance on the process backend and wait for its ports."""
+def start_all(stack: Stack, state: Path, skip: tuple[str, ...] = ()) -> ProcessBackend:
+    """Create every instance on the process backend and wait for its ports (but `skip`'s)."""
     backend = ProcessBackend(state)
     for unit in expand_units(stack):
         backend.apply(Create(unit, unit_config_hash(stack, unit.unit), 1))
     for unit in expand_units(stack):
-        for _, port in unit.ports:
+        for _, port in unit.ports if unit.name not in skip else ():
             wait_for(lambda p=port: listening(p), f"{unit.name} on port {port}")  # type: ignore[misc]
     return backend
 
@@ -66,6 +66,13 @@ def layer(report: SweepReport, instance: str, which: Layer) -> LayerResult:
         if inst.instance == instance:
             return next(r for r in inst.layers if r.layer is which)
     raise AssertionError(f"no instance {instance}")
+
+
+def health(port: int) -> int | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code
+    except httpx.TransportError:
+        return None
 
 
 def statuses(report: SweepReport) -> dict[str, Status]:
@@ -122,11 +129,10 @@ def test_processes_dependencies_flapping_and_transitions(web: Any) -> None:
     back = sweep_stack(stack, state, settings)
     assert set(statuses(back).values()) == {Status.HEALTHY}
     assert {t.event for t in back.transitions} == {"hxp.health.recovered"}
-    kinds = [e["message"] for e in Store(state).events("hw") if e["kind"] == "health"]
-    assert kinds[0] == "healthy -> unhealthy: backend: not running (stopped, restarts 0)" or (
-        kinds[0].startswith("healthy -> unhealthy: ")
-    )
-    assert len(kinds) == 6
+    stored = [(e["unit"], e["message"]) for e in Store(state).events("hw") if e["kind"] == "health"]
+    assert [u for u, _ in stored] == ["db", "cache", "api", "db", "cache", "api"]
+    assert stored[0][1].startswith("healthy -> unhealthy: backend: not running (stopped")
+    assert stored[3][1].startswith("unhealthy -> healthy: ")
 
 
 def test_cli_exit_codes_table_and_json(web: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -175,6 +181,7 @@ def sims(tmp_path: Path) -> Iterator[tuple[Stack, Path, dict[str, int]]]:
             "model": f"hxp-sim/{name}",
             "served_name": name,
             "port": ports[name],
+            "stop_timeout": "2s",
             "simulator_args": args,
         }
         for name, args in MODES.items()
@@ -191,7 +198,7 @@ def sims(tmp_path: Path) -> Iterator[tuple[Stack, Path, dict[str, int]]]:
         {"stack": "sims", "hosts": {"local": {"backend": "process"}}, "models": models}
     )
     state = tmp_path / "state"
-    backend = start_all(stack, state)
+    backend = start_all(stack, state, skip=("crashing",))
     yield stack, state, ports
     remove_all(backend, "sims")
 
@@ -230,7 +237,10 @@ def test_simulator_failure_modes(sims: Any) -> None:
         for _ in range(5)
     ]  # fmt: skip
     try:
-        time.sleep(2.5)  # --fail-health-after 1 and --crash-after 2 have happened by now
+        backend = ProcessBackend(state)
+        wait_for(lambda: not backend.observe("sims")["crashing"].running, "crashing to crash")
+        wait_for(lambda: health(ports["failing"]) == 503, "failing to fail /health")
+        time.sleep(1.0)  # the queue on `busy` builds up
         later = sweep_stack(stack, state, settings)
     finally:
         for proc in load:
@@ -285,10 +295,15 @@ def test_docker_container_healthcheck(
     from hxp.backends.docker import DockerBackend
 
     name = f"h{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    # serves for 4 s, then stops answering but keeps running: only HEALTHCHECK can tell
     flip = (
-        "import pathlib, time; p = pathlib.Path('/tmp/ok'); p.touch(); time.sleep(4); "
-        "p.unlink(); time.sleep(600)"
+        "import http.server, threading, time; "
+        f"s = http.server.HTTPServer(('127.0.0.1', {port}), http.server.BaseHTTPRequestHandler); "
+        "threading.Thread(target=s.serve_forever, daemon=True).start(); time.sleep(4); "
+        "s.shutdown(); s.server_close(); time.sleep(600)"
     )
+    check = f"import socket; socket.create_connection(('127.0.0.1', {port}), 1).close()"
     stack = stack_from_data(
         {
             "stack": name,
@@ -300,7 +315,7 @@ def test_docker_container_healthcheck(
                     "command": ["python3", "-c", flip],
                     "stop_timeout": "1s",
                     "health": {
-                        "command": ["python3", "-c", "import os; os.stat('/tmp/ok')"],
+                        "command": ["python3", "-c", check],
                         "interval": "300ms",
                         "timeout": "2s",
                         "retries": 1,
@@ -314,7 +329,10 @@ def test_docker_container_healthcheck(
     backend.apply(Create(unit, unit_config_hash(stack, "worker"), 1))
     settings = SweepSettings(flap_threshold=1)
     try:
-        wait_for(lambda: backend.observe(name)["worker"].healthy is True, "container healthy")
+        wait_for(
+            lambda: backend.observe(name)["worker"].healthy is True,
+            f"container healthy: {backend.observe(name)['worker']}",
+        )
         up = sweep_stack(stack, tmp_path, settings)
         assert statuses(up) == {"worker": Status.HEALTHY}
         assert layer(up, "worker", Layer.BACKEND).reason == "running, health healthy"

@@ -143,7 +143,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[LifecycleApi, Path, Stack]]:
 
 
 def test_rejected_reload_keeps_the_old_config(prometheus) -> None:  # type: ignore[no-untyped-def]
-    api, root, stack = prometheus
+    api, root, _stack = prometheus
     before = prometheus_config_text(api)
     good = (root / PROMETHEUS_CONFIG).read_text()
     # A config that parses as YAML but that Prometheus refuses (two jobs of one name).

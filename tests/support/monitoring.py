@@ -46,14 +46,14 @@ def webhook_receiver() -> Iterator[Webhook]:
     hook = Webhook(f"http://127.0.0.1:{port}/alerts")
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             with hook.lock:
                 hook.received.append(json.loads(body))
             self.send_response(200)
             self.end_headers()
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             return
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)

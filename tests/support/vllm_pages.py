@@ -168,7 +168,9 @@ def render_page(spec: PageSpec, version: str = "0.33") -> str:
         elif kind == "gauge":
             families[name] = Gauge(name, doc, labels, registry=registry)
         else:
-            bucket_family = _BUCKET_FAMILY.get(name.replace("time_per_output", "inter"))
+            bucket_family = _BUCKET_FAMILY.get(
+                name.replace("time_per_output_token", "inter_token_latency")
+            )
             bounds = buckets or histogram_buckets(
                 bucket_family or "request_latency", spec.max_model_len
             )

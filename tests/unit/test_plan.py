@@ -25,7 +25,14 @@ def observed_all(cfg_stack, running: bool = True) -> dict[str, ObservedUnit]:  #
 def test_empty_host_creates_everything_in_dependency_order() -> None:
     cfg = load_config([DEMO])
     plan = plan_stack(cfg.stack, {}, cfg.content_hash)
-    assert [a.instance for a in plan.actions] == ["store", "cache", "api-0", "api-1"]
+    assert [a.instance for a in plan.actions] == [
+        "store",
+        "cache",
+        "api-0",
+        "api-1",
+        "chat-0",
+        "chat-1",
+    ]
     assert {a.kind for a in plan.actions} == {ActionKind.CREATE}
     assert plan.changes
 
@@ -34,7 +41,7 @@ def test_second_apply_changes_nothing_and_says_why() -> None:
     cfg = load_config([DEMO])
     plan = plan_stack(cfg.stack, observed_all(cfg.stack), cfg.content_hash)
     assert not plan.changes
-    assert [n.reason for n in plan.noops] == ["running, config hash unchanged"] * 4
+    assert [n.reason for n in plan.noops] == ["running, config hash unchanged"] * 6
     assert "No changes" in plan.summary()
 
 
@@ -45,7 +52,7 @@ def test_changed_unit_is_updated_and_others_left_alone() -> None:
     plan = plan_stack(changed.stack, before, changed.content_hash)
     assert [(a.instance, a.kind) for a in plan.actions] == [("cache", ActionKind.UPDATE)]
     assert "config hash" in plan.actions[0].reason
-    assert {n.instance for n in plan.noops} == {"store", "api-0", "api-1"}
+    assert {n.instance for n in plan.noops} == {"store", "api-0", "api-1", "chat-0", "chat-1"}
 
 
 def test_stopped_unit_is_started_and_orphan_removed() -> None:
