@@ -30,11 +30,14 @@ demo: $(STAMP)
 	$(DEMO_ENV) $(BIN)/hxp apply -f $(DEMO)
 	$(DEMO_ENV) $(BIN)/hxp apply -f $(DEMO)
 	$(DEMO_ENV) $(BIN)/hxp status -f $(DEMO)
+	$(BIN)/hxp render -f $(DEMO) --target monitoring --out out/demo/monitoring
+	$(DEMO_ENV) $(BIN)/hxp monitoring -f $(DEMO)
 	@$(DEMO_ENV) $(BIN)/hxp server status
 	@echo "Gateway: model chat on http://127.0.0.1:18090/v1 (hxp-vllm-sim, a development double), api on http://127.0.0.1:18091/"
-	@echo "Demo running. Open the Prefect UI above; stop everything with: make demo-down"
+	@echo "Demo running. Open the Prefect UI, Prometheus and Alertmanager above; stop everything with: make demo-down"
 
 demo-down: $(STAMP)
+	$(DEMO_ENV) $(BIN)/hxp monitoring -f $(DEMO) --down
 	$(DEMO_ENV) $(BIN)/hxp down -f $(DEMO)
 	$(DEMO_ENV) $(BIN)/hxp server stop
 

@@ -10,10 +10,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.scheduling import run_ready_set
 from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config, load_config
 from hxp.errors import DeployError, HxpError
 from hxp.graph import DependencyGraph
@@ -119,37 +119,23 @@ def _apply_graph(ctx: DeployContext, plan: Plan) -> tuple[list[UnitOutcome], Uni
         if action.kind is not ActionKind.REMOVE:
             by_unit.setdefault(action.unit, []).append(action)
     scheduler = DependencyGraph(ctx.stack.dependencies()).scheduler(set(by_unit))
-    running: dict[PrefectFuture[UnitOutcome], str] = {}
-    outcomes: list[UnitOutcome] = []
+    run = run_ready_set(
+        scheduler,
+        lambda unit: apply_unit.submit(ctx, unit, ctx.stack.unit(unit).host, by_unit[unit]),
+    )
+    outcomes = [outcome for _, outcome in run.done]
     failure: UnitOutcome | None = None
-
-    def submit(units: list[str]) -> None:
-        for unit in units:
-            host = ctx.stack.unit(unit).host
-            running[apply_unit.submit(ctx, unit, host, by_unit[unit])] = unit
-
-    submit(scheduler.take_ready())
-    while running:
-        future = next(iter(as_completed(list(running))))
-        unit = running.pop(future)
-        result = future.result(raise_on_failure=False)
-        if isinstance(result, UnitOutcome):
-            outcomes.append(result)
-            ready = scheduler.mark_done(unit)
-            if failure is None:
-                submit(ready)
-            continue
-        scheduler.mark_failed(unit)
+    for unit, error in run.failed:
         outcome = (
-            result.outcome
-            if isinstance(result, UnitDeployError)
+            error.outcome
+            if isinstance(error, UnitDeployError)
             else UnitOutcome(
                 unit=unit,
                 host=ctx.stack.unit(unit).host,
                 ok=False,
                 revision=_revision_of(ctx, unit),
                 applied=[(a.instance, a.kind.value) for a in by_unit[unit]],
-                reason=f"{type(result).__name__}: {result}",
+                reason=f"{type(error).__name__}: {error}",
             )
         )
         if failure is None:

@@ -19,18 +19,20 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from hxp.health import Status, SweepReport, SweepSettings, health_markdown, health_rows
-from hxp.io.sweep import pushgateway_of, record_metrics
+from hxp.io.sweep import record_metrics
+from hxp.io.telemetry import pushgateway_url as pushgateway_of
 from tasks.deploy import state_dir_of
 from tasks.health import (
+    load_sweep_stack,
     observe_health,
     probe_health,
     push_health_metrics,
     record_health,
     reroute_gateway,
 )
-from tasks.stack import load_stack
 
 _STACK_LINE = re.compile(r"^stack:\s*['\"]?([a-z0-9-]+)", re.MULTILINE)
 
@@ -40,7 +42,7 @@ def _run_name() -> str:
     files = flow_run.parameters.get("stack_files") or ["stack.yaml"]
     first = files if isinstance(files, str) else files[0]
     try:
-        found = _STACK_LINE.search(Path(first).read_text(errors="replace")[:65536])
+        found = _STACK_LINE.search(Path(first).read_text(errors="replace"))
     except OSError:
         found = None
     return f"health-{found.group(1) if found else Path(first).stem}"
@@ -127,18 +129,19 @@ async def health_sweep(
         observe=observe,
     )
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
-    stack = load_stack(files, list(overrides or [])).stack
+    stack = load_sweep_stack(files, list(overrides or [])).stack
     state = state_dir_of(state_dir)
     started = time.monotonic()
-    observation = observe_health(stack, state, settings)
-    probed = await probe_health(stack, state, observation, settings)
-    report = record_health(stack, state, observation, probed, settings)
+    # quote(): the tasks get the values as they are, without Prefect walking through them.
+    observation = observe_health(quote(stack), state, settings)
+    probed = await probe_health(quote(stack), state, quote(observation), settings)
+    report = record_health(quote(stack), state, quote(observation), quote(probed), settings)
     if reroute and stack.gateway is not None:
-        report.routes, notes = reroute_gateway(stack, state, report)
+        report.routes, notes = reroute_gateway(quote(stack), state, quote(report))
         report.notes.extend(notes)
     report.seconds = time.monotonic() - started
     record_metrics(report)
-    url = pushgateway_url or pushgateway_of(stack)
+    url = pushgateway_of(stack, pushgateway_url)
     if url:
         try:
             push_health_metrics(stack.stack, url)

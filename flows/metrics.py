@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from hxp.io.telemetry import pushgateway_url
-from hxp.metrics import Scrape, replica_targets, wanted_families
+from hxp.metrics import Scrape, replica_targets, summarize, wanted_families
 from hxp.spec import MetricsSpec
 from tasks.deploy import state_dir_of
 from tasks.metrics import Scrapes, aggregate_scrapes, observe_models, push_metrics, scrape_metrics
@@ -71,7 +71,8 @@ def aggregate_metrics(
     for name in down:
         scrapes[name] = Scrape(now, None, "not running (backend)")
     result = aggregate_scrapes(stack, targets, Scrapes(scrapes), state, started)
-    for issue in result.issues:
+    issues = summarize(result.issues)
+    for issue in issues:
         log = logger.info if issue.severity == "info" else logger.warning
         log("%s", issue)
     create_table_artifact(
@@ -79,7 +80,7 @@ def aggregate_metrics(
         table=[f.row() for f in result.figures],
         description=f"fleet metrics of {stack.stack}: {len(targets)} target(s)",
     )
-    problems = [i for i in result.issues if i.severity != "info"]
+    problems = [i for i in issues if i.severity != "info"]
     if problems:
         create_markdown_artifact(
             key=f"metrics-issues-{stack.stack}",
@@ -103,7 +104,7 @@ def aggregate_metrics(
         "models": {f.model: f.row() for f in result.figures if f.model},
         "fleet": fleet.row(),
         "samples": len(result.samples),
-        "issues": [str(i) for i in result.issues],
+        "issues": [str(i) for i in issues],
         "pushed": pushed,
         "seconds": round(time.monotonic() - started, 3),
     }

@@ -78,7 +78,7 @@ def deploy_monitoring(
     except BaseException:
         install.restore()
         raise
-    reloaded = reload_monitoring(stack, install)
+    reloaded = reload_monitoring(stack, install, sorted(deployed["units"]))
     report = verify_monitoring(stack, verify_timeout)
     pushed = push_dashboards(stack, state, rendered)
     urls = component_urls(stack)

@@ -292,10 +292,29 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _monitoring_down(stack: Any, state: Path) -> int:
+    from hxp.backends import backend_for
+    from hxp.backends.base import Remove, UnitRef
+    from hxp.io.monitoring import find_binaries
+    from hxp.monitoring import MonitoringPaths, monitoring_stack_data, monitoring_stack_name
+
+    name = monitoring_stack_name(stack)
+    paths = MonitoringPaths(str(state / "monitoring" / stack.stack))
+    data = monitoring_stack_data(stack, paths, find_binaries())
+    for host in data["hosts"]:
+        backend = backend_for(host, stack.hosts[host], state)
+        for instance in sorted(backend.observe(name)):
+            backend.apply(Remove(UnitRef(name, instance, instance)))
+            print(f"removed {name}/{instance}")
+    return 0
+
+
 def cmd_monitoring(args: argparse.Namespace) -> int:
     effective = _load(args)
     if effective.stack.monitoring is None or effective.stack.monitoring.prometheus is None:
         raise InputError("monitoring.prometheus: required to deploy monitoring")
+    if args.down:
+        return _monitoring_down(effective.stack, _state_dir(args))
     _prefect(args)
     from flows.monitoring import deploy_monitoring
 
@@ -508,7 +527,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     from hxp.health import SweepSettings, exit_code
-    from hxp.io.sweep import health_table, pushgateway_of, sweep_stack
+    from hxp.io.sweep import health_table, sweep_stack
+    from hxp.io.telemetry import pushgateway_url
 
     stack = _load(args).stack
     settings = SweepSettings(
@@ -516,7 +536,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         synthetic_window=args.synthetic_window,
         observe=not args.no_observe,
     )
-    push = args.pushgateway or (pushgateway_of(stack) if args.push else None)
+    push = pushgateway_url(stack, args.pushgateway) if args.push or args.pushgateway else None
 
     def sweep() -> Any:
         return sweep_stack(stack, _state_dir(args), settings, args.reroute, push)
@@ -545,6 +565,160 @@ def cmd_health(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return exit_code(report.status)
+
+
+def _print_lifecycle(result: dict[str, Any]) -> None:
+    for unit, info in result.get("units", {}).items():
+        lines = info.get("steps") or [f"{i}: {what}" for i, what in info["instances"].items()]
+        print(f"{unit} ({info['seconds']:.2f}s)")
+        for line in lines:
+            print(f"  {line}")
+    for line in result.get("reconciled", []):
+        print(f"reconciled {line}")
+    states = result.get("states", {})
+    if states:
+        print("states: " + ", ".join(f"{n}={s}" for n, s in states.items()))
+
+
+def cmd_lifecycle(args: argparse.Namespace) -> int:
+    """hxp start | stop | restart: the lifecycle flows."""
+    _load(args)
+    _prefect(args)
+    from flows.lifecycle import restart_stack, start_stack, stop_stack
+
+    common: dict[str, Any] = {
+        "overrides": args.overrides,
+        "units": args.units or None,
+        "state_dir": str(_state_dir(args)),
+        "wait_for_lock": not args.no_wait,
+    }
+    if args.command == "start":
+        result = start_stack(_files(args), **common)
+    elif args.command == "stop":
+        result = stop_stack(
+            _files(args), drain=not args.no_drain, drain_timeout=args.drain_timeout, **common
+        )
+    else:
+        result = restart_stack(
+            _files(args),
+            rolling=args.rolling,
+            max_unavailable=args.max_unavailable,
+            max_fail=args.max_fail,
+            surge="never" if args.no_surge else "auto",
+            drain_timeout=args.drain_timeout,
+            **common,
+        )
+    _print_lifecycle(result)
+    print(f"{result['action'].capitalize()} of stack {result['stack']} succeeded.")
+    return 0
+
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    """One supervisor pass, or one every --interval seconds with --watch."""
+    _load(args)
+    _prefect(args)
+    from flows.lifecycle import supervise_stack
+
+    while True:
+        result = supervise_stack(
+            _files(args),
+            overrides=args.overrides,
+            state_dir=str(_state_dir(args)),
+            max_crashes=args.max_crashes,
+            crash_window=args.crash_window,
+            backoff=args.backoff,
+        )
+        for key in ("reconciled", "crashed", "restarted", "gave_up"):
+            for name in result.get(key, []):
+                print(f"{key.replace('_', ' ')}: {name}")
+        for name, why in result.get("failed_restarts", {}).items():
+            print(f"restart failed: {name}: {why}")
+        if not args.watch:
+            return 1 if result.get("gave_up") else 0
+        time.sleep(args.interval)
+
+
+def cmd_states(args: argparse.Namespace) -> int:
+    """The recorded lifecycle state of every instance, and the latest transitions."""
+    from hxp.store import Store
+
+    stack = _load(args).stack
+    store = Store(_state_dir(args))
+    rows = store.lifecycle(stack.stack)
+    print(f"{'instance':<24} {'unit':<16} {'state':<9} since     reason")
+    for name, r in sorted(rows.items()):
+        since = time.strftime("%H:%M:%S", time.localtime(r.since))
+        held = " [held: crash loop]" if r.held else ""
+        print(f"{name:<24} {r.unit:<16} {r.state.value:<9} {since}  {r.reason}{held}")
+    events = [e for e in store.events(stack.stack) if e["kind"] in ("lifecycle", "alert")]
+    if events and args.events:
+        print("\nlatest transitions:")
+        for e in events[-args.events :]:
+            at = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+            print(f"  {at} {e['message']}")
+    return 0
+
+
+def cmd_config_watch(args: argparse.Namespace) -> int:
+    """Re-validate the stack files when they change; show the reload plan and apply it."""
+    from hxp.config import load_config
+    from hxp.lifecycle import plan_reload
+    from hxp.store import Store
+
+    _prefect(args)
+    from flows.lifecycle import reload_stack
+
+    store = Store(_state_dir(args))
+    seen: str | None = None
+    while True:
+        try:
+            effective = load_config(_files(args), os.environ, args.overrides)
+        except InputError as exc:
+            text = str(exc)
+            if text != seen:
+                print("error: " + text.replace("\n", "\nerror: "), file=sys.stderr)
+                print("(not applied; watching for the next change)", file=sys.stderr)
+                seen = text
+        else:
+            current = effective.content_hash
+            applied = store.latest_snapshot(effective.stack.stack)
+            if applied is None:
+                raise InputError(f"stack {effective.stack.stack!r} was never applied: hxp apply")
+            if current != applied.content_hash and current != seen:
+                seen = current
+                print(plan_reload(applied.restore(), effective.stack).summary())
+                try:
+                    result = reload_stack(
+                        _files(args), overrides=args.overrides, state_dir=str(_state_dir(args))
+                    )
+                except HxpError as exc:
+                    print("error: " + str(exc).replace("\n", "\nerror: "), file=sys.stderr)
+                else:
+                    done = ", ".join(result["reloaded"]) or "nothing"
+                    print(f"reloaded: {done}; rolled: {', '.join(result['rolled']) or 'nothing'}")
+        if args.once:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_config_restore(args: argparse.Namespace) -> int:
+    """List the kept backups of overwritten files, or put one back."""
+    from hxp.io.backups import list_backups, restore_backup
+
+    name = args.stack or _load(args).stack.stack
+    state = _state_dir(args)
+    if not args.backup:
+        print(f"{'backup':<26} {'when':<19} {'bytes':>7}  path (why)")
+        for b in list_backups(state, name):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b.at))
+            print(f"{b.id:<26} {when:<19} {b.size:>7}  {b.path} ({b.reason})")
+        return 0
+    try:
+        chosen = restore_backup(state, name, args.backup)
+    except FileNotFoundError as exc:
+        raise InputError(str(exc)) from None
+    print(f"restored {chosen.path} from backup {chosen.id} (the replaced file was backed up)")
+    return 0
 
 
 def _tp_arg(value: str) -> str:
@@ -576,6 +750,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_args(s)
     s.add_argument("--dry-run", action="store_true", help="print the migrated file instead")
     s.set_defaults(func=cmd_config_migrate)
+    s = csub.add_parser("watch", help="apply stack file changes: reload, roll or deploy")
+    _add_stack_args(s)
+    _add_state_arg(s)
+    s.add_argument("--interval", type=float, default=2.0, metavar="S", help="poll every S s")
+    s.add_argument("--once", action="store_true", help="check once and exit")
+    s.set_defaults(func=cmd_config_watch)
+    s = csub.add_parser("restore", help="list backups of overwritten files, or put one back")
+    _add_stack_args(s)
+    _add_state_arg(s)
+    s.add_argument("backup", nargs="?", help="the backup id to restore (default: list them)")
+    s.add_argument("--stack", help="the stack's name (default: read from the stack file)")
+    s.set_defaults(func=cmd_config_restore)
 
     p = sub.add_parser("graph", help="dependency order and what can run side by side")
     _add_stack_args(p)
@@ -606,6 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stack_args(p)
     _add_state_arg(p)
     p.add_argument("--verify-timeout", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument(
+        "--down", action="store_true", help="stop and remove the monitoring units instead"
+    )
     p.set_defaults(func=cmd_monitoring)
 
     p = sub.add_parser("apply", help="deploy the stack (a deploy-stack flow run)")
@@ -757,6 +946,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pushgateway", metavar="URL", help="push hxp_unit_health to this URL")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_health)
+
+    for name, text in (
+        ("start", "start a deployed stack or units in dependency order (a start-stack run)"),
+        ("stop", "stop a stack or units in reverse order, draining first (stop-stack)"),
+        ("restart", "restart: stop + start, or --rolling replica by replica (restart-stack)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_stack_args(p)
+        _add_state_arg(p)
+        p.add_argument("units", nargs="*", metavar="UNIT", help="only these units")
+        p.add_argument("--no-wait", action="store_true", help="fail if the stack is locked")
+        if name != "start":
+            p.add_argument("--drain-timeout", type=float, metavar="S", help="cap of the drain")
+        if name == "stop":
+            p.add_argument("--no-drain", action="store_true", help="stop without draining")
+        if name == "restart":
+            p.add_argument("--rolling", action="store_true", help="replica by replica")
+            p.add_argument("--max-unavailable", type=int, default=1, metavar="N")
+            p.add_argument("--max-fail", type=int, default=0, metavar="N")
+            p.add_argument("--no-surge", action="store_true", help="always restart in place")
+        p.set_defaults(func=cmd_lifecycle)
+
+    p = sub.add_parser("supervise", help="restart crashed units; give up on crash loops")
+    _add_stack_args(p)
+    _add_state_arg(p)
+    p.add_argument("--watch", action="store_true", help="a pass every --interval seconds")
+    p.add_argument("--interval", type=float, default=15.0, metavar="S")
+    p.add_argument("--max-crashes", type=int, default=5, metavar="N")
+    p.add_argument("--crash-window", type=float, default=600.0, metavar="S")
+    p.add_argument("--backoff", type=float, default=1.0, metavar="S")
+    p.set_defaults(func=cmd_supervise)
+
+    p = sub.add_parser("states", help="recorded lifecycle state of every instance")
+    _add_stack_args(p)
+    _add_state_arg(p)
+    p.add_argument("--events", type=int, default=10, metavar="N", help="latest N transitions")
+    p.set_defaults(func=cmd_states)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,3 +123,93 @@ class QueryLintError(OutputCheckError):
 
 class MonitoringError(HxpError):
     """Prometheus or Alertmanager refused a config, or a monitoring check failed after deploy."""
+
+
+class LifecycleError(HxpError):
+    """A start, stop, restart or supervision step failed; the message names the unit and step."""
+
+
+class IllegalTransitionError(LifecycleError):
+    """A unit was asked to move between two lifecycle states the state machine does not join."""
+
+    def __init__(self, instance: str, current: str, target: str, allowed: Sequence[str]) -> None:
+        self.instance = instance
+        self.current = current
+        self.target = target
+        self.allowed = tuple(allowed)
+        choices = ", ".join(self.allowed) or "nothing"
+        super().__init__(
+            f"{instance}: illegal lifecycle transition {current} -> {target} "
+            f"(from {current} it may go to: {choices})"
+        )
+
+
+# --------------------------------------------------------------------------- error classes
+
+#: What a failure is worth: `transient` is retried (with backoff), `permanent` and `input` are
+#: not (the same call would fail the same way; `input` means the operator's file is wrong).
+ERROR_CLASSES = ("transient", "permanent", "input")
+
+# Checked in order: a permanent cause wins over a transient-looking word in the same message
+# ("port 8000 already in use ... timed out" is still a port clash).
+_PERMANENT_PATTERNS = (
+    r"address already in use|port \d+ .*already in use|errno 98\b|eaddrinuse",
+    r"out of (gpu )?memory|cuda out of memory|\boom\b|cannot allocate memory|"
+    r"free memory .* below|no set of gpus|needs \d+ gpu",
+    r"no such image|image .*not found|pull access denied|manifest unknown|"
+    r"repository does not exist",
+    r"no such file or directory|executable file not found|command not found|"
+    r"cannot start|exec format error|permission denied|not created|no previous version",
+    r"invalid|unknown (unit|host|option|flag)|unrecognized argument|bad config|"
+    r"config(uration)? rejected|syntax error",
+)
+_TRANSIENT_PATTERNS = (
+    r"connection refused|econnrefused|errno 111\b",
+    r"connection reset|econnreset|errno 104\b|broken pipe|remote end closed|"
+    r"connection aborted|server disconnected",
+    r"timed? ?out|timeout|deadline exceeded",
+    r"\b(status|http|error)[ :]*5\d\d\b|\b5\d\d (server error|internal|bad gateway|"
+    r"service unavailable|gateway time)",
+    r"\bbusy\b|resource temporarily unavailable|try again|already in progress|"
+    r"is being (removed|created|stopped)|transaction .* is destructive|job .* (canceled|queued)|"
+    r"database is locked|did not start in time|failed to connect to bus",
+)
+
+
+def classify_message(text: str) -> str | None:
+    """`transient` or `permanent` when the message says which, else None."""
+    lowered = text.lower()
+    for pattern in _PERMANENT_PATTERNS:
+        if re.search(pattern, lowered):
+            return "permanent"
+    for pattern in _TRANSIENT_PATTERNS:
+        if re.search(pattern, lowered):
+            return "transient"
+    return None
+
+
+def classify_error(exc: BaseException) -> str:
+    """transient, permanent or input: whether retrying the same call could succeed.
+
+    An error that says it is transient (BackendError.transient) is believed; operator input is
+    `input`; then the message decides (port in use, missing image or binary, out of GPU
+    memory, invalid config: permanent; refused or reset connections, timeouts, 5xx, a busy
+    Docker or systemd: transient); an unknown error is permanent, so it is never retried
+    blindly.
+    """
+    if isinstance(exc, BackendError) and exc.transient:
+        return "transient"
+    if isinstance(exc, InputError | GpuAllocationError | SecretError):
+        return "input" if isinstance(exc, InputError | SecretError) else "permanent"
+    if isinstance(exc, IllegalTransitionError):
+        return "permanent"
+    if isinstance(exc, ConnectionRefusedError | ConnectionResetError | BrokenPipeError):
+        return "transient"
+    if isinstance(exc, TimeoutError):
+        return "transient"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return "permanent"
+    if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
+        return "permanent"
+    found = classify_message(f"{type(exc).__name__}: {exc}")
+    return found or "permanent"

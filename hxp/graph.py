@@ -101,6 +101,11 @@ class DependencyGraph:
         """Stop order: every unit before the units it depends on."""
         return list(reversed(self._order))
 
+    def inverted(self) -> DependencyGraph:
+        """The same units with every edge turned round: scheduling over it hands out a unit
+        once everything that depends on it is done (stop order, without level barriers)."""
+        return DependencyGraph({n: sorted(self._dependents[n]) for n in self._deps})
+
     def levels(self) -> list[list[str]]:
         """Units grouped by depth: what could run side by side (for display, not scheduling)."""
         depth: dict[str, int] = {}

@@ -239,17 +239,20 @@ def _route_port(inst: UnitInstance) -> int | None:
 
 
 def sweep_instances(
-    stack: Stack, observed: Mapping[str, ObservedUnit] | None
+    stack: Stack,
+    observed: Mapping[str, ObservedUnit] | None,
+    expanded: Sequence[UnitInstance] | None = None,
 ) -> list[UnitInstance]:
     """The instances a sweep checks: every replica, in whichever blue-green slot runs.
 
     A routed unit's replica runs in slot 0 or slot 1 (both during a blue-green switch); the
     slot that exists is checked, and slot 0 stands for a replica that runs in neither.
+    `expanded`: expand_units(stack), when the caller has it already.
     """
     routed = set(stack.gateway.routes) if stack.gateway is not None else set()
     out: list[UnitInstance] = []
     by_unit: dict[str, list[UnitInstance]] = {}
-    for inst in expand_units(stack):
+    for inst in expanded if expanded is not None else expand_units(stack):
         by_unit.setdefault(inst.unit, []).append(inst)
     for unit, instances in by_unit.items():
         if unit not in routed or observed is None:
@@ -265,6 +268,7 @@ def plan_checks(
     stack: Stack,
     observed: Mapping[str, ObservedUnit] | None,
     blind: Mapping[str, str] | None = None,
+    expanded: Sequence[UnitInstance] | None = None,
 ) -> list[InstanceChecks]:
     """What to probe on each instance. An instance its backend does not see running gets no
     network probes (its backend layer says why); a docker unit's health command runs inside
@@ -272,7 +276,7 @@ def plan_checks(
     Instances on a `blind` host (its backend could not be asked) are probed all the same."""
     out: list[InstanceChecks] = []
     blind = blind or {}
-    for inst in sweep_instances(stack, observed):
+    for inst in sweep_instances(stack, observed, expanded):
         seen = observed.get(inst.name) if observed is not None else None
         present = observed is None or inst.host in blind or (seen is not None and seen.running)
         health = inst.health

@@ -183,6 +183,23 @@ class MetricIssue:
         return f"{self.severity}: {where}{self.message}"
 
 
+def summarize(issues: Sequence[MetricIssue], show: int = 4) -> list[MetricIssue]:
+    """One issue per (severity, message), naming its targets (the first few and a count)."""
+    groups: dict[tuple[Severity, str], list[str]] = {}
+    for issue in issues:
+        groups.setdefault((issue.severity, issue.message), []).append(issue.target or "")
+    out: list[MetricIssue] = []
+    for (severity, message), targets in groups.items():
+        named = [t for t in targets if t]
+        if not named:
+            out.append(MetricIssue(severity, message))
+            continue
+        shown = ", ".join(named[:show])
+        more = f" and {len(named) - show} more" if len(named) > show else ""
+        out.append(MetricIssue(severity, message, f"{shown}{more}"))
+    return out
+
+
 def check_metric_name(name: str, version: str) -> MetricIssue | None:
     """What is wrong with using vLLM family `name` against a server of `version`, if anything."""
     exposed = exposed_name(name)

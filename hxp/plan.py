@@ -39,6 +39,7 @@ class ObservedUnit:
     revision: int | None = None
     detail: str = ""
     host: str = ""
+    restarts: int | None = None  # restarts the backend did by itself, when it counts them
 
 
 @dataclass(frozen=True)

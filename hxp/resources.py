@@ -1139,6 +1139,36 @@ def fit(req: FitRequest) -> FitResult:
     return replace(first, tp_candidates=tuple(tried), lines=tuple(lines))
 
 
+def free_memory_refusal(gpu: GpuMemory, gpu_memory_utilization: float) -> str | None:
+    """vLLM's first check: it refuses to start when the free memory is below
+    `gpu_memory_utilization` x total. The reason, or None when the GPU passes it."""
+    budget = gpu.total_gib * gpu_memory_utilization
+    if gpu.free_gib is not None and gpu.free_gib < budget:
+        return (
+            f"free memory {gpu.free_gib:.2f} GiB is below the requested {budget:.2f} GiB "
+            f"({gpu_memory_utilization:.2f} x {gpu.total_gib:.2f} GiB); vLLM refuses to start"
+        )
+    return None
+
+
+def start_refusal(gpu: GpuMemory, gpu_memory_utilization: float, world: int = 1) -> str | None:
+    """Why one more vLLM engine could not start on this GPU, judged before any model config
+    is known: the free-memory check, and room for the CUDA context outside the budget. None
+    when it can start (what a rolling restart's surge asks of each spare GPU)."""
+    refusal = free_memory_refusal(gpu, gpu_memory_utilization)
+    if refusal is not None:
+        return refusal
+    budget = gpu.total_gib * gpu_memory_utilization
+    outside = (gpu.free_gib if gpu.free_gib is not None else gpu.total_gib) - budget
+    context = CONTEXT_GIB_MULTI if world > 1 else CONTEXT_GIB_SINGLE
+    if outside < context:
+        return (
+            f"the CUDA context (~{context:.2f} GiB) needs memory outside "
+            f"gpu_memory_utilization; only {outside:.2f} GiB is left"
+        )
+    return None
+
+
 def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitResult:
     pp = req.pipeline_parallel_size
     world = tp * pp
@@ -1209,11 +1239,9 @@ def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitR
             f"max_model_len {max_len:,} needs {per_req:,} KV blocks per request at TP={tp}; only "
             f"{num_blocks:,} fit ({worst.available_kv_gib:.2f} GiB available for the KV cache)"
         )
-    if gpu.free_gib is not None and gpu.free_gib < budget:
-        reasons.append(
-            f"free memory {gpu.free_gib:.2f} GiB is below the requested {budget:.2f} GiB "
-            f"({util:.2f} x {gpu.total_gib:.2f} GiB); vLLM refuses to start"
-        )
+    refusal = free_memory_refusal(gpu, util)
+    if refusal is not None:
+        reasons.append(refusal)
     outside = (gpu.free_gib if gpu.free_gib is not None else gpu.total_gib) - budget
     context = CONTEXT_GIB_MULTI if world > 1 else CONTEXT_GIB_SINGLE
     graphs = 0.0 if (eng.cudagraph_in_budget or req.enforce_eager) else worst.reserve.cudagraph_gib

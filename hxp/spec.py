@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    model_serializer,
     model_validator,
 )
 
@@ -376,11 +377,48 @@ class _UnitSpec(_Model):
         return self
 
 
+class ConfigFileSpec(_Model):
+    """A file hxp writes for a service before it starts (process hosts); a change to it alone
+    is applied by the service's `reload` without a restart. The overwritten file is backed up."""
+
+    path: AbsPath
+    content: Annotated[str, Field(max_length=1_000_000)]
+    mode: Annotated[int, Field(ge=0, le=0o777, strict=True)] = 0o644
+
+
+class ReloadSpec(_Model):
+    """How a running service re-reads its config_files: a signal to its process, or a command."""
+
+    signal: Literal["HUP", "USR1", "USR2"] | None = None
+    command: Argv | None = None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ReloadSpec:
+        if (self.signal is None) == (self.command is None):
+            raise ValueError("reload: give exactly one of signal or command")
+        return self
+
+
 class ServiceSpec(_UnitSpec):
     """A supporting service: database, cache, gateway, exporter."""
 
     command: Argv | None = None
     ports: dict[PortName, Port] = Field(default_factory=dict)
+    config_files: list[ConfigFileSpec] = Field(default_factory=list, max_length=64)
+    reload: ReloadSpec | None = Field(
+        default=None, description="signal or command that makes it re-read its config_files"
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_reload(self, handler: Any) -> Any:
+        # Left out when unused, so adding these fields changed no existing unit's config hash.
+        data = handler(self)
+        if isinstance(data, dict):
+            if not data.get("config_files"):
+                data.pop("config_files", None)
+            if data.get("reload") is None:
+                data.pop("reload", None)
+        return data
 
 
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
@@ -721,6 +759,14 @@ class Stack(_Model):
                 continue
             if host.backend == "docker" and svc.image is None:
                 yield f"services.{name}.image: required on host {svc.host!r} (backend docker)"
+            if (svc.config_files or svc.reload is not None) and host.backend != "process":
+                yield (
+                    f"services.{name}.config_files: config files and reload run on process "
+                    f"hosts for now (host {svc.host!r} uses {host.backend})"
+                )
+            paths = [f.path for f in svc.config_files]
+            if len(set(paths)) != len(paths):
+                yield f"services.{name}.config_files: a path is listed twice"
             if host.backend != "docker" and svc.command is None:
                 yield (
                     f"services.{name}.command: required on host {svc.host!r} "

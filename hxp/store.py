@@ -19,6 +19,7 @@ from typing import Any
 from hxp.config import ConfigSnapshot
 from hxp.errors import GpuAllocationError
 from hxp.gpu_alloc import Reservation
+from hxp.lifecycle import INITIAL, LifecycleRecord, State, Transition, check_transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -111,6 +112,19 @@ CREATE TABLE IF NOT EXISTS metric_runs (
     seconds_sum REAL NOT NULL,
     seconds_buckets TEXT NOT NULL,
     errors TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lifecycle (
+    stack TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    crashes TEXT NOT NULL DEFAULT '[]',
+    restarts_seen INTEGER,
+    next_restart REAL,
+    held INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (stack, instance)
 );
 CREATE INDEX IF NOT EXISTS revisions_unit ON revisions (stack, unit, revision);
 CREATE INDEX IF NOT EXISTS events_stack ON events (stack, at);
@@ -588,6 +602,107 @@ class Store:
                 [(stack, unit, kind, message, now) for unit, kind, message in events],
             )
 
+    # ---------------------------------------------------------------- lifecycle states
+
+    def lifecycle(self, stack: str) -> dict[str, LifecycleRecord]:
+        """Every recorded instance's lifecycle state, by instance name."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM lifecycle WHERE stack = ?", (stack,)).fetchall()
+        return {r["instance"]: _lifecycle(r) for r in rows}
+
+    def transition(
+        self,
+        stack: str,
+        unit: str,
+        instance: str,
+        target: State,
+        reason: str,
+        *,
+        held: bool | None = None,
+        crashes: Sequence[float] | None = None,
+        next_restart: float | None = None,
+    ) -> Transition | None:
+        """Move an instance to `target` if the state machine allows it (else
+        IllegalTransitionError, nothing written), recording a `lifecycle` event, in one
+        transaction. None when it is already there."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT * FROM lifecycle WHERE stack = ? AND instance = ?", (stack, instance)
+            ).fetchone()
+            record = _lifecycle(row) if row else None
+            current = record.state if record else INITIAL
+            if current == target and record is not None:
+                return None
+            if current != target:
+                check_transition(instance, current, target)
+            keep_crashes = record.crashes if record else ()
+            db.execute(
+                "INSERT OR REPLACE INTO lifecycle VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    stack,
+                    instance,
+                    unit,
+                    target.value,
+                    reason,
+                    now,
+                    json.dumps(list(crashes if crashes is not None else keep_crashes)),
+                    record.restarts_seen if record else None,
+                    next_restart,
+                    int(held if held is not None else (record.held if record else False)),
+                ),
+            )
+            if current == target:  # first record of an instance that is stopped: no move
+                return None
+            change = Transition(stack, unit, instance, current, target, reason, now)
+            db.execute(
+                "INSERT INTO events (stack, unit, deploy_id, kind, message, at)"
+                " VALUES (?, ?, NULL, 'lifecycle', ?, ?)",
+                (stack, unit, change.message(), now),
+            )
+        return change
+
+    def note_crashes(
+        self,
+        stack: str,
+        instance: str,
+        crashes: Sequence[float],
+        restarts_seen: int | None,
+        next_restart: float | None = None,
+    ) -> None:
+        """The supervisor's bookkeeping of an instance (no state change)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE lifecycle SET crashes = ?, restarts_seen = ?, next_restart = ?"
+                " WHERE stack = ? AND instance = ?",
+                (json.dumps(list(crashes)), restarts_seen, next_restart, stack, instance),
+            )
+
+    def clear_supervision(self, stack: str, instance: str) -> None:
+        """An operator's start: forget the crash history and lift a crash-loop hold."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE lifecycle SET crashes = '[]', next_restart = NULL, held = 0"
+                " WHERE stack = ? AND instance = ?",
+                (stack, instance),
+            )
+
+    def forget_lifecycle(self, stack: str, instance: str, reason: str) -> str | None:
+        """Drop an instance's record (it no longer exists); its unit, None when there was none."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT unit FROM lifecycle WHERE stack = ? AND instance = ?", (stack, instance)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM lifecycle WHERE stack = ? AND instance = ?", (stack, instance))
+            db.execute(
+                "INSERT INTO events (stack, unit, deploy_id, kind, message, at)"
+                " VALUES (?, ?, NULL, 'lifecycle', ?, ?)",
+                (stack, row["unit"], f"{instance}: forgotten ({reason})", time.time()),
+            )
+        return str(row["unit"])
+
     def set_ejected(self, stack: str, instances: Sequence[str], ejected: bool) -> None:
         """Mark instances as taken out of (or put back into) the gateway by a sweep."""
         with self.transaction() as db:
@@ -595,6 +710,21 @@ class Store:
                 "UPDATE health_instances SET ejected = ? WHERE stack = ? AND instance = ?",
                 [(int(ejected), stack, i) for i in instances],
             )
+
+
+def _lifecycle(row: sqlite3.Row) -> LifecycleRecord:
+    return LifecycleRecord(
+        stack=row["stack"],
+        unit=row["unit"],
+        instance=row["instance"],
+        state=State(row["state"]),
+        reason=row["reason"],
+        since=row["since"],
+        crashes=tuple(json.loads(row["crashes"])),
+        restarts_seen=row["restarts_seen"],
+        next_restart=row["next_restart"],
+        held=bool(row["held"]),
+    )
 
 
 def _reservation(row: sqlite3.Row) -> Reservation:

@@ -20,6 +20,7 @@ from hxp.backends import backend_for, observe_all
 from hxp.backends.base import Backend, Commit, Create, Remove, Restore, Start, UnitRef, Update
 from hxp.errors import BackendError, DeployError
 from hxp.health import ReadinessGate
+from hxp.io import lifecycle
 from hxp.io.gateway import NginxGateway
 from hxp.io.probes import wait_drained, wait_ready
 from hxp.plan import Action, ActionKind, ObservedUnit
@@ -250,6 +251,7 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
             unit,
             ctx.deploy_id,
         )
+        lifecycle.mark_deployed(store, ctx.stack.stack, unit, action.instance, action.kind.value)
         if ctx.stack.gateway is not None and unit in ctx.stack.gateway.routes:
             _route(ctx, backend, action, inst, instances, outcome)
     if outcome.revision is not None:
@@ -308,6 +310,7 @@ def _route(
     logger.info("%s: %s", old.name, drained)
     backend.apply(Remove(UnitRef.of(old)))
     ctx.store().release(ctx.stack.stack, old.name)  # its GPU reservations, if any
+    lifecycle.forget(ctx.store(), ctx.stack.stack, inst.unit, old.name, f"retired for {inst.name}")
     outcome.applied.append((old.name, "retired"))
     ctx.store().add_event(
         ctx.stack.stack,
@@ -372,6 +375,7 @@ def remove_instance(ctx: DeployContext, instance: str, host: str) -> str:
     backend.apply(Remove(UnitRef(ctx.stack.stack, instance, instance)))
     ctx.store().release(ctx.stack.stack, instance)  # its GPU reservations, if any
     ctx.store().add_event(ctx.stack.stack, "removed", instance, instance, ctx.deploy_id)
+    lifecycle.forget(ctx.store(), ctx.stack.stack, instance, instance, "no longer in the stack")
     return instance
 
 

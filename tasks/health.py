@@ -1,16 +1,27 @@
 """Health-sweep tasks: a handful per sweep, each fanning out inside (a Prefect task per
 endpoint would cost tens of milliseconds each, PREFECT.md). The steps live in hxp.io.sweep,
-shared with `hxp health`; decisions come from hxp.health."""
+shared with `hxp health`; decisions come from hxp.health.
+
+Callers pass the stack and the steps' results wrapped in `prefect.utilities.annotations.quote`:
+Prefect otherwise walks every parameter looking for futures, which costs ~0.4 s per task for a
+1,000-unit stack. The tasks receive the plain values."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from hxp.config import EffectiveConfig
 from hxp.health import RouteDecision, SweepReport, SweepSettings
 from hxp.io import sweep
 from hxp.io.sweep import Observation, Probed
 from hxp.spec import Stack
+
+
+@task(name="load-stack", cache_policy=NO_CACHE)
+def load_sweep_stack(stack_files: list[str], overrides: list[str]) -> EffectiveConfig:
+    """Read, merge and validate the stack files (parsed again only when they changed)."""
+    return sweep.load_stack_cached(stack_files, overrides)
 
 
 @task(name="observe-health", task_run_name="observe-{stack.stack}", cache_policy=NO_CACHE)
@@ -60,6 +71,7 @@ def push_health_metrics(stack: str, url: str) -> None:
 
 
 __all__ = [
+    "load_sweep_stack",
     "observe_health",
     "probe_health",
     "push_health_metrics",

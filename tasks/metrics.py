@@ -6,21 +6,20 @@ fans out with asyncio (a Prefect task per endpoint would cost tens of millisecon
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from hxp.io.scrape import Fetched, fetch_all
+from hxp.io.scrape import scrape
 from hxp.io.telemetry import (
     AGGREGATION_SECONDS,
     finite_bounds,
     push_group,
     record_aggregation,
 )
-from hxp.metrics import Aggregation, Baseline, Scrape, Target, aggregate, parse_page
+from hxp.metrics import Aggregation, Baseline, Scrape, Target, aggregate
 from hxp.spec import Stack
 from hxp.store import Store
 
@@ -31,37 +30,6 @@ def observe_models(stack: Stack, state_dir: str) -> set[str]:
     from hxp.backends import observe_all
 
     return {name for name, seen in observe_all(stack, state_dir).items() if seen.running}
-
-
-def scrape(
-    targets: list[Target],
-    wanted: frozenset[str],
-    timeout: float,
-    concurrency: int,
-    client: Literal["raw", "httpx"] = "raw",
-) -> dict[str, Scrape]:
-    """GET every target's page at once and parse each, cut to `wanted`, as it arrives."""
-    by_url = {t.url: t for t in targets}
-    out: dict[str, Scrape] = {}
-
-    def on_page(fetched: Fetched) -> None:
-        name = by_url[fetched.url].name
-        if fetched.body is None:
-            out[name] = Scrape(fetched.at, None, fetched.error, fetched.error_class)
-            return
-        try:
-            page = parse_page(fetched.body, wanted)
-        except Exception as exc:  # the parser raises ValueError and worse on foreign text
-            out[name] = Scrape(fetched.at, None, f"not a metrics page: {exc}", "permanent")
-            return
-        if not page.families() and page.started is None:
-            why = "not a metrics page: none of the aggregated families"
-            out[name] = Scrape(fetched.at, None, why, "permanent")
-            return
-        out[name] = Scrape(fetched.at, page)
-
-    asyncio.run(fetch_all(list(by_url), timeout, concurrency, on_page, client))
-    return out
 
 
 class Scrapes:
@@ -119,6 +87,5 @@ __all__ = [
     "aggregate_scrapes",
     "observe_models",
     "push_metrics",
-    "scrape",
     "scrape_metrics",
 ]

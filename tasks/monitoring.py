@@ -126,8 +126,11 @@ def _api(stack: Stack, component: str) -> LifecycleApi:
 @task(
     name="reload-monitoring", task_run_name="reload-monitoring-{stack.stack}", cache_policy=NO_CACHE
 )
-def reload_monitoring(stack: Stack, install: Install) -> list[str]:
-    """`POST /-/reload` where files changed; a refusal puts the old files back and fails."""
+def reload_monitoring(stack: Stack, install: Install, started: list[str]) -> list[str]:
+    """`POST /-/reload` where files changed; a refusal puts the old files back and fails.
+
+    Components in `started` were (re)started by this run and read the new files already.
+    """
     logger = get_run_logger()
     reloaded: list[str] = []
     for component, prefix in (("prometheus", "prometheus/"), ("alertmanager", "alertmanager/")):
@@ -135,6 +138,9 @@ def reload_monitoring(stack: Stack, install: Install) -> list[str]:
             continue
         if not any(p.startswith(prefix) for p in install.changed):
             logger.info("%s: config unchanged, no reload", component)
+            continue
+        if component in started:
+            logger.info("%s: started with the new config, no reload", component)
             continue
         reload_or_restore(_api(stack, component), install)
         logger.info("%s: reloaded", component)

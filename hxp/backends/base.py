@@ -115,3 +115,23 @@ class Backend(Protocol):
     def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
         """The last lines an instance wrote."""
         ...
+
+
+@dataclass(frozen=True)
+class Reload:
+    """Apply a new version of a running instance without restarting it: write its
+    config_files, move its config-hash marker, then send its reload signal or run its
+    reload command."""
+
+    unit: UnitInstance
+    config_hash: str
+    revision: int
+
+
+@runtime_checkable
+class Reloader(Protocol):
+    """A backend that can reload an instance in place (others restart it instead)."""
+
+    def reload(self, action: Reload) -> None:
+        """Carry out a Reload; raise BackendError (transient or not) on failure."""
+        ...

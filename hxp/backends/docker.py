@@ -255,6 +255,7 @@ def observed_from_attrs(attrs: Mapping[str, Any], host_name: str) -> ObservedUni
         revision=_label_int(labels, LABEL_REVISION),
         detail=detail,
         host=host_name,
+        restarts=int(attrs.get("RestartCount") or 0),
     )
 
 

@@ -26,6 +26,7 @@ from hxp.backends.base import (
     BackendAction,
     Commit,
     Create,
+    Reload,
     Remove,
     Restore,
     Start,
@@ -35,10 +36,13 @@ from hxp.backends.base import (
 )
 from hxp.backends.supervisor import SECRETS_FILE, alive, write_env_file, write_json
 from hxp.errors import BackendError
+from hxp.io.backups import write_with_backup
 from hxp.plan import ObservedUnit
+from hxp.spec import ServiceSpec
 from hxp.units import UnitInstance
 
 START_CONFIRM_SECONDS = 5.0
+RELOAD_COMMAND_TIMEOUT = 30.0
 
 
 class ProcessBackend:
@@ -96,6 +100,7 @@ class ProcessBackend:
                 config_hash=spec.get("config_hash"),
                 revision=spec.get("revision"),
                 detail=detail,
+                restarts=int(sup.get("restarts", 0)),
             )
         return out
 
@@ -209,7 +214,80 @@ class ProcessBackend:
                 "revision": rev,
             },
         )
+        self._write_config_files(ref, unit)
         (directory / "supervisor.json").unlink(missing_ok=True)
+
+    def _write_config_files(self, ref: UnitRef, unit: UnitInstance) -> list[str]:
+        """A service's config_files, each old version backed up; returns the changed paths."""
+        if not isinstance(unit.spec, ServiceSpec):
+            return []
+        changed = []
+        for f in unit.spec.config_files:
+            try:
+                if write_with_backup(
+                    self.root.parent, ref.stack, f.path, f.content, f.mode, f"config of {ref}"
+                ):
+                    changed.append(f.path)
+            except OSError as exc:
+                raise BackendError(
+                    f"cannot write {f.path}: {exc.strerror}", unit=str(ref)
+                ) from None
+        return changed
+
+    def reload(self, action: Reload) -> None:
+        """New config files and marker, then the unit's reload signal or command."""
+        unit = action.unit
+        ref = UnitRef.of(unit)
+        directory = self._dir(ref)
+        spec = unit.spec
+        if not isinstance(spec, ServiceSpec) or spec.reload is None:
+            raise BackendError("declares no reload signal or command", unit=str(ref))
+        sup = self._supervisor(directory)
+        if sup is None or not self._running(directory):
+            raise BackendError("is not running: nothing to reload", unit=str(ref))
+        current = self._read(directory / "spec.json")
+        if current is None:
+            raise BackendError("not created", unit=str(ref))
+        self._write_config_files(ref, unit)
+        write_json(
+            directory / "spec.json",
+            {**current, "config_hash": action.config_hash, "revision": action.revision},
+        )
+        if spec.reload.signal is not None:
+            child, ticks = sup.get("child_pid"), sup.get("child_ticks")
+            if not isinstance(child, int) or not alive(child, ticks):
+                raise BackendError("exited before it could be signalled", unit=str(ref))
+            os.kill(child, getattr(signal, f"SIG{spec.reload.signal}"))
+            return
+        assert spec.reload.command is not None
+        env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+        env.update(dict(unit.host_env))
+        env["HXP_PID"] = str(sup.get("child_pid"))
+        try:
+            done = subprocess.run(
+                list(spec.reload.command),
+                env=env,
+                cwd=current.get("cwd") or str(directory),
+                capture_output=True,
+                text=True,
+                timeout=RELOAD_COMMAND_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise BackendError(
+                f"reload command timed out after {RELOAD_COMMAND_TIMEOUT:.0f}s",
+                transient=True,
+                unit=str(ref),
+            ) from None
+        except OSError as exc:
+            raise BackendError(
+                f"cannot run the reload command: {exc.strerror}", unit=str(ref)
+            ) from None
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or [""])[-1]
+            raise BackendError(
+                f"reload command exited with code {done.returncode} {tail}".strip(), unit=str(ref)
+            )
 
     @staticmethod
     def _keep_previous(directory: Path) -> None:
@@ -272,5 +350,8 @@ class ProcessBackend:
             if alive(child, child_ticks):
                 os.kill(child, signal.SIGKILL)
         state = self._supervisor(directory) or sup
-        state.update(state="stopped", child_pid=None)
+        # What the unit owned goes with it: no pid stays recorded, no temporary file is left.
+        state.update(state="stopped", child_pid=None, child_ticks=None, pid=None, ticks=None)
         write_json(directory / "supervisor.json", state)
+        for leftover in directory.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)

@@ -316,6 +316,7 @@ class SystemdBackend:
                 revision=markers.revision,
                 detail=describe_state(props) if props else "no state from systemctl",
                 host=self.host_name,
+                restarts=int(props["NRestarts"]) if props.get("NRestarts", "").isdigit() else None,
             )
         return out
 

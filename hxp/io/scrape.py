@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from hxp.metrics import Scrape, Target, parse_page
+
 MAX_BODY = 32 * 1024 * 1024
 USER_AGENT = "hxp-aggregate-metrics"
 ErrorClass = Literal["transient", "permanent", ""]
@@ -191,3 +193,34 @@ async def fetch_all(
         if httpx_client is not None:
             await httpx_client.aclose()
     return results
+
+
+def scrape(
+    targets: list[Target],
+    wanted: frozenset[str],
+    timeout: float,
+    concurrency: int,
+    client: Literal["raw", "httpx"] = "raw",
+) -> dict[str, Scrape]:
+    """GET every target's page at once and parse each, cut to `wanted`, as it arrives."""
+    by_url = {t.url: t for t in targets}
+    out: dict[str, Scrape] = {}
+
+    def on_page(fetched: Fetched) -> None:
+        name = by_url[fetched.url].name
+        if fetched.body is None:
+            out[name] = Scrape(fetched.at, None, fetched.error, fetched.error_class)
+            return
+        try:
+            page = parse_page(fetched.body, wanted)
+        except Exception as exc:  # the parser raises ValueError and worse on foreign text
+            out[name] = Scrape(fetched.at, None, f"not a metrics page: {exc}", "permanent")
+            return
+        if not page.families() and page.started is None:
+            why = "not a metrics page: none of the aggregated families"
+            out[name] = Scrape(fetched.at, None, why, "permanent")
+            return
+        out[name] = Scrape(fetched.at, page)
+
+    asyncio.run(fetch_all(list(by_url), timeout, concurrency, on_page, client))
+    return out

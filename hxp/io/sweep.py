@@ -7,6 +7,7 @@ store and apply.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hxp.backends import stack_backends
+from hxp.config import EffectiveConfig
 from hxp.errors import BackendError, LockedError
 from hxp.health import (
     InstanceChecks,
@@ -31,8 +33,8 @@ from hxp.health import (
 from hxp.plan import ObservedUnit
 from hxp.spec import Stack
 from hxp.store import Store
+from hxp.units import UnitInstance, expand_units
 
-PUSH_TIMEOUT = 5.0
 PUSH_JOB = "hxp-health"
 
 
@@ -50,12 +52,49 @@ class Probed:
     results: list[LayerResult]
 
 
+_LOADED: dict[tuple[Any, ...], EffectiveConfig] = {}
+_LOADED_MAX = 8
+
+
+def load_stack_cached(files: Sequence[str], overrides: Sequence[str] = ()) -> EffectiveConfig:
+    """load_config, remembered by the files' contents: a process that sweeps the same stack
+    every minute parses it once (a 1,000-unit file takes ~0.7 s), and again when it changes."""
+    from hxp.config import load_config
+
+    try:
+        digests = tuple(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files)
+    except OSError:
+        return load_config(list(files), {}, list(overrides))  # says which file, and why
+    key = (tuple(str(f) for f in files), digests, tuple(overrides))
+    if key not in _LOADED:
+        loaded = load_config(list(files), {}, list(overrides))
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = loaded
+    return _LOADED[key]
+
+
+_EXPANDED: dict[int, tuple[Stack, list[UnitInstance]]] = {}
+
+
+def _expanded(stack: Stack) -> list[UnitInstance]:
+    """expand_units, remembered for the stack objects load_stack_cached hands out again."""
+    hit = _EXPANDED.get(id(stack))
+    if hit is not None and hit[0] is stack:
+        return hit[1]
+    if len(_EXPANDED) >= _LOADED_MAX:
+        _EXPANDED.pop(next(iter(_EXPANDED)))
+    instances = expand_units(stack)
+    _EXPANDED[id(stack)] = (stack, instances)  # the reference keeps the id from being reused
+    return instances
+
+
 def observe(stack: Stack, state_dir: str | Path, settings: SweepSettings) -> Observation:
     """Every instance the stack's backends run; a host whose backend fails is `blind` (its
     instances get an unknown backend layer) instead of failing the sweep."""
     if not settings.observe:
         return Observation(None)
-    owners = {name: unit.host for name, unit in _instances(stack)}
+    owners = {i.name: i.host for i in _expanded(stack)}
     seen: dict[str, ObservedUnit] = {}
     blind: dict[str, str] = {}
     visited: dict[tuple[str, str, str], str] = {}
@@ -78,12 +117,6 @@ def observe(stack: Stack, state_dir: str | Path, settings: SweepSettings) -> Obs
     return Observation(seen, blind)
 
 
-def _instances(stack: Stack) -> Iterable[tuple[str, Any]]:
-    from hxp.health import sweep_instances
-
-    return ((i.name, i) for i in sweep_instances(stack, None))
-
-
 async def probe(
     stack: Stack, state_dir: str | Path, observation: Observation, settings: SweepSettings
 ) -> Probed:
@@ -91,7 +124,7 @@ async def probe(
     from hxp.io.probes import run_checks
 
     previous, _ = Store(state_dir).health_state(stack.stack)
-    checks = plan_checks(stack, observation.units, observation.blind)
+    checks = plan_checks(stack, observation.units, observation.blind, _expanded(stack))
     data = {name: dict(i.data) for name, i in previous.items()}
     return Probed(checks, await run_checks(checks, stack.hosts, data, settings))
 
@@ -235,26 +268,21 @@ class _OneStack:
                 yield mine
 
 
-def pushgateway_of(stack: Stack) -> str | None:
-    """The stack's Pushgateway URL (monitoring.pushgateway), if it declares one."""
-    monitoring = stack.monitoring
-    if monitoring is None or monitoring.pushgateway is None:
-        return None
-    pg = monitoring.pushgateway
-    address = stack.hosts[pg.host].address or "127.0.0.1"
-    if ":" in address:
-        address = f"[{address}]"
-    return f"http://{address}:{pg.port}"
-
-
-def push_metrics(stack: str, url: str, timeout: float = PUSH_TIMEOUT) -> None:
-    """PUT the stack's sweep metrics to the Pushgateway (job=hxp-health, stack=<stack>)."""
+def push_metrics(stack: str, url: str, timeout: float | None = None) -> None:
+    """PUT the stack's sweep metrics to the Pushgateway (job=hxp-health, stack=<stack>);
+    the URL comes from hxp.io.telemetry.pushgateway_url."""
     from prometheus_client import CollectorRegistry, push_to_gateway
+
+    from hxp.io.telemetry import PUSH_TIMEOUT
 
     registry = CollectorRegistry()
     registry.register(_OneStack(stack))
     push_to_gateway(
-        url, job=PUSH_JOB, grouping_key={"stack": stack}, registry=registry, timeout=timeout
+        url,
+        job=PUSH_JOB,
+        grouping_key={"stack": stack},
+        registry=registry,
+        timeout=PUSH_TIMEOUT if timeout is None else timeout,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -210,9 +210,10 @@ def record_aggregation(stack: str, seconds: float, errors: Iterable[tuple[str, s
 
 
 def _lifecycle_states() -> tuple[str, ...]:
+    from hxp.lifecycle import STATES
     from hxp.metrics import LIFECYCLE_STATES
 
-    return LIFECYCLE_STATES
+    return (*LIFECYCLE_STATES, *(s.value for s in STATES if s.value not in LIFECYCLE_STATES))
 
 
 def lifecycle(store: Store, stack: str) -> dict[str, str]:
@@ -239,6 +240,13 @@ def lifecycle(store: Store, stack: str) -> dict[str, str]:
         if declared is not None and unit not in declared and state == "running":
             state = "removed"
         out[unit] = state
+    # The lifecycle state machine (start/stop/restart/supervise), where it has records, wins.
+    from hxp.lifecycle import unit_state
+
+    recorded: dict[str, list[Any]] = {}
+    for record in store.lifecycle(stack).values():
+        recorded.setdefault(record.unit, []).append(record.state)
+    out.update({unit: unit_state(states).value for unit, states in recorded.items()})
     return out
 
 
@@ -394,6 +402,9 @@ class StoreCollector(Collector):
                     facts = deploy_facts(record)
                     if facts is not None and facts.error_class is not None:
                         _count(counts, (stack, "deploy", facts.error_class), facts.started_at)
+                kinds = [f"lifecycle-error-{c}" for c in ("transient", "permanent", "input")]
+                for _, _, kind, at in store.event_units(stack, kinds):
+                    _count(counts, (stack, "lifecycle", kind.rsplit("-", 1)[1]), at)
             state = store.aggregation_state(stack) if "aggregate-metrics" in self.groups else None
             if state is None:
                 continue
@@ -471,12 +482,36 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
 
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def exporter_app(registry: CollectorRegistry) -> Callable[..., Iterable[bytes]]:
+    """WSGI app: the registry in the text format 0.0.4, whatever the Accept header says.
+
+    prometheus-client's own app answers Prometheus (which prefers OpenMetrics) in OpenMetrics,
+    and its OpenMetrics writer (0.26) turns the colons of sample names into underscores:
+    `fleet:request_rate` would arrive as `fleet_request_rate`.
+    """
+    from prometheus_client.exposition import generate_latest
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            body = generate_latest(registry)
+        except Exception as exc:  # the store is unreadable: a failed scrape, said why
+            message = f"hxp exporter: {type(exc).__name__}: {exc}\n".encode()
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [message]
+        headers = [("Content-Type", TEXT_FORMAT), ("Content-Length", str(len(body)))]
+        start_response("200 OK", headers)
+        return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else body]
+
+    return app
+
+
 def make_exporter(
     state_dir: str | Path, port: int, bind: str = "127.0.0.1", stacks: Sequence[str] | None = None
 ) -> WSGIServer:
     """An HTTP server answering every path with the store's series (serve_forever to run)."""
-    from prometheus_client import make_wsgi_app
-
     Store(state_dir)  # fail now, with a clear error, if the state directory is unusable
-    app = make_wsgi_app(store_registry(state_dir, stacks))
+    app = exporter_app(store_registry(state_dir, stacks))
     return make_server(bind, port, app, _ThreadingWSGIServer, handler_class=_QuietHandler)

@@ -58,6 +58,7 @@ def test_alert_reaches_webhook_and_resolves(env) -> None:  # type: ignore[no-unt
     deploy_units(path, state)
     first = deploy_monitoring(path, state)
     assert first["units_changed"] is True
+    assert first["reloaded"] == []  # just started on the new files
     assert sorted(first["units"]) == ["alertmanager", "prometheus", "pushgateway"]
     jobs = sorted(t.split("/")[0] for t in first["targets_up"])
     assert jobs == ["chat", "coder", "hxp-alertmanager", "hxp-prometheus", "hxp-pushgateway"]

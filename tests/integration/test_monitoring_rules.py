@@ -194,3 +194,28 @@ def test_simulator_lint_source_matches_its_served_metrics(tmp_path: Path) -> Non
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@needs_promtool
+def test_hxp_render_monitoring_runs_the_validators(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hxp.cli import main
+
+    root = Path(__file__).parents[2]
+    code = main(
+        [
+            "render",
+            "-f",
+            str(root / "examples" / "gpu-fleet" / "stack.yaml"),
+            "--target",
+            "monitoring",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for check in ("promtool check config", "amtool check-config", "dashboard queries parse"):
+        assert f"passed {check}" in out or f"passed promtool: {check}" in out, out
+    assert (tmp_path / "alertmanager" / "alertmanager.yml").stat().st_mode & 0o077 == 0

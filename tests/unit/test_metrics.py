@@ -617,3 +617,26 @@ def test_store_keeps_baselines_and_drops_targets_gone_from_the_stack(tmp_path: P
     assert state["runs"] == 2
     assert state["seconds_buckets"] == {0.1: 1, 0.5: 2, 1.0: 2}
     assert state["errors"] == {"scrape|transient": 3}
+
+
+def test_summarize_groups_the_same_message_across_targets() -> None:
+    from hxp.metrics import MetricIssue, summarize
+
+    issues = [MetricIssue("info", "first scrape", f"t-{i}") for i in range(6)]
+    issues.append(MetricIssue("warning", "model m: no replica answered"))
+    grouped = summarize(issues)
+    assert [str(i) for i in grouped] == [
+        "info: t-0, t-1, t-2, t-3 and 2 more: first scrape",
+        "warning: model m: no replica answered",
+    ]
+
+
+def test_a_newly_declared_series_has_no_window_on_its_first_run() -> None:
+    """Its counter's whole value is not an increase: the previous scrape did not read it."""
+    declared = stack({"series": {"preemptions": {"family": "vllm:num_preemptions"}}})
+    before = Baseline.of(page("v0.33_chat-0_t0.txt"), T0)  # read without the new family
+    after = parse_page(text("v0.33_chat-0_t1.txt"), wanted_families(declared.metrics))
+    win = window(before, after, T1)
+    assert win is not None
+    assert "vllm:num_preemptions_total" not in win.counters
+    assert PROMPT_TOKENS in win.counters

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hxp.io.scrape import Fetched, FetchError, fetch_all, parse_response
+from hxp.io.scrape import Fetched, FetchError, fetch_all, parse_response, scrape
 from hxp.metrics import parse_page, wanted_families
-from tasks.metrics import scrape
 
 PAGE = (Path(__file__).parents[1] / "data" / "vllm_metrics" / "v0.33_chat-0_t1.txt").read_text()
 

@@ -277,3 +277,18 @@ def test_pushgateway_url() -> None:
     assert pushgateway_url(stack, "http://pg:9091/") == "http://pg:9091"
     bare = Stack.model_validate({"stack": "t", "hosts": {"local": {}}})
     assert pushgateway_url(bare) is None
+
+
+def test_exporter_keeps_colons_when_prometheus_asks_for_openmetrics(
+    exporter: str, tmp_path: Path
+) -> None:
+    store = Store(tmp_path)
+    sample = ["fleet:request_rate", [["model", ""], ["stack", "t"]], 2.0]
+    store.save_aggregation("t", {}, [], [sample], 0.1, [1.0], {})
+    accept = (
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+        "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+    )  # what Prometheus 2.42 sends
+    response = httpx.get(exporter + "/metrics", headers={"Accept": accept}, timeout=5)
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'fleet:request_rate{model="",stack="t"} 2.0' in response.text
