@@ -8,14 +8,16 @@ from __future__ import annotations
 import getpass
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.scheduling import run_ready_set
 from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config, load_config
-from hxp.errors import DeployError, HxpError
+from hxp.errors import DeployError, HxpError, InputError
 from hxp.graph import DependencyGraph
 from hxp.io.lock import stack_lock
 from hxp.io.telemetry import pushgateway_url, record_deploy
@@ -179,6 +181,7 @@ def deploy_stack(
     units: list[str] | None = None,
     state_dir: str | None = None,
     wait_for_lock: bool = True,
+    dispatch: bool = False,
 ) -> dict[str, Any]:
     """Deploy a stack: apply what changed in dependency order, gate each unit, roll back on failure.
 
@@ -188,10 +191,137 @@ def deploy_stack(
         units: Deploy only these units (their dependencies must already run); all when empty.
         state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
         wait_for_lock: Wait for another deploy of the same stack to finish (else fail fast).
+        dispatch: Multi-host: hand each host's units to the worker of the host's `work_pool`
+            (a `deploy-stack/host-<pool>` run there) and wait; off deploys in this process.
     """
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     effective = load_stack(files, list(overrides or []))
+    if dispatch:
+        return _dispatch(effective.stack, files, list(overrides or []), units, wait_for_lock)
     return _deploy(effective, units, state_dir, wait_for_lock, "deploy")
+
+
+def _host_deployment(pool: str) -> str:
+    """`deploy-stack/host-<pool>`, registered on first use with the code source of this run's
+    own deployment (its pull steps), else this checkout's directory."""
+    from pathlib import Path
+
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.utilities.callables import parameter_schema
+
+    name = f"host-{pool}"
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(f"deploy-stack/{name}")
+            return f"deploy-stack/{name}"
+        except ObjectNotFound:
+            pass
+        pull_steps: list[dict[str, Any]] | None = None
+        from prefect.runtime import deployment
+
+        if deployment.id:
+            pull_steps = client.read_deployment(deployment.id).pull_steps
+        if not pull_steps:
+            root = str(Path(__file__).resolve().parents[1])
+            pull_steps = [{"prefect.deployments.steps.set_working_directory": {"directory": root}}]
+        client.create_deployment(
+            flow_id=client.create_flow_from_name("deploy-stack"),
+            name=name,
+            work_pool_name=pool,
+            entrypoint="flows/deploy.py:deploy_stack",
+            pull_steps=pull_steps,
+            parameter_openapi_schema=parameter_schema(deploy_stack).model_dump_for_openapi(),
+            tags=["hxp", f"pool:{pool}"],
+            description=f"The part of a multi-host deploy that runs on work pool {pool}.",
+        )
+    return f"deploy-stack/{name}"
+
+
+@task(name="dispatch-host", task_run_name="deploy-{label}", cache_policy=NO_CACHE)
+def dispatch_host(deployment: str, label: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """Run one host's part of a deploy on that host's worker and wait for it to finish."""
+    run: Any = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=1)
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise DeployError(f"{label}: flow run {run.name} ({deployment}) ended {state}")
+    # The result stays on the host (results are not persisted): its store has the details.
+    return {"flow_run": run.name, "units": parameters.get("units") or []}
+
+
+def _dispatch(
+    stack: Stack,
+    files: list[str],
+    overrides: list[str],
+    units: list[str] | None,
+    wait_for_lock: bool,
+) -> dict[str, Any]:
+    """Deploy host by host: each ready wave's units go, grouped by host, to the host's worker.
+
+    Each host's part is a deploy of its own (its own store, lock and rollback on that host);
+    a failed part stops the waves after it and the run fails naming the host.
+    """
+    logger = get_run_logger()
+    wanted = set(units) if units else set(stack.units())
+    pools: dict[str, str] = {}
+    for unit in sorted(wanted):
+        host = stack.unit(unit).host
+        pool = stack.hosts[host].work_pool
+        if pool is None:
+            raise InputError(
+                f"hosts.{host}.work_pool: required to dispatch unit {unit!r} (dispatch: true)"
+            )
+        pools[host] = pool
+    names = {pool: _host_deployment(pool) for pool in sorted(set(pools.values()))}
+    scheduler = DependencyGraph(stack.dependencies()).scheduler(wanted)
+    parts: list[dict[str, Any]] = []
+    ready = scheduler.take_ready()
+    while ready:
+        by_host: dict[str, list[str]] = {}
+        for unit in ready:
+            by_host.setdefault(stack.unit(unit).host, []).append(unit)
+        futures = {
+            host: dispatch_host.submit(
+                names[pools[host]],
+                f"{'+'.join(sorted(part))}@{host}",
+                {
+                    "stack_files": files,
+                    "overrides": overrides,
+                    "units": sorted(part),
+                    "wait_for_lock": wait_for_lock,
+                },
+            )
+            for host, part in sorted(by_host.items())
+        }
+        failed: list[str] = []
+        ready = []
+        for host, future in futures.items():
+            outcome: Any = future.result(raise_on_failure=False)
+            if isinstance(outcome, BaseException):
+                failed.append(f"{host}: {outcome}")
+                for unit in by_host[host]:
+                    scheduler.mark_failed(unit)
+                continue
+            logger.info("host %s deployed %s", host, ", ".join(sorted(by_host[host])))
+            parts.append({"host": host, "pool": pools[host], **outcome})
+            for unit in by_host[host]:
+                ready.extend(scheduler.mark_done(unit))
+        if failed:
+            raise DeployError("multi-host deploy failed on " + "; ".join(failed))
+    create_table_artifact(
+        key=f"dispatch-{stack.stack}",
+        table=[
+            {
+                "host": p["host"],
+                "pool": p["pool"],
+                "flow run": p["flow_run"],
+                "units": ", ".join(sorted(p["units"])),
+            }
+            for p in parts
+        ],
+        description=f"multi-host deploy of {stack.stack}: one flow run per host and wave",
+    )
+    return {"stack": stack.stack, "status": "succeeded", "dispatched": parts}
 
 
 def _deploy(
@@ -320,6 +450,9 @@ def deploy_service(
     overrides: list[str] | None = None,
     state_dir: str | None = None,
     wait_for_lock: bool = True,
+    image: str | None = None,
+    revision: str | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """Deploy one service or model of a stack (its dependencies must already be running).
 
@@ -329,10 +462,35 @@ def deploy_service(
         overrides: `path.to.key=value` overrides applied last (e.g. a new image from CI).
         state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
         wait_for_lock: Wait for another deploy of the same stack to finish (else fail fast).
+        image: A release's container image for the unit (CI: the `hxp.ci.release` payload).
+        revision: A release's model revision (models only).
+        version: The release's version, given to the unit as `HXP_RELEASE_VERSION`.
     """
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
-    effective = load_stack(files, list(overrides or []))
+    extra = list(overrides or [])
+    if image or revision or version:
+        stack = load_stack(files, extra).stack
+        extra = [*release_overrides(stack, service, image, revision, version), *extra]
+    effective = load_stack(files, extra)
     return _deploy(effective, [service], state_dir, wait_for_lock, "deploy")
+
+
+def release_overrides(
+    stack: Stack, unit: str, image: str | None, revision: str | None, version: str | None
+) -> list[str]:
+    """`--set` overrides that put a CI release (image or model revision, version) on a unit."""
+    stack.unit(unit)  # UnknownUnitError names the unit and what the stack has
+    section = "models" if unit in stack.models else "services"
+    out = []
+    if image:
+        out.append(f"{section}.{unit}.image={image}")
+    if revision:
+        if section != "models":
+            raise InputError(f"services.{unit}: a release revision applies to models only")
+        out.append(f"models.{unit}.revision={revision}")
+    if version:
+        out.append(f"{section}.{unit}.env.HXP_RELEASE_VERSION={version}")
+    return out
 
 
 def _rollback_target(
@@ -400,3 +558,42 @@ def rollback(
     effective = build_config([document])
     result = _deploy(effective, [unit] if unit else None, state, wait_for_lock, "rollback")
     return {**result, "rolled_back": why}
+
+
+def _reconcile_name() -> str:
+    return _run_name().replace("deploy-", "reconcile-", 1)
+
+
+@flow(name="finish-interrupted", flow_run_name=_reconcile_name)
+def finish_interrupted(
+    stack_files: list[str] | str,
+    overrides: list[str] | None = None,
+    state_dir: str | None = None,
+    wait_for_lock: bool = True,
+) -> dict[str, Any]:
+    """Roll back what a deploy that died mid-run left behind (the automation on a failed or
+    crashed deploy flow run runs this; the next deploy would do it first anyway).
+
+    Args:
+        stack_files: Stack file(s) in merge order; a later file wins.
+        overrides: `path.to.key=value` overrides applied last.
+        state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
+        wait_for_lock: Wait for a deploy of the same stack that still runs to finish.
+    """
+    logger = get_run_logger()
+    files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
+    stack = load_stack(files, list(overrides or [])).stack
+    state = state_dir_of(state_dir)
+    holder = f"reconcile flow run {flow_run.name or 'ad hoc'}"
+    with stack_lock(state, stack.stack, holder, wait=wait_for_lock, on_wait=logger.info):
+        lines = _finish_interrupted(Store(state), stack, state)
+    for line in lines:
+        logger.warning(line)
+    text = "\n".join(lines) or "no interrupted deploy: nothing to roll back"
+    create_markdown_artifact(
+        key=f"reconcile-{stack.stack}",
+        markdown=f"```\n{text}\n```",
+        description=f"interrupted deploys of {stack.stack}",
+    )
+    logger.info("stack %s: %s", stack.stack, text.splitlines()[0])
+    return {"stack": stack.stack, "rolled_back": lines}

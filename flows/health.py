@@ -22,13 +22,11 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from hxp.health import Status, SweepReport, SweepSettings, health_markdown, health_rows
-from hxp.io.sweep import record_metrics
+from hxp.io.sweep import load_stack_cached, record_metrics
 from hxp.io.telemetry import pushgateway_url as pushgateway_of
 from tasks.deploy import state_dir_of
 from tasks.health import (
-    load_sweep_stack,
-    observe_health,
-    probe_health,
+    check_health,
     push_health_metrics,
     record_health,
     reroute_gateway,
@@ -129,13 +127,14 @@ async def health_sweep(
         observe=observe,
     )
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
-    stack = load_sweep_stack(files, list(overrides or [])).stack
+    # Parsed in the flow, not in a task: the parse is cached by content, and a task run
+    # costs more than the cache hit it would wrap.
+    stack = load_stack_cached(files, list(overrides or [])).stack
     state = state_dir_of(state_dir)
     started = time.monotonic()
     # quote(): the tasks get the values as they are, without Prefect walking through them.
-    observation = observe_health(quote(stack), state, settings)
-    probed = await probe_health(quote(stack), state, quote(observation), settings)
-    report = record_health(quote(stack), state, quote(observation), quote(probed), settings)
+    probed = await check_health(quote(stack), state, settings)
+    report = record_health(quote(stack), state, quote(probed), settings)
     if reroute and stack.gateway is not None:
         report.routes, notes = reroute_gateway(quote(stack), state, quote(report))
         report.notes.extend(notes)
@@ -153,15 +152,17 @@ async def health_sweep(
         log("%s: %s -> %s (%s): %s", t.unit, t.before or "new", t.after, t.event, t.reason)
     for note in report.notes:
         logger.warning(note)
-    await acreate_table_artifact(
-        key=f"health-{stack.stack}",
-        table=health_rows(report),
-        description=f"health of stack {stack.stack}: {report.status.value}",
-    )
-    await acreate_markdown_artifact(
-        key=f"health-summary-{stack.stack}",
-        markdown=health_markdown(report),
-        description=f"health sweep of stack {stack.stack}",
+    await asyncio.gather(
+        acreate_table_artifact(
+            key=f"health-{stack.stack}",
+            table=health_rows(report),
+            description=f"health of stack {stack.stack}: {report.status.value}",
+        ),
+        acreate_markdown_artifact(
+            key=f"health-summary-{stack.stack}",
+            markdown=health_markdown(report),
+            description=f"health sweep of stack {stack.stack}",
+        ),
     )
     logger.info(
         "stack %s is %s: %d unit(s), %d instance(s), %d change(s), %d event(s), %.2fs",

@@ -313,7 +313,14 @@ def start_service(
     overrides: list[str] | None = None,
     state_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Start one unit (and any dependency of it that is not running)."""
+    """Start one unit (and any dependency of it that is not running).
+
+    Args:
+        stack_files: Stack file(s) in merge order; a later file wins.
+        service: The unit (service or model) to start.
+        overrides: `path.to.key=value` overrides applied last.
+        state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
+    """
     return start_stack.fn(stack_files, overrides, [service], state_dir)
 
 
@@ -325,7 +332,15 @@ def stop_service(
     state_dir: str | None = None,
     drain: bool = True,
 ) -> dict[str, Any]:
-    """Stop one unit, draining it first."""
+    """Stop one unit, draining it first.
+
+    Args:
+        stack_files: Stack file(s) in merge order; a later file wins.
+        service: The unit (service or model) to stop.
+        overrides: `path.to.key=value` overrides applied last.
+        state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
+        drain: Let in-flight requests finish before stopping.
+    """
     return stop_stack.fn(stack_files, overrides, [service], state_dir, drain)
 
 
@@ -337,7 +352,15 @@ def restart_service(
     state_dir: str | None = None,
     rolling: bool = True,
 ) -> dict[str, Any]:
-    """Restart one unit; rolling by default (replica by replica behind the gateway)."""
+    """Restart one unit; rolling by default (replica by replica behind the gateway).
+
+    Args:
+        stack_files: Stack file(s) in merge order; a later file wins.
+        service: The unit (service or model) to restart.
+        overrides: `path.to.key=value` overrides applied last.
+        state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
+        rolling: Replica by replica while the others serve; off stops, then starts.
+    """
     return restart_stack.fn(stack_files, overrides, [service], state_dir, rolling)
 
 

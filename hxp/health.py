@@ -646,7 +646,8 @@ def apply_dependencies(
     own: Mapping[str, tuple[Status, str]], depends_on: Mapping[str, Sequence[str]]
 ) -> dict[str, tuple[Status, str]]:
     """A unit whose dependency is unhealthy (directly or further down) is at best degraded,
-    and its reason names that dependency. Units not in `own` are ignored."""
+    and its reason names that dependency. Units not in `own` are ignored. The result lists
+    the units in dependency order (dependencies first)."""
     graph = DependencyGraph({u: [d for d in depends_on.get(u, ()) if d in own] for u in own})
     roots: dict[str, dict[str, str]] = {}  # unit -> {unhealthy unit: the dependency it is via}
     out: dict[str, tuple[Status, str]] = {}
@@ -988,10 +989,9 @@ def evaluate_sweep(
         )
         for unit, insts in per_unit.items()
     }
-    final = apply_dependencies(own, stack.dependencies())
-    order = [u for u in DependencyGraph(stack.dependencies()).order() if u in final]
+    final = apply_dependencies(own, stack.dependencies())  # in dependency order
     units = []
-    for unit in order:
+    for unit in final:
         status, reason = final[unit]
         last = previous_units.get(unit)
         since = last.since if last is not None and last.status is status else now

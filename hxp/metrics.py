@@ -934,6 +934,7 @@ def aggregate(
         figures.append(fig)
         samples.extend(_samples(stack.stack, fig, spec))
         samples.extend(_label_samples(stack.stack, model, model_parts, spec))
+        issues.extend(_bucket_mismatches(model, model_parts))
         if not model_parts:
             issues.append(MetricIssue("warning", f"model {model}: no replica answered"))
     fleet = _figures("", sum(expected.values()), everyone, spec)
@@ -941,6 +942,20 @@ def aggregate(
     samples.extend(_samples(stack.stack, fleet, spec))
     samples.extend(_label_samples(stack.stack, "", everyone, spec))
     return Aggregation(stack.stack, figures, samples, issues, new_baselines, errors)
+
+
+def _bucket_mismatches(model: str, parts: Sequence[_Part]) -> list[MetricIssue]:
+    """Replicas whose latency buckets differ from the majority's (left out of the quantiles)."""
+    out: list[MetricIssue] = []
+    for family in (TTFT, ITL, E2E):
+        hists = _window_hists(parts, family, {})
+        _, left_out = _merge(hists)
+        if left_out:
+            out.append(MetricIssue(
+                "warning", f"model {model}: {left_out} of {len(hists)} {family} series have other "
+                "bucket bounds than the rest; left out of its quantiles"
+            ))  # fmt: skip
+    return out
 
 
 def _label_samples(

@@ -273,6 +273,11 @@ class HostSpec(_Model):
     )
     gpus: list[GpuSpec] = Field(default_factory=list, max_length=64)
     labels: dict[PortName, Text] = Field(default_factory=dict)
+    work_pool: Name | None = Field(
+        default=None,
+        description="Prefect work pool whose worker deploys this host's units "
+        "(deploy-stack with dispatch)",
+    )
 
     @model_validator(mode="after")
     def _runner_needs(self) -> HostSpec:

@@ -17,7 +17,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from hxp.backends import backend_for, observe_all
-from hxp.backends.base import Backend, Commit, Create, Remove, Restore, Start, UnitRef, Update
+from hxp.backends.base import (
+    Backend,
+    Commit,
+    Create,
+    Remove,
+    Restore,
+    Start,
+    UnitRef,
+    Update,
+    observe_one,
+)
 from hxp.errors import BackendError, DeployError
 from hxp.health import ReadinessGate
 from hxp.io import lifecycle
@@ -94,7 +104,7 @@ def _gate(backend: Backend, unit: UnitInstance) -> ReadinessGate | None:
     """Wait for the unit's checks; a unit without checks must at least stay up a moment."""
     if unit.health is None:
         time.sleep(SETTLE_SECONDS)
-        seen = backend.observe(unit.stack).get(unit.name)
+        seen = observe_one(backend, unit)
         if seen is not None and seen.running:
             return None
         gate = ReadinessGate(HealthSpec(command=["true"]))
@@ -102,7 +112,7 @@ def _gate(backend: Backend, unit: UnitInstance) -> ReadinessGate | None:
         return gate
 
     def running() -> bool:
-        seen = backend.observe(unit.stack).get(unit.name)
+        seen = observe_one(backend, unit)
         return seen is not None and seen.running
 
     gate = asyncio.run(wait_ready(unit.health, running))

@@ -11,43 +11,25 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from hxp.config import EffectiveConfig
 from hxp.health import RouteDecision, SweepReport, SweepSettings
 from hxp.io import sweep
-from hxp.io.sweep import Observation, Probed
+from hxp.io.sweep import Probed
 from hxp.spec import Stack
 
 
-@task(name="load-stack", cache_policy=NO_CACHE)
-def load_sweep_stack(stack_files: list[str], overrides: list[str]) -> EffectiveConfig:
-    """Read, merge and validate the stack files (parsed again only when they changed)."""
-    return sweep.load_stack_cached(stack_files, overrides)
-
-
-@task(name="observe-health", task_run_name="observe-{stack.stack}", cache_policy=NO_CACHE)
-def observe_health(stack: Stack, state_dir: str, settings: SweepSettings) -> Observation:
-    """Ask every host's backend what it runs (a failing host is reported, not fatal)."""
-    return sweep.observe(stack, state_dir, settings)
-
-
-@task(name="probe-health", task_run_name="probe-{stack.stack}", cache_policy=NO_CACHE)
-async def probe_health(
-    stack: Stack, state_dir: str, observation: Observation, settings: SweepSettings
-) -> Probed:
-    """Every check of every instance, concurrently, each network call under its own timeout."""
-    return await sweep.probe(stack, state_dir, observation, settings)
+@task(name="check-health", task_run_name="check-{stack.stack}", cache_policy=NO_CACHE)
+async def check_health(stack: Stack, state_dir: str, settings: SweepSettings) -> Probed:
+    """Ask every host's backend what it runs (a failing host is reported, not fatal), then run
+    every check of every instance concurrently, each network call under its own timeout."""
+    return await sweep.check(stack, state_dir, settings)
 
 
 @task(name="record-health", task_run_name="record-{stack.stack}", cache_policy=NO_CACHE)
 def record_health(
-    stack: Stack,
-    state_dir: str,
-    observation: Observation,
-    probed: Probed,
-    settings: SweepSettings,
+    stack: Stack, state_dir: str, probed: Probed, settings: SweepSettings
 ) -> SweepReport:
     """Compose, damp against the last sweep, and store the result and its transitions."""
-    return sweep.settle(stack, state_dir, observation, probed, settings)
+    return sweep.settle(stack, state_dir, probed, settings)
 
 
 @task(name="reroute-gateway", task_run_name="reroute-{stack.stack}", cache_policy=NO_CACHE)
@@ -71,9 +53,7 @@ def push_health_metrics(stack: str, url: str) -> None:
 
 
 __all__ = [
-    "load_sweep_stack",
-    "observe_health",
-    "probe_health",
+    "check_health",
     "push_health_metrics",
     "record_health",
     "reroute_gateway",

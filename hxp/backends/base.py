@@ -135,3 +135,19 @@ class Reloader(Protocol):
     def reload(self, action: Reload) -> None:
         """Carry out a Reload; raise BackendError (transient or not) on failure."""
         ...
+
+
+@runtime_checkable
+class InstanceObserver(Protocol):
+    """A backend that can look at one instance without listing the whole stack."""
+
+    def observe_instance(self, ref: UnitRef) -> ObservedUnit | None:
+        """The instance as observe() would report it, or None when it does not exist."""
+        ...
+
+
+def observe_one(backend: Backend, unit: UnitInstance) -> ObservedUnit | None:
+    """One instance through the cheapest call the backend offers."""
+    if isinstance(backend, InstanceObserver):
+        return backend.observe_instance(UnitRef.of(unit))
+    return backend.observe(unit.stack).get(unit.name)

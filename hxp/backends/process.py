@@ -42,6 +42,7 @@ from hxp.spec import ServiceSpec
 from hxp.units import UnitInstance
 
 START_CONFIRM_SECONDS = 5.0
+SUPERVISOR = str(Path(__file__).with_name("supervisor.py"))
 RELOAD_COMMAND_TIMEOUT = 30.0
 
 
@@ -83,26 +84,36 @@ class ProcessBackend:
         if not base.is_dir():
             return out
         for directory in sorted(p for p in base.iterdir() if p.is_dir()):
-            spec = self._read(directory / "spec.json")
-            if spec is None:
-                continue
-            running = self._running(directory)
-            sup = self._supervisor(directory) or {}
-            state = sup.get("state", "never started")
-            detail = f"{state}, restarts {sup.get('restarts', 0)}"
-            if sup.get("exit_code") is not None:
-                detail += f", last exit code {sup['exit_code']}"
-            out[directory.name] = ObservedUnit(
-                name=directory.name,
-                exists=True,
-                running=running,
-                healthy=running,
-                config_hash=spec.get("config_hash"),
-                revision=spec.get("revision"),
-                detail=detail,
-                restarts=int(sup.get("restarts", 0)),
-            )
+            seen = self._observe_dir(directory)
+            if seen is not None:
+                out[directory.name] = seen
         return out
+
+    def observe_instance(self, ref: UnitRef) -> ObservedUnit | None:
+        """One instance only (readiness gates ask many times a second)."""
+        directory = self._dir(ref)
+        return self._observe_dir(directory) if directory.is_dir() else None
+
+    def _observe_dir(self, directory: Path) -> ObservedUnit | None:
+        spec = self._read(directory / "spec.json")
+        if spec is None:
+            return None
+        running = self._running(directory)
+        sup = self._supervisor(directory) or {}
+        state = sup.get("state", "never started")
+        detail = f"{state}, restarts {sup.get('restarts', 0)}"
+        if sup.get("exit_code") is not None:
+            detail += f", last exit code {sup['exit_code']}"
+        return ObservedUnit(
+            name=directory.name,
+            exists=True,
+            running=running,
+            healthy=running,
+            config_hash=spec.get("config_hash"),
+            revision=spec.get("revision"),
+            detail=detail,
+            restarts=int(sup.get("restarts", 0)),
+        )
 
     def apply(self, action: BackendAction) -> None:
         match action:
@@ -309,7 +320,9 @@ class ProcessBackend:
         (directory / "supervisor.json").unlink(missing_ok=True)
         with (directory / "supervisor.log").open("ab") as errors:
             launcher = subprocess.Popen(
-                [sys.executable, "-m", "hxp.backends.supervisor", "--detach", str(directory)],
+                # By path and isolated (-I): `-m hxp.backends.supervisor` would import the
+                # package and pydantic first (0.3 s per start); the supervisor needs stdlib only.
+                [sys.executable, "-I", SUPERVISOR, "--detach", str(directory)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=errors,

@@ -99,8 +99,9 @@ class NginxGateway:
         if pid is None:
             self._start()
         elif previous != text:
+            before = set(self._workers(pid))  # before the signal: new workers can be quick
             os.kill(pid, signal.SIGHUP)  # graceful reload: old workers finish their requests
-            self._wait_reloaded(pid)
+            self._wait_reloaded(pid, before)
         self.upstreams_file.write_text(json.dumps({k: list(v) for k, v in live.items()}))
 
     def set_upstream(self, unit: str, ports: Sequence[int]) -> None:
@@ -126,10 +127,9 @@ class NginxGateway:
             return
         raise BackendError("gateway started but wrote no pid file")
 
-    def _wait_reloaded(self, pid: int) -> None:
+    def _wait_reloaded(self, pid: int, before: set[int]) -> None:
         """nginx answers a reload asynchronously; wait until the new workers are up."""
         deadline = time.monotonic() + 5
-        before = set(self._workers(pid))
         while time.monotonic() < deadline:
             now = set(self._workers(pid))
             if now - before:

@@ -19,12 +19,14 @@ from hxp.config import EffectiveConfig
 from hxp.errors import BackendError, LockedError
 from hxp.health import (
     InstanceChecks,
+    InstanceHealth,
     LayerResult,
     Replica,
     RouteDecision,
     Status,
     SweepReport,
     SweepSettings,
+    UnitRecord,
     evaluate_sweep,
     health_rows,
     plan_checks,
@@ -48,8 +50,14 @@ class Observation:
 
 @dataclass(frozen=True)
 class Probed:
+    """What one sweep saw: the backends' view, the checks and their results, and the state the
+    last sweep left (read once, for the synthetic layer and for damping)."""
+
+    observation: Observation
     checks: list[InstanceChecks]
     results: list[LayerResult]
+    previous: dict[str, InstanceHealth]
+    previous_units: dict[str, UnitRecord]
 
 
 _LOADED: dict[tuple[Any, ...], EffectiveConfig] = {}
@@ -123,31 +131,38 @@ async def probe(
     """Plan the checks (hxp.health.plan_checks) and run them all concurrently."""
     from hxp.io.probes import run_checks
 
-    previous, _ = Store(state_dir).health_state(stack.stack)
+    previous, previous_units = Store(state_dir).health_state(stack.stack)
     checks = plan_checks(stack, observation.units, observation.blind, _expanded(stack))
     data = {name: dict(i.data) for name, i in previous.items()}
-    return Probed(checks, await run_checks(checks, stack.hosts, data, settings))
+    results = await run_checks(checks, stack.hosts, data, settings)
+    return Probed(observation, checks, results, previous, previous_units)
+
+
+async def check(stack: Stack, state_dir: str | Path, settings: SweepSettings) -> Probed:
+    """Observe (the backends' calls block: in a thread), then probe."""
+    import asyncio
+
+    observation = await asyncio.to_thread(observe, stack, state_dir, settings)
+    return await probe(stack, state_dir, observation, settings)
 
 
 def settle(
     stack: Stack,
     state_dir: str | Path,
-    observation: Observation,
     probed: Probed,
     settings: SweepSettings,
     now: float | None = None,
 ) -> SweepReport:
-    """Combine layers, replicas and dependencies, damp against the stored state, and store the
-    result with one event per transition (the store's events table)."""
-    store = Store(state_dir)
-    previous, previous_units = store.health_state(stack.stack)
+    """Combine layers, replicas and dependencies, damp against the last sweep's state, and
+    store the result with one event per transition (the store's events table)."""
+    observation = probed.observation
     report = evaluate_sweep(
         stack,
         probed.checks,
         probed.results,
         observation.units,
-        previous,
-        previous_units,
+        probed.previous,
+        probed.previous_units,
         settings,
         time.time() if now is None else now,
         observation.blind,
@@ -160,7 +175,7 @@ def settle(
         )
         for t in report.transitions
     ]
-    store.save_health(stack.stack, report.instances, report.units, events)
+    Store(state_dir).save_health(stack.stack, report.instances, report.units, events)
     for host, why in sorted(observation.blind.items()):
         report.notes.append(f"host {host}: backend not observed: {why}")
     return report
@@ -207,12 +222,11 @@ def reroute(
                     live[d.unit] = list(d.after)
                 if any(d.changed for d in decisions):
                     gateway.apply(live)
-        except LockedError as exc:
-            notes.append(f"{exc}: gateway upstreams left alone this sweep")
-            return [RouteDecision(d.unit, d.before, d.before) for d in decisions], notes
-        except BackendError as exc:
-            notes.append(f"gateway update failed: {exc}")
-            return [RouteDecision(d.unit, d.before, d.before) for d in decisions], notes
+        except (LockedError, BackendError) as exc:
+            why = "upstreams left alone this sweep"
+            notes.append(f"{exc}: {why}" if isinstance(exc, LockedError) else f"gateway: {exc}")
+            kept = [RouteDecision(d.unit, d.before, d.before, alert=d.alert) for d in decisions]
+            return kept, notes
         store.set_ejected(stack.stack, [i for d in decisions for i in d.removed], True)
         store.set_ejected(stack.stack, [i for d in decisions for i in d.restored], False)
     # A deploy may have put an ejected replica back itself: it is no longer ours to restore.
@@ -300,9 +314,8 @@ def sweep_stack(
     import asyncio
 
     started = time.monotonic()
-    observation = observe(stack, state_dir, settings)
-    probed = asyncio.run(probe(stack, state_dir, observation, settings))
-    report = settle(stack, state_dir, observation, probed, settings)
+    probed = asyncio.run(check(stack, state_dir, settings))
+    report = settle(stack, state_dir, probed, settings)
     if reroute_gateway:
         report.routes, notes = reroute(stack, state_dir, report)
         report.notes.extend(notes)

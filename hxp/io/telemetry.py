@@ -110,8 +110,6 @@ PUSH_TIMEOUT = 5.0
 #: Which families each batch flow pushes (grouping key job=hxp, stack, flow): a family lives in
 #: one group per stack, so no series is pushed twice.
 FLOW_GROUPS = ("deploy", "aggregate-metrics", "health")
-_DEPLOY_FAMILIES = (DEPLOYS, DEPLOY_SECONDS, UNIT_DEPLOY_SECONDS, ROLLBACKS, LIFECYCLE_STATE)
-_ERRORS_WHERE = {"deploy": "deploy", "aggregate-metrics": "scrape"}
 HEALTH_MAX_AGE = 900.0  # a unit's last sweep older than this is reported unknown (-1)
 FLEET_MAX_AGE = 900.0  # fleet series older than this are not served
 

@@ -598,8 +598,15 @@ class SimMetrics:
             self.h_max_tokens.observe(stats.max_tokens_param)
 
     def render(self, accept: str) -> tuple[bytes, str]:
-        """The exposition for an Accept header, chosen the way prometheus_client's app does."""
-        encoder, content_type = choose_encoder(accept)
+        """The Prometheus text format (0.0.4), whatever the Accept header asks for.
+
+        prometheus-client 0.26's OpenMetrics writer escapes the `:` in sample names
+        (`vllm:num_requests_running` -> `vllm_num_requests_running`) while its HELP/TYPE
+        lines keep it, so a Prometheus that prefers OpenMetrics would store names no vLLM
+        dashboard or rule uses. The text format keeps vLLM's names intact.
+        """
+        del accept
+        encoder, content_type = choose_encoder("text/plain; version=0.0.4")
         return encoder(self.registry), content_type
 
 

@@ -23,6 +23,7 @@ from hxp.config import load_config
 from hxp.io.gateway import NginxGateway
 from hxp.store import Store
 from tests.flows.test_blue_green import free_range
+from tests.integration.test_health_targets import listening, remove_all, start_all
 from tests.support.loadgen import BackgroundLoad
 from tests.support.stacks import free_port, web_stack
 
@@ -102,7 +103,6 @@ def test_sweep_flow_reports_changes_once_and_pushes_gauges(
     path, ports = web_stack(tmp_path, "hf")
     stack = load_config([path], {}).stack
     state = tmp_path / "state"
-    from tests.integration.test_health_targets import remove_all, start_all
 
     backend = start_all(stack, state)
     try:
@@ -133,7 +133,7 @@ def test_sweep_flow_reports_changes_once_and_pushes_gauges(
         assert 'job="hxp-health",layer="http",stack="hf",unit="api"} 1' in metrics
 
         backend.apply(Start(UnitRef("hf", "db", "db")))
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{ports['db']}/", timeout=1), "db up")
+        wait_for(lambda: listening(ports["db"]), "db up")
         sweep(path, state, flap_threshold=1)
         events = wait_for(
             lambda: (

@@ -45,6 +45,7 @@ from hxp.health import (
     stack_status,
     synthetic_result,
     synthetic_skip,
+    synthetic_unanswered,
     transitions,
 )
 from hxp.io.probes import parse_header_line, parse_status_line
@@ -578,6 +579,23 @@ def test_synthetic_skip(
 )
 def test_synthetic_result(code: int, body: bytes, want: Status) -> None:
     assert synthetic_result("x", code, body, 0.01, 2.0, S, 1.0).status is want
+
+
+@pytest.mark.parametrize(
+    ("timed_out", "waiting", "want", "reason_has"),
+    [
+        pytest.param(True, 12.0, D, "queued behind 12 waiting request(s)", id="slow-in-a-queue"),
+        pytest.param(True, 0.0, U, "no answer", id="timed-out-idle"),
+        pytest.param(True, None, U, "no answer", id="timed-out-no-metrics"),
+        pytest.param(False, 12.0, U, "no answer", id="refused"),
+    ],
+)
+def test_synthetic_unanswered(
+    timed_out: bool, waiting: float | None, want: Status, reason_has: str
+) -> None:
+    result = synthetic_unanswered("x", "no answer within 2s", timed_out, waiting, 2.0, 1.0)
+    assert result.status is want
+    assert reason_has in result.reason
 
 
 @pytest.mark.parametrize(

@@ -640,3 +640,23 @@ def test_a_newly_declared_series_has_no_window_on_its_first_run() -> None:
     assert win is not None
     assert "vllm:num_preemptions_total" not in win.counters
     assert PROMPT_TOKENS in win.counters
+
+
+def test_replica_with_other_buckets_is_left_out_of_quantiles_and_reported() -> None:
+    """chat-1 with a TTFT bucket bound renamed (0.25 -> 0.3): it cannot be summed bucket-wise."""
+    odd = lambda t: t.replace(  # noqa: E731
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.25"',
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.3"',
+    )
+    baselines = {
+        "chat-0": Baseline.of(page("v0.33_chat-0_t0.txt"), T0),
+        "chat-1": Baseline.of(parse_page(odd(text("v0.33_chat-1_t0.txt")), WANTED), T0),
+    }
+    scrapes = {
+        "chat-0": Scrape(T1, page("v0.33_chat-0_t1.txt")),
+        "chat-1": Scrape(T1, parse_page(odd(text("v0.33_chat-1_t1.txt")), WANTED)),
+    }
+    result = aggregate(stack(), CHAT, scrapes, baselines)
+    # chat-0's own TTFT increases alone (see test_window_quantiles_by_hand)
+    assert fleet(result, "fleet:ttft_seconds", quantile="0.95") == pytest.approx(0.0925)
+    assert any("1 of 2 vllm:time_to_first_token_seconds series" in i.message for i in result.issues)

@@ -1,0 +1,301 @@
+"""The Prefect product surface end to end: `prefect deploy --all` from prefect.yaml against a
+Prefect server, a process worker, the CI release event fired the three ways CI fires it, the
+health automation starting the recovery deployment, and a two-host deploy dispatched to two
+workers (one work pool per host)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hxp.backends.base import Remove, UnitRef
+from hxp.backends.process import ProcessBackend
+from hxp.store import Store
+from tests.support.stacks import free_port, web_stack
+from tests.support.workers import prefect_cli, start_worker, stop_worker, wait_for
+
+pytestmark = [pytest.mark.slow]
+RUN_TIMEOUT = 60.0
+
+
+def _remove_all(state: Path, stack: str) -> None:
+    backend = ProcessBackend(state)
+    for name in backend.observe(stack):
+        backend.apply(Remove(UnitRef(stack, name, name)))
+
+
+def _deployment(name: str) -> Any:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+def _runs(deployment_id: uuid.UUID) -> list[Any]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        return list(
+            client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )
+        )
+
+
+def _finished_run(deployment_id: uuid.UUID, known: set[uuid.UUID], log: Path) -> Any:
+    """The next run of a deployment (one not in `known`) once it is final."""
+
+    def final() -> Any:
+        for run in _runs(deployment_id):
+            if run.id not in known and run.state is not None and run.state.is_final():
+                return run
+        return None
+
+    run = wait_for("a flow run of the deployment to finish", final, RUN_TIMEOUT, log)
+    known.add(run.id)
+    return run
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """prefect.yaml deployed with the CLI, and one worker on the pool `hxp-local`."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    tmp = tmp_path_factory.mktemp("surface")
+    state = tmp / "state"
+    log = tmp / "worker.log"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="hxp-local", type="process"), overwrite=True)
+    started = time.monotonic()
+    prefect_cli(prefect_server, "deploy", "--all")
+    deploy_seconds = time.monotonic() - started
+    # This worker runs deploys and lifecycle actions; the scheduled sweeps sit on the
+    # `frequent` queue, which it leaves alone.
+    worker = start_worker(prefect_server, "hxp-local", state, log, queue="default")
+    try:
+        yield {
+            "api": prefect_server,
+            "tmp": tmp,
+            "state": state,
+            "log": log,
+            "deploy": deploy_seconds,
+        }
+    finally:
+        stop_worker(worker)
+        with get_client(sync_client=True) as client:
+            for automation in client.read_automations():
+                if automation.name.split("__")[0] in {"ci-release", "recover", "reconcile"}:
+                    client.delete_automation(automation.id)
+        for stack in ("ci", "demo"):
+            _remove_all(state, stack)
+
+
+def test_prefect_deploy_all_registers_every_deployment(deployed: Any) -> None:
+    out = prefect_cli(deployed["api"], "deployment", "ls")
+    for name in [
+        "deploy-stack/apply",
+        "deploy-service/apply",
+        "deploy-service/model",
+        "deploy-service/ci-release",
+        "deploy-monitoring/apply",
+        "rollback/manual",
+        "finish-interrupted/reconcile",
+        "health-sweep/every-30s",
+        "aggregate-metrics/every-15s",
+        "restart-stack/rolling",
+        "restart-service/recover",
+    ]:
+        assert name in out
+    sweep = _deployment("health-sweep/every-30s")
+    assert [s.schedule.interval.total_seconds() for s in sweep.schedules] == [30.0]
+    assert sweep.work_queue_name == "frequent"
+    apply = _deployment("deploy-stack/apply")
+    assert apply.global_concurrency_limit.limit == 1
+    assert apply.concurrency_options.collision_strategy == "ENQUEUE"
+    assert sweep.concurrency_options.collision_strategy == "CANCEL_NEW"
+
+
+def test_ci_release_event_deploys_the_unit_three_ways(deployed: Any) -> None:
+    """`prefect event emit`, `POST /api/events`, `prefect deployment run`: each makes one
+    deploy-service run with the release's parameters, and each completes."""
+    path, ports = web_stack(deployed["tmp"], "ci")
+    files = [str(path)]
+    release = _deployment("deploy-service/ci-release")
+    known = {r.id for r in _runs(release.id)}
+
+    prefect_cli(
+        deployed["api"],
+        "event",
+        "emit",
+        "hxp.ci.release",
+        "--resource",
+        json.dumps({"prefect.resource.id": "hxp.unit.db"}),
+        "--payload",
+        json.dumps({"version": "1.0.1", "stack_files": files}),
+    )
+    run = _finished_run(release.id, known, deployed["log"])
+    assert run.state.is_completed(), run.state
+    assert run.parameters["service"] == "db"
+    assert run.parameters["version"] == "1.0.1"
+    assert run.parameters["image"] is None
+    assert run.parameters["stack_files"] == files
+
+    event = {
+        "id": str(uuid.uuid4()),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": "hxp.ci.release",
+        "resource": {"prefect.resource.id": "hxp.unit.db"},
+        "payload": {"version": "1.0.2", "stack_files": files},
+    }
+    response = httpx.post(f"{deployed['api']}/events", json=[event], timeout=10)
+    assert response.status_code == 204, response.text
+    run = _finished_run(release.id, known, deployed["log"])
+    assert run.state.is_completed(), run.state
+    assert (run.parameters["service"], run.parameters["version"]) == ("db", "1.0.2")
+
+    prefect_cli(
+        deployed["api"],
+        "deployment",
+        "run",
+        "deploy-service/ci-release",
+        "--param",
+        "service=db",
+        "--param",
+        "version=1.0.3",
+        "--param",
+        f"stack_files={json.dumps(files)}",
+    )
+    run = _finished_run(release.id, known, deployed["log"])
+    assert run.state.is_completed(), run.state
+    assert run.parameters["version"] == "1.0.3"
+
+    # Three releases, three revisions of db, the last one running with its version.
+    revisions = Store(deployed["state"]).revisions("ci", "db")
+    assert [r.status for r in revisions][-3:] == ["good", "good", "good"], revisions
+    seen = ProcessBackend(deployed["state"]).observe("ci")["db"]
+    assert seen.running
+    assert httpx.get(f"http://127.0.0.1:{ports['db']}/", timeout=2).status_code == 200
+
+
+def test_unhealthy_event_runs_the_recovery_deployment(deployed: Any) -> None:
+    """The sweep's `hxp.health.unhealthy` for unit db of stack demo restarts db on the worker."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.events import emit_event
+
+    from flows.deploy import deploy_service
+    from flows.health import resource
+
+    path, _ = web_stack(deployed["tmp"], "demo")
+    deploy_service([str(path)], "db", state_dir=str(deployed["state"]))
+    recover = _deployment("restart-service/recover")
+    # One recovery deployment per stack: point this one at the test's stack file.
+    with get_client(sync_client=True) as client:
+        client.update_deployment(
+            recover.id,
+            DeploymentUpdate(parameters={**recover.parameters, "stack_files": [str(path)]}),
+        )
+    known = {r.id for r in _runs(recover.id)}
+    emitted = emit_event(
+        event="hxp.health.unhealthy",
+        resource=resource("demo", "db"),
+        payload={"before": "healthy", "after": "unhealthy", "reason": "http: refused"},
+    )
+    assert emitted is not None
+    run = _finished_run(recover.id, known, deployed["log"])
+    assert run.parameters["service"] == "db"
+    assert run.state.is_completed(), run.state
+    assert ProcessBackend(deployed["state"]).observe("demo")["db"].running
+
+
+TWO_HOSTS = """\
+stack: pair
+hosts:
+  a: {{backend: process, work_pool: hxp-host-a}}
+  b: {{backend: process, work_pool: hxp-host-b}}
+services:
+  db:
+    host: a
+    command: [{py}, -m, http.server, "{db}", --bind, 127.0.0.1]
+    ports: {{http: {db}}}
+    health: {{http: {{url: "http://127.0.0.1:{db}/"}}, interval: 500ms, retries: 3}}
+  api:
+    host: b
+    depends_on: [db]
+    command: [{py}, -m, http.server, "{api}", --bind, 127.0.0.1]
+    ports: {{http: {api}}}
+    health: {{http: {{url: "http://127.0.0.1:{api}/"}}, interval: 500ms, retries: 3}}
+"""
+
+
+def test_two_hosts_each_deployed_by_its_own_worker(prefect_server: str, tmp_path: Path) -> None:
+    """deploy-stack with dispatch: db goes to host a's worker, then api to host b's."""
+    import sys
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.deploy import deploy_stack
+
+    ports = {"db": free_port(), "api": free_port()}
+    path = tmp_path / "pair.yaml"
+    path.write_text(TWO_HOSTS.format(py=sys.executable, **ports))
+    states = {h: tmp_path / f"state-{h}" for h in "ab"}
+    logs = {h: tmp_path / f"worker-{h}.log" for h in "ab"}
+    with get_client(sync_client=True) as client:
+        for h in "ab":
+            client.create_work_pool(
+                WorkPoolCreate(name=f"hxp-host-{h}", type="process"), overwrite=True
+            )
+    workers = {h: start_worker(prefect_server, f"hxp-host-{h}", states[h], logs[h]) for h in "ab"}
+    try:
+        result = deploy_stack([str(path)], dispatch=True)
+    except BaseException:
+        for h in "ab":
+            print(logs[h].read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        for proc in workers.values():
+            stop_worker(proc)
+    try:
+        assert [(p["host"], sorted(p["units"])) for p in result["dispatched"]] == [
+            ("a", ["db"]),
+            ("b", ["api"]),
+        ]
+        # Each host's store and processes hold only its own units.
+        assert sorted(ProcessBackend(states["a"]).observe("pair")) == ["db"]
+        assert sorted(ProcessBackend(states["b"]).observe("pair")) == ["api"]
+        assert Store(states["a"]).deploys("pair")[0].status == "succeeded"
+        assert Store(states["b"]).deploys("pair")[0].status == "succeeded"
+        for port in ports.values():
+            assert httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200
+    finally:
+        for state in states.values():
+            _remove_all(state, "pair")
+
+
+def test_reconcile_flow_closes_a_deploy_whose_process_died(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    """What the automation on a failed/crashed deploy run starts: the interrupted deploy is
+    closed (its changes rolled back), and a second run finds nothing to do."""
+    from flows.deploy import finish_interrupted
+
+    path, _ = web_stack(tmp_path, "gone")
+    state = tmp_path / "state"
+    deploy_id = Store(state).begin_deploy("gone", "deploy", "abc", None, "ci", None)
+    result = finish_interrupted([str(path)], state_dir=str(state))
+    assert Store(state).deploys("gone")[0].id == deploy_id
+    assert Store(state).deploys("gone")[0].status == "interrupted"
+    assert result["stack"] == "gone"
+    assert finish_interrupted([str(path)], state_dir=str(state))["rolled_back"] == []
