@@ -2,7 +2,7 @@
 starts the moment its own dependencies are ready) vs a level-by-level start, in the same run.
 
 Each unit is a Python process that sleeps its start-up time, then listens; its readiness gate
-is a TCP check every 100 ms. The critical path is the longest chain of declared start-up times
+is a TCP check every 50 ms. The critical path is the longest chain of declared start-up times
 through the DAG. Both starts use the same task (`start-unit`) and the same local Prefect server
 (SQLite, started here, heartbeats off as for CLI runs); only the scheduling differs:
 - ours: `start-stack` (hxp.graph.ReadyScheduler through flows.scheduling.run_ready_set);
@@ -79,7 +79,7 @@ def make_stack(units: int, seed: int) -> tuple[dict[str, Any], dict[str, float]]
             "stop_timeout": "2s",
             "health": {
                 "tcp": {"port": port},
-                "interval": "100ms",
+                "interval": "50ms",
                 "timeout": "500ms",
                 "retries": 50,
                 "start_period": "30s",

@@ -134,7 +134,7 @@ async def health_sweep(
     started = time.monotonic()
     # quote(): the tasks get the values as they are, without Prefect walking through them.
     probed = await check_health(quote(stack), state, settings)
-    report = record_health(quote(stack), state, quote(probed), settings)
+    report = await record_health(quote(stack), state, quote(probed), settings)
     if reroute and stack.gateway is not None:
         report.routes, notes = reroute_gateway(quote(stack), state, quote(report))
         report.notes.extend(notes)

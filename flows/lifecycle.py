@@ -401,6 +401,19 @@ def supervise_stack(
     except LockedError as exc:  # a deploy or restart is under way: it owns the units now
         get_run_logger().info("pass skipped: %s", exc)
         return {"stack": stack.stack, "skipped": str(exc)}
+    create_markdown_artifact(
+        key=f"supervise-{stack.stack}",
+        markdown="\n".join(
+            [
+                f"- crashed: {', '.join(report.crashed) or 'none'}",
+                f"- restarted: {', '.join(report.restarted) or 'none'}",
+                f"- waiting (backoff): {', '.join(sorted(report.waiting)) or 'none'}",
+                f"- gave up (crash loop): {', '.join(report.gave_up) or 'none'}",
+                *(f"- restart of {u} failed: {why}" for u, why in report.failed_restarts.items()),
+            ]
+        ),
+        description=f"supervisor pass over {stack.stack}",
+    )
     return {
         "stack": stack.stack,
         "reconciled": reconciled,

@@ -25,10 +25,13 @@ async def check_health(stack: Stack, state_dir: str, settings: SweepSettings) ->
 
 
 @task(name="record-health", task_run_name="record-{stack.stack}", cache_policy=NO_CACHE)
-def record_health(
+async def record_health(
     stack: Stack, state_dir: str, probed: Probed, settings: SweepSettings
 ) -> SweepReport:
-    """Compose, damp against the last sweep, and store the result and its transitions."""
+    """Compose, damp against the last sweep, and store the result and its transitions.
+
+    Async like the flow, so Prefect runs it on the flow's loop and client (a sync task in an
+    async flow costs a client of its own)."""
     return sweep.settle(stack, state_dir, probed, settings)
 
 

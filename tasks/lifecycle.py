@@ -33,6 +33,7 @@ from hxp.backends.base import (
     Stop,
     UnitRef,
     Update,
+    observe_one,
 )
 from hxp.errors import BackendError, LifecycleError, classify_error
 from hxp.io import lifecycle as rec
@@ -113,6 +114,16 @@ def unit_instances(
             key=lambda i: (not observed[i.name].running, observed[i.name].config_hash != want)
         )
         out.append(candidates[0] if candidates else a)
+    return out
+
+
+def _observe_unit(backend: Backend, stack: Stack, unit: str) -> dict[str, ObservedUnit]:
+    """What the backend sees of one unit's instances (both slots), without listing the stack."""
+    out = {}
+    for inst in _all_slots(stack, unit):
+        seen = observe_one(backend, inst)
+        if seen is not None:
+            out[inst.name] = seen
     return out
 
 
@@ -272,7 +283,7 @@ def start_unit(ctx: DeployContext, unit: str) -> UnitResult:
     """Start every replica of a unit that is not running, each gated on readiness."""
     started = time.monotonic()
     backend = ctx.backend(ctx.stack.unit(unit).host)
-    observed = observe_all(ctx.stack, ctx.state_dir)
+    observed = _observe_unit(backend, ctx.stack, unit)
     result = UnitResult(unit)
     for inst in unit_instances(ctx.stack, unit, observed):
         result.done[inst.name] = _start_instance(ctx, backend, inst, observed.get(inst.name))

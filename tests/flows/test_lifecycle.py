@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 ROOT = Path(__file__).parents[2]
 PY = sys.executable
 REQUESTS = 10_000
+Surge = Literal["auto", "never"]
 
 
 def files(*paths: Path) -> list[str]:
@@ -167,6 +168,33 @@ def test_stop_goes_dependents_first_start_dependencies_first(web) -> None:  # ty
     assert {e["resource"]["prefect.resource.name"] for e in draining} == {"api", "cache", "db"}
     assert {e["payload"]["from"] for e in draining} == {"running"}
     assert {e["resource"]["hxp.stack"] for e in draining} == {"t"}
+
+
+def test_the_cli_runs_the_lifecycle_flows(web) -> None:  # type: ignore[no-untyped-def]
+    path, ports, state = web
+    deploy([path], state)
+
+    def run(*args: str) -> str:
+        proc = hxp(*args, state=state)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out
+        return out
+
+    out = run("stop", "api", "-f", str(path))
+    assert "Stop of stack t succeeded." in out
+    assert "api: stopped" in out
+    assert not serving(ports["api"])
+    out = run("restart", "--rolling", "-f", str(path))
+    assert "Rolling restart of stack t succeeded." in out
+    assert all(serving(p) for p in ports.values())  # api came back: a restart starts it too
+    out = run("states", "-f", str(path))
+    assert "api" in out
+    assert "running" in out
+    assert "latest transitions:" in out
+    bad = hxp("start", "nope", "-f", str(path), state=state)
+    text, _ = bad.communicate(timeout=120)
+    assert bad.returncode == 2, text
+    assert "unknown unit 'nope'" in text
 
 
 def test_each_unit_starts_the_moment_its_own_dependencies_are_ready(tmp_path: Path) -> None:
@@ -573,7 +601,7 @@ def pids(state: Path) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("surge", ["auto", "never"])
-def test_rolling_restart_under_load_fails_no_request(long_fleet, surge: str) -> None:  # type: ignore[no-untyped-def]
+def test_rolling_restart_under_load_fails_no_request(long_fleet, surge: Surge) -> None:  # type: ignore[no-untyped-def]
     from flows.lifecycle import restart_stack
 
     path, state, url, stack = long_fleet
@@ -620,9 +648,9 @@ def test_negative_control_a_restart_without_rolling_drops_requests(fleet) -> Non
 
 
 @pytest.mark.parametrize("surge", ["auto", "never"])
-def test_a_replica_failing_its_gate_stops_the_roll_and_is_restored(
-    fleet, tmp_path: Path, surge: str
-) -> None:  # type: ignore[no-untyped-def]
+def test_a_replica_failing_its_gate_stops_the_roll_and_is_restored(  # type: ignore[no-untyped-def]
+    fleet, tmp_path: Path, surge: Surge
+) -> None:
     from flows.lifecycle import reload_stack
 
     path, state, url, _ = fleet

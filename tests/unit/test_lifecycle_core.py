@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -297,7 +298,7 @@ def test_the_calculator_start_check() -> None:
 # --------------------------------------------------------------------------- reload plans
 
 
-def stack(**services: dict[str, object]) -> Stack:
+def stack(**services: Any) -> Stack:
     data = {
         "stack": "t",
         "hosts": {"local": {"backend": "process"}},
