@@ -57,6 +57,7 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/graph_scale.py
 	$(BIN)/python bench/deploy.py
+	$(BIN)/python bench/lifecycle.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

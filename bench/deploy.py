@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hxp-bench-"))
     try:
-        from hxp.io.prefect_server import ensure_api, stop_server
+        from hxp.io.prefect_server import ensure_api
 
         ensure_api(tmp / "server")
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -116,8 +116,10 @@ def main() -> None:
         backend = ProcessBackend(state)
         for name in backend.observe("bench"):
             backend.apply(Remove(UnitRef("bench", name, name)))
-        stop_server(tmp / "server")
     finally:
+        from hxp.io.prefect_server import stop_server
+
+        stop_server(tmp / "server")
         shutil.rmtree(tmp, ignore_errors=True)
     noop = sorted(noops)[1]
     print(

@@ -126,7 +126,13 @@ class MonitoringError(HxpError):
 
 
 class LifecycleError(HxpError):
-    """A start, stop, restart or supervision step failed; the message names the unit and step."""
+    """A start, stop, restart or supervision step failed; the message names the unit and step.
+    `error_class` says what it is worth (see classify_error): a unit that never became ready
+    is `permanent`, whatever words its checks reported."""
+
+    def __init__(self, message: str, error_class: str = "permanent") -> None:
+        self.error_class = error_class
+        super().__init__(message)
 
 
 class IllegalTransitionError(LifecycleError):
@@ -140,7 +146,8 @@ class IllegalTransitionError(LifecycleError):
         choices = ", ".join(self.allowed) or "nothing"
         super().__init__(
             f"{instance}: illegal lifecycle transition {current} -> {target} "
-            f"(from {current} it may go to: {choices})"
+            f"(from {current} it may go to: {choices})",
+            "permanent",
         )
 
 
@@ -201,8 +208,8 @@ def classify_error(exc: BaseException) -> str:
         return "transient"
     if isinstance(exc, InputError | GpuAllocationError | SecretError):
         return "input" if isinstance(exc, InputError | SecretError) else "permanent"
-    if isinstance(exc, IllegalTransitionError):
-        return "permanent"
+    if isinstance(exc, LifecycleError):
+        return exc.error_class
     if isinstance(exc, ConnectionRefusedError | ConnectionResetError | BrokenPipeError):
         return "transient"
     if isinstance(exc, TimeoutError):

@@ -602,6 +602,14 @@ class Store:
                 [(stack, unit, kind, message, now) for unit, kind, message in events],
             )
 
+    def set_ejected(self, stack: str, instances: Sequence[str], ejected: bool) -> None:
+        """Mark instances as taken out of (or put back into) the gateway by a sweep."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE health_instances SET ejected = ? WHERE stack = ? AND instance = ?",
+                [(int(ejected), stack, i) for i in instances],
+            )
+
     # ---------------------------------------------------------------- lifecycle states
 
     def lifecycle(self, stack: str) -> dict[str, LifecycleRecord]:
@@ -702,14 +710,6 @@ class Store:
                 (stack, row["unit"], f"{instance}: forgotten ({reason})", time.time()),
             )
         return str(row["unit"])
-
-    def set_ejected(self, stack: str, instances: Sequence[str], ejected: bool) -> None:
-        """Mark instances as taken out of (or put back into) the gateway by a sweep."""
-        with self.transaction() as db:
-            db.executemany(
-                "UPDATE health_instances SET ejected = ? WHERE stack = ? AND instance = ?",
-                [(int(ejected), stack, i) for i in instances],
-            )
 
 
 def _lifecycle(row: sqlite3.Row) -> LifecycleRecord:

@@ -180,9 +180,9 @@ def _fail(
         rec.logger().warning("%s: %s", instance, reason)
     elif current is not State.FAILED:
         rec.record(store, ctx.stack.stack, unit, instance, State.FAILED, reason)
-    if exc is not None:
-        rec.count_error(store, ctx.stack.stack, unit, exc)
-    return LifecycleError(f"{unit}: {reason}")
+    counted = rec.count_error(store, ctx.stack.stack, unit, exc) if exc is not None else None
+    # The instance has failed: nothing retries it any more (bad input stays `input`).
+    return LifecycleError(f"{unit}: {reason}", "input" if counted == "input" else "permanent")
 
 
 def _apply(

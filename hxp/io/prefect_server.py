@@ -125,6 +125,11 @@ def ensure_api(state_dir: Path) -> str:
     """PREFECT_API_URL if set, else the local server (started if needed); sets the variable."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
+    from prefect.settings import PREFECT_API_URL  # a profile or temporary settings may set it
+
+    configured = PREFECT_API_URL.value()
+    if configured:
+        return str(configured)
     url: str = start_server(state_dir)["url"]
     os.environ["PREFECT_API_URL"] = url
     return url

@@ -750,8 +750,11 @@ def test_a_config_file_change_is_reloaded_without_a_restart(tmp_path: Path, monk
         assert conf.read_text() == "version one"
 
         write("version three", env="2")  # env cannot be reloaded: the rolling path restarts it
-        result = reload_stack(files(path), state_dir=str(state))
-        assert result["rolled"] == ["web"]
+        watch = hxp("config", "watch", "--once", "-f", str(path), state=state)
+        out, _ = watch.communicate(timeout=180)
+        assert watch.returncode == 0, out
+        assert "roll    web" in out  # the plan, shown before it is applied
+        assert "reloaded: nothing; rolled: web" in out
         assert body() == "version three"
         assert child_pid(state, "hot", "web") != pid
     finally:

@@ -4,12 +4,15 @@ HTTP (status, body, latency, chunked and close-delimited bodies, silence), TCP, 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +32,7 @@ from hxp.spec import HostSpec
 from tests.support.stacks import free_port
 
 LOCAL = {"local": HostSpec(backend="process")}
+ROOT = Path(__file__).parents[2]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -201,3 +205,18 @@ def test_many_endpoints_run_concurrently_within_the_bound(silent: int) -> None:
     assert len(results) == 50
     assert all(r.status is Status.UNHEALTHY for r in results)
     assert 0.55 < took < 2.0
+
+
+def test_hxp_health_needs_no_prefect(tmp_path: Path) -> None:
+    """`hxp health` runs the sweep without importing Prefect (it answers in well under 1 s)."""
+    code = (
+        "import sys, hxp.cli\n"
+        f"rc = hxp.cli.main(['health', '-f', 'examples/demo/stack.yaml', '--state-dir', "
+        f"{str(tmp_path)!r}, '--json'])\n"
+        "sys.exit(10 + rc if 'prefect' in sys.modules else rc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 2, out.stderr  # nothing deployed: unhealthy, and no Prefect
+    assert json.loads(out.stdout)["status"] == "unhealthy"

@@ -15,6 +15,7 @@ from hxp.errors import (
     BackendError,
     GpuAllocationError,
     IllegalTransitionError,
+    LifecycleError,
     StackValidationError,
     classify_error,
     classify_message,
@@ -405,6 +406,8 @@ def test_store_keeps_state_across_instances_of_the_store(tmp_path: Path) -> None
         (StackValidationError("services.x.health.interval: invalid duration 'soon'"), "input"),
         (BackendError("gateway config rejected by nginx -t: invalid parameter"), "permanent"),
         (RuntimeError("something nobody has seen"), "permanent"),
+        (LifecycleError("api: never became ready: status 503, expected 200"), "permanent"),
+        (LifecycleError("api: connection refused", "transient"), "transient"),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
 )
