@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import sys
 import textwrap
 from pathlib import Path
 
+_rng = random.Random()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port below the kernel's ephemeral range (32768-60999 here), free when asked.
+
+    Ports the OS hands out for port 0 come from the ephemeral range, which outgoing
+    connections of parallel tests also use: a server started there later can find its port
+    taken. Below the range only servers compete.
+    """
+    for _ in range(500):
+        port = _rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def web_stack(tmp: Path, name: str = "t", extra: str = "") -> tuple[Path, dict[str, int]]:
