@@ -5,7 +5,6 @@ The model servers are hxp-vllm-sim, the development double of vLLM; nginx is rea
 
 from __future__ import annotations
 
-import socket
 import sys
 import textwrap
 import time
@@ -20,29 +19,10 @@ from hxp.errors import DeployError
 from hxp.io.gateway import NginxGateway
 from hxp.store import Store
 from tests.support.loadgen import BackgroundLoad
-from tests.support.stacks import free_port
+from tests.support.stacks import free_port, free_range
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 REQUESTS = 10_000
-
-
-def free_range(n: int) -> int:
-    """A base port with n free ports after it."""
-    for _ in range(200):
-        base = free_port()
-        if base + n > 65535:
-            continue
-        ok = True
-        for port in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 @pytest.fixture

@@ -22,10 +22,9 @@ from hxp.backends.process import ProcessBackend
 from hxp.config import load_config
 from hxp.io.gateway import NginxGateway
 from hxp.store import Store
-from tests.flows.test_blue_green import free_range
 from tests.integration.test_health_targets import listening, remove_all, start_all
 from tests.support.loadgen import BackgroundLoad
-from tests.support.stacks import free_port, web_stack
+from tests.support.stacks import free_port, free_range, web_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,7 +28,7 @@ from hxp.errors import LifecycleError
 from hxp.io.gateway import NginxGateway
 from hxp.lifecycle import State
 from hxp.store import Store
-from tests.support.stacks import free_port, web_stack
+from tests.support.stacks import free_port, free_range, web_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 ROOT = Path(__file__).parents[2]
@@ -359,26 +358,6 @@ def test_a_unit_crashing_every_second_ends_failed_with_an_alert(
 
 
 # --------------------------------------------------------------------------- a killed orchestrator
-
-
-def free_range(n: int) -> int:
-    """A base port with n free ports after it, below the ephemeral range: a port the kernel
-    may hand out as a client's source port can be taken while its replica restarts."""
-    import random
-
-    for _ in range(500):
-        base = random.randint(20000, 32000 - n)
-        ok = True
-        for port in range(base, base + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 def fleet_stack(

@@ -29,6 +29,23 @@ def free_port() -> int:
     raise RuntimeError("no free port between 20000 and 32000")
 
 
+def free_range(n: int) -> int:
+    """A base port with `n` free ports after it, below the ephemeral range (see free_port)."""
+    for _ in range(500):
+        base = _rng.randrange(20000, 32000 - n)
+        ok = True
+        for port in range(base, base + n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range between 20000 and 32000")
+
+
 def web_stack(tmp: Path, name: str = "t", extra: str = "") -> tuple[Path, dict[str, int]]:
     """db <- cache <- api, each a Python HTTP server with an HTTP readiness check."""
     ports = {"db": free_port(), "cache": free_port(), "api": free_port()}
