@@ -232,12 +232,6 @@ class InstanceChecks:
     probes: tuple[Probe, ...]
 
 
-def _route_port(inst: UnitInstance) -> int | None:
-    if not inst.ports:
-        return None
-    return dict(inst.ports).get("http", inst.ports[0][1])
-
-
 def sweep_instances(
     stack: Stack,
     observed: Mapping[str, ObservedUnit] | None,
@@ -309,7 +303,7 @@ def plan_checks(
                 unit=inst.unit,
                 kind=inst.kind,
                 host=inst.host,
-                port=_route_port(inst),
+                port=inst.route_port,
                 timeout=health.timeout if health is not None else 2.0,
                 probes=tuple(probes),
             )

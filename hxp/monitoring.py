@@ -30,7 +30,7 @@ from hxp.spec import (
     Stack,
     format_duration,
 )
-from hxp.units import UnitInstance, expand_units, slot_instances
+from hxp.units import UnitInstance, all_slots
 
 GENERATOR = "hxp.monitoring"
 GENERATOR_VERSION = 1
@@ -80,14 +80,6 @@ def host_address(stack: Stack, host: str) -> str:
     return stack.hosts[host].address or "127.0.0.1"
 
 
-def _instances(stack: Stack, unit: str) -> list[UnitInstance]:
-    """A unit's replicas; for a unit behind the gateway, both blue-green slots."""
-    insts = expand_units(stack, {unit})
-    if stack.gateway is not None and unit in stack.gateway.routes:
-        insts += slot_instances(stack, unit, 1)
-    return insts
-
-
 def _unit_labels(stack: Stack, inst: UnitInstance) -> dict[str, str]:
     labels = {
         "stack": stack.stack,
@@ -109,7 +101,7 @@ def scrape_jobs(stack: Stack) -> list[ScrapeJob]:
             ScrapeTarget(
                 f"{host_address(stack, i.host)}:{dict(i.ports)['http']}", _unit_labels(stack, i)
             )
-            for i in _instances(stack, name)
+            for i in all_slots(stack, name)
         )
         jobs.append(ScrapeJob(name, "model", name, targets, presence_metric=MODEL_PRESENCE_METRIC))
     for name, svc in sorted(stack.services.items()):
@@ -120,7 +112,7 @@ def scrape_jobs(stack: Stack) -> list[ScrapeJob]:
                 f"{host_address(stack, i.host)}:{dict(i.ports)[METRICS_PORT]}",
                 _unit_labels(stack, i),
             )
-            for i in _instances(stack, name)
+            for i in all_slots(stack, name)
         )
         # An exporter (e.g. `hxp exporter`) reports on other units: its own stack/unit labels
         # win over the target's, as for the Pushgateway.

@@ -75,6 +75,13 @@ class UnitInstance:
         return tuple(sorted((*self.env, *container_cache_env(dict(self.env)).items())))
 
     @property
+    def route_port(self) -> int | None:
+        """The port the gateway sends traffic to: the `http` port, else the first; None if none."""
+        if not self.ports:
+            return None
+        return dict(self.ports).get("http", self.ports[0][1])
+
+    @property
     def systemd_name(self) -> str:
         return f"hxp-{self.stack}-{self.name}.service"
 
@@ -224,6 +231,14 @@ def slot_instances(stack: Stack, unit: str, slot: int) -> list[UnitInstance]:
         return [_service_instance(stack, unit, svc, i, slot) for i in range(svc.replicas)]
     model = stack.models[unit]
     return [_model_instance(stack, unit, model, i, slot) for i in range(model.replicas)]
+
+
+def all_slots(stack: Stack, unit: str) -> list[UnitInstance]:
+    """A unit's instances; for a unit behind the gateway, both blue-green slots."""
+    insts = expand_units(stack, {unit})
+    if stack.gateway is not None and unit in stack.gateway.routes:
+        insts += slot_instances(stack, unit, 1)
+    return insts
 
 
 def expand_units(stack: Stack, only: set[str] | None = None) -> list[UnitInstance]:

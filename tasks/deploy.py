@@ -36,7 +36,7 @@ from hxp.io.probes import wait_drained, wait_ready
 from hxp.plan import Action, ActionKind, ObservedUnit
 from hxp.spec import HealthSpec, Stack
 from hxp.store import Store
-from hxp.units import UnitInstance, expand_units, slot_instances
+from hxp.units import UnitInstance, all_slots
 
 LOG_LINES = 20
 
@@ -271,18 +271,14 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
     return outcome
 
 
-def _all_slots(stack: Stack, unit: str) -> list[UnitInstance]:
-    """A unit's instances; for a unit behind the gateway, both blue-green slots."""
-    insts = expand_units(stack, {unit})
-    if stack.gateway is not None and unit in stack.gateway.routes:
-        insts += slot_instances(stack, unit, 1)
-    return insts
+_all_slots = all_slots
 
 
 def route_port(inst: UnitInstance) -> int:
-    """The port the gateway sends a unit's traffic to: its `http` port, else its first."""
-    ports = dict(inst.ports)
-    return ports.get("http", inst.ports[0][1])
+    """The port the gateway sends a routed unit's traffic to (a routed unit has ports)."""
+    port = inst.route_port
+    assert port is not None, f"{inst.name} is routed but declares no port"
+    return port
 
 
 def gateway_of(ctx: DeployContext) -> NginxGateway:

@@ -216,7 +216,8 @@ async def wait_drained(unit: UnitInstance, timeout: float) -> str:
     if unit.kind != "model":
         await asyncio.sleep(min(SERVICE_DRAIN_GRACE, timeout))
         return f"grace {min(SERVICE_DRAIN_GRACE, timeout):.1f}s (no drain metric for a service)"
-    port = dict(unit.ports).get("http", unit.ports[0][1])
+    port = unit.route_port
+    assert port is not None
     async with httpx.AsyncClient(timeout=2.0) as client:
         while (elapsed := time.monotonic() - start) < timeout:
             try:
