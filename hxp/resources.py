@@ -61,6 +61,16 @@ CONTEXT_GIB_MULTI = 0.6
 CUDAGRAPH_FIRST_GIB = 0.17
 CUDAGRAPH_PIECEWISE_MIB_PER_LAYER = 0.2
 CUDAGRAPH_FULL_MIB_PER_LAYER = 0.1
+#: Memory outside PyTorch that each NCCL all-reduce captured into a CUDA graph holds, when
+#: tensor parallelism runs over PCIe on more than two GPUs (vLLM's custom all-reduce refuses
+#: "more than two PCIe-only GPUs", so every layer's two all-reduces go through NCCL inside the
+#: graphs). Lower bound from QwenLM/Qwen3#1387 (4 x A10, TP=4, vLLM 0.8.5, Qwen3-30B-A3B): the
+#: process held 21.94 GiB of which PyTorch 15.84 GiB when capture ran out of memory, i.e. about
+#: 5.5 GiB beyond the CUDA context over at most 67 graphs x 48 layers x 2 all-reduces (0.87 MiB
+#: each). vllm#17469 (same model and GPUs at utilization 0.90) ran out the same way with only
+#: 1.6 GiB to spare; vLLM's own start-up warning of that era said graphs "can take additional
+#: 1~3 GiB memory per GPU".
+NCCL_GRAPH_MIB_PER_ALLREDUCE = 1.0
 
 Engine = Literal["auto", "v0", "v1"]
 UsageContext = Literal["api_server", "llm_class"]
@@ -756,6 +766,8 @@ class EngineProfile:
     profile_tokens: int
     large_gpu_defaults: bool
     sampler_bytes_per_logit: float
+    #: FULL_AND_PIECEWISE graphs (decode batches also captured whole): the default from 0.11.
+    full_cudagraphs: bool = False
 
 
 def engine_profile(req: FitRequest, shape: ModelShape, max_model_len: int) -> EngineProfile:
@@ -793,6 +805,7 @@ def engine_profile(req: FitRequest, shape: ModelShape, max_model_len: int) -> En
         profile_tokens=req.max_num_batched_tokens or tokens,
         large_gpu_defaults=large,
         sampler_bytes_per_logit=req.sampler_bytes_per_logit or _sampler_bytes(v1, version),
+        full_cudagraphs=v1 and version >= (0, 11, 0),
     )
 
 
@@ -854,20 +867,44 @@ def forward_bytes_per_token(shape: ModelShape, tp: int) -> float:
     return b * (max(mlp, attn) + 4 * h)
 
 
-def cudagraph_gib(layers: int, max_num_seqs: int, v1: bool) -> float:
-    """Estimated CUDA-graph pool on one GPU (empirical, see the constants above)."""
-    max_capture = min(2 * max_num_seqs, 512) if v1 else min(max_num_seqs, 256)
-    sizes = [s for s in _capture_sizes() if s <= max_capture]
-    full = [s for s in sizes if s <= max_num_seqs] if v1 else []
+def cudagraph_gib(
+    layers: int,
+    eng: EngineProfile,
+    tp: int = 1,
+    nvlink: bool = True,
+) -> float:
+    """Estimated CUDA-graph memory on one GPU (empirical, see the constants above): the graph
+    pool, plus what NCCL all-reduces captured in the graphs hold when TP > 2 runs over PCIe."""
+    sizes = capture_sizes(eng)
+    full = [s for s in sizes if s <= eng.max_num_seqs] if eng.full_cudagraphs else []
     mib = (
         len(sizes) * CUDAGRAPH_PIECEWISE_MIB_PER_LAYER * layers
         + len(full) * CUDAGRAPH_FULL_MIB_PER_LAYER * layers
     )
+    if tp > 2 and not nvlink:
+        mib += len(sizes) * layers * 2 * NCCL_GRAPH_MIB_PER_ALLREDUCE
     return CUDAGRAPH_FIRST_GIB + mib / 1024
 
 
-def _capture_sizes() -> list[int]:
-    return [1, 2, 4, *range(8, 257, 8), *range(272, 513, 16)]
+def capture_sizes(eng: EngineProfile) -> list[int]:
+    """The batch sizes vLLM captures CUDA graphs for, by version (``vllm/config``).
+
+    V0: 1, 2, 4, then steps of 8 up to ``min(max_num_seqs, 256)``. V1 before 0.10: 1, 2, 4,
+    then steps of 8 up to 512 whatever ``max_num_seqs`` is (``cuda_graph_sizes`` = [512]);
+    0.10: up to ``min(2 x max_num_seqs, 512)``; from 0.11 steps of 16 above 256. V1 drops
+    sizes above ``max_num_batched_tokens``.
+    """
+    if not eng.v1:
+        top = min(eng.max_num_seqs, 256)
+        return [s for s in [1, 2, 4, *range(8, 257, 8)] if s <= top]
+    if eng.version < (0, 10, 0):
+        sizes = [1, 2, 4, *range(8, 513, 8)]
+    elif eng.version < (0, 11, 0):
+        sizes = [1, 2, 4, *range(8, min(2 * eng.max_num_seqs, 512) + 1, 8)]
+    else:
+        top = min(2 * eng.max_num_seqs, 512)
+        sizes = [s for s in [1, 2, 4, *range(8, 257, 8), *range(272, 513, 16)] if s <= top]
+    return [s for s in sizes if s <= eng.profile_tokens]
 
 
 def reserve_for_stage(
@@ -903,7 +940,7 @@ def reserve_for_stage(
         non_torch = 0.1
     else:
         non_torch = NON_TORCH_GIB_SINGLE
-    graphs = 0.0 if enforce_eager else cudagraph_gib(layers, eng.max_num_seqs, eng.v1)
+    graphs = 0.0 if enforce_eager else cudagraph_gib(layers, eng, tp, nvlink)
     return Reserve(
         activation_gib=max(fwd, sampler, encoder),
         forward_gib=fwd,
@@ -1249,9 +1286,13 @@ def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitR
         what = f"the CUDA context (~{context:.2f} GiB)"
         if graphs:
             what += f" and CUDA graphs (~{graphs:.2f} GiB, captured after the KV cache)"
+        fix = "; enforce_eager skips the capture" if graphs else ""
+        lower = (gpu.total_gib - context - graphs) / gpu.total_gib
+        if graphs and lower > 0 and gpu.free_gib is None:
+            fix += f" (or gpu_memory_utilization <= {math.floor(lower * 100) / 100:.2f})"
         reasons.append(
             f"{what} need memory outside gpu_memory_utilization; only {outside:.2f} GiB is left "
-            f"({gpu.total_gib:.2f} GiB x (1 - {util:.2f}))"
+            f"({gpu.total_gib:.2f} GiB x (1 - {util:.2f})){fix}"
         )
     elif outside < context + graphs + 0.5:
         warnings.append(
@@ -1434,9 +1475,16 @@ def _explain_lines(
             ),
         ]
     if not worst.reserve.cudagraph_in_budget and not req.enforce_eager:
+        nccl = tp > 2 and not nvlink
         lines.append(
             f"CUDA graphs: ~{worst.reserve.cudagraph_gib:.2f} GiB captured after the KV cache, "
             "outside the utilization budget (vLLM < 0.21)"
+            + (
+                f"; {len(capture_sizes(eng))} graphs x {worst.layers} layers x 2 NCCL "
+                "all-reduces over PCIe included"
+                if nccl
+                else ""
+            )
         )
     lines += [
         f"KV cache: {num_blocks:,} blocks = {tokens:,} tokens",

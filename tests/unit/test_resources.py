@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from hxp.resources import (
     ModelConfigError,
     UnsupportedModelError,
     blocks_per_request,
+    capture_sizes,
+    engine_profile,
     fit,
     kv_bytes_per_token,
     kv_heads_per_gpu,
@@ -26,7 +29,7 @@ from hxp.resources import (
     valid_tensor_parallel_sizes,
     weight_bytes,
 )
-from tests.support.vllm_log_cases import load_cases, score
+from tests.support.vllm_log_cases import load_cases, score, to_request
 
 LLAMA_31_8B: dict[str, Any] = {
     "model_type": "llama",
@@ -408,3 +411,49 @@ def test_float32_dtype_doubles_weights_and_kv() -> None:
     shape = model_shape(LLAMA_31_8B, dtype="float32")
     assert weight_bytes(shape, 1).gib == pytest.approx(29.98, rel=0.01)
     assert kv_bytes_per_token(shape, 1) == 2 * 131072
+
+
+# --- CUDA graphs captured outside the budget (vLLM < 0.21) ------------------------------------
+
+
+def _qwen3_moe_on_a10s(**kw: Any) -> FitRequest:
+    case = next(c for c in load_cases() if c["case"] == "i17469_qwen3_30b_a3b_4xa10_v085")
+    return dataclasses.replace(to_request(case), **kw)
+
+
+def test_capture_sizes_follow_the_version() -> None:
+    def sizes(version: str, seqs: int, engine: Any = "auto") -> list[int]:
+        req = request(LLAMA_31_8B, vllm_version=version, max_num_seqs=seqs, engine=engine)
+        return capture_sizes(engine_profile(req, model_shape(LLAMA_31_8B), 8192))
+
+    # 0.8/0.9 V1 capture 67 sizes whatever max_num_seqs is (vllm#17469: "even max-num-seqs 1")
+    assert sizes("0.8.5", 1) == [1, 2, 4, *range(8, 513, 8)]
+    assert len(sizes("0.9.2", 256)) == 67
+    assert sizes("0.10.1", 16) == [1, 2, 4, 8, 16, 24, 32]
+    assert sizes("0.11.0", 256)[-3:] == [480, 496, 512]
+    assert sizes("0.7.3", 64, engine="v0") == [1, 2, 4, *range(8, 65, 8)]
+
+
+def test_nccl_all_reduces_in_graphs_make_tp4_over_pcie_a_misfit() -> None:
+    over_pcie = fit(_qwen3_moe_on_a10s())
+    assert not over_pcie.fits
+    (reason,) = over_pcie.reasons
+    assert "CUDA graphs" in reason
+    assert "enforce_eager" in reason
+    assert "NCCL all-reduces over PCIe" in over_pcie.explain()
+    # The same GPUs with NVLink use vLLM's custom all-reduce: the graphs stay small.
+    nvlink = fit(_qwen3_moe_on_a10s(nvlink=True))
+    assert nvlink.stages[0].reserve.cudagraph_gib < 1.0 < over_pcie.stages[0].reserve.cudagraph_gib
+    assert nvlink.fits
+    # The reporter's workaround: eager mode starts (and the KV cache is the same size).
+    eager = fit(_qwen3_moe_on_a10s(enforce_eager=True))
+    assert eager.fits
+    assert eager.kv_cache_tokens == over_pcie.kv_cache_tokens
+
+
+def test_graphs_counted_in_the_budget_from_0_21_shrink_the_kv_cache() -> None:
+    old = fit(_qwen3_moe_on_a10s(vllm_version="0.20.0"))
+    new = fit(_qwen3_moe_on_a10s(vllm_version="0.21.0"))
+    assert new.stages[0].reserve.cudagraph_in_budget
+    assert not old.stages[0].reserve.cudagraph_in_budget
+    assert new.kv_cache_tokens < old.kv_cache_tokens
