@@ -53,7 +53,9 @@ NON_TORCH_GIB_TP_NVLINK = 2.1
 #: The same with tensor parallelism over PCIe, where custom all-reduce is mostly disabled.
 NON_TORCH_GIB_TP_PCIE = 0.35
 #: CUDA context plus what NCCL allocates before vLLM's first memory snapshot: used outside the
-#: utilization budget (0.51 GiB on an H100 in vLLM 0.19 logs).
+#: utilization budget (0.51 GiB on an H100 in vLLM 0.19 logs; lmcache3430 started with only
+#: 0.56 GiB outside the budget). PyTorch 2.11 / CUDA 13 alone took 0.60 GiB on an H100
+#: (``bench/gpu_check.py --hold-gib``, docs/benchmarks.md): newer stacks may need more.
 CONTEXT_GIB_SINGLE = 0.5
 CONTEXT_GIB_MULTI = 0.6
 #: CUDA-graph pool estimate: a first capture plus a per-graph, per-layer cost (vLLM 0.19-0.21

@@ -8,11 +8,12 @@ this machine cannot see).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from hxp.gpu_alloc import (
     GpuInfo,
@@ -26,6 +27,7 @@ from hxp.gpu_alloc import (
     lock_name,
 )
 from hxp.io.lock import stack_lock
+from hxp.lifecycle import SurgeDecision, surge_decision
 from hxp.spec import HostSpec, ModelSpec, Stack
 from hxp.store import Store
 from hxp.units import UnitInstance
@@ -65,7 +67,7 @@ class NvmlProbe:
     @staticmethod
     def _device(nvml: Any, index: int) -> GpuInfo:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        memory = _memory(nvml, handle)
         try:
             utilization: int | None = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         except Exception:  # NVMLError_NotSupported on some boards and MIG instances
@@ -88,6 +90,27 @@ class NvmlProbe:
             processes=processes,
             source="nvml",
         )
+
+
+def _memory(nvml: Any, handle: Any) -> Any:
+    """Memory as CUDA (and so vLLM) sees it: NVML's v1 total includes what the driver reserves
+    for itself (about 0.46 GiB on an H100 80GB HBM3: 79.65 GiB by NVML, 79.19 GiB by
+    ``cudaMemGetInfo``) and counts it as used. The v2 call reports that reserve apart; it is
+    taken off the total and the used memory here so that utilization x total is vLLM's budget."""
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        with contextlib.suppress(Exception):  # older drivers: no nvmlDeviceGetMemoryInfo_v2
+            m = nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+            reserved = int(getattr(m, "reserved", 0))
+            return _Memory(int(m.total) - reserved, int(m.free), int(m.used))
+    return nvml.nvmlDeviceGetMemoryInfo(handle)
+
+
+@dataclass(frozen=True)
+class _Memory:
+    total: int
+    free: int
+    used: int
 
 
 class DeclaredProbe:
@@ -199,6 +222,32 @@ def allocate_unit_gpus(
     return GpuPlacement(chosen, found.note)
 
 
+def surge_for(
+    stack: Stack,
+    state_dir: str | Path,
+    inst: UnitInstance,
+    mode: Literal["auto", "never"] = "auto",
+    probe: GpuProbe | None = None,
+) -> SurgeDecision:
+    """Whether one more replica of `inst`'s unit fits beside the running ones now: the host's
+    GPUs as discovered, the store's reservations and the GPUs other models list, judged by
+    `hxp.lifecycle.surge_decision` (the calculator's start check on each spare GPU). Rolling
+    restarts and blue-green deploys both ask this before starting a replica beside another."""
+    spec = stack.unit(inst.unit)
+    devices: list[GpuInfo] = []
+    reservations: list[Reservation] = []
+    listed: Iterable[int] = ()
+    if inst.gpu_count and mode != "never":
+        host = stack.hosts[spec.host]
+        key = host_key(spec.host, host)
+        devices = discover_gpus(spec.host, host, probe).devices
+        reservations = Store(state_dir).reservations(key)
+        same = [h for h, hs in stack.hosts.items() if host_key(h, hs) == key]
+        listed = explicit_gpus(stack.models, same, inst.unit)
+    routed = stack.gateway is not None and inst.unit in stack.gateway.routes
+    return surge_decision(spec, inst.gpu_count, devices, reservations, listed, mode, routed)
+
+
 def release_gpus(stack: Stack, state_dir: str | Path, instance: str) -> list[int]:
     """Drop an instance's GPU reservations (it was removed); returns the GPUs it held."""
     return [r.gpu_index for r in Store(state_dir).release(stack.stack, instance)]
@@ -214,4 +263,5 @@ __all__ = [
     "describe",
     "discover_gpus",
     "release_gpus",
+    "surge_for",
 ]

@@ -22,6 +22,9 @@ from tests.support.render_data import stack_from_data
 REPO = Path(__file__).resolve().parents[2]
 
 
+MIB = 1 << 20
+
+
 class NvmlNotSupported(Exception):
     """What pynvml raises for a query a board does not support (NVMLError_NotSupported)."""
 
@@ -114,6 +117,34 @@ def test_nvml_probe_reads_every_device_and_shuts_nvml_down() -> None:
             source="nvml",
         ),
     ]
+
+
+class FakeNvmlV2(FakeNvml):
+    """The double with NVML's v2 memory call, which reports the driver's reserve apart (the
+    numbers an H100 80GB HBM3 gave through the real pynvml: 81,559 MiB total, ~470 MiB of it
+    reserved by the driver and counted as used by the v1 call)."""
+
+    nvmlMemory_v2 = 0x02000028
+
+    def nvmlDeviceGetMemoryInfo(self, handle: dict[str, Any], version: int | None = None) -> Any:
+        if version is None:
+            return super().nvmlDeviceGetMemoryInfo(handle)
+        assert version == self.nvmlMemory_v2
+        total, used, reserved = handle["total"], handle["used"], handle.get("reserved", 0)
+        return SimpleNamespace(
+            version=version, total=total, reserved=reserved, used=used - reserved, free=total - used
+        )
+
+
+def test_nvml_v2_memory_takes_the_driver_reserve_off_the_total() -> None:
+    idle_h100 = {**H100, "total": 81559 * MIB, "used": 470 * MIB, "reserved": 470 * MIB}
+    (device,) = NvmlProbe(FakeNvmlV2([idle_h100])).devices()
+    assert device.total_bytes == (81559 - 470) * MIB  # what cudaMemGetInfo reports
+    assert device.free_bytes == device.total_bytes
+    assert device.used_bytes == 0
+    (v1,) = NvmlProbe(FakeNvml([idle_h100])).devices()  # no v2 call: NVML's totals as they are
+    assert v1.total_bytes == 81559 * MIB
+    assert v1.used_bytes == 470 * MIB
 
 
 def test_nvml_is_shut_down_even_when_a_query_fails() -> None:
