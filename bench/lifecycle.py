@@ -8,8 +8,9 @@ through the DAG. Both starts use the same task (`start-unit`) and the same local
 - ours: `start-stack` (hxp.graph.ReadyScheduler through flows.scheduling.run_ready_set);
 - baseline: every unit of a level together, the next level when the whole level is ready.
 
-Target (issue): ours <= 1.1 x critical path + 1 s. The last line's ratio is
-ours / (1.1 x critical path + 1 s), so <= 1.0 meets it.
+Target (issue): ours <= 1.1 x critical path + 1 s. The last line's ratio follows the project's
+rule for start-up benches: (ours - 1 s) / critical path, so <= 1.1 meets it (ours: the best
+start-stack run).
 
 Run: .venv/bin/python bench/lifecycle.py [--units 50] [--seed 7]
 """
@@ -118,6 +119,7 @@ def main() -> None:
         from prefect import flow
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
         from prefect.task_runners import ThreadPoolTaskRunner
+        from prefect.utilities.annotations import quote
 
         from flows.deploy import deploy_stack
         from flows.lifecycle import MAX_PARALLEL_UNITS, start_stack, stop_stack
@@ -139,7 +141,8 @@ def main() -> None:
         def start_by_level() -> None:
             ctx = lifecycle_context(stack, str(state))
             for level in graph.levels():
-                futures = [start_unit.submit(ctx, u) for u in level]
+                # Passed as start-stack passes it (flows.lifecycle._start).
+                futures = [start_unit.submit(quote(ctx), u) for u in level]
                 for f in futures:
                     f.result()
 
@@ -166,6 +169,7 @@ def main() -> None:
     bound = level_bound(deps, delays)
     best, best_level = min(ours), min(levels)
     target = 1.1 * cp + 1.0
+    ratio = (best - 1.0) / cp
     print(
         f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
         f"Python {platform.python_version()}"
@@ -186,7 +190,7 @@ def main() -> None:
         f"= {best_level / cp:.2f} x critical path ({', '.join(f'{t:.2f}' for t in levels)})"
     )
     print(f"target: <= 1.1 x {cp:.2f} + 1 = {target:.2f} s")
-    print(f"BENCH lifecycle ratio={best / target:.2f} target=1.0")
+    print(f"BENCH lifecycle ratio={ratio:.3f} target=1.1")
 
 
 if __name__ == "__main__":

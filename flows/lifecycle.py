@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from flows.scheduling import GraphRun, run_ready_set
 from hxp.config import ConfigSnapshot, EffectiveConfig, load_config, unit_config_hash
@@ -144,7 +145,10 @@ def _start(ctx: DeployContext, units: list[str]) -> dict[str, Any]:
     wanted = graph.closure(units)
     if ctx.stack.gateway is not None:
         sync_gateway(ctx)
-    run = run_ready_set(graph.scheduler(wanted), lambda u: start_unit.submit(ctx, u))
+    # quote(): the task gets the context as it is; Prefect would otherwise walk the whole
+    # stack looking for futures, twice per task run (~20 ms idle for 50 units, on every hop
+    # of the critical chain).
+    run = run_ready_set(graph.scheduler(wanted), lambda u: start_unit.submit(quote(ctx), u))
     return _summarise(run, "start")
 
 
@@ -174,7 +178,7 @@ def start_stack(
     ctx = lifecycle_context(stack, state)
     log = get_run_logger().info
     with stack_lock(state, stack.stack, _holder("start"), wait=wait_for_lock, on_wait=log):
-        reconciled = reconcile_stack(ctx)
+        reconciled = reconcile_stack(quote(ctx))
         summary = _start(ctx, _selected(stack, units))
     return _finish(ctx, summary, reconciled)
 
@@ -188,7 +192,7 @@ def _stop(
     graph = DependencyGraph(ctx.stack.dependencies()).inverted()
     run = run_ready_set(
         graph.scheduler(units),
-        lambda u: stop_unit.submit(ctx, u, drain, drain_timeout),
+        lambda u: stop_unit.submit(quote(ctx), u, drain, drain_timeout),
         stop_on_failure=False,  # a unit that would not stop does not keep the others running
     )
     return _summarise(run, "stop")
@@ -226,7 +230,7 @@ def stop_stack(
     ctx = lifecycle_context(stack, state)
     log = get_run_logger().info
     with stack_lock(state, stack.stack, _holder("stop"), wait=wait_for_lock, on_wait=log):
-        reconciled = reconcile_stack(ctx)
+        reconciled = reconcile_stack(quote(ctx))
         summary = _stop(ctx, _selected(stack, units), drain, drain_timeout)
         if not units and summary["ok"]:
             summary["gateway_stopped"] = stop_gateway(ctx)
@@ -248,7 +252,7 @@ def _roll(
         sync_gateway(ctx)
     run = run_ready_set(
         graph.scheduler(units),
-        lambda u: roll_unit.submit(ctx, u, policy, (targets or {}).get(u), drain_timeout),
+        lambda u: roll_unit.submit(quote(ctx), u, policy, (targets or {}).get(u), drain_timeout),
     )
     return _summarise(run, "rolling restart" if targets is None else "rolling update")
 
@@ -291,7 +295,7 @@ def restart_stack(
     chosen = _selected(stack, units)
     log = get_run_logger().info
     with stack_lock(state, stack.stack, _holder("restart"), wait=wait_for_lock, on_wait=log):
-        reconciled = reconcile_stack(ctx)
+        reconciled = reconcile_stack(quote(ctx))
         if rolling:
             policy = RollingPolicy(max(1, max_unavailable), max(0, max_fail), surge)
             summary = _roll(ctx, chosen, policy, drain_timeout)
@@ -301,7 +305,9 @@ def restart_stack(
                 summary = {**stopped, "action": "restart"}
             else:
                 graph = DependencyGraph(stack.dependencies())
-                run = run_ready_set(graph.scheduler(chosen), lambda u: start_unit.submit(ctx, u))
+                run = run_ready_set(
+                    graph.scheduler(chosen), lambda u: start_unit.submit(quote(ctx), u)
+                )
                 summary = {**_summarise(run, "restart"), "stopped": stopped["units"]}
     return _finish(ctx, summary, reconciled)
 
@@ -396,7 +402,7 @@ def supervise_stack(
     policy = CrashPolicy(max_crashes, crash_window, backoff, backoff_max)
     try:
         with stack_lock(state, stack.stack, _holder("supervise"), wait=False):
-            reconciled = reconcile_stack(ctx)
+            reconciled = reconcile_stack(quote(ctx))
             report = supervise_pass(ctx, policy)
     except LockedError as exc:  # a deploy or restart is under way: it owns the units now
         get_run_logger().info("pass skipped: %s", exc)

@@ -1,23 +1,31 @@
 """A tiny per-instance supervisor for the process backend.
 
-`python -m hxp.backends.supervisor DIR` reads DIR/spec.json (and DIR/secrets.env, the
+`python -I -S .../supervisor.py [--detach] DIR` reads DIR/spec.json (and DIR/secrets.env, the
 `secret_env` values, when there is one), runs the program with its log
 in DIR/output.log, restarts it per its restart policy with exponential backoff, and on SIGTERM
 stops it (SIGTERM, then SIGKILL after the grace period). It records its own and the child's
 pid with their kernel start times in DIR/supervisor.json, so a restarted orchestrator can
 re-adopt it and never signals a recycled pid.
+
+Every start of a unit waits for its supervisor first. The process backend forks supervisors
+from one warm `--serve` launcher per orchestrator process (`serve`), and starts a fresh
+`--detach DIR` interpreter only when that fails; both run without `site` (-S) and import only
+what starting the child needs (no pathlib, no typing at run time).
 """
 
 from __future__ import annotations
 
+import contextlib  # already loaded by subprocess
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
 MAX_BACKOFF = 30.0
@@ -28,7 +36,8 @@ PRIVATE = 0o600
 def start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()
@@ -42,21 +51,22 @@ def alive(pid: int | None, ticks: int | None) -> bool:
     return pid is not None and ticks is not None and start_ticks(pid) == ticks
 
 
-def _write_private(path: Path, text: str) -> None:
+def _write_private(path: str | os.PathLike[str], text: str) -> None:
     """Replace `path` atomically with a file only its owner can read (mode 0600 from the start)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = os.fspath(path) + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
     _write_private(path, json.dumps(data, sort_keys=True))
 
 
-def write_env_file(path: Path, values: dict[str, str]) -> None:
+def write_env_file(path: str | os.PathLike[str], values: dict[str, str]) -> None:
     """`KEY=value` lines, mode 0600; a value with a newline or NUL cannot be written."""
     for key, value in values.items():
         if "\n" in value or "\r" in value or "\0" in value:
@@ -64,10 +74,11 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
     _write_private(path, "".join(f"{k}={v}\n" for k, v in sorted(values.items())))
 
 
-def read_env_file(path: Path) -> dict[str, str]:
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
     """The values write_env_file wrote; an absent file is no values."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
         return {}
     out: dict[str, str] = {}
@@ -79,9 +90,10 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 class Supervisor:
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.spec = json.loads((directory / "spec.json").read_text())
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir = os.fspath(directory)
+        with open(self._path("spec.json")) as f:
+            self.spec = json.load(f)
         self.child: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self.restarts = 0
@@ -93,25 +105,28 @@ class Supervisor:
             "started_at": time.time(),
         }
 
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
     def record(self, **changes: Any) -> None:
         self.state.update(changes)
-        write_json(self.dir / "supervisor.json", self.state)
+        write_json(self._path("supervisor.json"), self.state)
 
     def env(self) -> dict[str, str]:
         base = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
         # The orchestrator's own bin directory comes first: `python3` is the interpreter hxp
         # runs in (hxp-vllm-sim and hxp exporter are importable there).
-        own_bin = str(Path(sys.executable).parent)
+        own_bin = os.path.dirname(sys.executable)
         base["PATH"] = os.pathsep.join([own_bin, base.get("PATH", os.defpath)])
-        return {**base, **self.spec["env"], **read_env_file(self.dir / SECRETS_FILE)}
+        return {**base, **self.spec["env"], **read_env_file(self._path(SECRETS_FILE))}
 
     def spawn(self) -> bool:
-        log = open(self.dir / "output.log", "ab")  # noqa: SIM115 - handed to the child
+        log = open(self._path("output.log"), "ab")  # noqa: SIM115 - handed to the child
         try:
             self.child = subprocess.Popen(
                 self.spec["argv"],
                 env=self.env(),
-                cwd=self.spec.get("cwd") or str(self.dir),
+                cwd=self.spec.get("cwd") or self.dir,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -182,15 +197,72 @@ class Supervisor:
                 return 1
 
 
+def _forked_supervisor(request: dict[str, Any]) -> None:
+    """In a child of `serve`: become a detached supervisor, as `--detach DIR` would be (own
+    session, stdio on /dev/null and DIR/supervisor.log, the requester's cwd, umask and
+    environment). Never returns."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # it waits for its own child
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        log = os.open(
+            os.path.join(request["dir"], "supervisor.log"),
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+            0o666,
+        )
+        for fd, target in ((null, 0), (null, 1), (log, 2)):
+            os.dup2(fd, target)
+        os.close(null)
+        os.close(log)
+        os.chdir(request["cwd"])
+        os.umask(request["umask"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        code = Supervisor(request["dir"]).run()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def serve() -> int:
+    """`--serve`: the process backend's launcher. Each request (a JSON line on stdin: dir, cwd,
+    umask, env) forks this already started interpreter into a supervisor and answers its pid; no
+    interpreter start-up or imports per unit start. Ends with its stdin (its orchestrator)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors that end are reaped at once
+    for line in sys.stdin.buffer:
+        try:
+            request = json.loads(line)
+            pid = os.fork()
+        except (ValueError, OSError) as exc:
+            sys.stdout.write(f"0 {exc}\n")
+            sys.stdout.flush()
+            continue
+        if pid == 0:
+            _forked_supervisor(request)
+        sys.stdout.write(f"{pid}\n")
+        sys.stdout.flush()
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["--serve"]:
+        return serve()
     detach = bool(argv) and argv[0] == "--detach"
     args = argv[1:] if detach else argv
     if len(args) != 1:
-        print("usage: python -m hxp.backends.supervisor [--detach] DIR", file=sys.stderr)
+        print("usage: python -I -S supervisor.py [--detach] DIR | --serve", file=sys.stderr)
         return 2
-    if detach and os.fork() > 0:
-        return 0  # the caller reaps us at once; the supervisor is nobody's zombie
-    return Supervisor(Path(args[0])).run()
+    if detach:
+        if os.fork() > 0:
+            return 0  # the caller reaps us at once; the supervisor is nobody's zombie
+        os.setsid()  # its own process group: the backend's last resort is killpg(its pid)
+    return Supervisor(args[0]).run()
 
 
 if __name__ == "__main__":

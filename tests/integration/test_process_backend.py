@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -129,3 +130,57 @@ def test_a_restarted_orchestrator_readopts_and_never_signals_a_recycled_pid(
     me = os.getpid()
     assert alive(me, start_ticks(me))
     assert not alive(me, (start_ticks(me) or 0) + 1)
+
+
+def _supervisor_pid(backend: ProcessBackend) -> int:
+    pid: int = json.loads((backend.root / "t/db/supervisor.json").read_text())["pid"]
+    return pid
+
+
+def test_supervisors_come_from_the_launcher_in_their_own_session(
+    setup, monkeypatch, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    stack, backend, ports = setup
+    unit = db(stack)
+    monkeypatch.chdir(tmp_path)  # the launcher may have started in another directory
+    monkeypatch.setenv("TZ", "UTC+3")  # one of the variables a supervisor passes on
+    backend.apply(Create(unit, "h", 1))
+    wait_for(lambda: serving(ports["db"]))
+    pid = _supervisor_pid(backend)
+    assert os.getpgid(pid) == pid  # its own group: the last resort killpg(pid) reaches it
+    assert os.getsid(pid) == pid
+    child = json.loads((backend.root / "t/db/supervisor.json").read_text())["child_pid"]
+    assert b"TZ=UTC+3" in Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+    assert Path(f"/proc/{pid}/cwd").resolve() == tmp_path.resolve()
+    backend.apply(Stop(UnitRef.of(unit), 5))
+    assert not alive(pid, start_ticks(pid))
+    assert not serving(ports["db"])
+
+
+def test_a_unit_still_starts_when_the_launcher_is_gone_or_refuses(setup) -> None:  # type: ignore[no-untyped-def]
+    from hxp.backends import process
+
+    stack, backend, ports = setup
+    unit = db(stack)
+    ref = UnitRef.of(unit)
+    backend.apply(Create(unit, "h", 1))
+    wait_for(lambda: serving(ports["db"]))
+    backend.apply(Stop(ref, 5))
+    # The launcher's server ended (killed from outside): the next start brings up another.
+    server = process.LAUNCHER._server
+    assert server is not None
+    server.kill()
+    server.wait()
+    backend.apply(Start(ref))
+    wait_for(lambda: serving(ports["db"]))
+    backend.apply(Stop(ref, 5))
+    # A launcher that cannot answer: a fresh `--detach` supervisor, in its own session too.
+    real = process.LAUNCHER.launch
+    process.LAUNCHER.launch = lambda directory: False  # type: ignore[method-assign]
+    try:
+        backend.apply(Start(ref))
+    finally:
+        process.LAUNCHER.launch = real  # type: ignore[method-assign]
+    wait_for(lambda: serving(ports["db"]))
+    pid = _supervisor_pid(backend)
+    assert os.getpgid(pid) == pid
