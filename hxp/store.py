@@ -695,6 +695,15 @@ class Store:
                 (json.dumps(list(crashes)), restarts_seen, next_restart, stack, instance),
             )
 
+    def note_restarts(self, stack: str, instance: str, restarts_seen: int | None) -> None:
+        """A new baseline for the backend's restart counter (hxp has just started the
+        instance itself, which resets that counter); nothing else changes."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE lifecycle SET restarts_seen = ? WHERE stack = ? AND instance = ?",
+                (restarts_seen, stack, instance),
+            )
+
     def clear_supervision(self, stack: str, instance: str) -> None:
         """An operator's start: forget the crash history and lift a crash-loop hold."""
         with self.transaction() as db:

@@ -47,7 +47,6 @@ from hxp.lifecycle import (
     reconcile,
     rolling_batches,
     supervise,
-    surge_decision,
 )
 from hxp.plan import Action, ActionKind, ObservedUnit
 from hxp.spec import Stack
@@ -267,6 +266,8 @@ def _start_instance(
     if gate is not None and gate.verdict != "ready":
         raise _fail(ctx, inst.unit, inst.name, f"never became ready: {gate.explain()}")
     rec.record(store, stack, inst.unit, inst.name, State.RUNNING, "ready")
+    if not observed.running:
+        rec.rebaseline(store, backend, inst)
     _gateway_add(ctx, inst.unit, [route_port(inst)])
     return "started, ready"
 
@@ -413,29 +414,9 @@ class RollResult:
 
 def _surge_for(ctx: DeployContext, inst: UnitInstance, policy: RollingPolicy) -> SurgeDecision:
     """Ask the calculator whether one more replica of this unit fits now."""
-    spec = ctx.stack.unit(inst.unit)
-    devices: list[Any] = []
-    reservations: list[Any] = []
-    listed: Iterable[int] = ()
-    if inst.gpu_count and policy.surge != "never":
-        from hxp.gpu_alloc import explicit_gpus, host_key
-        from tasks.gpus import discover_gpus
+    from tasks.gpus import surge_for
 
-        host = ctx.stack.hosts[spec.host]
-        key = host_key(spec.host, host)
-        devices = discover_gpus(spec.host, host).devices
-        reservations = ctx.store().reservations(key)
-        same = [h for h, hs in ctx.stack.hosts.items() if host_key(h, hs) == key]
-        listed = explicit_gpus(ctx.stack.models, same, inst.unit)
-    return surge_decision(
-        spec,
-        inst.gpu_count,
-        devices,
-        reservations,
-        listed,
-        policy.surge,
-        routed(ctx.stack, inst.unit),
-    )
+    return surge_for(ctx.stack, ctx.state_dir, inst, policy.surge)
 
 
 def _other_slot(stack: Stack, inst: UnitInstance) -> UnitInstance:
@@ -483,6 +464,7 @@ def _surge_replica(
         rec.forget(store, stack, unit, new.name, "removed: failed its gate during a roll")
         return False, f"{new.name} never became ready ({why}); removed, {old.name} kept serving"
     rec.record(store, stack, unit, new.name, State.RUNNING, "ready (surge)")
+    rec.rebaseline(store, backend, new)
     _gateway_add(ctx, unit, [route_port(new)], drop=route_port(old))
     rec.record(store, stack, unit, old.name, State.DRAINING, f"replaced by {new.name}")
     drained = _drain_all([old], cap)[0]
@@ -526,6 +508,7 @@ def _in_place_batch(
         gate = _gate(backend, inst)
         if gate is None or gate.verdict == "ready":
             rec.record(store, stack, unit, inst.name, State.RUNNING, f"{why}: ready")
+            rec.rebaseline(store, backend, inst)
             _gateway_add(ctx, unit, [route_port(inst)])
             out.append((True, f"{inst.name}: in place, ready"))
             continue
@@ -541,6 +524,7 @@ def _in_place_batch(
             continue
         if regate is None or regate.verdict == "ready":
             rec.record(store, stack, unit, inst.name, State.RUNNING, "restored")
+            rec.rebaseline(store, backend, inst)
             _gateway_add(ctx, unit, [route_port(inst)])
             back = "previous version back" if target else "started again"
             out.append((False, f"{inst.name}: failed its gate ({failure}); restored: {back}"))
@@ -682,6 +666,7 @@ def _restart(
         rec.record(store, stack, inst.unit, inst.name, State.FAILED, f"restart not ready: {why}")
         return why
     rec.record(store, stack, inst.unit, inst.name, State.RUNNING, "restarted by the supervisor")
+    rec.rebaseline(store, backend, inst)
     _gateway_add(ctx, inst.unit, [route_port(inst)])
     return None
 

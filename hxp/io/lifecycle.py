@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hxp.errors import classify_error
 from hxp.lifecycle import STATES, State, Transition, event_name, path_between, unit_state
 from hxp.store import Store
+
+if TYPE_CHECKING:
+    from hxp.backends.base import Backend
+    from hxp.units import UnitInstance
 
 LOG = logging.getLogger("hxp.lifecycle")
 
@@ -159,6 +163,25 @@ def alert(store: Store, stack: str, unit: str, instance: str, name: str, message
     store.add_event(stack, "alert", f"{instance}: {message}", unit)
     emit(name, stack, unit, instance, {"message": message})
     logger().error("ALERT %s: %s", instance, message)
+
+
+def rebaseline(store: Store, backend: Backend, inst: UnitInstance) -> None:
+    """hxp has just started `inst` itself (a start, an update, a restore): that resets the
+    backend's own restart counter (Docker's RestartCount on a start, systemd's NRestarts, the
+    process supervisor's count). The counter as it is now becomes the supervisor's baseline;
+    a baseline kept from before the start would hide the crashes the backend restarts by
+    itself until the counter climbed past the old value. Best effort: a failed look leaves
+    the old baseline (the supervisor then notices a counter that went back)."""
+    from hxp.backends.base import observe_one
+    from hxp.errors import BackendError
+
+    try:
+        seen = observe_one(backend, inst)
+    except BackendError as exc:
+        logger().warning("%s: restart counter not read after the start: %s", inst.name, exc)
+        return
+    if seen is not None and seen.restarts is not None:
+        store.note_restarts(inst.stack, inst.name, seen.restarts)
 
 
 def mark_deployed(store: Store, stack: str, unit: str, instance: str, how: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -218,6 +218,11 @@ def test_restarts_a_backend_did_itself_count_as_crashes() -> None:
     out = supervise(rec(S.RUNNING, restarts_seen=4), seen(True, restarts=0), 10.0, POLICY)
     assert out.kind == "ok"
     assert out.restarts_seen == 0
+    # Docker's RestartCount and systemd's NRestarts go back to 0 when the instance is started
+    # afresh: a restart the backend did after that is a crash, whatever the old baseline was.
+    out = supervise(rec(S.RUNNING, restarts_seen=4), seen(True, restarts=1), 10.0, POLICY)
+    assert out.kind == "crashed"
+    assert (out.crashes, out.restarts_seen) == ((10.0,), 1)
 
 
 def test_a_held_crash_loop_is_left_alone() -> None:
@@ -279,6 +284,24 @@ def test_no_surge_when_every_gpu_is_held_or_listed() -> None:
     two = surge_decision(spec, 2, [gpu(0, 80, None), gpu(1, 80, None), gpu(2, 80, None)], held(0))
     assert two.surge
     assert two.gpus == (1, 2)
+
+
+def test_without_surge_the_detail_names_every_gpu_and_its_memory() -> None:
+    spec = model(vllm={"gpu_memory_utilization": 0.9})
+    devices = [gpu(0, 80, None), gpu(1, 80, 40), gpu(2, 80, 79)]
+    out = surge_decision(spec, 1, devices, held(0), listed_elsewhere=[2])
+    assert not out.surge
+    assert out.detail == (
+        "one more replica needs 1 GPU(s) with 72.00 GiB free on each "
+        "(gpu_memory_utilization 0.9 x total); "
+        "GPU 0: held by t/chat-0 (80.00 GiB, free unknown); "
+        "GPU 1: free memory 40.00 GiB is below the requested 72.00 GiB (0.90 x 80.00 GiB); "
+        "vLLM refuses to start; "
+        "GPU 2: listed by another model (80.00 GiB, 79.00 GiB free)"
+    )
+    listed = surge_decision(model(gpus=[0], replicas=1), 1, devices, [])
+    assert "GPU 0: listed for this model (80.00 GiB, free unknown)" in listed.detail
+    assert surge_decision(spec, 1, devices[2:], []).detail == ""  # it surges: nothing to say
 
 
 def test_surge_rules_that_need_no_gpu_arithmetic() -> None:
@@ -375,6 +398,55 @@ def test_store_keeps_state_across_instances_of_the_store(tmp_path: Path) -> None
     assert (again.state, again.crashes, again.reason) == (S.RUNNING, (1.0,), "ready")
     assert Store(tmp_path).forget_lifecycle("t", "api-0", "gone") == "api"
     assert Store(tmp_path).lifecycle("t") == {}
+
+
+class _CounterBackend:
+    """A backend whose only instance shows a given restart counter (or cannot be reached)."""
+
+    kind: ClassVar[str] = "fake"
+
+    def __init__(self, restarts: int | None) -> None:
+        self.restarts = restarts
+
+    def observe(self, stack: str) -> dict[str, ObservedUnit]:
+        if self.restarts is None:
+            raise BackendError("host unreachable", transient=True)
+        return {"api": seen(True, restarts=self.restarts)}
+
+    def apply(self, action: object) -> None:  # pragma: no cover - never called
+        raise AssertionError(action)
+
+    def logs(self, ref: object, lines: int = 50) -> list[str]:  # pragma: no cover
+        return []
+
+
+def test_a_start_by_hxp_takes_the_restart_counter_as_it_is_as_the_new_baseline(
+    tmp_path: Path,
+) -> None:
+    """Docker's RestartCount and systemd's NRestarts go back to 0 on a start: a baseline kept
+    from before would hide the next crash the backend restarts by itself."""
+    from hxp.io.lifecycle import rebaseline
+    from hxp.units import expand_units
+    from tests.support.render_data import stack_from_data
+
+    stack = stack_from_data(
+        {
+            "stack": "t",
+            "hosts": {"local": {"backend": "process"}},
+            "services": {"api": {"host": "local", "command": ["true"]}},
+        }
+    )
+    (inst,) = expand_units(stack)
+    store = Store(tmp_path)
+    store.transition("t", "api", "api", S.STARTING, "start")
+    store.transition("t", "api", "api", S.RUNNING, "ready")
+    store.note_crashes("t", "api", (5.0,), 3)
+    rebaseline(store, _CounterBackend(0), inst)
+    record = store.lifecycle("t")["api"]
+    assert (record.restarts_seen, record.crashes, record.state) == (0, (5.0,), S.RUNNING)
+    assert supervise(record, seen(True, restarts=1), 10.0, POLICY).kind == "crashed"
+    rebaseline(store, _CounterBackend(None), inst)
+    assert store.lifecycle("t")["api"].restarts_seen == 0  # unreachable: kept as it was
 
 
 # --------------------------------------------------------------------------- error classes
