@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from flows.scheduling import run_ready_set
 from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config, load_config
@@ -33,6 +34,7 @@ from tasks.deploy import (
     commit_unit,
     observe_stack,
     remove_instance,
+    replace_refusals,
     rollback_unit,
     state_dir_of,
     sync_gateway,
@@ -78,32 +80,81 @@ def _finish_interrupted(store: Store, stack: Stack, state: str) -> list[str]:
     previous_snapshot = store.latest_snapshot(stack.stack)
     previous = previous_snapshot.restore() if previous_snapshot else None
     for record in store.unfinished_deploys(stack.stack):
-        outcomes = []
-        for rev in store.revisions(stack.stack):
-            if rev.deploy_id != record.id or rev.status not in ("applied", "ready"):
-                continue
-            source = previous if previous and rev.unit in previous.units() else stack
-            if rev.unit not in source.units():
-                continue
-            instances = [u.name for u in expand_units(source, {rev.unit})]
-            outcomes.append(
-                UnitOutcome(
-                    unit=rev.unit,
-                    host=source.unit(rev.unit).host,
-                    ok=False,
-                    revision=rev.revision,
-                    applied=[(i, ActionKind.UPDATE.value) for i in instances],
-                    reason="interrupted",
-                )
-            )
-        ctx = DeployContext(stack, state, record.id, record.config_hash or "")
-        done = rollback_deploy(ctx, outcomes, previous) if outcomes else []
+        done = _roll_back_record(
+            store, stack, state, record.id, record.config_hash, previous, "interrupted"
+        )
         store.finish_deploy(
             record.id, "interrupted", {"reason": "the orchestrator stopped", "rollback": done}
         )
         record_deploy(store, stack.stack, record.id)
         lines.extend(f"deploy #{record.id} (interrupted): {line}" for line in done)
     return lines
+
+
+def _roll_back_record(
+    store: Store,
+    stack: Stack,
+    state: str,
+    deploy_id: int,
+    config_hash: str | None,
+    previous: Stack | None,
+    reason: str,
+) -> list[str]:
+    """Roll back every unit whose revision deploy `deploy_id` applied but never verified
+    (still `applied` or `ready`): the compensating subflow, for a run that could not run it."""
+    outcomes = []
+    for rev in store.revisions(stack.stack):
+        if rev.deploy_id != deploy_id or rev.status not in ("applied", "ready"):
+            continue
+        source = previous if previous and rev.unit in previous.units() else stack
+        if rev.unit not in source.units():
+            continue
+        instances = [u.name for u in expand_units(source, {rev.unit})]
+        outcomes.append(
+            UnitOutcome(
+                unit=rev.unit,
+                host=source.unit(rev.unit).host,
+                ok=False,
+                revision=rev.revision,
+                applied=[(i, ActionKind.UPDATE.value) for i in instances],
+                reason=reason,
+            )
+        )
+    ctx = DeployContext(stack, state, deploy_id, config_hash or "")
+    return rollback_deploy(ctx, outcomes, previous) if outcomes else []
+
+
+def _fail_unexpected(
+    store: Store,
+    stack: Stack,
+    state: str,
+    deploy_id: int,
+    config_hash: str,
+    previous: Stack | None,
+    exc: Exception,
+) -> None:
+    """An error no step expected, after the deploy record was begun: roll back what the run
+    changed and left unverified (what the next apply would do for an interrupted run) and
+    close the record `failed` with the error, instead of leaving it `running`. A record the
+    run already closed (a unit's failure closes it before raising) is left as it is."""
+    if not any(r.id == deploy_id for r in store.unfinished_deploys(stack.stack)):
+        return
+    error = f"{type(exc).__name__}: {exc}"
+    logger = get_run_logger()
+    logger.error("deploy #%d: unexpected error: %s; rolling back what it changed", deploy_id, error)
+    try:
+        rollback = _roll_back_record(
+            store, stack, state, deploy_id, config_hash, previous, f"unexpected error: {error}"
+        )
+    except Exception as again:  # the record must still close; say what was not undone
+        rollback = [f"rollback failed: {type(again).__name__}: {again}"]
+    for line in rollback:
+        logger.warning("deploy #%d: %s", deploy_id, line)
+    store.finish_deploy(
+        deploy_id, "failed", {"reason": error, "unexpected": True, "rollback": rollback}
+    )
+    store.add_event(stack.stack, "deploy-failed", f"unexpected error: {error}", None, deploy_id)
+    _publish(store, stack, deploy_id, state)
 
 
 def _revision_of(ctx: DeployContext, unit: str) -> int | None:
@@ -123,7 +174,8 @@ def _apply_graph(ctx: DeployContext, plan: Plan) -> tuple[list[UnitOutcome], Uni
     scheduler = DependencyGraph(ctx.stack.dependencies()).scheduler(set(by_unit))
     run = run_ready_set(
         scheduler,
-        lambda unit: apply_unit.submit(ctx, unit, ctx.stack.unit(unit).host, by_unit[unit]),
+        # quote(): Prefect would otherwise walk the whole context looking for futures.
+        lambda unit: apply_unit.submit(quote(ctx), unit, ctx.stack.unit(unit).host, by_unit[unit]),
     )
     outcomes = [outcome for _, outcome in run.done]
     failure: UnitOutcome | None = None
@@ -158,6 +210,31 @@ def rollback_deploy(
         if unit in by_unit:
             lines.extend(rollback_unit(ctx, by_unit[unit], previous))
     return lines
+
+
+def _refuse(
+    store: Store, stack: Stack, state: str, deploy_id: int, refused: dict[str, str]
+) -> None:
+    """A blue-green replace that cannot fit is refused before anything changes: the record
+    closes `failed` with the reason, and the run fails with it (no rollback: nothing to undo)."""
+    unit, reason = next(iter(refused.items()))
+    summary = "\n".join(
+        [f"deploy of stack {stack.stack!r} refused; nothing was changed:"]
+        + [f"  {why}" for why in refused.values()]
+    )
+    get_run_logger().error("%s", summary)
+    store.finish_deploy(
+        deploy_id,
+        "failed",
+        {"failed_unit": unit, "reason": reason, "refused": refused, "rollback": []},
+    )
+    _publish(store, stack, deploy_id, state)
+    create_markdown_artifact(
+        key=f"deploy-{stack.stack}",
+        markdown=f"```\n{summary}\n```",
+        description=f"deploy #{deploy_id} refused before any change",
+    )
+    raise DeployError(summary)
 
 
 def _summary(stack: str, failure: UnitOutcome, rollback: list[str]) -> str:
@@ -346,97 +423,125 @@ def _deploy(
             logger.warning(line)
         observed = observe_stack(stack, state)
         plan = plan_stack(stack, observed, effective.content_hash, only)
+        previous_snapshot = store.latest_snapshot(stack.stack)
+        previous = previous_snapshot.restore() if previous_snapshot else None
         deploy_id = store.begin_deploy(
             stack.stack, kind, effective.content_hash, plan.to_dict(), getpass.getuser(), run_id
         )
-        create_markdown_artifact(
-            key=f"plan-{stack.stack}",
-            markdown=f"# Plan for `{stack.stack}`\n\n```\n{plan.summary()}\n```",
-            description=f"deploy #{deploy_id} plan",
-        )
-        for line in plan.summary().splitlines():
-            logger.info(line)
-        if not plan.changes:
-            store.finish_deploy(deploy_id, "succeeded", {"changes": False})
-            _publish(store, stack, deploy_id, state)
-            return {
-                "stack": stack.stack,
-                "deploy_id": deploy_id,
-                "changed": False,
-                "status": "succeeded",
-                "units": {},
-                "plan": plan.to_dict(),
-            }
-        previous_snapshot = store.latest_snapshot(stack.stack)
-        previous = previous_snapshot.restore() if previous_snapshot else None
-        store.save_snapshot(ConfigSnapshot.of(effective))
-        ctx = DeployContext(stack, state, deploy_id, effective.content_hash)
-        if stack.gateway is not None:
-            sync_gateway(ctx)  # nginx up, pointing at what runs now
-        outcomes, failure = _apply_graph(ctx, plan)
-        if failure is None and outcomes:
-            failure = verify_units(ctx, outcomes)
-            if failure is not None:
-                outcomes = [o for o in outcomes if o.unit != failure.unit]
-        if failure is not None:
-            logger.error("unit %s failed: %s; rolling back", failure.unit, failure.reason)
-            rollback = rollback_deploy(ctx, [*outcomes, failure], previous)
-            summary = _summary(stack.stack, failure, rollback)
-            store.finish_deploy(
-                deploy_id,
-                "failed",
-                {
-                    "failed_unit": failure.unit,
-                    "reason": failure.reason,
-                    "check": failure.check,
-                    "logs": failure.logs,
-                    "rollback": rollback,
-                    "seconds": round(failure.seconds, 3),
-                    "units": {o.unit: round(o.seconds, 3) for o in outcomes},
-                },
-            )
-            _publish(store, stack, deploy_id, state)
-            create_markdown_artifact(
-                key=f"deploy-{stack.stack}",
-                markdown=f"```\n{summary}\n```",
-                description=f"deploy #{deploy_id} failed and was rolled back",
-            )
-            raise DeployError(summary)
-        for action in plan.actions:
-            if action.kind is ActionKind.REMOVE:
-                remove_instance(ctx, action.instance, action.host)
-        for outcome in outcomes:
-            commit_unit(ctx, outcome)
-        if stack.gateway is not None:
-            sync_gateway(ctx)
-        result = {
-            o.unit: {"revision": o.revision, "applied": o.applied, "seconds": round(o.seconds, 3)}
-            for o in outcomes
-        }
-        store.finish_deploy(deploy_id, "succeeded", {"changes": True, "units": result})
+        try:
+            return _apply_plan(effective, store, state, plan, deploy_id, previous)
+        except Exception as exc:
+            _fail_unexpected(store, stack, state, deploy_id, effective.content_hash, previous, exc)
+            raise
+
+
+def _apply_plan(
+    effective: EffectiveConfig,
+    store: Store,
+    state: str,
+    plan: Plan,
+    deploy_id: int,
+    previous: Stack | None,
+) -> dict[str, Any]:
+    """Everything after the deploy record is begun (under the stack's lock): apply, gate,
+    verify, commit, or roll back and fail with a summary."""
+    logger = get_run_logger()
+    stack = effective.stack
+    create_markdown_artifact(
+        key=f"plan-{stack.stack}",
+        markdown=f"# Plan for `{stack.stack}`\n\n```\n{plan.summary()}\n```",
+        description=f"deploy #{deploy_id} plan",
+    )
+    for line in plan.summary().splitlines():
+        logger.info(line)
+    if not plan.changes:
+        store.finish_deploy(deploy_id, "succeeded", {"changes": False})
         _publish(store, stack, deploy_id, state)
-        create_table_artifact(
-            key=f"deploy-{stack.stack}",
-            table=[
-                {
-                    "unit": u,
-                    "revision": r["revision"],
-                    "seconds": r["seconds"],
-                    "actions": ", ".join(f"{i}:{k}" for i, k in r["applied"]),
-                }
-                for u, r in result.items()
-            ],
-            description=f"deploy #{deploy_id} succeeded",
-        )
-        logger.info("stack %s deployed: %d unit(s) changed", stack.stack, len(outcomes))
         return {
             "stack": stack.stack,
             "deploy_id": deploy_id,
-            "changed": True,
+            "changed": False,
             "status": "succeeded",
-            "units": result,
+            "units": {},
             "plan": plan.to_dict(),
         }
+    ctx = DeployContext(stack, state, deploy_id, effective.content_hash)
+    if any(a.kind is ActionKind.REPLACE for a in plan.actions):
+        refused = replace_refusals(ctx, list(plan.actions))
+        if refused:
+            _refuse(store, stack, state, deploy_id, refused)
+    store.save_snapshot(ConfigSnapshot.of(effective))
+    if stack.gateway is not None:
+        sync_gateway(ctx)  # nginx up, pointing at what runs now
+    outcomes, failure = _apply_graph(ctx, plan)
+    if failure is None and outcomes:
+        failure = verify_units(ctx, outcomes)
+        if failure is not None:
+            outcomes = [o for o in outcomes if o.unit != failure.unit]
+    if failure is not None:
+        logger.error("unit %s failed: %s; rolling back", failure.unit, failure.reason)
+        rollback = rollback_deploy(ctx, [*outcomes, failure], previous)
+        summary = _summary(stack.stack, failure, rollback)
+        store.finish_deploy(
+            deploy_id,
+            "failed",
+            {
+                "failed_unit": failure.unit,
+                "reason": failure.reason,
+                "check": failure.check,
+                "logs": failure.logs,
+                "rollback": rollback,
+                "seconds": round(failure.seconds, 3),
+                "units": {o.unit: round(o.seconds, 3) for o in outcomes},
+            },
+        )
+        _publish(store, stack, deploy_id, state)
+        create_markdown_artifact(
+            key=f"deploy-{stack.stack}",
+            markdown=f"```\n{summary}\n```",
+            description=f"deploy #{deploy_id} failed and was rolled back",
+        )
+        raise DeployError(summary)
+    for action in plan.actions:
+        if action.kind is ActionKind.REMOVE:
+            remove_instance(ctx, action.instance, action.host)
+    for outcome in outcomes:
+        commit_unit(ctx, outcome)
+    if stack.gateway is not None:
+        sync_gateway(ctx)
+    result: dict[str, dict[str, Any]] = {
+        o.unit: {
+            "revision": o.revision,
+            "applied": o.applied,
+            "seconds": round(o.seconds, 3),
+            **({"strategy": o.strategy} if o.strategy else {}),
+        }
+        for o in outcomes
+    }
+    store.finish_deploy(deploy_id, "succeeded", {"changes": True, "units": result})
+    _publish(store, stack, deploy_id, state)
+    create_table_artifact(
+        key=f"deploy-{stack.stack}",
+        table=[
+            {
+                "unit": u,
+                "revision": r["revision"],
+                "seconds": r["seconds"],
+                "actions": ", ".join(f"{i}:{k}" for i, k in r["applied"]),
+            }
+            for u, r in result.items()
+        ],
+        description=f"deploy #{deploy_id} succeeded",
+    )
+    logger.info("stack %s deployed: %d unit(s) changed", stack.stack, len(outcomes))
+    return {
+        "stack": stack.stack,
+        "deploy_id": deploy_id,
+        "changed": True,
+        "status": "succeeded",
+        "units": result,
+        "plan": plan.to_dict(),
+    }
 
 
 @flow(

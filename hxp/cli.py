@@ -273,6 +273,8 @@ def _print_result(result: dict[str, Any]) -> None:
     for unit, info in result["units"].items():
         actions = ", ".join(f"{i}:{k}" for i, k in info["applied"])
         print(f"{unit:<20} {info['revision'] or '-':>8} {info['seconds']:>8.2f}  {actions}")
+        for line in info.get("strategy", []):  # blue-green on GPUs: surge or one at a time
+            print(f"  {line}")
     print(f"Deploy #{result['deploy_id']} of stack {result['stack']} succeeded.")
 
 

@@ -268,12 +268,11 @@ def supervise(
     recent = tuple(t for t in stored.crashes if now - t <= policy.window)
     seen_restarts = observed.restarts if observed is not None else None
     new_crashes = 0
-    if (
-        seen_restarts is not None
-        and stored.restarts_seen is not None
-        and seen_restarts > stored.restarts_seen
-    ):
-        new_crashes = seen_restarts - stored.restarts_seen
+    if seen_restarts is not None and stored.restarts_seen is not None:
+        if seen_restarts >= stored.restarts_seen:
+            new_crashes = seen_restarts - stored.restarts_seen
+        else:  # the counter went back: started afresh, and each restart since is a crash
+            new_crashes = seen_restarts
     baseline = seen_restarts if seen_restarts is not None else stored.restarts_seen
     up = observed is not None and observed.exists and observed.running
     serving = stored.state in (State.RUNNING, State.DEGRADED)
@@ -357,6 +356,9 @@ class SurgeDecision:
     surge: bool
     reason: str
     gpus: tuple[int, ...] = ()
+    # Without surge on GPUs: what the new replica needs and what each GPU of the host has
+    # (free memory, or who holds it), for a message of the caller's own.
+    detail: str = ""
 
 
 def _spare(
@@ -394,19 +396,23 @@ def surge_decision(
         return SurgeDecision(False, "not behind the gateway: no second slot to surge into")
     if gpu_count == 0 or not isinstance(spec, ModelSpec):
         return SurgeDecision(True, "needs no GPU: the new replica starts beside the old one")
+    reservations = list(reservations)
+    listed_elsewhere = list(listed_elsewhere)
     if spec.gpus != "auto":
         return SurgeDecision(
-            False, "GPUs are listed explicitly: the new replica needs the old one's GPUs"
+            False,
+            "GPUs are listed explicitly: the new replica needs the old one's GPUs",
+            detail=_gpu_report(spec, gpu_count, devices, reservations, listed_elsewhere, {}),
         )
     util = spec.vllm.gpu_memory_utilization
     fits: list[int] = []
-    report: list[str] = []
+    refused: dict[int, str] = {}
     for device, memory in _spare(devices, reservations, listed_elsewhere):
         why = start_refusal(memory, util, gpu_count)
         if why is None:
             fits.append(device.index)
         else:
-            report.append(f"GPU {device.index}: {why}")
+            refused[device.index] = f"GPU {device.index}: {why}"
     if len(fits) >= gpu_count:
         chosen = tuple(fits[:gpu_count])
         return SurgeDecision(
@@ -414,12 +420,49 @@ def surge_decision(
             f"spare GPU memory fits one more replica on GPU {','.join(map(str, chosen))}",
             chosen,
         )
-    detail = "; ".join(report) or "every GPU is held by a replica"
+    detail = "; ".join(refused.values()) or "every GPU is held by a replica"
     return SurgeDecision(
         False,
         f"no spare GPU memory for one more replica ({len(fits)} of {gpu_count} GPU(s) fit: "
         f"{detail}); restarting one at a time while the others serve",
+        detail=_gpu_report(spec, gpu_count, devices, reservations, listed_elsewhere, refused),
     )
+
+
+def _gpu_report(
+    spec: ModelSpec,
+    gpu_count: int,
+    devices: Sequence[GpuInfo],
+    reservations: Sequence[Reservation],
+    listed_elsewhere: Sequence[int],
+    refused: Mapping[int, str],
+) -> str:
+    """What one more replica needs, and every GPU of the host: who holds it, or why its free
+    memory does not fit (the calculator's start check)."""
+    util = spec.vllm.gpu_memory_utilization
+    holders = {r.gpu_index: r.owner for r in reservations}
+    own = set(spec.gpus) if spec.gpus != "auto" else set()
+    lines = dict(refused)
+    for d in sorted(devices, key=lambda g: g.index):
+        if d.index in lines:
+            continue
+        total = d.total_bytes / GIB
+        free = f"{d.free_bytes / GIB:.2f} GiB free" if d.free_bytes is not None else "free unknown"
+        who = holders.get(d.index)
+        if who is not None:
+            lines[d.index] = f"GPU {d.index}: held by {who} ({total:.2f} GiB, {free})"
+        elif d.index in own:
+            lines[d.index] = f"GPU {d.index}: listed for this model ({total:.2f} GiB, {free})"
+        elif d.index in listed_elsewhere:
+            lines[d.index] = f"GPU {d.index}: listed by another model ({total:.2f} GiB, {free})"
+    needs = max((d.total_bytes / GIB * util for d in devices), default=0.0)
+    head = (
+        f"one more replica needs {gpu_count} GPU(s) with {needs:.2f} GiB free on each "
+        f"(gpu_memory_utilization {util:g} x total)"
+        if devices
+        else f"one more replica needs {gpu_count} GPU(s), and the host has none"
+    )
+    return "; ".join([head, *(lines[i] for i in sorted(lines))])
 
 
 # --------------------------------------------------------------------------- hot reload

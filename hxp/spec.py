@@ -466,6 +466,11 @@ class ModelSpec(_UnitSpec):
     simulator_args: list[Arg] = Field(
         default_factory=list, description="extra hxp-vllm-sim flags (engine: simulator)"
     )
+    simulator_gpus: Annotated[int, Field(ge=0, le=64)] = Field(
+        default=0,
+        description="engine: simulator: GPUs each replica claims as vLLM would (placed, "
+        "reserved and checked by the GPU calculator; the simulator never uses them); 0: none",
+    )
 
     def tensor_parallel(self) -> int:
         """TP as declared; `auto` falls back to the listed GPUs per replica, else 1.
@@ -481,7 +486,7 @@ class ModelSpec(_UnitSpec):
 
     def gpus_per_replica(self) -> int:
         if self.engine == "simulator":
-            return 0  # the development double needs no GPU
+            return self.simulator_gpus  # the development double uses none; it may claim some
         return self.tensor_parallel() * self.vllm.pipeline_parallel_size
 
 

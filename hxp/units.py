@@ -12,6 +12,7 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from hxp.spec import HealthSpec, HostSpec, HttpCheck, ModelSpec, ServiceSpec, Stack, UnitSpec
+from hxp.startup import model_start_period
 from hxp.vllm import VllmLaunch, container_cache_env, replica_gpus, vllm_launch
 from hxp.vllm import vllm_args as vllm_args  # re-exported: its old home
 
@@ -44,6 +45,8 @@ class UnitInstance:
     dependency_replicas: tuple[tuple[str, int], ...] = field(default=())
     # The container's entrypoint, when hxp sets it (models: `vllm serve`); None: the image's.
     container_entrypoint: tuple[str, ...] | None = None
+    # The stack's `templates_dir` (operator overrides), for a backend rendering this unit alone.
+    templates_dir: str | None = None
 
     @property
     def name(self) -> str:
@@ -123,6 +126,10 @@ def _dependency_replicas(stack: Stack, deps: list[str]) -> tuple[tuple[str, int]
     return tuple((d, units[d].replicas) for d in sorted(deps) if d in units)
 
 
+def _templates_dir(stack: Stack) -> str | None:
+    return None if stack.templates_dir is None else str(stack.templates_dir)
+
+
 def _service_instance(
     stack: Stack, name: str, svc: ServiceSpec, i: int, slot: int = 0
 ) -> UnitInstance:
@@ -152,6 +159,7 @@ def _service_instance(
         gpu_count=0,
         depends_on=tuple(svc.depends_on),
         dependency_replicas=_dependency_replicas(stack, svc.depends_on),
+        templates_dir=_templates_dir(stack),
         slot=slot,
     )
 
@@ -174,7 +182,8 @@ def _model_instance(
         interval=5.0,
         timeout=2.0,
         retries=3,
-        start_period=600.0,
+        # Scaled from the weights one GPU loads (hxp.startup); the operator's `health` wins.
+        start_period=model_start_period(model).seconds,
     )
     return UnitInstance(
         stack=stack.stack,
@@ -195,6 +204,7 @@ def _model_instance(
         gpu_count=model.gpus_per_replica(),
         depends_on=tuple(model.depends_on),
         dependency_replicas=_dependency_replicas(stack, model.depends_on),
+        templates_dir=_templates_dir(stack),
         container_entrypoint=launch.container_entrypoint,
         slot=slot,
     )

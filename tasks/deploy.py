@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from hxp.health import ReadinessGate
 from hxp.io import lifecycle
 from hxp.io.gateway import NginxGateway
 from hxp.io.probes import wait_drained, wait_ready
+from hxp.lifecycle import SurgeDecision
 from hxp.plan import Action, ActionKind, ObservedUnit
 from hxp.spec import HealthSpec, Stack
 from hxp.store import Store
@@ -70,6 +72,10 @@ class UnitOutcome:
     check: str = ""
     logs: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # Blue-green on GPUs: how each replica was replaced (surge or one at a time) and why.
+    strategy: list[str] = field(default_factory=list)
+    # GPUs an old slot gave back when it stopped for a one-at-a-time replace (to take back).
+    withdrawn_gpus: dict[str, list[int]] = field(default_factory=dict)
 
 
 class UnitDeployError(DeployError):
@@ -148,9 +154,11 @@ def _prepare(
     instances: dict[str, UnitInstance],
     actions: list[Action],
     outcome: UnitOutcome,
+    defer: Collection[str] = (),
 ) -> tuple[dict[str, str], dict[str, UnitInstance]]:
     """Before any change: the unit's secret values, and GPUs for `gpus: auto` models (both only
-    for actions that start a new version)."""
+    for actions that start a new version; GPUs of the instances in `defer` are placed later,
+    when each starts)."""
     from hxp.errors import GpuAllocationError, SecretError
     from tasks.gpus import allocate_unit_gpus
     from tasks.secrets import default_resolver, resolve_unit_secrets
@@ -169,7 +177,7 @@ def _prepare(
             ctx.state_dir,
             unit,
             instances,
-            starting,
+            [n for n in starting if n not in defer],
             f"deploy #{ctx.deploy_id} of {ctx.stack.stack}",
         )
     except (SecretError, GpuAllocationError) as exc:
@@ -199,7 +207,19 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
     backend = ctx.backend(host)
     instances = {u.name: u for u in _all_slots(ctx.stack, unit)}
     outcome = UnitOutcome(unit=unit, host=host, ok=False)
-    secrets, placed = _prepare(ctx, unit, instances, actions, outcome)
+    # A blue-green replace on GPUs asks for room beside the old slot first; its new slot gets
+    # its GPUs when it starts. One replica without room is refused before anything changes.
+    on_gpus = {
+        a.instance
+        for a in actions
+        if a.kind is ActionKind.REPLACE and instances[a.instance].gpu_count
+    }
+    decided = {
+        a.instance: _decide_replace(ctx, a, instances, outcome)
+        for a in actions
+        if a.instance in on_gpus and ctx.stack.unit(unit).replicas == 1
+    }
+    secrets, placed = _prepare(ctx, unit, instances, actions, outcome, defer=on_gpus)
     instances.update(placed)
     changes_version = any(
         a.kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.REPLACE) for a in actions
@@ -215,6 +235,14 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
         )
     revision = outcome.revision or 0
     for action in actions:
+        if action.instance in on_gpus:
+            decision = decided.get(action.instance) or _decide_replace(
+                ctx, action, instances, outcome
+            )
+            if not decision.surge:
+                _replace_one_at_a_time(ctx, backend, action, instances, outcome, revision, secrets)
+                continue
+            instances[action.instance] = _place(ctx, action, instances, outcome)
         inst = instances[action.instance]
         ref = UnitRef.of(inst)
         # Recorded before the attempt: a half-done create or update is rolled back too.
@@ -244,11 +272,7 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
         )
         gate = _gate(backend, inst)
         if gate is not None and gate.verdict != "ready":
-            seen = backend.observe(ctx.stack.stack).get(inst.name)
-            if seen is not None and not seen.running:
-                outcome.reason = f"{inst.name} is not running ({seen.detail})"
-            else:
-                outcome.reason = f"{inst.name} never became ready: {gate.explain()}"
+            outcome.reason = _not_ready(ctx, backend, inst, gate)
             outcome.check = gate.last.check if gate.last else ""
             outcome.logs = backend.logs(ref, LOG_LINES)
             outcome.seconds = time.monotonic() - started
@@ -262,6 +286,7 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
             ctx.deploy_id,
         )
         lifecycle.mark_deployed(store, ctx.stack.stack, unit, action.instance, action.kind.value)
+        lifecycle.rebaseline(store, backend, inst)
         if ctx.stack.gateway is not None and unit in ctx.stack.gateway.routes:
             _route(ctx, backend, action, inst, instances, outcome)
     if outcome.revision is not None:
@@ -269,6 +294,210 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
     outcome.ok = True
     outcome.seconds = time.monotonic() - started
     return outcome
+
+
+def _not_ready(
+    ctx: DeployContext, backend: Backend, inst: UnitInstance, gate: ReadinessGate
+) -> str:
+    seen = backend.observe(ctx.stack.stack).get(inst.name)
+    if seen is not None and not seen.running:
+        return f"{inst.name} is not running ({seen.detail})"
+    return f"{inst.name} never became ready: {gate.explain()}"
+
+
+# --------------------------------------------------------------------------- blue-green on GPUs
+
+
+def replace_refusal(stack: Stack, action: Action, decision: SurgeDecision) -> str:
+    """Why a single-replica model cannot be replaced blue-green: its new slot must start beside
+    the old one, and the host has no GPU room for it (every GPU and its memory named)."""
+    spec = stack.models[action.unit]
+    if spec.gpus != "auto":
+        why = (
+            f"its GPUs are listed explicitly ({', '.join(map(str, spec.gpus))}), so the new slot "
+            "would need the GPUs the old one holds"
+        )
+    else:
+        why = "there is no spare GPU memory for it"
+    detail = decision.detail or decision.reason
+    return (
+        f"models.{action.unit}: refusing to replace {action.replaces} (model {spec.model}) "
+        f"blue-green: the new revision starts as {action.instance} beside it on host "
+        f"{spec.host!r}, and {why}: {detail}. With one replica nothing else would serve while "
+        "it is replaced, so nothing was changed; free GPU memory on the host, or run two or "
+        "more replicas (then they are replaced one at a time)"
+    )
+
+
+def _strategy_line(action: Action, decision: SurgeDecision) -> str:
+    if decision.surge:
+        return (
+            f"{action.replaces} -> {action.instance}: surge: {decision.reason}; the new slot "
+            "starts beside the old one"
+        )
+    return (
+        f"{action.replaces} -> {action.instance}: one at a time: "
+        f"{decision.detail or decision.reason}; {action.replaces} leaves the gateway and stops "
+        "first while the other replicas serve"
+    )
+
+
+def _decide_replace(
+    ctx: DeployContext, action: Action, instances: dict[str, UnitInstance], outcome: UnitOutcome
+) -> SurgeDecision:
+    """May the new slot of a model on GPUs start beside the old one (surge: spare GPUs pass
+    the calculator's start check), or must the old one give its GPUs back first (one at a
+    time)? Logged, kept in the outcome and recorded as a store event. A single replica
+    without room is refused here: UnitDeployError, nothing changed."""
+    from tasks.gpus import surge_for
+
+    store = ctx.store()
+    decision = surge_for(ctx.stack, ctx.state_dir, instances[action.instance])
+    if not decision.surge and ctx.stack.unit(action.unit).replicas == 1:
+        outcome.reason = replace_refusal(ctx.stack, action, decision)
+        store.add_event(
+            ctx.stack.stack, "blue-green-refused", outcome.reason, action.unit, ctx.deploy_id
+        )
+        raise UnitDeployError(outcome)
+    line = _strategy_line(action, decision)
+    get_run_logger().info("%s", line)
+    outcome.strategy.append(line)
+    store.add_event(ctx.stack.stack, "blue-green-strategy", line, action.unit, ctx.deploy_id)
+    return decision
+
+
+def _place(
+    ctx: DeployContext, action: Action, instances: dict[str, UnitInstance], outcome: UnitOutcome
+) -> UnitInstance:
+    """GPUs for a new blue-green slot (`gpus: auto`), chosen and reserved as it starts."""
+    from hxp.errors import GpuAllocationError
+    from tasks.gpus import allocate_unit_gpus
+
+    try:
+        placement = allocate_unit_gpus(
+            ctx.stack,
+            ctx.state_dir,
+            action.unit,
+            instances,
+            [action.instance],
+            f"deploy #{ctx.deploy_id} of {ctx.stack.stack}",
+        )
+    except GpuAllocationError as exc:
+        outcome.reason = str(exc)
+        ctx.store().add_event(
+            ctx.stack.stack, "unit-failed", outcome.reason, action.unit, ctx.deploy_id
+        )
+        raise UnitDeployError(outcome) from None
+    if placement.note:
+        get_run_logger().warning("%s: %s", action.unit, placement.note)
+    inst = placement.instances.get(action.instance, instances[action.instance])
+    get_run_logger().info("%s: GPUs %s", inst.name, ",".join(map(str, inst.gpus or ())))
+    return inst
+
+
+def _replace_one_at_a_time(
+    ctx: DeployContext,
+    backend: Backend,
+    action: Action,
+    instances: dict[str, UnitInstance],
+    outcome: UnitOutcome,
+    revision: int,
+    secrets: dict[str, str],
+) -> None:
+    """No GPU room beside the old slot: it leaves the gateway, drains and stops, giving its GPUs
+    back; the new slot starts on them, is gated and takes its place behind the gateway. The old
+    slot stays stopped until the deploy commits (then it is removed), so a rollback only has to
+    start it again. A new slot that fails brings the old one back (started, gated, behind the
+    gateway) and the unit fails saying why; the other replicas serve throughout."""
+    from tasks.lifecycle import _gateway_add, _stop_instances, drain_cap
+
+    store = ctx.store()
+    stack = ctx.stack.stack
+    unit = action.unit
+    old, new = instances[action.replaces], instances[action.instance]
+    why = f"replaced one at a time by {new.name}"
+    outcome.applied.append((old.name, "withdrawn"))
+    failure = ""
+    try:
+        observed = observe_one(backend, old)
+        seen = {old.name: observed} if observed is not None else {}
+        stopped = _stop_instances(
+            ctx, backend, unit, [old], seen, True, drain_cap(ctx.stack), why, retryable=False
+        )
+        released = store.release(stack, old.name)
+        outcome.withdrawn_gpus[old.name] = sorted(r.gpu_index for r in released)
+        new = instances[new.name] = _place(ctx, action, instances, outcome)
+        outcome.applied.append((new.name, ActionKind.REPLACE.value))
+        backend.apply(Create(new, action.config_hash, revision, secrets))
+        get_run_logger().info("%s: replace (%s); waiting for readiness", new.name, action.reason)
+        gate = _gate(backend, new)
+        if gate is not None and gate.verdict != "ready":
+            failure = _not_ready(ctx, backend, new, gate)
+            outcome.check = gate.last.check if gate.last else ""
+            outcome.logs = backend.logs(UnitRef.of(new), LOG_LINES)
+    except UnitDeployError:
+        failure = outcome.reason
+    except Exception as exc:  # whatever stopped it, the old slot must come back
+        failure = f"{action.kind.value} {new.name} failed: {exc}"
+    if failure:
+        back = _bring_back(ctx, backend, old, new.name, outcome)
+        # This replica is as it was: nothing of it is left for a rollback to undo.
+        outcome.applied = [step for step in outcome.applied if step[0] not in (old.name, new.name)]
+        outcome.reason = f"{failure}; {back}"
+        store.add_event(stack, "unit-failed", outcome.reason, unit, ctx.deploy_id)
+        raise UnitDeployError(outcome)
+    store.add_event(stack, "unit-ready", f"{new.name}: replace, ready", unit, ctx.deploy_id)
+    lifecycle.mark_deployed(store, stack, unit, new.name, "replace")
+    lifecycle.rebaseline(store, backend, new)
+    _gateway_add(ctx, unit, [route_port(new)])
+    store.add_event(
+        stack,
+        "blue-green",
+        f"{old.name} -> {new.name}: one at a time, {stopped.get(old.name, 'stopped')}",
+        unit,
+        ctx.deploy_id,
+    )
+
+
+def _bring_back(
+    ctx: DeployContext,
+    backend: Backend,
+    old: UnitInstance,
+    new_name: str | None,
+    outcome: UnitOutcome,
+) -> str:
+    """Put an old slot that a one-at-a-time replace stopped back in service: the new slot (if
+    any) removed and its GPUs released, the old one's GPUs reserved again, started, gated and
+    back behind the gateway. A line saying how it went."""
+    from hxp.gpu_alloc import host_key
+    from hxp.lifecycle import State
+    from tasks.lifecycle import _gateway_add
+
+    store = ctx.store()
+    stack = ctx.stack.stack
+    unit = old.unit
+    try:
+        if new_name is not None and new_name != old.name:
+            backend.apply(Remove(UnitRef(stack, unit, new_name)))
+            store.release(stack, new_name)
+            lifecycle.forget(store, stack, unit, new_name, f"removed: {old.name} comes back")
+        gpus = outcome.withdrawn_gpus.get(old.name)
+        if gpus:
+            spec = ctx.stack.unit(unit)
+            store.reserve(host_key(spec.host, ctx.stack.hosts[spec.host]), stack, old.name, gpus)
+        lifecycle.record_path(store, stack, unit, old.name, State.STARTING, "restoring")
+        backend.apply(Start(UnitRef.of(old)))
+        gate = _gate(backend, old)
+    except Exception as exc:
+        lifecycle.record_path(store, stack, unit, old.name, State.FAILED, f"restore: {exc}")
+        return f"{old.name} could NOT be restored: {exc}"
+    if gate is not None and gate.verdict != "ready":
+        lifecycle.record(store, stack, unit, old.name, State.FAILED, "restore never ready")
+        return f"{old.name} started again but is NOT ready: {gate.explain()}"
+    lifecycle.record(store, stack, unit, old.name, State.RUNNING, "restored")
+    lifecycle.rebaseline(store, backend, old)
+    _gateway_add(ctx, unit, [route_port(old)])
+    return f"{old.name} restored and back behind the gateway"
 
 
 _all_slots = all_slots
@@ -327,6 +556,36 @@ def _route(
     )
 
 
+@task(
+    name="blue-green-room", task_run_name="blue-green-room-{ctx.stack.stack}", cache_policy=NO_CACHE
+)
+def replace_refusals(ctx: DeployContext, actions: list[Action]) -> dict[str, str]:
+    """Before anything of the stack changes: every single-replica model on GPUs whose
+    blue-green replace has no GPU room beside its old slot (unit -> why, the memory named)."""
+    from tasks.gpus import surge_for
+
+    refused: dict[str, str] = {}
+    for action in actions:
+        if action.kind is not ActionKind.REPLACE or action.unit in refused:
+            continue
+        if ctx.stack.unit(action.unit).replicas != 1:
+            continue
+        inst = {u.name: u for u in _all_slots(ctx.stack, action.unit)}[action.instance]
+        if not inst.gpu_count:
+            continue
+        decision = surge_for(ctx.stack, ctx.state_dir, inst)
+        if not decision.surge:
+            refused[action.unit] = replace_refusal(ctx.stack, action, decision)
+            ctx.store().add_event(
+                ctx.stack.stack,
+                "blue-green-refused",
+                refused[action.unit],
+                action.unit,
+                ctx.deploy_id,
+            )
+    return refused
+
+
 @task(name="gateway", task_run_name="gateway-{ctx.stack.stack}", cache_policy=NO_CACHE)
 def sync_gateway(ctx: DeployContext) -> dict[str, list[int]]:
     """Point the gateway at the routed instances that run now (starting nginx if needed)."""
@@ -354,7 +613,7 @@ def verify_units(ctx: DeployContext, outcomes: list[UnitOutcome]) -> UnitOutcome
         seen = backend.observe(ctx.stack.stack)
         instances = {u.name: u for u in _all_slots(ctx.stack, outcome.unit)}
         for instance, kind in outcome.applied:
-            if kind in ("switched", "retired"):  # the old slot of a blue-green replace
+            if kind in ("switched", "retired", "withdrawn"):  # an old slot of a blue-green replace
                 continue
             obs = seen.get(instance)
             inst = instances[instance]
@@ -390,8 +649,12 @@ def commit_unit(ctx: DeployContext, outcome: UnitOutcome) -> None:
     """The deploy succeeded: mark the revision good and drop the kept previous versions."""
     backend = ctx.backend(outcome.host)
     for instance, kind in outcome.applied:
+        ref = UnitRef(ctx.stack.stack, outcome.unit, instance)
         if kind == ActionKind.UPDATE.value:
-            backend.apply(Commit(UnitRef(ctx.stack.stack, outcome.unit, instance)))
+            backend.apply(Commit(ref))
+        elif kind == "withdrawn":  # an old slot a one-at-a-time replace stopped: now it goes
+            backend.apply(Remove(ref))
+            lifecycle.forget(ctx.store(), ctx.stack.stack, outcome.unit, instance, "replaced")
     if outcome.revision is not None:
         ctx.store().set_revision_status(ctx.stack.stack, outcome.unit, outcome.revision, "good")
 
@@ -414,7 +677,7 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
     new = {u.name: u for u in _all_slots(ctx.stack, outcome.unit)}
     for instance, kind in reversed(outcome.applied):
         ref = UnitRef(ctx.stack.stack, outcome.unit, instance)
-        if kind in ("retired", "switched", ActionKind.REPLACE.value):
+        if kind in ("retired", "switched", "withdrawn", ActionKind.REPLACE.value):
             done.extend(_undo_blue_green(ctx, backend, kind, instance, old, new, outcome))
         elif kind == ActionKind.CREATE.value:
             backend.apply(Remove(ref))
@@ -468,28 +731,47 @@ def _undo_blue_green(
         if instance not in old:
             return [f"{instance}: cannot come back (no earlier good configuration)"]
         revision = ctx.store().last_good(ctx.stack.stack, outcome.unit)
+        back = old[instance]
+        if back.gpu_count:  # `gpus: auto`: its GPUs were released when it was retired
+            from hxp.errors import GpuAllocationError
+            from tasks.gpus import allocate_unit_gpus
+
+            try:
+                placed = allocate_unit_gpus(
+                    ctx.stack, ctx.state_dir, outcome.unit, {instance: back}, [instance], "rollback"
+                )
+            except GpuAllocationError as exc:
+                return [f"{instance}: cannot come back: {exc}"]
+            back = placed.instances.get(instance, back)
         backend.apply(
             Create(
-                old[instance],
+                back,
                 revision.config_hash if revision else "",
                 revision.revision if revision else 0,
             )
         )
-        gate = _gate(backend, old[instance])
+        gate = _gate(backend, back)
         if gate is not None and gate.verdict != "ready":
             return [f"{instance}: restarted but NOT healthy: {gate.explain()}"]
         _swap(ctx, outcome.unit, route_port(target) if target else None, route_port(old[instance]))
         return [f"{instance}: previous version restarted and back behind the gateway"]
+    if kind == "withdrawn":  # stopped for a one-at-a-time replace (its new slot is gone now)
+        inst = old.get(instance) or new.get(instance)
+        if inst is None:  # pragma: no cover - the slot names of a unit do not change
+            return [f"{instance}: cannot come back (unknown slot)"]
+        return [_bring_back(ctx, backend, inst, None, outcome)]
     if kind == "switched":
         if instance in old:
             _swap(
                 ctx, outcome.unit, route_port(target) if target else None, route_port(old[instance])
             )
         return [f"{instance}: traffic switched back"]
-    # The new slot: out of the gateway (if it got there), then removed.
+    # The new slot: out of the gateway (if it got there), then removed, its GPUs released.
     if instance in new:
         _swap(ctx, outcome.unit, route_port(new[instance]), None)
     backend.apply(Remove(UnitRef(ctx.stack.stack, outcome.unit, instance)))
+    ctx.store().release(ctx.stack.stack, instance)
+    lifecycle.forget(ctx.store(), ctx.stack.stack, outcome.unit, instance, "rolled back")
     return [f"{instance}: new slot removed; the old one kept serving"]
 
 
@@ -507,6 +789,8 @@ __all__ = [
     "commit_unit",
     "observe_stack",
     "remove_instance",
+    "replace_refusal",
+    "replace_refusals",
     "rollback_unit",
     "state_dir_of",
 ]

@@ -205,7 +205,8 @@ def env_file_text(values: Mapping[str, str]) -> str:
 
 def render_unit(unit: UnitInstance, config_hash: str, revision: int) -> str:
     """The unit file hxp installs: the rendered template plus its marker lines."""
-    rendered = Renderer().render("systemd/unit.service.j2", stack=_StackView(unit), unit=unit)
+    renderer = Renderer(unit.templates_dir)  # the stack's overrides, as `hxp render` uses them
+    rendered = renderer.render("systemd/unit.service.j2", stack=_StackView(unit), unit=unit)
     return marker_lines(unit.stack, unit.name, config_hash, revision) + rendered.content
 
 

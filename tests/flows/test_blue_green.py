@@ -133,3 +133,306 @@ def test_a_revision_that_never_gets_ready_leaves_the_old_one_serving(fleet, tmp_
     assert last.status == "failed"
     assert last.result is not None
     assert last.result["failed_unit"] == "chat"
+
+
+# --------------------------------------------------------------------------- on GPUs
+# The same moves for a model on GPUs: the new slot starts beside the old one only when spare
+# GPUs pass the calculator's start check (surge); otherwise, with several replicas, one at a
+# time; a single replica without room is refused before anything changes. There is no GPU
+# here: the host declares its GPUs (`hosts.local.gpus`) and the simulator claims one per
+# replica (`simulator_gpus: 1`), placed and reserved as vLLM's would be.
+
+
+class NvmlLibraryNotFound(Exception):
+    """What pynvml raises from nvmlInit on a machine without the NVIDIA driver."""
+
+
+class NvmlWithoutDriver:
+    """TEST DOUBLE of the pynvml module on a machine without an NVIDIA driver: nvmlInit fails
+    as pynvml's does, so discovery uses the GPUs the host declares, on any test machine."""
+
+    def nvmlInit(self) -> None:
+        raise NvmlLibraryNotFound("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self) -> None:  # pragma: no cover - never initialised
+        pass
+
+
+@pytest.fixture
+def declared_gpus_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.gpus
+
+    real = tasks.gpus.NvmlProbe
+    monkeypatch.setattr(tasks.gpus, "NvmlProbe", lambda: real(NvmlWithoutDriver()))
+
+
+@pytest.fixture
+def gpu_fleet(tmp_path: Path, declared_gpus_only: None):  # type: ignore[no-untyped-def]
+    """A factory: a routed simulator model with `replicas` replicas, one GPU each, on a host
+    that declares `gpus` GPUs of 80 GiB. Everything it started is stopped afterwards."""
+    made: list[tuple[Path, Path]] = []
+
+    def make(replicas: int, gpus: int) -> tuple[Path, Path, str]:
+        base, gateway = free_range(2 * replicas), free_port()
+        declared = ", ".join(f"{{index: {i}, memory_gib: 80}}" for i in range(gpus))
+        path = tmp_path / "gpu-fleet.yaml"
+        path.write_text(
+            textwrap.dedent(
+                f"""\
+                stack: bgg
+                hosts:
+                  local: {{backend: process, gpus: [{declared}]}}
+                models:
+                  chat:
+                    host: local
+                    engine: simulator
+                    simulator_gpus: 1
+                    python: {sys.executable}
+                    model: hxp-sim/chat
+                    revision: r1
+                    served_name: chat
+                    replicas: {replicas}
+                    port: {base}
+                    simulator_args: [--latency-ms, "2", --tokens-per-second, "2000"]
+                    health:
+                      http: {{url: "http://127.0.0.1:{base}/health"}}
+                      interval: 500ms
+                      timeout: 1s
+                      retries: 3
+                      start_period: 10s
+                gateway:
+                  host: local
+                  routes: {{chat: {gateway}}}
+                  drain_timeout: 10s
+                """
+            )
+        )
+        state = tmp_path / "state"
+        made.append((path, state))
+        return path, state, f"http://127.0.0.1:{gateway}"
+
+    yield make
+    for path, state in made:
+        stack = load_config([path], {}).stack
+        assert stack.gateway is not None
+        NginxGateway(state, "bgg", stack.gateway).stop()
+        backend = ProcessBackend(state)
+        for name in backend.observe("bgg"):
+            backend.apply(Remove(UnitRef("bgg", name, name)))
+
+
+def held(state: Path) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for r in Store(state).reservations("local"):
+        out.setdefault(r.instance, []).append(r.gpu_index)
+    return out
+
+
+def gpus_of(state: Path, instance: str) -> str:
+    """The CUDA_VISIBLE_DEVICES an instance was started with (its process spec)."""
+    import json
+
+    spec = json.loads((state / "process" / "bgg" / instance / "spec.json").read_text())
+    return dict(spec["env"])["CUDA_VISIBLE_DEVICES"]
+
+
+def events(state: Path, kind: str) -> list[str]:
+    return [e["message"] for e in Store(state).events("bgg") if e["kind"] == kind]
+
+
+def revision(tmp_path: Path, name: str, extra: str = "") -> Path:
+    return overlay(tmp_path, name, f"models:\n  chat:\n    revision: {name}\n{extra}")
+
+
+def test_gpu_surge_when_a_spare_gpu_fits(gpu_fleet, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    path, state, _url = gpu_fleet(replicas=1, gpus=2)
+    deploy([path], state)
+    assert held(state) == {"chat": [0]}
+    # A spy on the drain of the old slot: what runs at the moment traffic has moved over.
+    import tasks.deploy
+
+    seen_at_switch: list[dict[str, bool]] = []
+    real_drain = tasks.deploy.wait_drained
+
+    async def spy(inst, cap):  # type: ignore[no-untyped-def]
+        seen_at_switch.append(
+            {k: v.running for k, v in ProcessBackend(state).observe("bgg").items()}
+        )
+        return await real_drain(inst, cap)
+
+    monkeypatch.setattr(tasks.deploy, "wait_drained", spy)
+    result = deploy([path, revision(tmp_path, "r2")], state)
+
+    assert [a["kind"] for a in result["plan"]["actions"]] == ["replace"]
+    (line,) = result["units"]["chat"]["strategy"]
+    assert line.startswith("chat -> chat-g: surge: spare GPU memory fits one more replica on GPU 1")
+    assert events(state, "blue-green-strategy") == [line]
+    assert seen_at_switch == [{"chat": True, "chat-g": True}]  # both slots up, side by side
+    assert sorted(ProcessBackend(state).observe("bgg")) == ["chat-g"]
+    assert gpus_of(state, "chat-g") == "1"
+    assert held(state) == {"chat-g": [1]}  # the old slot's GPU 0 was released
+
+
+def test_gpu_one_at_a_time_without_a_spare_gpu_fails_no_request(  # type: ignore[no-untyped-def]
+    gpu_fleet, tmp_path: Path, monkeypatch
+) -> None:
+    path, state, url = gpu_fleet(replicas=2, gpus=2)
+    deploy([path], state)
+    assert held(state) == {"chat-0": [0], "chat-1": [1]}
+    import tasks.lifecycle
+
+    seen_at_drain: list[dict[str, bool]] = []
+    real_drain = tasks.lifecycle.wait_drained
+
+    async def spy(inst, cap):  # type: ignore[no-untyped-def]
+        seen_at_drain.append(
+            {k: v.running for k, v in ProcessBackend(state).observe("bgg").items()}
+        )
+        return await real_drain(inst, cap)
+
+    monkeypatch.setattr(tasks.lifecycle, "wait_drained", spy)
+    load = BackgroundLoad(url, "chat", REQUESTS, concurrency=32).start()
+    time.sleep(1.0)
+    result = deploy([path, revision(tmp_path, "r2")], state)
+    moved = load.join()
+
+    assert moved.sent == REQUESTS
+    assert moved.failed == 0, moved.errors
+    strategy = result["units"]["chat"]["strategy"]
+    assert [s.split(":")[0] for s in strategy] == ["chat-0 -> chat-0-g", "chat-1 -> chat-1-g"]
+    assert all(": one at a time: " in s for s in strategy), strategy
+    assert "GPU 0: held by bgg/chat-0 (80.00 GiB, free unknown)" in strategy[0]
+    assert events(state, "blue-green-strategy") == strategy
+    # Each old replica stopped before its new slot existed, while the other one served (a
+    # stopped old slot is kept until the deploy commits, for a rollback to start it again).
+    assert seen_at_drain == [
+        {"chat-0": True, "chat-1": True},
+        {"chat-0": False, "chat-0-g": True, "chat-1": True},
+    ]
+    assert sorted(ProcessBackend(state).observe("bgg")) == ["chat-0-g", "chat-1-g"]
+    assert held(state) == {"chat-0-g": [0], "chat-1-g": [1]}
+    assert (gpus_of(state, "chat-0-g"), gpus_of(state, "chat-1-g")) == ("0", "1")
+    assert deploy([path, revision(tmp_path, "r2")], state)["changed"] is False
+
+
+def test_gpu_single_replica_without_room_is_refused_and_nothing_changes(  # type: ignore[no-untyped-def]
+    gpu_fleet, tmp_path: Path
+) -> None:
+    from hxp.errors import HxpError
+
+    path, state, _url = gpu_fleet(replicas=1, gpus=1)
+    deploy([path], state)
+    before = {
+        k: (v.config_hash, v.running) for k, v in ProcessBackend(state).observe("bgg").items()
+    }
+    store = Store(state)
+    revisions = [(r.revision, r.status) for r in store.revisions("bgg", "chat")]
+
+    with pytest.raises(DeployError) as err:
+        deploy([path, revision(tmp_path, "r2")], state)
+
+    message = str(err.value)
+    assert isinstance(err.value, HxpError)  # the CLI prints it without a traceback
+    assert "refused; nothing was changed" in message
+    assert "models.chat: refusing to replace chat (model hxp-sim/chat)" in message
+    assert "needs 1 GPU(s) with 72.00 GiB free on each" in message
+    assert "GPU 0: held by bgg/chat (80.00 GiB, free unknown)" in message
+    after = {k: (v.config_hash, v.running) for k, v in ProcessBackend(state).observe("bgg").items()}
+    assert after == before
+    assert held(state) == {"chat": [0]}
+    assert [(r.revision, r.status) for r in store.revisions("bgg", "chat")] == revisions
+    last = store.deploys("bgg")[0]
+    assert last.status == "failed"
+    assert last.result is not None
+    assert last.result["failed_unit"] == "chat"
+    assert last.result["rollback"] == []
+    assert events(state, "blue-green-refused") == [last.result["reason"]]
+    stack = load_config([path], {}).stack
+    assert stack.gateway is not None
+    assert NginxGateway(state, "bgg", stack.gateway).live()["chat"] == [stack.models["chat"].port]
+
+
+def test_gpu_one_at_a_time_gate_failure_restores_the_old_replica(  # type: ignore[no-untyped-def]
+    gpu_fleet, tmp_path: Path
+) -> None:
+    path, state, url = gpu_fleet(replicas=2, gpus=2)
+    deploy([path], state)
+    good = {k: v.config_hash for k, v in ProcessBackend(state).observe("bgg").items()}
+    load = BackgroundLoad(url, "chat", REQUESTS, concurrency=32).start()
+    time.sleep(1.0)
+    bad = revision(
+        tmp_path, "r3", "    simulator_args: [--never-ready]\n    health: {start_period: 2s}\n"
+    )
+    with pytest.raises(DeployError) as err:
+        deploy([path, bad], state)
+    result = load.join()
+
+    assert result.failed == 0, result.errors
+    assert result.sent == REQUESTS
+    message = str(err.value)
+    assert "chat-0-g never became ready" in message
+    assert "chat-0 restored and back behind the gateway" in message
+    # Both old replicas serve their old revision on their own GPUs; the new slot is gone.
+    now = ProcessBackend(state).observe("bgg")
+    assert {k: v.config_hash for k, v in now.items()} == good
+    assert all(v.running for v in now.values())
+    assert held(state) == {"chat-0": [0], "chat-1": [1]}
+    stack = load_config([path], {}).stack
+    assert stack.gateway is not None
+    port = stack.models["chat"].port
+    assert sorted(NginxGateway(state, "bgg", stack.gateway).live()["chat"]) == [port, port + 1]
+    # Why is on record: the deploy, its events and the decision it took.
+    last = Store(state).deploys("bgg")[0]
+    assert last.status == "failed"
+    assert last.result is not None
+    assert "chat-0-g never became ready" in last.result["reason"]
+    assert any("chat-0 restored" in m for m in events(state, "unit-failed"))
+    assert events(state, "blue-green-strategy")[-1].startswith("chat-0 -> chat-0-g: one at a time")
+    lifecycle = Store(state).lifecycle("bgg")
+    assert lifecycle["chat-0"].state.value == "running"
+    assert "chat-0-g" not in lifecycle
+
+
+def test_gpu_one_at_a_time_rollback_restarts_the_replicas_already_replaced(  # type: ignore[no-untyped-def]
+    gpu_fleet, tmp_path: Path, monkeypatch
+) -> None:
+    """chat-0 moves one at a time, then chat-1's new slot fails its gate (a fault injected into
+    the gate): chat-1 is restored at once, and the rollback brings chat-0 back on its GPU."""
+    # tasks.lifecycle copies tasks.deploy._gate when first imported: load it before the fake
+    # gate goes in, or it keeps the fake for the rest of the session.
+    import tasks.deploy
+    import tasks.lifecycle
+    from hxp.health import ReadinessGate
+    from hxp.spec import HealthSpec
+
+    path, state, _url = gpu_fleet(replicas=2, gpus=2)
+    deploy([path], state)
+    good = {k: v.config_hash for k, v in ProcessBackend(state).observe("bgg").items()}
+    real_gate = tasks.deploy._gate
+
+    def gate(backend, inst):  # type: ignore[no-untyped-def]
+        if inst.name != "chat-1-g":
+            return real_gate(backend, inst)
+        failed = ReadinessGate(HealthSpec(command=["true"]))
+        failed.give_up("injected: chat-1-g fails its gate")
+        return failed
+
+    monkeypatch.setattr(tasks.deploy, "_gate", gate)
+    with pytest.raises(DeployError) as err:
+        deploy([path, revision(tmp_path, "r2")], state)
+
+    message = str(err.value)
+    assert "chat-1-g never became ready" in message
+    assert "chat-1 restored and back behind the gateway" in message
+    assert "chat-0-g: new slot removed; the old one kept serving" in message
+    assert "chat-0 restored and back behind the gateway" in message
+    now = ProcessBackend(state).observe("bgg")
+    assert {k: v.config_hash for k, v in now.items()} == good
+    assert all(v.running for v in now.values())
+    assert held(state) == {"chat-0": [0], "chat-1": [1]}
+    stack = load_config([path], {}).stack
+    assert stack.gateway is not None
+    port = stack.models["chat"].port
+    assert sorted(NginxGateway(state, "bgg", stack.gateway).live()["chat"]) == [port, port + 1]
+    monkeypatch.undo()
+    assert deploy([path], state)["changed"] is False

@@ -147,6 +147,39 @@ def test_first_deploy_failing_removes_what_it_created(env, tmp_path: Path) -> No
     assert ProcessBackend(state).observe("t") == {}
 
 
+def test_an_unexpected_error_closes_the_deploy_record_failed(  # type: ignore[no-untyped-def]
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error no step expects, after the deploy record is begun, fails the run as before, but
+    the record says `failed` with the error (not `running` until the next apply) and what the
+    run changed is rolled back at once."""
+    import flows.deploy
+
+    path, ports, state = env
+    deploy([path], state)
+
+    def commit_fails(ctx: Any, outcome: Any) -> None:
+        raise RuntimeError("the disk under the store is full")
+
+    monkeypatch.setattr(flows.deploy, "commit_unit", commit_fails)
+    v2 = overlay(tmp_path, "v2", "services:\n  api:\n    env: {VERSION: '2'}\n")
+    with pytest.raises(RuntimeError, match="the disk under the store is full"):
+        deploy([path, v2], state)
+
+    store = Store(state)
+    last = store.deploys("t")[0]
+    assert last.status == "failed"
+    assert last.result is not None
+    assert last.result["reason"] == "RuntimeError: the disk under the store is full"
+    assert last.result["rollback"] == ["api: restored revision 1, healthy"]
+    assert store.unfinished_deploys("t") == []
+    assert_previous_back(state, ports, ["db", "cache", "api"])
+    monkeypatch.undo()
+    again = deploy([path], state)
+    assert again["changed"] is False
+    assert [d.status for d in store.deploys("t")] == ["succeeded", "failed", "succeeded"]
+
+
 def hxp(*args: str, state: Path, **kw: Any) -> subprocess.Popen[str]:
     from prefect.settings import PREFECT_API_URL
 

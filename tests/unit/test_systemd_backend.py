@@ -264,6 +264,25 @@ def test_rendered_unit_is_the_golden_file_plus_markers() -> None:
     assert compared >= 4
 
 
+def test_the_backend_renders_with_the_stacks_template_overrides(tmp_path: Path) -> None:
+    """An operator's `templates_dir` changes what the systemd backend installs, as it changes
+    what `hxp render` writes."""
+    builtin = Path(__file__).resolve().parents[2] / "templates" / "systemd" / "unit.service.j2"
+    override = tmp_path / "templates" / "systemd" / "unit.service.j2"
+    override.parent.mkdir(parents=True)
+    text = builtin.read_text().replace("[Service]\n", "[Service]\n# site override\n", 1)
+    assert text != builtin.read_text()
+    override.write_text(text)
+    stack = load_config([EXAMPLES["demo"]], environ={}).stack
+    stack = stack.model_copy(update={"templates_dir": str(tmp_path / "templates")})
+    unit = next(u for u in expand_units(stack) if u.kind == "service")
+    rendered = render_unit(unit, "h", 1)
+    assert "# site override" in rendered
+    assert rendered.endswith(
+        next(f.content for f in render_stack(stack, "systemd") if f.path == unit.systemd_name)
+    )
+
+
 # ---------------------------------------------------------------- runners
 
 
