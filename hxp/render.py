@@ -217,6 +217,26 @@ def _need_images(units: Iterable[UnitInstance], target: str) -> None:
         raise StackValidationError(issues)
 
 
+#: Kubernetes label values and Service names (RFC 1035 labels) allow 63 characters.
+K8S_NAME_MAX = 63
+
+
+def _k8s_names_fit(stack: Stack, units: Iterable[UnitInstance]) -> None:
+    """`<stack>-<unit>` names the Deployment, its Service and the instance label: it must fit."""
+    issues = [
+        Issue(
+            f"'{stack.stack}-{u.unit}' is {len(stack.stack) + 1 + len(u.unit)} characters; "
+            f"Kubernetes names its Service and instance label <stack>-<unit>, which allow "
+            f"{K8S_NAME_MAX}: shorten the unit or the stack name to render target k8s",
+            u.field_path,
+        )
+        for u in units
+        if u.replica == 0 and len(stack.stack) + 1 + len(u.unit) > K8S_NAME_MAX
+    ]
+    if issues:
+        raise StackValidationError(issues)
+
+
 def _dependency_conditions(stack: Stack) -> dict[str, dict[str, str]]:
     units = stack.units()
     out: dict[str, dict[str, str]] = {}
@@ -257,6 +277,7 @@ def render_stack(
         files.append(_at(r, "compose.yaml"))
     elif target == "k8s":
         _need_images(units, target)
+        _k8s_names_fit(stack, units)
         for unit in units:
             if unit.replica != 0:
                 continue

@@ -815,3 +815,29 @@ def test_yaml_output_that_does_not_parse_names_file_and_line(
     )
     with pytest.raises(OutputCheckError, match=r"compose\.yaml:\d+ \(from compose/compose"):
         render_stack(hostile_stack, "compose", Renderer(templates))
+
+
+def test_k8s_render_refuses_names_longer_than_a_kubernetes_label(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unit = "u" * 40
+    stack_file = tmp_path / "stack.yaml"
+    stack_file.write_text(
+        yaml.safe_dump(
+            {
+                "version": 2,
+                "stack": "s" * 30,
+                "hosts": {"h": {}},
+                "services": {unit: {"host": "h", "image": "busybox:1", "command": ["sleep", "1"]}},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    assert main(["render", "-f", str(stack_file), "--target", "k8s", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"services.{unit}" in err
+    assert "71 characters" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    # The other targets have no such limit.
+    assert main(["render", "-f", str(stack_file), "--target", "compose", "--out", str(out)]) == 0
