@@ -354,15 +354,22 @@ def test_systemd_hostile_lines_exactly(hostile_stack: Stack) -> None:
     assert "49" not in exec_start
 
 
-def test_systemd_depends_on_names_every_replica(hostile_stack: Stack) -> None:
+def test_systemd_depends_on_names_every_replica_in_both_slots(hostile_stack: Stack) -> None:
+    """Ordering holds whichever blue-green slot (`x` or `x-g`) each dependency instance runs
+    in, and no Wants= makes systemd start a dependency hxp did not ask for."""
     keys = parse_unit(_files(hostile_stack, "systemd")["hxp-hostile-2024.service"])
-    assert keys["Wants"] == [
+    assert keys["After"] == [
         "hxp-hostile-0x10-0.service",
+        "hxp-hostile-0x10-0-g.service",
         "hxp-hostile-0x10-1.service",
+        "hxp-hostile-0x10-1-g.service",
         "hxp-hostile-null.service",
+        "hxp-hostile-null-g.service",
         "network-online.target",
     ]
-    assert keys["After"][:3] == keys["Wants"][:3]
+    assert keys["Wants"] == ["network-online.target"]
+    assert "Requires" not in keys
+    assert "BindsTo" not in keys
 
 
 def test_compose_hostile_values_read_back(hostile_stack: Stack) -> None:
