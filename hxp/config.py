@@ -504,11 +504,21 @@ def config_hash(stack: Stack) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+#: Unit fields added after hxp 0.1.0, with their defaults: a field at its default stays out of
+#: the unit hash, so upgrading hxp does not make every deployed unit look changed (and
+#: blue-green replace a whole fleet). Set to anything else, it counts like any field.
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"simulator_gpus": 0}
+
+
 def unit_config_hash(stack: Stack, unit: str) -> str:
     """The hash of one unit's spec (plus its host), for drift detection and no-op reasons."""
     spec = stack.unit(unit)
+    fields = spec.model_dump(mode="json")
+    for name, default in HASH_NEUTRAL_DEFAULTS.items():
+        if name in fields and fields[name] == default:
+            del fields[name]
     payload = {
-        "unit": spec.model_dump(mode="json"),
+        "unit": fields,
         "host": stack.hosts[spec.host].model_dump(mode="json"),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

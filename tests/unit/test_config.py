@@ -273,3 +273,29 @@ def test_build_config_from_documents_without_files() -> None:
     cfg = build_config([doc])
     assert cfg.sources == ("<memory>",)
     assert cfg.stack.stack == "demo"
+
+
+def test_a_field_added_later_at_its_default_leaves_the_unit_hash_alone() -> None:
+    """Upgrading hxp must not make deployed units look changed: `simulator_gpus` (added after
+    0.1.0) counts only when set. The pinned hash is the one 0.1.0 gave this model."""
+    import hashlib
+    import json
+
+    from tests.support.render_data import stack_from_data
+
+    data = {
+        "version": 2,
+        "stack": "s",
+        "hosts": {"gpu": {}},
+        "models": {"chat": {"host": "gpu", "model": "org/m-1B", "engine": "simulator"}},
+    }
+    stack = stack_from_data(data)
+    fields = stack.unit("chat").model_dump(mode="json")
+    del fields["simulator_gpus"]
+    before = {"unit": fields, "host": stack.hosts["gpu"].model_dump(mode="json")}
+    assert (
+        unit_config_hash(stack, "chat")
+        == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    )
+    data["models"]["chat"]["simulator_gpus"] = 1  # type: ignore[index]
+    assert unit_config_hash(stack_from_data(data), "chat") != unit_config_hash(stack, "chat")
