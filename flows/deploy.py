@@ -32,6 +32,7 @@ from tasks.deploy import (
     UnitOutcome,
     apply_unit,
     commit_unit,
+    interrupted_steps,
     observe_stack,
     remove_instance,
     replace_refusals,
@@ -101,7 +102,14 @@ def _roll_back_record(
     reason: str,
 ) -> list[str]:
     """Roll back every unit whose revision deploy `deploy_id` applied but never verified
-    (still `applied` or `ready`): the compensating subflow, for a run that could not run it."""
+    (still `applied` or `ready`): the compensating subflow, for a run that could not run it.
+    A unit behind the gateway is rolled back from what the run recorded (its plan: which slot
+    served, which one it started) and what runs now; any other unit's instances are restored
+    as updated ones."""
+    # The run's own config (it names the slots it started and their ports), else this one.
+    ran = _snapshot_stack(store, config_hash) or stack
+    ctx = DeployContext(ran, state, deploy_id, config_hash or "")
+    plan = store.deploy_plan(deploy_id) or {}
     outcomes = []
     for rev in store.revisions(stack.stack):
         if rev.deploy_id != deploy_id or rev.status not in ("applied", "ready"):
@@ -109,19 +117,32 @@ def _roll_back_record(
         source = previous if previous and rev.unit in previous.units() else stack
         if rev.unit not in source.units():
             continue
-        instances = [u.name for u in expand_units(source, {rev.unit})]
+        if ran.gateway is not None and rev.unit in ran.gateway.routes and plan.get("actions"):
+            applied = interrupted_steps(ctx, rev.unit, plan["actions"])
+        else:
+            instances = [u.name for u in expand_units(source, {rev.unit})]
+            applied = [(i, ActionKind.UPDATE.value) for i in instances]
         outcomes.append(
             UnitOutcome(
                 unit=rev.unit,
                 host=source.unit(rev.unit).host,
                 ok=False,
                 revision=rev.revision,
-                applied=[(i, ActionKind.UPDATE.value) for i in instances],
+                applied=applied,
                 reason=reason,
             )
         )
-    ctx = DeployContext(stack, state, deploy_id, config_hash or "")
     return rollback_deploy(ctx, outcomes, previous) if outcomes else []
+
+
+def _snapshot_stack(store: Store, config_hash: str | None) -> Stack | None:
+    """The stack a deploy applied, from its snapshot (None when there is none, or it no longer
+    reads)."""
+    snapshot = store.snapshot(config_hash) if config_hash else None
+    try:
+        return snapshot.restore() if snapshot is not None else None
+    except ValueError:
+        return None
 
 
 def _fail_unexpected(

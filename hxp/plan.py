@@ -123,9 +123,7 @@ def _plan_routed(
         return
     slots.sort(key=lambda o: (o.config_hash != want, not o.running, o.name))
     live, leftovers = slots[0], slots[1:]
-    for o in leftovers:  # a second slot left behind (an interrupted switch): drop it last
-        reason = f"leftover blue-green slot of {live.name}"
-        extra.append(Action(inst.unit, o.name, inst.host, ActionKind.REMOVE, reason, ""))
+    replaced_into = ""
     if live.config_hash == want and live.running:
         state = "running" if live.healthy is not False else "running (unhealthy)"
         noops.append(NoOp(inst.unit, live.name, f"{state}, config hash unchanged"))
@@ -141,6 +139,12 @@ def _plan_routed(
         actions.append(
             Action(inst.unit, target, inst.host, ActionKind.REPLACE, reason, want, live.name)
         )
+        replaced_into = target
+    for o in leftovers:  # a second slot left behind (an interrupted switch): drop it last
+        if o.name == replaced_into:  # the replace creates this slot anew: it must stay
+            continue
+        reason = f"leftover blue-green slot of {live.name}"
+        extra.append(Action(inst.unit, o.name, inst.host, ActionKind.REMOVE, reason, ""))
 
 
 def plan_stack(

@@ -284,6 +284,15 @@ class Store:
             ).fetchall()
         return [_deploy(r) for r in rows]
 
+    def deploy_plan(self, deploy_id: int) -> dict[str, Any] | None:
+        """The plan a deploy recorded when it began (hxp.plan.Plan.to_dict), None if none."""
+        with self._connect() as db:
+            row = db.execute("SELECT plan FROM deploys WHERE id = ?", (deploy_id,)).fetchone()
+        if row is None or row["plan"] is None:
+            return None
+        plan: dict[str, Any] = json.loads(row["plan"])
+        return plan
+
     def unfinished_deploys(self, stack: str) -> list[DeployRecord]:
         with self._connect() as db:
             rows = db.execute(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from hxp.backends.base import (
     Update,
     observe_one,
 )
-from hxp.errors import BackendError, DeployError
+from hxp.errors import BackendError, DeployError, HxpError
 from hxp.health import ReadinessGate
 from hxp.io import lifecycle
 from hxp.io.gateway import NginxGateway
@@ -37,7 +37,7 @@ from hxp.io.probes import wait_drained, wait_ready
 from hxp.lifecycle import SurgeDecision
 from hxp.plan import Action, ActionKind, ObservedUnit
 from hxp.spec import HealthSpec, Stack
-from hxp.store import Store
+from hxp.store import Revision, Store
 from hxp.units import UnitInstance, all_slots
 
 LOG_LINES = 20
@@ -414,7 +414,9 @@ def _replace_one_at_a_time(
     store = ctx.store()
     stack = ctx.stack.stack
     unit = action.unit
-    old, new = instances[action.replaces], instances[action.instance]
+    # The old slot as its own revision defines it: drained on its port, gated by its own check
+    # (and served name) if it has to come back.
+    old, new = _old_slot(ctx, backend, action, instances), instances[action.instance]
     why = f"replaced one at a time by {new.name}"
     outcome.applied.append((old.name, "withdrawn"))
     failure = ""
@@ -459,16 +461,103 @@ def _replace_one_at_a_time(
     )
 
 
+@dataclass(frozen=True)
+class EarlierVersion:
+    """A unit as an earlier revision had it: what a rollback, or a replace that gives up, puts
+    back. `slots` are its instances as that revision defined them (ports, health check, served
+    name), from `stack`; no slots (and no stack) when nothing on record has the unit."""
+
+    revision: Revision | None
+    stack: Stack | None
+    slots: dict[str, UnitInstance]
+
+
+def earlier_version(
+    ctx: DeployContext, unit: str, previous: Stack | None = None, revision: int | None = None
+) -> EarlierVersion:
+    """Revision `revision` of `unit` (by default its last good one), its instances defined as
+    in the snapshot that revision was deployed from; without that snapshot, as `previous`
+    (the stack as last deployed) defines them."""
+    store = ctx.store()
+    revisions = store.revisions(ctx.stack.stack, unit) if revision is not None else []
+    rev = next((r for r in revisions if r.revision == revision), None)
+    rev = rev or store.last_good(ctx.stack.stack, unit)
+    source: Stack | None = None
+    snapshot = store.snapshot(rev.snapshot_hash) if rev is not None else None
+    if snapshot is not None:
+        try:
+            source = snapshot.restore()
+        except ValueError:  # a snapshot the current schema no longer reads
+            source = None
+    for candidate in (source, previous):
+        if candidate is not None and unit in candidate.units():
+            return EarlierVersion(rev, candidate, {u.name: u for u in _all_slots(candidate, unit)})
+    return EarlierVersion(rev, None, {})
+
+
+def _old_slot(
+    ctx: DeployContext, backend: Backend, action: Action, instances: dict[str, UnitInstance]
+) -> UnitInstance:
+    """The slot a replace takes over from, as the revision it runs defined it (its ports, its
+    check, its served name); the new config's definition when nothing on record has it."""
+    current = instances[action.replaces]
+    try:
+        seen = observe_one(backend, current)
+    except BackendError:
+        seen = None
+    earlier = earlier_version(ctx, action.unit, revision=seen.revision if seen else None)
+    return earlier.slots.get(action.replaces, current)
+
+
+def _recreate(
+    ctx: DeployContext, backend: Backend, inst: UnitInstance, earlier: EarlierVersion
+) -> UnitInstance:
+    """Create a slot again as an earlier revision defined it: GPUs placed again (`gpus: auto`),
+    secrets resolved, that revision's config hash and number. HxpError when it cannot (any
+    GPUs it got are released again)."""
+    from tasks.gpus import allocate_unit_gpus
+    from tasks.secrets import default_resolver, resolve_unit_secrets
+
+    source = earlier.stack or ctx.stack
+    rev = earlier.revision
+    back = inst
+    try:
+        if inst.gpu_count:
+            placed = allocate_unit_gpus(
+                source,
+                ctx.state_dir,
+                inst.unit,
+                {inst.name: inst},
+                [inst.name],
+                f"rollback of deploy #{ctx.deploy_id} of {ctx.stack.stack}",
+            )
+            back = placed.instances.get(inst.name, inst)
+        secrets = (
+            resolve_unit_secrets(inst.spec, default_resolver(ctx.state_dir), inst.field_path)
+            if inst.spec.secret_env
+            else {}
+        )
+        backend.apply(
+            Create(back, rev.config_hash if rev else "", rev.revision if rev else 0, secrets)
+        )
+    except HxpError:
+        ctx.store().release(ctx.stack.stack, inst.name)
+        raise
+    return back
+
+
 def _bring_back(
     ctx: DeployContext,
     backend: Backend,
     old: UnitInstance,
     new_name: str | None,
     outcome: UnitOutcome,
+    earlier: EarlierVersion | None = None,
 ) -> str:
     """Put an old slot that a one-at-a-time replace stopped back in service: the new slot (if
-    any) removed and its GPUs released, the old one's GPUs reserved again, started, gated and
-    back behind the gateway. A line saying how it went."""
+    any) removed and its GPUs released, the old one's GPUs reserved again, started (created
+    again as `earlier` defines it, if it is gone), gated as its own revision defines it (`old`)
+    and back behind the gateway. A line saying how it went."""
     from hxp.gpu_alloc import host_key
     from hxp.lifecycle import State
     from tasks.lifecycle import _gateway_add
@@ -481,12 +570,16 @@ def _bring_back(
             backend.apply(Remove(UnitRef(stack, unit, new_name)))
             store.release(stack, new_name)
             lifecycle.forget(store, stack, unit, new_name, f"removed: {old.name} comes back")
-        gpus = outcome.withdrawn_gpus.get(old.name)
-        if gpus:
-            spec = ctx.stack.unit(unit)
-            store.reserve(host_key(spec.host, ctx.stack.hosts[spec.host]), stack, old.name, gpus)
         lifecycle.record_path(store, stack, unit, old.name, State.STARTING, "restoring")
-        backend.apply(Start(UnitRef.of(old)))
+        gpus = outcome.withdrawn_gpus.get(old.name)
+        if observe_one(backend, old) is None:  # removed meanwhile: created again
+            old = _recreate(ctx, backend, old, earlier or earlier_version(ctx, unit))
+        else:
+            if gpus:
+                spec = ctx.stack.unit(unit)
+                key = host_key(spec.host, ctx.stack.hosts[spec.host])
+                store.reserve(key, stack, old.name, gpus)
+            backend.apply(Start(UnitRef.of(old)))
         gate = _gate(backend, old)
     except Exception as exc:
         lifecycle.record_path(store, stack, unit, old.name, State.FAILED, f"restore: {exc}")
@@ -537,7 +630,7 @@ def _route(
     if action.kind is not ActionKind.REPLACE:
         _swap(ctx, inst.unit, None, route_port(inst))
         return
-    old = instances[action.replaces]
+    old = _old_slot(ctx, backend, action, instances)
     _swap(ctx, inst.unit, route_port(old), route_port(inst))
     outcome.applied.append((old.name, "switched"))
     logger.info("%s: traffic switched to %s; draining", old.name, inst.name)
@@ -669,17 +762,17 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
     backend = ctx.backend(outcome.host)
     store = ctx.store()
     done: list[str] = []
-    old = (
-        {u.name: u for u in _all_slots(previous, outcome.unit)}
-        if (previous is not None and outcome.unit in previous.units())
-        else {}
-    )
+    # What comes back is the unit's last good revision, as that revision defined it.
+    earlier = earlier_version(ctx, outcome.unit, previous)
+    old = earlier.slots
     new = {u.name: u for u in _all_slots(ctx.stack, outcome.unit)}
     for instance, kind in reversed(outcome.applied):
         ref = UnitRef(ctx.stack.stack, outcome.unit, instance)
         if kind in ("retired", "switched", "withdrawn", ActionKind.REPLACE.value):
-            done.extend(_undo_blue_green(ctx, backend, kind, instance, old, new, outcome))
+            done.extend(_undo_blue_green(ctx, backend, kind, instance, earlier, new, outcome))
         elif kind == ActionKind.CREATE.value:
+            if instance in new and _routed(ctx, outcome.unit):
+                _swap(ctx, outcome.unit, route_port(new[instance]), None)
             backend.apply(Remove(ref))
             store.release(ctx.stack.stack, instance)
             done.append(f"{instance}: removed (created by this deploy)")
@@ -705,6 +798,10 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
             if gate is not None and gate.verdict != "ready":
                 done.append(f"{instance}: restored but NOT healthy: {gate.explain()}")
             else:
+                # Started afresh: the backend's restart counter is the supervisor's baseline.
+                restored = old.get(instance) or new.get(instance)
+                if restored is not None:
+                    lifecycle.rebaseline(store, backend, restored)
                 seen = backend.observe(ctx.stack.stack).get(instance)
                 rev = seen.revision if seen else None
                 done.append(f"{instance}: restored revision {rev}, healthy")
@@ -715,56 +812,66 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
     return done
 
 
+def _routed(ctx: DeployContext, unit: str) -> bool:
+    return ctx.stack.gateway is not None and unit in ctx.stack.gateway.routes
+
+
+def _new_slot_of(
+    instance: str, outcome: UnitOutcome, slots: Mapping[str, UnitInstance]
+) -> UnitInstance | None:
+    """The new slot this deploy started for the replica whose old slot is `instance`: each
+    replica has its own (the other slot of the same replica)."""
+    me = slots.get(instance)
+    if me is None:
+        return None
+    started = [slots.get(n) for n, k in outcome.applied if k == ActionKind.REPLACE.value]
+    mine = [s for s in started if s is not None and s.replica == me.replica and s.name != instance]
+    return mine[0] if mine else None
+
+
 def _undo_blue_green(
     ctx: DeployContext,
     backend: Backend,
     kind: str,
     instance: str,
-    old: dict[str, UnitInstance],
+    earlier: EarlierVersion,
     new: dict[str, UnitInstance],
     outcome: UnitOutcome,
 ) -> list[str]:
-    """Reverse one step of a blue-green replace (steps are undone newest first)."""
-    replaced = [i for i, k in outcome.applied if k == ActionKind.REPLACE.value]
-    target = new.get(replaced[0]) if replaced else None
+    """Reverse one step of a blue-green replace (steps are undone newest first). An old slot
+    that comes back is created, gated and routed as its own revision (`earlier`) defines it,
+    in place of its own replica's new slot."""
+    from hxp.lifecycle import State
+
+    old = earlier.slots
+    target = _new_slot_of(instance, outcome, new)
     if kind == "retired":  # the old slot was stopped: bring its previous version back
         if instance not in old:
             return [f"{instance}: cannot come back (no earlier good configuration)"]
-        revision = ctx.store().last_good(ctx.stack.stack, outcome.unit)
-        back = old[instance]
-        if back.gpu_count:  # `gpus: auto`: its GPUs were released when it was retired
-            from hxp.errors import GpuAllocationError
-            from tasks.gpus import allocate_unit_gpus
-
-            try:
-                placed = allocate_unit_gpus(
-                    ctx.stack, ctx.state_dir, outcome.unit, {instance: back}, [instance], "rollback"
-                )
-            except GpuAllocationError as exc:
-                return [f"{instance}: cannot come back: {exc}"]
-            back = placed.instances.get(instance, back)
-        backend.apply(
-            Create(
-                back,
-                revision.config_hash if revision else "",
-                revision.revision if revision else 0,
-            )
-        )
+        try:
+            back = _recreate(ctx, backend, old[instance], earlier)
+        except HxpError as exc:
+            return [f"{instance}: cannot come back: {exc}"]
         gate = _gate(backend, back)
         if gate is not None and gate.verdict != "ready":
             return [f"{instance}: restarted but NOT healthy: {gate.explain()}"]
-        _swap(ctx, outcome.unit, route_port(target) if target else None, route_port(old[instance]))
+        store = ctx.store()
+        lifecycle.record_path(
+            store, ctx.stack.stack, outcome.unit, instance, State.RUNNING, "restored by a rollback"
+        )
+        lifecycle.rebaseline(store, backend, back)
+        _swap(ctx, outcome.unit, route_port(target) if target else None, route_port(back))
         return [f"{instance}: previous version restarted and back behind the gateway"]
     if kind == "withdrawn":  # stopped for a one-at-a-time replace (its new slot is gone now)
         inst = old.get(instance) or new.get(instance)
         if inst is None:  # pragma: no cover - the slot names of a unit do not change
             return [f"{instance}: cannot come back (unknown slot)"]
-        return [_bring_back(ctx, backend, inst, None, outcome)]
+        return [_bring_back(ctx, backend, inst, None, outcome, earlier)]
     if kind == "switched":
-        if instance in old:
-            _swap(
-                ctx, outcome.unit, route_port(target) if target else None, route_port(old[instance])
-            )
+        seen = observe_one(backend, old[instance]) if instance in old else None
+        if seen is None or not seen.running:  # it did not come back: not behind the gateway
+            return [f"{instance}: not running, so not switched back"]
+        _swap(ctx, outcome.unit, route_port(target) if target else None, route_port(old[instance]))
         return [f"{instance}: traffic switched back"]
     # The new slot: out of the gateway (if it got there), then removed, its GPUs released.
     if instance in new:
@@ -775,6 +882,37 @@ def _undo_blue_green(
     return [f"{instance}: new slot removed; the old one kept serving"]
 
 
+def interrupted_steps(
+    ctx: DeployContext, unit: str, actions: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, str]]:
+    """What a run that died during a blue-green deploy of a routed unit did to it, as the steps
+    rollback_unit undoes: from the plan the run recorded (which slot served, which one it
+    started) and what the unit's host runs now. A new slot that exists is removed. An old slot
+    that still runs stays (or goes back) behind the gateway before its new slot goes; one that
+    is gone is created again (as its last good revision defined it) before its new slot goes;
+    one that was stopped to make room comes back after its new slot is gone (it may hold the
+    GPUs). A replica created by the run is removed."""
+    seen = ctx.backend(ctx.stack.unit(unit).host).observe(ctx.stack.stack)
+    steps: list[tuple[str, str]] = []
+    for action in actions:
+        if action.get("unit") != unit:
+            continue
+        name = str(action.get("instance"))
+        if action.get("kind") == ActionKind.CREATE.value and name in seen:
+            steps.append((name, ActionKind.CREATE.value))
+        elif action.get("kind") == ActionKind.REPLACE.value:
+            started = [(name, ActionKind.REPLACE.value)] if name in seen else []
+            replaced = str(action.get("replaces"))
+            before = seen.get(replaced)
+            if before is not None and before.running:
+                steps += [*started, (replaced, "switched")]
+            elif before is not None:
+                steps += [(replaced, "retired"), *started]
+            else:
+                steps += [*started, (replaced, "retired")]
+    return steps
+
+
 def state_dir_of(state_dir: str | Path | None) -> str:
     from hxp.store import default_state_dir
 
@@ -783,10 +921,13 @@ def state_dir_of(state_dir: str | Path | None) -> str:
 
 __all__ = [
     "DeployContext",
+    "EarlierVersion",
     "UnitDeployError",
     "UnitOutcome",
     "apply_unit",
     "commit_unit",
+    "earlier_version",
+    "interrupted_steps",
     "observe_stack",
     "remove_instance",
     "replace_refusal",

@@ -5,6 +5,9 @@ The model servers are hxp-vllm-sim, the development double of vLLM; nginx is rea
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -436,3 +439,246 @@ def test_gpu_one_at_a_time_rollback_restarts_the_replicas_already_replaced(  # t
     assert sorted(NginxGateway(state, "bgg", stack.gateway).live()["chat"]) == [port, port + 1]
     monkeypatch.undo()
     assert deploy([path], state)["changed"] is False
+
+
+# --------------------------------------------------------------------------- rolling back
+
+
+def test_rolling_back_several_replicas_gives_each_its_own_port_back(  # type: ignore[no-untyped-def]
+    fleet, tmp_path: Path, monkeypatch
+) -> None:
+    """Both replicas move to their new slots, then a unit that depends on the model fails:
+    the rollback brings each replica's old slot back in place of that replica's own new slot,
+    so every replica stays behind the gateway throughout, and the gateway ends listing
+    exactly the old ports."""
+    path, state, url = fleet
+    deploy([path], state)
+    good = {k: v.config_hash for k, v in ProcessBackend(state).observe("bg").items()}
+    stack = load_config([path], {}).stack
+    assert stack.gateway is not None
+    base = stack.models["chat"].port
+    # Slot 0 and slot 1 of each replica (blue-green: the other slot is each port + replicas).
+    replicas = {"chat-0": {base, base + 2}, "chat-1": {base + 1, base + 3}}
+    upstreams: list[list[int]] = []
+    real_set = NginxGateway.set_upstream
+
+    def spy(self, unit, ports):  # type: ignore[no-untyped-def]
+        if unit == "chat":
+            upstreams.append(sorted(ports))
+        real_set(self, unit, ports)
+
+    monkeypatch.setattr(NginxGateway, "set_upstream", spy)
+    bad = overlay(
+        tmp_path,
+        "bad",
+        "models:\n  chat:\n    revision: r2\n"
+        "services:\n  client:\n    host: local\n    command: [/nonexistent/client]\n"
+        "    depends_on: [chat]\n",
+    )
+    with pytest.raises(DeployError) as err:
+        deploy([path, bad], state)
+
+    message = str(err.value)
+    assert "failed at client@local" in message
+    for name in ("chat-0", "chat-1"):
+        assert f"{name}: previous version restarted and back behind the gateway" in message
+        assert f"{name}-g: new slot removed; the old one kept serving" in message
+    assert [base + 2, base + 3] in upstreams  # the move went all the way before the rollback
+    for ports in upstreams:
+        for name, slots in replicas.items():
+            assert slots & set(ports), f"{name} left the gateway: {upstreams}"
+    assert sorted(NginxGateway(state, "bg", stack.gateway).live()["chat"]) == [base, base + 1]
+    now = ProcessBackend(state).observe("bg")
+    assert {k: v.config_hash for k, v in now.items()} == good
+    assert all(v.running for v in now.values())
+    after = BackgroundLoad(url, "chat", 200, concurrency=8).start().join()
+    assert after.failed == 0, after.errors
+    monkeypatch.undo()
+    assert deploy([path], state)["changed"] is False
+
+
+def test_gpu_one_at_a_time_gates_the_restored_replica_with_its_own_revision(  # type: ignore[no-untyped-def]
+    gpu_fleet, tmp_path: Path
+) -> None:
+    """The new revision serves under another name and never gets ready: the old replica that
+    made room comes back gated with its own revision's check and served name (`chat`), not
+    the new one's (`chat-v3`, which it does not serve)."""
+    path, state, _url = gpu_fleet(replicas=2, gpus=2)
+    deploy([path], state)
+    good = {k: v.config_hash for k, v in ProcessBackend(state).observe("bgg").items()}
+    bad = revision(
+        tmp_path,
+        "r3",
+        "    served_name: chat-v3\n    simulator_args: [--never-ready]\n"
+        "    health: {start_period: 2s}\n",
+    )
+    with pytest.raises(DeployError) as err:
+        deploy([path, bad], state)
+
+    message = str(err.value)
+    assert "chat-0-g never became ready" in message
+    assert "chat-0 restored and back behind the gateway" in message
+    now = ProcessBackend(state).observe("bgg")
+    assert {k: v.config_hash for k, v in now.items()} == good
+    assert all(v.running for v in now.values())
+    assert held(state) == {"chat-0": [0], "chat-1": [1]}
+    stack = load_config([path], {}).stack
+    assert stack.gateway is not None
+    port = stack.models["chat"].port
+    assert sorted(NginxGateway(state, "bgg", stack.gateway).live()["chat"]) == [port, port + 1]
+    assert Store(state).lifecycle("bgg")["chat-0"].state.value == "running"
+    assert deploy([path], state)["changed"] is False
+
+
+# --------------------------------------------------------------------------- a killed orchestrator
+
+ROOT = Path(__file__).parents[2]
+# `hxp apply` with the NVML double above in place (a subprocess does not see monkeypatch).
+ORCHESTRATOR = """\
+import sys
+import tasks.gpus
+
+
+class NvmlLibraryNotFound(Exception):
+    pass
+
+
+class NvmlWithoutDriver:
+    def nvmlInit(self):
+        raise NvmlLibraryNotFound("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        pass
+
+
+real = tasks.gpus.NvmlProbe
+tasks.gpus.NvmlProbe = lambda: real(NvmlWithoutDriver())
+from hxp.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def orchestrator(state: Path, *files: Path) -> subprocess.Popen[str]:
+    """`hxp apply -f ...` in a session of its own, so that the test can SIGKILL all of it."""
+    from prefect.settings import PREFECT_API_URL
+
+    environ = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "HXP_STATE_DIR": str(state),
+    }
+    args = [a for f in files for a in ("-f", str(f))]
+    return subprocess.Popen(
+        [sys.executable, "-c", ORCHESTRATOR, "apply", *args],
+        env=environ,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def kill_when(proc: subprocess.Popen[str], state: Path, stack: str, ready) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the orchestrator (its whole session) once `ready(observed)` holds."""
+    deadline = time.monotonic() + 120
+    while not ready(ProcessBackend(state).observe(stack)):
+        assert proc.poll() is None, proc.stdout.read()  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the deploy never got there"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert Store(state).deploys(stack)[0].status == "running"
+
+
+def test_an_orchestrator_killed_mid_blue_green_is_reconciled_by_the_next_apply(  # type: ignore[no-untyped-def]
+    fleet, tmp_path: Path
+) -> None:
+    """Killed with chat-0 moved (its old slot retired, chat-0-g serving) and chat-1-g still
+    gating: the next apply rolls back from what the store recorded, so both old slots serve
+    again on their own ports (chat-0 created again as revision 1 defined it) and both new
+    slots are gone; the previous config then changes nothing."""
+    path, state, url = fleet
+    deploy([path], state)
+    good = {k: v.config_hash for k, v in ProcessBackend(state).observe("bg").items()}
+    # r2: replica 0 passes its extra check, replica 1 never does.
+    slow = overlay(
+        tmp_path,
+        "slow",
+        "models:\n  chat:\n    revision: r2\n    health:\n"
+        f"      command: [{sys.executable}, -c, 'raise SystemExit({{replica}})']\n"
+        "      start_period: 300s\n",
+    )
+    proc = orchestrator(state, path, slow)
+    kill_when(
+        proc,
+        state,
+        "bg",
+        lambda seen: "chat-0" not in seen and "chat-1-g" in seen and seen["chat-1-g"].running,
+    )
+
+    again = deploy([path], state)
+
+    assert again["changed"] is False
+    store = Store(state)
+    assert [d.status for d in store.deploys("bg")][:3] == ["succeeded", "interrupted", "succeeded"]
+    interrupted = store.deploys("bg")[1].result
+    assert interrupted is not None
+    rollback = interrupted["rollback"]
+    assert "chat-0: previous version restarted and back behind the gateway" in rollback
+    assert "chat-0-g: new slot removed; the old one kept serving" in rollback
+    assert "chat-1-g: new slot removed; the old one kept serving" in rollback
+    now = ProcessBackend(state).observe("bg")
+    assert {k: v.config_hash for k, v in now.items()} == good
+    assert all(v.running for v in now.values())
+    assert {k: v.revision for k, v in now.items()} == {"chat-0": 1, "chat-1": 1}
+    stack = load_config([path], {}).stack
+    assert stack.gateway is not None
+    base = stack.models["chat"].port
+    assert sorted(NginxGateway(state, "bg", stack.gateway).live()["chat"]) == [base, base + 1]
+    assert [r.status for r in store.revisions("bg", "chat")] == ["good", "rolled-back"]
+    after = BackgroundLoad(url, "chat", 200, concurrency=8).start().join()
+    assert after.failed == 0, after.errors
+
+
+def test_gpu_orchestrator_killed_mid_one_at_a_time_is_reconciled_by_the_next_apply(  # type: ignore[no-untyped-def]
+    gpu_fleet, tmp_path: Path
+) -> None:
+    """Killed while chat-0-g gates on the GPU chat-0 gave back (chat-0 stopped): the next apply
+    removes chat-0-g and brings chat-0 back on a GPU as revision 1 defined it, behind the
+    gateway; the previous config then changes nothing."""
+    path, state, _url = gpu_fleet(replicas=2, gpus=2)
+    deploy([path], state)
+    good = {k: v.config_hash for k, v in ProcessBackend(state).observe("bgg").items()}
+    slow = revision(
+        tmp_path, "r2", "    simulator_args: [--never-ready]\n    health: {start_period: 300s}\n"
+    )
+    proc = orchestrator(state, path, slow)
+    kill_when(
+        proc,
+        state,
+        "bgg",
+        lambda seen: "chat-0-g" in seen and seen["chat-0-g"].running and not seen["chat-0"].running,
+    )
+
+    again = deploy([path], state)
+
+    assert again["changed"] is False
+    store = Store(state)
+    interrupted = store.deploys("bgg")[1]
+    assert interrupted.status == "interrupted"
+    assert interrupted.result is not None
+    rollback = interrupted.result["rollback"]
+    assert "chat-0-g: new slot removed; the old one kept serving" in rollback
+    assert "chat-0: previous version restarted and back behind the gateway" in rollback
+    now = ProcessBackend(state).observe("bgg")
+    assert {k: v.config_hash for k, v in now.items()} == good
+    assert all(v.running for v in now.values())
+    assert held(state) == {"chat-0": [0], "chat-1": [1]}
+    stack = load_config([path], {}).stack
+    assert stack.gateway is not None
+    port = stack.models["chat"].port
+    assert sorted(NginxGateway(state, "bgg", stack.gateway).live()["chat"]) == [port, port + 1]
+    assert store.lifecycle("bgg")["chat-0"].state.value == "running"
+    assert "chat-0-g" not in store.lifecycle("bgg")

@@ -120,6 +120,33 @@ def test_failed_update_puts_the_previous_version_back(env, tmp_path: Path, fault
     assert deploy([path], state)["changed"] is False
 
 
+def test_a_restored_instance_takes_the_restart_counter_as_its_new_baseline(  # type: ignore[no-untyped-def]
+    env, tmp_path: Path
+) -> None:
+    """The supervisor had counted api restarted once by its backend (baseline 1). The rollback
+    starts the previous version afresh, which puts the backend's counter back to 0: that is
+    the new baseline, or the restored api's next crash (counter at 1 again) would go unseen."""
+    import dataclasses
+
+    from hxp.lifecycle import CrashPolicy, supervise
+
+    path, _ports, state = env
+    deploy([path], state)
+    store = Store(state)
+    store.note_restarts("t", "api", 1)
+    bad = overlay(tmp_path, "fails", FAULTS["fails-to-start"])
+    with pytest.raises(DeployError, match="api: restored revision 1, healthy"):
+        deploy([path, bad], state)
+
+    seen = ProcessBackend(state).observe("t")["api"]
+    record = store.lifecycle("t")["api"]
+    assert seen.running
+    assert record.restarts_seen == seen.restarts == 0
+    # The restored api crashes once and its backend restarts it: a crash the supervisor sees.
+    once = dataclasses.replace(seen, restarts=1)
+    assert supervise(record, once, time.time(), CrashPolicy()).kind == "crashed"
+
+
 def test_a_dependency_failing_mid_deploy_rolls_back_every_changed_unit(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     path, ports, state = env
     deploy([path], state)

@@ -81,3 +81,24 @@ def test_plan_json_is_stable() -> None:
         "replaces",
     }
     assert plan.to_json() == plan_stack(cfg.stack, {}, cfg.content_hash).to_json()
+
+
+def test_a_leftover_slot_that_a_replace_starts_again_is_not_removed_afterwards() -> None:
+    """Both slots of a routed replica exist, neither at the wanted config (a switch cut short):
+    the replace goes into the leftover slot, creating it anew, so the plan must not also
+    remove that slot after the deploy (it would remove the replica it just deployed)."""
+    cfg = load_config([DEMO])
+    observed = observed_all(cfg.stack)
+    observed["chat-0"] = ObservedUnit("chat-0", exists=True, running=True, config_hash="old")
+    observed["chat-0-g"] = ObservedUnit("chat-0-g", exists=True, running=True, config_hash="half")
+    plan = plan_stack(cfg.stack, observed, cfg.content_hash)
+    assert [(a.kind, a.instance, a.replaces) for a in plan.actions] == [
+        (ActionKind.REPLACE, "chat-0-g", "chat-0")
+    ]
+    # A leftover that the replace does not go into is still removed, last.
+    observed["chat-0"] = ObservedUnit("chat-0", exists=True, running=False, config_hash="old")
+    observed["chat-0-g"] = ObservedUnit(
+        "chat-0-g", exists=True, running=True, config_hash=unit_config_hash(cfg.stack, "chat")
+    )
+    plan = plan_stack(cfg.stack, observed, cfg.content_hash)
+    assert [(a.kind, a.instance) for a in plan.actions] == [(ActionKind.REMOVE, "chat-0")]
