@@ -9,20 +9,18 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from hxp.backends.base import Remove, UnitRef
 from hxp.backends.process import ProcessBackend
 from hxp.config import load_config
 from hxp.errors import DeployError
 from hxp.io.gateway import NginxGateway
 from hxp.store import Store
 from tests.support.loadgen import BackgroundLoad
-from tests.support.stacks import free_port, free_range
+from tests.support.stacks import free_port, free_range, sim_fleet, tear_down_fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 REQUESTS = 10_000
@@ -31,45 +29,10 @@ REQUESTS = 10_000
 @pytest.fixture
 def fleet(tmp_path: Path):  # type: ignore[no-untyped-def]
     base, gateway = free_range(4), free_port()
-    path = tmp_path / "fleet.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            stack: bg
-            hosts:
-              local: {{backend: process}}
-            models:
-              chat:
-                host: local
-                engine: simulator
-                python: {sys.executable}
-                model: hxp-sim/chat
-                revision: r1
-                served_name: chat
-                replicas: 2
-                port: {base}
-                simulator_args: [--latency-ms, "2", --tokens-per-second, "2000"]
-                health:
-                  http: {{url: "http://127.0.0.1:{base}/health"}}
-                  interval: 500ms
-                  timeout: 1s
-                  retries: 3
-                  start_period: 10s
-            gateway:
-              host: local
-              routes: {{chat: {gateway}}}
-              drain_timeout: 10s
-            """
-        )
-    )
+    path = sim_fleet(tmp_path / "fleet.yaml", "bg", base, gateway)
     state = tmp_path / "state"
     yield path, state, f"http://127.0.0.1:{gateway}"
-    stack = load_config([path], {}).stack
-    assert stack.gateway is not None
-    NginxGateway(state, "bg", stack.gateway).stop()
-    backend = ProcessBackend(state)
-    for name in backend.observe("bg"):
-        backend.apply(Remove(UnitRef("bg", name, name)))
+    tear_down_fleet(path, state, "bg")
 
 
 def deploy(files: list[Path], state: Path) -> dict:  # type: ignore[type-arg]
@@ -177,38 +140,8 @@ def gpu_fleet(tmp_path: Path, declared_gpus_only: None):  # type: ignore[no-unty
 
     def make(replicas: int, gpus: int) -> tuple[Path, Path, str]:
         base, gateway = free_range(2 * replicas), free_port()
-        declared = ", ".join(f"{{index: {i}, memory_gib: 80}}" for i in range(gpus))
-        path = tmp_path / "gpu-fleet.yaml"
-        path.write_text(
-            textwrap.dedent(
-                f"""\
-                stack: bgg
-                hosts:
-                  local: {{backend: process, gpus: [{declared}]}}
-                models:
-                  chat:
-                    host: local
-                    engine: simulator
-                    simulator_gpus: 1
-                    python: {sys.executable}
-                    model: hxp-sim/chat
-                    revision: r1
-                    served_name: chat
-                    replicas: {replicas}
-                    port: {base}
-                    simulator_args: [--latency-ms, "2", --tokens-per-second, "2000"]
-                    health:
-                      http: {{url: "http://127.0.0.1:{base}/health"}}
-                      interval: 500ms
-                      timeout: 1s
-                      retries: 3
-                      start_period: 10s
-                gateway:
-                  host: local
-                  routes: {{chat: {gateway}}}
-                  drain_timeout: 10s
-                """
-            )
+        path = sim_fleet(
+            tmp_path / "gpu-fleet.yaml", "bgg", base, gateway, replicas=replicas, gpus=gpus
         )
         state = tmp_path / "state"
         made.append((path, state))
@@ -216,12 +149,7 @@ def gpu_fleet(tmp_path: Path, declared_gpus_only: None):  # type: ignore[no-unty
 
     yield make
     for path, state in made:
-        stack = load_config([path], {}).stack
-        assert stack.gateway is not None
-        NginxGateway(state, "bgg", stack.gateway).stop()
-        backend = ProcessBackend(state)
-        for name in backend.observe("bgg"):
-            backend.apply(Remove(UnitRef("bgg", name, name)))
+        tear_down_fleet(path, state, "bgg")
 
 
 def held(state: Path) -> dict[str, list[int]]:

@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +22,7 @@ from hxp.io.gateway import NginxGateway
 from hxp.store import Store
 from tests.integration.test_health_targets import listening, remove_all, start_all
 from tests.support.loadgen import BackgroundLoad
-from tests.support.stacks import free_port, free_range, web_stack
+from tests.support.stacks import free_port, free_range, sim_fleet, web_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -174,36 +172,14 @@ REQUESTS = 12_000
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[Path, Path, str]]:
     base, gateway = free_range(2 * REPLICAS), free_port()
-    path = tmp_path / "fleet.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            stack: fo
-            hosts:
-              local: {{backend: process}}
-            models:
-              chat:
-                host: local
-                engine: simulator
-                python: {sys.executable}
-                model: hxp-sim/chat
-                served_name: chat
-                replicas: {REPLICAS}
-                port: {base}
-                stop_timeout: 2s
-                simulator_args: [--latency-ms, "2", --tokens-per-second, "2000"]
-                health:
-                  http: {{url: "http://127.0.0.1:{base}/health"}}
-                  interval: 500ms
-                  timeout: 1s
-                  retries: 3
-                  start_period: 10s
-            gateway:
-              host: local
-              routes: {{chat: {gateway}}}
-              drain_timeout: 10s
-            """
-        )
+    path = sim_fleet(
+        tmp_path / "fleet.yaml",
+        "fo",
+        base,
+        gateway,
+        replicas=REPLICAS,
+        revision=None,
+        stop_timeout="2s",
     )
     state = tmp_path / "state"
     yield path, state, f"http://127.0.0.1:{gateway}"

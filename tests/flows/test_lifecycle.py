@@ -28,7 +28,7 @@ from hxp.errors import LifecycleError
 from hxp.io.gateway import NginxGateway
 from hxp.lifecycle import State
 from hxp.store import Store
-from tests.support.stacks import free_port, free_range, web_stack
+from tests.support.stacks import free_port, free_range, sim_fleet, web_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 ROOT = Path(__file__).parents[2]
@@ -365,38 +365,16 @@ def fleet_stack(
 ) -> tuple[Path, int, int]:
     base = free_range(2 * replicas + 1)
     gateway = base + 2 * replicas
-    path = tmp / f"{name}.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            stack: {name}
-            hosts:
-              local: {{backend: process}}
-            models:
-              chat:
-                host: local
-                engine: simulator
-                python: {PY}
-                model: hxp-sim/chat
-                revision: r1
-                served_name: chat
-                replicas: {replicas}
-                port: {base}
-                simulator_args: [--latency-ms, "2", --tokens-per-second, "{tokens_per_second}",
-                                 --startup-delay, "{startup}"]
-                stop_timeout: 3s
-                health:
-                  http: {{url: "http://127.0.0.1:{base}/health"}}
-                  interval: 500ms
-                  timeout: 1s
-                  retries: 3
-                  start_period: 10s
-            gateway:
-              host: local
-              routes: {{chat: {gateway}}}
-              drain_timeout: 60s
-            """
-        )
+    args = ("--latency-ms", "2", "--tokens-per-second", str(tokens_per_second))
+    path = sim_fleet(
+        tmp / f"{name}.yaml",
+        name,
+        base,
+        gateway,
+        replicas=replicas,
+        simulator_args=(*args, "--startup-delay", str(startup)),
+        stop_timeout="3s",
+        drain_timeout="60s",
     )
     return path, base, gateway
 

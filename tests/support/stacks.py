@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import sys
@@ -99,3 +100,73 @@ def web_stack(tmp: Path, name: str = "t", extra: str = "") -> tuple[Path, dict[s
     path = tmp / f"{name}.yaml"
     path.write_text(text)
     return path, ports
+
+
+SIM_ARGS = ("--latency-ms", "2", "--tokens-per-second", "2000")
+
+
+def sim_fleet(
+    path: Path,
+    stack: str,
+    base: int,
+    gateway: int,
+    *,
+    replicas: int = 2,
+    revision: str | None = "r1",
+    simulator_args: tuple[str, ...] = SIM_ARGS,
+    stop_timeout: str | None = None,
+    drain_timeout: str = "10s",
+    gpus: int = 0,
+) -> Path:
+    """Write a stack of one routed `hxp-vllm-sim` model `chat` (replicas on base, base+1, ...)
+    behind the nginx gateway on `gateway`. With `gpus`, the host declares that many 80 GiB GPUs
+    and each replica claims one (`simulator_gpus: 1`)."""
+    host = "{backend: process}"
+    if gpus:
+        declared = ", ".join(f"{{index: {i}, memory_gib: 80}}" for i in range(gpus))
+        host = f"{{backend: process, gpus: [{declared}]}}"
+    lines = [
+        f"stack: {stack}",
+        "hosts:",
+        f"  local: {host}",
+        "models:",
+        "  chat:",
+        "    host: local",
+        "    engine: simulator",
+        *(["    simulator_gpus: 1"] if gpus else []),
+        f"    python: {sys.executable}",
+        "    model: hxp-sim/chat",
+        *([f"    revision: {revision}"] if revision else []),
+        "    served_name: chat",
+        f"    replicas: {replicas}",
+        f"    port: {base}",
+        *([f"    stop_timeout: {stop_timeout}"] if stop_timeout else []),
+        f"    simulator_args: {json.dumps(list(simulator_args))}",
+        "    health:",
+        f'      http: {{url: "http://127.0.0.1:{base}/health"}}',
+        "      interval: 500ms",
+        "      timeout: 1s",
+        "      retries: 3",
+        "      start_period: 10s",
+        "gateway:",
+        "  host: local",
+        f"  routes: {{chat: {gateway}}}",
+        f"  drain_timeout: {drain_timeout}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tear_down_fleet(path: Path, state: Path, stack: str) -> None:
+    """Stop a sim_fleet's gateway and remove every instance the process backend runs for it."""
+    from hxp.backends.base import Remove, UnitRef
+    from hxp.backends.process import ProcessBackend
+    from hxp.config import load_config
+    from hxp.io.gateway import NginxGateway
+
+    spec = load_config([path], {}).stack
+    assert spec.gateway is not None
+    NginxGateway(state, stack, spec.gateway).stop()
+    backend = ProcessBackend(state)
+    for name in backend.observe(stack):
+        backend.apply(Remove(UnitRef(stack, name, name)))
