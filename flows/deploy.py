@@ -244,18 +244,30 @@ def _refuse(
         + [f"  {why}" for why in refused.values()]
     )
     get_run_logger().error("%s", summary)
-    store.finish_deploy(
-        deploy_id,
-        "failed",
-        {"failed_unit": unit, "reason": reason, "refused": refused, "rollback": []},
+    record = {"failed_unit": unit, "reason": reason, "refused": refused, "rollback": []}
+    raise _closed_failed(
+        store, stack, state, deploy_id, record, summary, "refused before any change"
     )
+
+
+def _closed_failed(
+    store: Store,
+    stack: Stack,
+    state: str,
+    deploy_id: int,
+    record: dict[str, Any],
+    summary: str,
+    what: str,
+) -> DeployError:
+    """Close a deploy record `failed`, publish it and its summary artifact; the error to raise."""
+    store.finish_deploy(deploy_id, "failed", record)
     _publish(store, stack, deploy_id, state)
     create_markdown_artifact(
         key=f"deploy-{stack.stack}",
         markdown=f"```\n{summary}\n```",
-        description=f"deploy #{deploy_id} refused before any change",
+        description=f"deploy #{deploy_id} {what}",
     )
-    raise DeployError(summary)
+    return DeployError(summary)
 
 
 def _summary(stack: str, failure: UnitOutcome, rollback: list[str]) -> str:
@@ -503,26 +515,18 @@ def _apply_plan(
         logger.error("unit %s failed: %s; rolling back", failure.unit, failure.reason)
         rollback = rollback_deploy(ctx, [*outcomes, failure], previous)
         summary = _summary(stack.stack, failure, rollback)
-        store.finish_deploy(
-            deploy_id,
-            "failed",
-            {
-                "failed_unit": failure.unit,
-                "reason": failure.reason,
-                "check": failure.check,
-                "logs": failure.logs,
-                "rollback": rollback,
-                "seconds": round(failure.seconds, 3),
-                "units": {o.unit: round(o.seconds, 3) for o in outcomes},
-            },
+        record = {
+            "failed_unit": failure.unit,
+            "reason": failure.reason,
+            "check": failure.check,
+            "logs": failure.logs,
+            "rollback": rollback,
+            "seconds": round(failure.seconds, 3),
+            "units": {o.unit: round(o.seconds, 3) for o in outcomes},
+        }
+        raise _closed_failed(
+            store, stack, state, deploy_id, record, summary, "failed and was rolled back"
         )
-        _publish(store, stack, deploy_id, state)
-        create_markdown_artifact(
-            key=f"deploy-{stack.stack}",
-            markdown=f"```\n{summary}\n```",
-            description=f"deploy #{deploy_id} failed and was rolled back",
-        )
-        raise DeployError(summary)
     for action in plan.actions:
         if action.kind is ActionKind.REMOVE:
             remove_instance(ctx, action.instance, action.host)
