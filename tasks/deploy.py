@@ -873,9 +873,14 @@ def _undo_blue_green(
             return [f"{instance}: not running, so not switched back"]
         _swap(ctx, outcome.unit, route_port(target) if target else None, route_port(old[instance]))
         return [f"{instance}: traffic switched back"]
-    # The new slot: out of the gateway (if it got there), then removed, its GPUs released.
+    # The new slot: out of the gateway (if it got there) and drained, then removed, its GPUs
+    # released.
     if instance in new:
-        _swap(ctx, outcome.unit, route_port(new[instance]), None)
+        port = route_port(new[instance])
+        routed = port in gateway_of(ctx).live().get(outcome.unit, [])
+        _swap(ctx, outcome.unit, port, None)
+        if routed and ctx.stack.gateway is not None:
+            asyncio.run(wait_drained(new[instance], ctx.stack.gateway.drain_timeout))
     backend.apply(Remove(UnitRef(ctx.stack.stack, outcome.unit, instance)))
     ctx.store().release(ctx.stack.stack, instance)
     lifecycle.forget(ctx.store(), ctx.stack.stack, outcome.unit, instance, "rolled back")

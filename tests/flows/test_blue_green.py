@@ -376,9 +376,10 @@ def test_rolling_back_several_replicas_gives_each_its_own_port_back(  # type: ig
     fleet, tmp_path: Path, monkeypatch
 ) -> None:
     """Both replicas move to their new slots, then a unit that depends on the model fails:
-    the rollback brings each replica's old slot back in place of that replica's own new slot,
-    so every replica stays behind the gateway throughout, and the gateway ends listing
-    exactly the old ports."""
+    the rollback brings each replica's old slot back in place of that replica's own new slot
+    (and drains the new one before removing it), so every replica stays behind the gateway
+    throughout, no request fails under load, and the gateway ends listing exactly the old
+    ports."""
     path, state, url = fleet
     deploy([path], state)
     good = {k: v.config_hash for k, v in ProcessBackend(state).observe("bg").items()}
@@ -403,8 +404,12 @@ def test_rolling_back_several_replicas_gives_each_its_own_port_back(  # type: ig
         "services:\n  client:\n    host: local\n    command: [/nonexistent/client]\n"
         "    depends_on: [chat]\n",
     )
+    load = BackgroundLoad(url, "chat", REQUESTS, concurrency=32).start()
+    time.sleep(1.0)
     with pytest.raises(DeployError) as err:
         deploy([path, bad], state)
+    during = load.join()
+    assert during.failed == 0, during.errors  # the move and its rollback lose no request
 
     message = str(err.value)
     assert "failed at client@local" in message
