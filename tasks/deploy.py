@@ -200,13 +200,40 @@ def _prepare(
     retry_condition_fn=only_transient,
 )
 def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) -> UnitOutcome:
-    """Apply one unit's actions instance by instance, each gated on readiness."""
-    logger = get_run_logger()
+    """Apply one unit's actions instance by instance, each gated on readiness.
+
+    Whatever fails after a step was taken reaches the flow as a UnitDeployError carrying the
+    steps, so the rollback undoes them (an old slot already retired comes back); only a
+    transient backend error before any step is left for Prefect to retry."""
     started = time.monotonic()
+    outcome = UnitOutcome(unit=unit, host=host, ok=False)
+    try:
+        return _apply_unit(ctx, unit, host, actions, outcome, started)
+    except UnitDeployError:
+        raise
+    except Exception as exc:
+        if not outcome.applied or (isinstance(exc, BackendError) and exc.transient):
+            raise
+        outcome.reason = (
+            f"unexpected error after {len(outcome.applied)} step(s): {type(exc).__name__}: {exc}"
+        )
+        outcome.seconds = time.monotonic() - started
+        ctx.store().add_event(ctx.stack.stack, "unit-failed", outcome.reason, unit, ctx.deploy_id)
+        raise UnitDeployError(outcome) from exc
+
+
+def _apply_unit(
+    ctx: DeployContext,
+    unit: str,
+    host: str,
+    actions: list[Action],
+    outcome: UnitOutcome,
+    started: float,
+) -> UnitOutcome:
+    logger = get_run_logger()
     store = ctx.store()
     backend = ctx.backend(host)
     instances = {u.name: u for u in _all_slots(ctx.stack, unit)}
-    outcome = UnitOutcome(unit=unit, host=host, ok=False)
     # A blue-green replace on GPUs asks for room beside the old slot first; its new slot gets
     # its GPUs when it starts. One replica without room is refused before anything changes.
     on_gpus = {

@@ -430,6 +430,45 @@ def test_rolling_back_several_replicas_gives_each_its_own_port_back(  # type: ig
     assert deploy([path], state)["changed"] is False
 
 
+def test_an_unexpected_error_mid_move_is_rolled_back_like_a_failed_gate(  # type: ignore[no-untyped-def]
+    fleet, tmp_path: Path, monkeypatch
+) -> None:
+    """chat-0 has moved to its new slot (its old one retired) when the gateway fails on
+    chat-1's switch with an error no step expects: the steps taken reach the rollback, the
+    retired old slot comes back, and the unit ends as it was."""
+    path, state, url = fleet
+    deploy([path], state)
+    good = {k: v.config_hash for k, v in ProcessBackend(state).observe("bg").items()}
+    stack = load_config([path], {}).stack
+    assert stack.gateway is not None
+    base = stack.models["chat"].port
+    real_set = NginxGateway.set_upstream
+    calls: list[list[int]] = []
+
+    def flaky(self, unit, ports):  # type: ignore[no-untyped-def]
+        calls.append(sorted(ports))
+        if unit == "chat" and base + 3 in ports:  # chat-1's switch to its new slot
+            raise RuntimeError("injected: nginx config disk full")
+        real_set(self, unit, ports)
+
+    monkeypatch.setattr(NginxGateway, "set_upstream", flaky)
+    with pytest.raises(DeployError) as err:
+        deploy([path, revision(tmp_path, "r2")], state)
+    monkeypatch.undo()
+
+    message = str(err.value)
+    assert "unexpected error after" in message
+    assert "injected: nginx config disk full" in message
+    assert "chat-0: previous version restarted and back behind the gateway" in message
+    now = ProcessBackend(state).observe("bg")
+    assert {k: v.config_hash for k, v in now.items()} == good
+    assert all(v.running for v in now.values())
+    assert sorted(NginxGateway(state, "bg", stack.gateway).live()["chat"]) == [base, base + 1]
+    after = BackgroundLoad(url, "chat", 200, concurrency=8).start().join()
+    assert after.failed == 0, after.errors
+    assert deploy([path], state)["changed"] is False
+
+
 def test_gpu_one_at_a_time_gates_the_restored_replica_with_its_own_revision(  # type: ignore[no-untyped-def]
     gpu_fleet, tmp_path: Path
 ) -> None:
