@@ -20,6 +20,7 @@ from hxp.errors import DeployError
 from hxp.io.gateway import NginxGateway
 from hxp.store import Store
 from tests.support.loadgen import BackgroundLoad
+from tests.support.orchestrator import hxp_process
 from tests.support.stacks import free_port, free_range, sim_fleet, tear_down_fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -150,6 +151,24 @@ def gpu_fleet(tmp_path: Path, declared_gpus_only: None):  # type: ignore[no-unty
     yield make
     for path, state in made:
         tear_down_fleet(path, state, "bgg")
+
+
+def assert_as_before(
+    path: Path, state: Path, name: str, good: dict[str, str], gpus: dict[str, list[int]] | None
+) -> None:
+    """The unit runs exactly its old instances, each on its old config (and GPUs), and the
+    gateway sends traffic to the old ports and nothing else."""
+    now = ProcessBackend(state).observe(name)
+    assert {k: v.config_hash for k, v in now.items()} == good
+    assert all(v.running for v in now.values())
+    if gpus is not None:
+        assert held(state) == gpus
+    stack = load_config([path], {}).stack
+    assert stack.gateway is not None
+    port, replicas = stack.models["chat"].port, stack.models["chat"].replicas
+    assert sorted(NginxGateway(state, name, stack.gateway).live()["chat"]) == list(
+        range(port, port + replicas)
+    )
 
 
 def held(state: Path) -> dict[str, list[int]]:
@@ -304,14 +323,7 @@ def test_gpu_one_at_a_time_gate_failure_restores_the_old_replica(  # type: ignor
     assert "chat-0-g never became ready" in message
     assert "chat-0 restored and back behind the gateway" in message
     # Both old replicas serve their old revision on their own GPUs; the new slot is gone.
-    now = ProcessBackend(state).observe("bgg")
-    assert {k: v.config_hash for k, v in now.items()} == good
-    assert all(v.running for v in now.values())
-    assert held(state) == {"chat-0": [0], "chat-1": [1]}
-    stack = load_config([path], {}).stack
-    assert stack.gateway is not None
-    port = stack.models["chat"].port
-    assert sorted(NginxGateway(state, "bgg", stack.gateway).live()["chat"]) == [port, port + 1]
+    assert_as_before(path, state, "bgg", good, {"chat-0": [0], "chat-1": [1]})
     # Why is on record: the deploy, its events and the decision it took.
     last = Store(state).deploys("bgg")[0]
     assert last.status == "failed"
@@ -357,14 +369,7 @@ def test_gpu_one_at_a_time_rollback_restarts_the_replicas_already_replaced(  # t
     assert "chat-1 restored and back behind the gateway" in message
     assert "chat-0-g: new slot removed; the old one kept serving" in message
     assert "chat-0 restored and back behind the gateway" in message
-    now = ProcessBackend(state).observe("bgg")
-    assert {k: v.config_hash for k, v in now.items()} == good
-    assert all(v.running for v in now.values())
-    assert held(state) == {"chat-0": [0], "chat-1": [1]}
-    stack = load_config([path], {}).stack
-    assert stack.gateway is not None
-    port = stack.models["chat"].port
-    assert sorted(NginxGateway(state, "bgg", stack.gateway).live()["chat"]) == [port, port + 1]
+    assert_as_before(path, state, "bgg", good, {"chat-0": [0], "chat-1": [1]})
     monkeypatch.undo()
     assert deploy([path], state)["changed"] is False
 
@@ -420,10 +425,7 @@ def test_rolling_back_several_replicas_gives_each_its_own_port_back(  # type: ig
     for ports in upstreams:
         for name, slots in replicas.items():
             assert slots & set(ports), f"{name} left the gateway: {upstreams}"
-    assert sorted(NginxGateway(state, "bg", stack.gateway).live()["chat"]) == [base, base + 1]
-    now = ProcessBackend(state).observe("bg")
-    assert {k: v.config_hash for k, v in now.items()} == good
-    assert all(v.running for v in now.values())
+    assert_as_before(path, state, "bg", good, None)
     after = BackgroundLoad(url, "chat", 200, concurrency=8).start().join()
     assert after.failed == 0, after.errors
     monkeypatch.undo()
@@ -460,10 +462,7 @@ def test_an_unexpected_error_mid_move_is_rolled_back_like_a_failed_gate(  # type
     assert "unexpected error after" in message
     assert "injected: nginx config disk full" in message
     assert "chat-0: previous version restarted and back behind the gateway" in message
-    now = ProcessBackend(state).observe("bg")
-    assert {k: v.config_hash for k, v in now.items()} == good
-    assert all(v.running for v in now.values())
-    assert sorted(NginxGateway(state, "bg", stack.gateway).live()["chat"]) == [base, base + 1]
+    assert_as_before(path, state, "bg", good, None)
     after = BackgroundLoad(url, "chat", 200, concurrency=8).start().join()
     assert after.failed == 0, after.errors
     assert deploy([path], state)["changed"] is False
@@ -490,21 +489,13 @@ def test_gpu_one_at_a_time_gates_the_restored_replica_with_its_own_revision(  # 
     message = str(err.value)
     assert "chat-0-g never became ready" in message
     assert "chat-0 restored and back behind the gateway" in message
-    now = ProcessBackend(state).observe("bgg")
-    assert {k: v.config_hash for k, v in now.items()} == good
-    assert all(v.running for v in now.values())
-    assert held(state) == {"chat-0": [0], "chat-1": [1]}
-    stack = load_config([path], {}).stack
-    assert stack.gateway is not None
-    port = stack.models["chat"].port
-    assert sorted(NginxGateway(state, "bgg", stack.gateway).live()["chat"]) == [port, port + 1]
+    assert_as_before(path, state, "bgg", good, {"chat-0": [0], "chat-1": [1]})
     assert Store(state).lifecycle("bgg")["chat-0"].state.value == "running"
     assert deploy([path], state)["changed"] is False
 
 
 # --------------------------------------------------------------------------- a killed orchestrator
 
-ROOT = Path(__file__).parents[2]
 # `hxp apply` with the NVML double above in place (a subprocess does not see monkeypatch).
 ORCHESTRATOR = """\
 import sys
@@ -532,24 +523,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def orchestrator(state: Path, *files: Path) -> subprocess.Popen[str]:
-    """`hxp apply -f ...` in a session of its own, so that the test can SIGKILL all of it."""
-    from prefect.settings import PREFECT_API_URL
-
-    environ = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "HXP_STATE_DIR": str(state),
-    }
+    """`hxp apply -f ...` with the NVML double, in a session the test can SIGKILL whole."""
     args = [a for f in files for a in ("-f", str(f))]
-    return subprocess.Popen(
-        [sys.executable, "-c", ORCHESTRATOR, "apply", *args],
-        env=environ,
-        cwd=ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    return hxp_process("apply", *args, state=state, code=ORCHESTRATOR)
 
 
 def kill_when(proc: subprocess.Popen[str], state: Path, stack: str, ready) -> None:  # type: ignore[no-untyped-def]
@@ -601,14 +577,9 @@ def test_an_orchestrator_killed_mid_blue_green_is_reconciled_by_the_next_apply( 
     assert "chat-0: previous version restarted and back behind the gateway" in rollback
     assert "chat-0-g: new slot removed; the old one kept serving" in rollback
     assert "chat-1-g: new slot removed; the old one kept serving" in rollback
+    assert_as_before(path, state, "bg", good, None)
     now = ProcessBackend(state).observe("bg")
-    assert {k: v.config_hash for k, v in now.items()} == good
-    assert all(v.running for v in now.values())
     assert {k: v.revision for k, v in now.items()} == {"chat-0": 1, "chat-1": 1}
-    stack = load_config([path], {}).stack
-    assert stack.gateway is not None
-    base = stack.models["chat"].port
-    assert sorted(NginxGateway(state, "bg", stack.gateway).live()["chat"]) == [base, base + 1]
     assert [r.status for r in store.revisions("bg", "chat")] == ["good", "rolled-back"]
     after = BackgroundLoad(url, "chat", 200, concurrency=8).start().join()
     assert after.failed == 0, after.errors
@@ -644,13 +615,6 @@ def test_gpu_orchestrator_killed_mid_one_at_a_time_is_reconciled_by_the_next_app
     rollback = interrupted.result["rollback"]
     assert "chat-0-g: new slot removed; the old one kept serving" in rollback
     assert "chat-0: previous version restarted and back behind the gateway" in rollback
-    now = ProcessBackend(state).observe("bgg")
-    assert {k: v.config_hash for k, v in now.items()} == good
-    assert all(v.running for v in now.values())
-    assert held(state) == {"chat-0": [0], "chat-1": [1]}
-    stack = load_config([path], {}).stack
-    assert stack.gateway is not None
-    port = stack.models["chat"].port
-    assert sorted(NginxGateway(state, "bgg", stack.gateway).live()["chat"]) == [port, port + 1]
+    assert_as_before(path, state, "bgg", good, {"chat-0": [0], "chat-1": [1]})
     assert store.lifecycle("bgg")["chat-0"].state.value == "running"
     assert "chat-0-g" not in store.lifecycle("bgg")

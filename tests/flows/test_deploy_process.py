@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -19,10 +18,10 @@ from hxp.backends.base import Remove, UnitRef
 from hxp.backends.process import ProcessBackend
 from hxp.errors import DeployError
 from hxp.store import Store
+from tests.support.orchestrator import hxp_process
 from tests.support.stacks import web_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
-ROOT = Path(__file__).parents[2]
 
 
 @pytest.fixture
@@ -207,24 +206,7 @@ def test_an_unexpected_error_closes_the_deploy_record_failed(  # type: ignore[no
     assert [d.status for d in store.deploys("t")] == ["succeeded", "failed", "succeeded"]
 
 
-def hxp(*args: str, state: Path, **kw: Any) -> subprocess.Popen[str]:
-    from prefect.settings import PREFECT_API_URL
-
-    environ = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "HXP_STATE_DIR": str(state),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "hxp.cli", *args],
-        env=environ,
-        cwd=ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        **kw,
-    )
+hxp = hxp_process
 
 
 def test_killed_orchestrator_is_reconciled_by_the_next_apply(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

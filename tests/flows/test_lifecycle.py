@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -28,10 +27,10 @@ from hxp.errors import LifecycleError
 from hxp.io.gateway import NginxGateway
 from hxp.lifecycle import State
 from hxp.store import Store
+from tests.support.orchestrator import hxp_process
 from tests.support.stacks import free_port, free_range, sim_fleet, web_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
-ROOT = Path(__file__).parents[2]
 PY = sys.executable
 REQUESTS = 10_000
 Surge = Literal["auto", "never"]
@@ -379,23 +378,7 @@ def fleet_stack(
     return path, base, gateway
 
 
-def hxp(*args: str, state: Path) -> subprocess.Popen[str]:
-    from prefect.settings import PREFECT_API_URL
-
-    environ = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "HXP_STATE_DIR": str(state),
-    }
-    return subprocess.Popen(
-        [PY, "-m", "hxp.cli", *args],
-        env=environ,
-        cwd=ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+hxp = hxp_process
 
 
 def test_an_orchestrator_killed_mid_drain_is_reconciled_by_the_next_run(tmp_path: Path) -> None:

@@ -29,20 +29,9 @@ from hxp.resources import (
     valid_tensor_parallel_sizes,
     weight_bytes,
 )
+from tests.support.model_configs import LLAMA_31_8B
 from tests.support.vllm_log_cases import load_cases, score, to_request
 
-LLAMA_31_8B: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
 LLAMA_31_70B: dict[str, Any] = {
     **LLAMA_31_8B,
     "hidden_size": 8192,

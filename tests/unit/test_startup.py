@@ -20,20 +20,8 @@ from hxp.startup import (
     start_grace,
 )
 from hxp.units import expand_units
+from tests.support.model_configs import LLAMA_31_8B
 from tests.support.render_data import stack_from_data
-
-LLAMA_31_8B: dict[str, Any] = {
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "max_position_embeddings": 131072,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-}
 
 
 def grace_of(model: dict[str, Any]) -> float:
