@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,9 @@ from hxp.store import Store
 from tests.integration.test_health_targets import listening, remove_all, start_all
 from tests.support.loadgen import BackgroundLoad
 from tests.support.stacks import free_port, free_range, sim_fleet, web_stack
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
-
-
-def wait_for(check: Callable[[], Any], what: str, seconds: float = 30.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-    return value
 
 
 def sweep(path: Path, state: Path, **kwargs: Any) -> dict[str, Any]:

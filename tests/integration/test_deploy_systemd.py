@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from hxp.errors import DeployError
 from hxp.spec import Stack
 from hxp.units import UnitInstance, expand_units
 from tests.support.render_data import stack_from_data
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -61,14 +61,6 @@ def stack_data(
 def web(stack: Stack) -> UnitInstance:
     (unit,) = expand_units(stack)
     return unit
-
-
-def wait_for(check: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def serves(port: int) -> bool:

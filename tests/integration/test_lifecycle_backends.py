@@ -25,9 +25,8 @@ import os
 import signal
 import subprocess
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from hxp.spec import Stack
 from hxp.store import Store
 from hxp.units import all_slots
 from tests.support.stacks import free_port, free_range
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -211,14 +211,6 @@ def ok(url: str) -> bool:
 
 def serving(port: int) -> bool:
     return ok(f"http://127.0.0.1:{port}/")
-
-
-def wait_for(check: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def transitions(deployed: Deployed, since_id: int = 0) -> list[str]:
