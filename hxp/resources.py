@@ -13,11 +13,17 @@ What vLLM does, and what this module mirrors:
   free memory is below it.
 * ``available_kv = requested - weights - torch_peak_increase - non_torch_increase``, where the
   peak comes from a profile run of ``max_num_batched_tokens`` tokens plus a dummy sampler run
-  over ``min(max_num_seqs, max_num_batched_tokens)`` sequences. From vLLM 0.21 the estimated
+  over ``min(max_num_seqs, max_num_batched_tokens)`` sequences. From vLLM 0.20.0 the estimated
   CUDA-graph memory is subtracted too (``VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS``, default on
-  since 0.21, "opt-in" in 0.19/0.20); before that graphs are captured after the KV cache is
-  allocated and must fit in the memory left outside ``gpu_memory_utilization``.
+  from 0.20.0, off in 0.19.1); before that graphs are captured after the KV cache is allocated
+  and must fit in the memory left outside ``gpu_memory_utilization``.
 * ``num_blocks = available_kv // page_bytes // layers_per_group`` with 16-token pages.
+
+Behaviour that changed between vLLM releases is decided by :data:`VERSION_GATES`, one entry per
+change, each citing the file and line of vLLM's released wheels on both sides of the change
+(docs/benchmarks.md prints the same table). The V0 engine is modelled from 0.6.4, where its
+profile uses PyTorch's allocated peak; older V0 releases are refused
+(:class:`UnmodelledEngineError`).
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ NCCL_GRAPH_MIB_PER_ALLREDUCE = 1.0
 
 Engine = Literal["auto", "v0", "v1"]
 UsageContext = Literal["api_server", "llm_class"]
+PerformanceMode = Literal["balanced", "interactivity", "throughput"]
 LayerKind = Literal["full", "sliding"]
 
 _FP8_KV = {"fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc"}
@@ -123,6 +130,11 @@ class FitRequestError(InputError):
     """A fit request's own values (GPUs, utilization, lengths, versions) are out of range."""
 
 
+class UnmodelledEngineError(FitRequestError):
+    """The vLLM version sizes its KV cache in a way the calculator does not model: refused
+    rather than answered with a confident wrong number."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +171,11 @@ class FitRequest:
     block_size: int = DEFAULT_BLOCK_SIZE
     nvlink: bool | None = None
     sampler_bytes_per_logit: float | None = None
+    #: vLLM's ``--performance-mode`` (from 0.17.0); ``throughput`` doubles the batch defaults.
+    performance_mode: PerformanceMode = "balanced"
+    #: ``--enable-chunked-prefill``; None: vLLM's default for the version (V0: on only for
+    #: max_model_len > 32K without sliding window or multimodal input).
+    enable_chunked_prefill: bool | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,6 +773,133 @@ def parse_vllm_version(text: str) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
+class VersionGate:
+    """One change in vLLM's behaviour that moves the numbers, and where vLLM's source shows it.
+
+    ``since`` is the first released version with the new behaviour; ``source`` cites the file and
+    line in that release's wheel, ``before`` the last release without it (as
+    ``file @ version Lline: what it does``).
+    """
+
+    name: str
+    since: tuple[int, int, int]
+    what: str
+    source: str
+    before: str
+
+    @property
+    def since_text(self) -> str:
+        return ".".join(map(str, self.since))
+
+
+#: Every version gate of the calculator, checked against vLLM's released wheels (PyPI).
+VERSION_GATES: tuple[VersionGate, ...] = (
+    VersionGate(
+        "v0_profile_allocated_peak",
+        (0, 6, 4),
+        "V0 sizes the KV cache from PyTorch's allocated peak plus non-torch memory; older V0 "
+        "used the free memory after the profile run (PyTorch's cached pool included), which "
+        "the calculator does not model: those versions are refused",
+        "vllm/worker/worker.py @ 0.6.4 L201: peak_memory = memory_stats()"
+        '["allocated_bytes.all.peak"]',
+        "vllm/worker/worker.py @ 0.6.3 L228-231: peak_memory = init_gpu_memory - "
+        "free_gpu_memory after profile_run",
+    ),
+    VersionGate(
+        "v0_chunked_prefill_2048",
+        (0, 7, 0),
+        "V0 with chunked prefill profiles 2048 tokens (512 before)",
+        "vllm/config.py @ 0.7.0 L1460: max_num_batched_tokens = 2048",
+        "vllm/config.py @ 0.6.4 L1114: max_num_batched_tokens = 512",
+    ),
+    VersionGate(
+        "v1_default",
+        (0, 8, 0),
+        "the V1 engine is the default",
+        'vllm/envs.py @ 0.8.0 L522-523: VLLM_USE_V1 defaults to "1"',
+        'vllm/envs.py @ 0.7.3 L503-504: VLLM_USE_V1 defaults to "0"',
+    ),
+    VersionGate(
+        "large_gpu_by_memory",
+        (0, 8, 5),
+        "GPUs of 70 GiB or more get the large batch defaults (API server 8192 tokens, "
+        "1024 sequences); before, only GPUs named H100/H200 got 8192 tokens (256 sequences)",
+        "vllm/engine/arg_utils.py @ 0.8.5 L1596: if device_memory >= 70 * GiB_bytes",
+        'vllm/engine/arg_utils.py @ 0.8.4 L1669: if "h100" in device_name or "h200" in device_name',
+    ),
+    VersionGate(
+        "large_gpu_not_a100",
+        (0, 9, 0),
+        "A100s are kept out of the 70 GiB tier",
+        'vllm/engine/arg_utils.py @ 0.9.0 L1495: device_memory >= 70 * GiB_bytes and "a100" '
+        "not in device_name",
+        "vllm/engine/arg_utils.py @ 0.8.5 L1596: device_memory >= 70 * GiB_bytes",
+    ),
+    VersionGate(
+        "full_and_piecewise_cudagraphs",
+        (0, 11, 0),
+        "decode batches are also captured as full CUDA graphs (FULL_AND_PIECEWISE)",
+        "vllm/config/__init__.py @ 0.11.0 L361-366: cudagraph_mode = "
+        "CUDAGraphMode.FULL_AND_PIECEWISE",
+        "vllm/config/__init__.py @ 0.10.2 L3393: CUDAGraphMode.PIECEWISE",
+    ),
+    VersionGate(
+        "v0_removed",
+        (0, 11, 0),
+        "the V0 engine is gone",
+        "vllm/worker/ @ 0.11.0: only __init__.py and worker_base.py",
+        "vllm/worker/worker.py @ 0.10.2: the V0 worker",
+    ),
+    VersionGate(
+        "performance_mode",
+        (0, 17, 0),
+        "--performance-mode throughput doubles the default max_num_batched_tokens and max_num_seqs",
+        'vllm/engine/arg_utils.py @ 0.17.0 L2128: if self.performance_mode == "throughput"',
+        "vllm/engine/arg_utils.py @ 0.16.0: no performance_mode",
+    ),
+    VersionGate(
+        "cudagraph_memory_in_budget",
+        (0, 20, 0),
+        "the estimated CUDA-graph memory is subtracted inside gpu_memory_utilization",
+        "vllm/envs.py @ 0.20.0 L1724-1726: VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS defaults "
+        'to "1"; vllm/v1/worker/gpu_worker.py @ 0.20.0 L399-403, L421-425',
+        "vllm/envs.py @ 0.19.1 L1654-1656: VLLM_MEMORY_PROFILER_ESTIMATE_CUDAGRAPHS defaults "
+        'to "0"',
+    ),
+    VersionGate(
+        "kv_tokens_from_concurrency",
+        (0, 20, 1),
+        "the logged KV-cache size is int(max_concurrency x max_model_len) for every layout",
+        "vllm/v1/core/kv_cache_utils.py @ 0.20.1 L1706: num_tokens = int(max_concurrency * "
+        "max_model_len)",
+        "vllm/v1/core/kv_cache_utils.py @ 0.20.0 L1694-1698: num_blocks // len(kv_cache_groups) "
+        "* min_block_size",
+    ),
+    VersionGate(
+        "gpu_160gib_tier",
+        (0, 28, 0),
+        "GPUs of 160 GiB or more get 16384 batched tokens for the API server too (1024 sequences)",
+        "vllm/engine/arg_utils.py @ 0.28.0 L2582: if device_memory >= 160 * GiB_bytes",
+        "vllm/engine/arg_utils.py @ 0.27.1: no 160 GiB tier",
+    ),
+    VersionGate(
+        "gb10_small_tier",
+        (0, 33, 0),
+        "GB10 (DGX Spark, compute capability 12.1) is kept out of the 70 GiB tier",
+        "vllm/engine/arg_utils.py @ 0.33.0 L2963, L2984-2987: is_gb10 = "
+        "is_device_capability((12, 1)) ... and not is_gb10",
+        "vllm/engine/arg_utils.py @ 0.32.0: no GB10 check",
+    ),
+)
+_GATES = {g.name: g for g in VERSION_GATES}
+
+
+def gate_open(name: str, version: tuple[int, int, int]) -> bool:
+    """Whether ``version`` has the behaviour of :data:`VERSION_GATES` entry ``name``."""
+    return version >= _GATES[name].since
+
+
+@dataclass(frozen=True)
 class EngineProfile:
     """The version-dependent behaviour that changes the numbers."""
 
@@ -770,44 +914,96 @@ class EngineProfile:
     sampler_bytes_per_logit: float
     #: FULL_AND_PIECEWISE graphs (decode batches also captured whole): the default from 0.11.
     full_cudagraphs: bool = False
+    #: V0 only: the profile batch is chunked (max_num_batched_tokens below max_model_len).
+    chunked_prefill: bool = True
+
+
+def _batch_defaults(req: FitRequest, version: tuple[int, int, int]) -> tuple[int, int, str]:
+    """V1's default (max_num_batched_tokens, max_num_seqs) for the smallest GPU, and its tier
+    (``vllm/engine/arg_utils.py`` get_batch_defaults; see :data:`VERSION_GATES`)."""
+    gpu = min(req.gpus, key=lambda g: g.total_gib)
+    name = (gpu.name or "").lower()
+    api = req.usage_context == "api_server"
+    tier = "small"
+    if gate_open("gpu_160gib_tier", version) and gpu.total_gib >= 160:
+        tier = "160"
+    elif gate_open("large_gpu_by_memory", version):
+        if gpu.total_gib >= 70:
+            tier = "70"
+            if gate_open("large_gpu_not_a100", version) and "a100" in name:
+                tier = "small"
+            if gate_open("gb10_small_tier", version) and "gb10" in name:
+                tier = "small"
+    elif "h100" in name or "h200" in name:
+        tier = "h100-name"
+    if tier == "160":
+        tokens, seqs = 16384, 1024
+    elif tier == "70":
+        tokens, seqs = (8192 if api else 16384), 1024
+    elif tier == "h100-name":
+        tokens, seqs = (8192 if api else 16384), 256
+    else:
+        tokens, seqs = (2048 if api else 8192), 256
+    if req.performance_mode == "throughput":
+        tokens, seqs = tokens * 2, seqs * 2
+    return tokens, seqs, tier
 
 
 def engine_profile(req: FitRequest, shape: ModelShape, max_model_len: int) -> EngineProfile:
     """Resolve the engine (V0/V1), its defaults and the features of this vLLM version."""
     version = parse_vllm_version(req.vllm_version)
-    v1 = version >= (0, 8, 0) if req.engine == "auto" else req.engine == "v1"
+    v1 = gate_open("v1_default", version) if req.engine == "auto" else req.engine == "v1"
     if v1 and version < (0, 7, 0):
         raise FitRequestError(f"engine: the V1 engine does not exist in vLLM {req.vllm_version}")
-    if not v1 and version >= (0, 11, 0):
+    if not v1 and gate_open("v0_removed", version):
         raise FitRequestError(f"engine: vLLM {req.vllm_version} has no V0 engine")
-    gpu = min(req.gpus, key=lambda g: g.total_gib)
-    large = gpu.total_gib >= 70 and "a100" not in (gpu.name or "").lower()
+    if not v1 and not gate_open("v0_profile_allocated_peak", version):
+        g = _GATES["v0_profile_allocated_peak"]
+        raise UnmodelledEngineError(
+            f"vllm_version: vLLM {req.vllm_version} (V0 engine) sized its KV cache from the free "
+            "memory left after the profile run, PyTorch's cached pool included "
+            f"({g.before.split(':')[0]}); the calculator models V0 only from {g.since_text} and "
+            "cannot predict this version: pin vLLM >= "
+            f"{g.since_text}, or measure a real start-up"
+        )
+    if req.performance_mode != "balanced" and not gate_open("performance_mode", version):
+        raise FitRequestError(
+            f"performance_mode: vLLM {req.vllm_version} has no --performance-mode "
+            f"(from {_GATES['performance_mode'].since_text})"
+        )
+    chunked = True
     if v1:
-        if large and version >= (0, 8, 0):
-            seqs = 1024
-            tokens = 16384 if req.usage_context == "llm_class" else 8192
-        else:
-            seqs = 256
-            tokens = 8192 if req.usage_context == "llm_class" else 2048
+        tokens, seqs, tier = _batch_defaults(req, version)
+        large = tier != "small"
     else:
+        large = False
         seqs = 256
-        if max_model_len > 32768:
-            tokens = 2048 if version >= (0, 7, 0) else 512
+        long_context = max_model_len > 32768
+        chunked = (
+            req.enable_chunked_prefill
+            if req.enable_chunked_prefill is not None
+            else long_context and shape.vision is None and shape.sliding_window is None
+        )
+        if chunked:
+            tokens = 2048 if gate_open("v0_chunked_prefill_2048", version) else 512
         else:
             tokens = max(max_model_len, 2048)
-            if shape.vision is not None:
-                tokens = max(tokens, 5120)
+        if shape.vision is not None:
+            tokens = max(tokens, 5120)
     return EngineProfile(
         version=version,
         v1=v1,
         hybrid_allocator=v1 and version >= (0, 10, 0),
-        cudagraph_in_budget=v1 and version >= (0, 21, 0) and not req.enforce_eager,
-        new_token_log=v1 and version >= (0, 20, 0),
+        cudagraph_in_budget=v1
+        and gate_open("cudagraph_memory_in_budget", version)
+        and not req.enforce_eager,
+        new_token_log=v1 and gate_open("kv_tokens_from_concurrency", version),
         max_num_seqs=req.max_num_seqs or seqs,
         profile_tokens=req.max_num_batched_tokens or tokens,
         large_gpu_defaults=large,
         sampler_bytes_per_logit=req.sampler_bytes_per_logit or _sampler_bytes(v1, version),
-        full_cudagraphs=v1 and version >= (0, 11, 0),
+        full_cudagraphs=v1 and gate_open("full_and_piecewise_cudagraphs", version),
+        chunked_prefill=chunked,
     )
 
 
@@ -1246,13 +1442,11 @@ def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitR
     window = shape.sliding_window if (hybrid or all_sliding) else None
     per_req = blocks_per_request(layout, max_len, block, window, eng.profile_tokens)
     concurrency = num_blocks / per_req if per_req else 0.0
-    if len(layout.groups) > 1:
-        if eng.new_token_log:
-            tokens = int(concurrency * max_len)
-        else:
-            tokens = num_blocks // len(layout.groups) * block
+    if eng.new_token_log:
+        # vLLM >= 0.20.1 logs int(max_concurrency x max_model_len) whatever the layout.
+        tokens = int(concurrency * max_len)
     else:
-        tokens = num_blocks * block
+        tokens = num_blocks // len(layout.groups) * block
     if not eng.v1:
         concurrency = tokens / max_len
     kv_token_bytes = kv_bytes_per_token(shape, tp, req.kv_cache_dtype, pp)
@@ -1438,7 +1632,13 @@ def _explain_lines(
         f"weights: {shape.quant.name} ({shape.quant.detail}); KV cache dtype {req.kv_cache_dtype}",
         f"engine: vLLM {'.'.join(map(str, eng.version))} {'V1' if eng.v1 else 'V0'}; "
         f"profile run of {eng.profile_tokens:,} tokens, max_num_seqs {eng.max_num_seqs}"
-        f"{'; enforce_eager' if req.enforce_eager else ''}",
+        + ("" if eng.v1 else f" ({'chunked' if eng.chunked_prefill else 'no chunked'} prefill)")
+        + (
+            f"; performance_mode {req.performance_mode}"
+            if req.performance_mode != "balanced"
+            else ""
+        )
+        + ("; enforce_eager" if req.enforce_eager else ""),
         f"parallel: TP={tp} x PP={pp} = {tp * pp} of {len(req.gpus)} GPU(s); "
         f"GPU {gpu.total_gib:.2f} GiB"
         + (f" ({gpu.free_gib:.2f} GiB free)" if gpu.free_gib is not None else "")
@@ -1480,7 +1680,7 @@ def _explain_lines(
         nccl = tp > 2 and not nvlink
         lines.append(
             f"CUDA graphs: ~{worst.reserve.cudagraph_gib:.2f} GiB captured after the KV cache, "
-            "outside the utilization budget (vLLM < 0.21)"
+            "outside the utilization budget (vLLM < 0.20.0)"
             + (
                 f"; {len(capture_sizes(eng))} graphs x {worst.layers} layers x 2 NCCL "
                 "all-reduces over PCIe included"
