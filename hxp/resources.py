@@ -820,6 +820,15 @@ VERSION_GATES: tuple[VersionGate, ...] = (
         'vllm/envs.py @ 0.7.3 L503-504: VLLM_USE_V1 defaults to "0"',
     ),
     VersionGate(
+        "v1_falls_back_to_v0_before_ampere",
+        (0, 8, 0),
+        "with the default engine, GPUs of compute capability < 8.0 (Volta, Turing, Pascal) "
+        "fall back to V0",
+        "vllm/engine/arg_utils.py @ 0.8.0 L1471-1477: Compute Capability < 8.0 -> "
+        "_raise_or_fallback",
+        "vllm/engine/arg_utils.py @ 0.7.3: V0 is the default engine",
+    ),
+    VersionGate(
         "large_gpu_by_memory",
         (0, 8, 5),
         "GPUs of 70 GiB or more get the large batch defaults (API server 8192 tokens, "
@@ -834,6 +843,14 @@ VERSION_GATES: tuple[VersionGate, ...] = (
         'vllm/engine/arg_utils.py @ 0.9.0 L1495: device_memory >= 70 * GiB_bytes and "a100" '
         "not in device_name",
         "vllm/engine/arg_utils.py @ 0.8.5 L1596: device_memory >= 70 * GiB_bytes",
+    ),
+    VersionGate(
+        "v1_on_pre_ampere",
+        (0, 10, 2),
+        "the compute-capability fallback is gone: the default engine is V1 on every GPU",
+        "vllm/engine/arg_utils.py @ 0.10.2 _is_v1_supported_oracle: no compute-capability check",
+        "vllm/engine/arg_utils.py @ 0.10.1.1 L1396-1404: Compute Capability < 8.0 -> "
+        "_raise_or_fallback",
     ),
     VersionGate(
         "full_and_piecewise_cudagraphs",
@@ -899,6 +916,18 @@ def gate_open(name: str, version: tuple[int, int, int]) -> bool:
     return version >= _GATES[name].since
 
 
+#: GPU names (as torch reports them) of compute capability below 8.0: Volta, Turing, Pascal.
+_PRE_AMPERE = re.compile(
+    r"v100|\bt4\b|p100|\bp40\b|\bp4\b|titan (?:rtx|v\b|xp)|rtx 20\d\d|gtx 1[0-6]\d\d|"
+    r"quadro (?:rtx|gv|gp)|\bt[46]00\b|rtx [468]000\b(?! ada)"
+)
+
+
+def pre_ampere(gpu: GpuMemory) -> bool:
+    """Whether the GPU's name says compute capability < 8.0 (unknown names count as newer)."""
+    return bool(_PRE_AMPERE.search((gpu.name or "").lower()))
+
+
 @dataclass(frozen=True)
 class EngineProfile:
     """The version-dependent behaviour that changes the numbers."""
@@ -953,6 +982,25 @@ def engine_profile(req: FitRequest, shape: ModelShape, max_model_len: int) -> En
     """Resolve the engine (V0/V1), its defaults and the features of this vLLM version."""
     version = parse_vllm_version(req.vllm_version)
     v1 = gate_open("v1_default", version) if req.engine == "auto" else req.engine == "v1"
+    if (
+        v1
+        and req.engine == "auto"
+        and not gate_open("v1_on_pre_ampere", version)
+        and any(pre_ampere(g) for g in req.gpus)
+    ):
+        v1 = False  # vLLM 0.8.0-0.10.1 falls back to V0 below compute capability 8.0
+    elif (
+        req.engine == "v1"
+        and gate_open("v1_default", version)
+        and not gate_open("v1_on_pre_ampere", version)
+        and any(pre_ampere(g) for g in req.gpus)
+    ):
+        name = next(g.name for g in req.gpus if pre_ampere(g))
+        raise FitRequestError(
+            f"engine: vLLM {req.vllm_version} runs V1 only on compute capability >= 8.0; "
+            f"{name} is older (vLLM refuses VLLM_USE_V1=1 there; the default engine falls "
+            "back to V0)"
+        )
     if v1 and version < (0, 7, 0):
         raise FitRequestError(f"engine: the V1 engine does not exist in vLLM {req.vllm_version}")
     if not v1 and gate_open("v0_removed", version):
@@ -1493,6 +1541,11 @@ def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitR
     elif outside < context + graphs + 0.5:
         warnings.append(
             f"only {outside - context - graphs:.2f} GiB headroom outside gpu_memory_utilization"
+        )
+    if req.engine == "auto" and not eng.v1 and gate_open("v1_default", eng.version):
+        warnings.append(
+            f"vLLM {req.vllm_version} falls back to the V0 engine on {gpu.name} (compute "
+            "capability < 8.0): V0's profile run and block arithmetic apply"
         )
     if eng.v1 and not hybrid and shape.is_hybrid and not eng.hybrid_allocator:
         warnings.append("sliding-window layers are cached as full attention before vLLM 0.10")

@@ -144,6 +144,40 @@ def test_gate_v1_default_vllm_envs_py_0_7_3_vs_0_8_0() -> None:
     assert profile("0.8.0").v1
 
 
+def test_gate_v1_falls_back_to_v0_before_ampere_vllm_arg_utils_py_0_7_3_vs_0_8_0() -> None:
+    # vllm/engine/arg_utils.py @ 0.8.0 _is_v1_supported_oracle: compute capability < 8.0 ->
+    # _raise_or_fallback: the default engine is V0 there, and an explicit V1 is refused.
+    for name in (
+        "Tesla T4",
+        "Tesla V100-SXM2-16GB",
+        "NVIDIA GeForce RTX 2080 Ti",
+        "Quadro RTX 8000",
+    ):
+        assert not profile("0.8.0", gib=14.58, name=name).v1, name
+    for name in ("NVIDIA L4", "NVIDIA A10G", "NVIDIA RTX 6000 Ada Generation", "NVIDIA RTX A6000"):
+        assert profile("0.8.0", gib=22.05, name=name).v1, name
+    assert not profile("0.7.3", gib=14.58, name="Tesla T4").v1
+    with pytest.raises(FitRequestError, match=r"engine: vLLM 0\.9\.2 runs V1 only on compute"):
+        profile("0.9.2", gib=14.58, name="Tesla T4", engine="v1")
+    result = fit(
+        FitRequest(
+            config=LLAMA_31_8B,
+            gpus=(GpuMemory(31.73, name="Tesla V100S-PCIE-32GB"),),
+            vllm_version="0.9.2",
+            max_model_len=8192,
+        )
+    )
+    assert "falls back to the V0 engine on Tesla V100S-PCIE-32GB" in result.warnings[0]
+    assert "engine: vLLM 0.9.2 V0; profile run of 8,192 tokens" in result.explain()
+
+
+def test_gate_v1_on_pre_ampere_vllm_arg_utils_py_0_10_1_1_vs_0_10_2() -> None:
+    # @ 0.10.1.1 L1396-1404 the compute-capability check is still there; @ 0.10.2 it is gone.
+    assert not profile("0.10.1.1", gib=14.58, name="Tesla T4").v1
+    assert profile("0.10.2", gib=14.58, name="Tesla T4").v1
+    assert profile("0.10.2", gib=14.58, name="Tesla T4", engine="v1").v1
+
+
 def test_gate_v0_removed_vllm_worker_0_10_2_vs_0_11_0() -> None:
     # vllm/worker/worker.py exists @ 0.10.2; @ 0.11.0 vllm/worker/ holds only worker_base.py.
     assert not profile("0.10.2", engine="v0").v1
