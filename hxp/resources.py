@@ -845,6 +845,15 @@ VERSION_GATES: tuple[VersionGate, ...] = (
         "vllm/engine/arg_utils.py @ 0.8.5 L1596: device_memory >= 70 * GiB_bytes",
     ),
     VersionGate(
+        "hybrid_kv_cache_manager",
+        (0, 9, 1),
+        "V1 keeps sliding-window layers in their own KV-cache groups (the hybrid KV cache "
+        "manager, on by default); before, they were cached as full attention",
+        "vllm/config.py @ 0.9.1 L2120: disable_hybrid_kv_cache_manager: bool = False; "
+        "vllm/v1/core/kv_cache_utils.py @ 0.9.1 L739: _get_kv_cache_config_uniform_page_size",
+        "vllm/config.py @ 0.9.0: no hybrid KV cache manager",
+    ),
+    VersionGate(
         "v1_on_pre_ampere",
         (0, 10, 2),
         "the compute-capability fallback is gone: the default engine is V1 on every GPU",
@@ -1041,7 +1050,7 @@ def engine_profile(req: FitRequest, shape: ModelShape, max_model_len: int) -> En
     return EngineProfile(
         version=version,
         v1=v1,
-        hybrid_allocator=v1 and version >= (0, 10, 0),
+        hybrid_allocator=v1 and gate_open("hybrid_kv_cache_manager", version),
         cudagraph_in_budget=v1
         and gate_open("cudagraph_memory_in_budget", version)
         and not req.enforce_eager,
@@ -1548,7 +1557,10 @@ def _evaluate(req: FitRequest, shape: ModelShape, tp: int, max_len: int) -> FitR
             "capability < 8.0): V0's profile run and block arithmetic apply"
         )
     if eng.v1 and not hybrid and shape.is_hybrid and not eng.hybrid_allocator:
-        warnings.append("sliding-window layers are cached as full attention before vLLM 0.10")
+        warnings.append(
+            "sliding-window layers are cached as full attention before vLLM "
+            f"{_GATES['hybrid_kv_cache_manager'].since_text}"
+        )
     fits = not reasons
     best_len = _largest_len(req, shape, tp, max_len, num_blocks, layout, window, eng)
     result_weights = heaviest.weights_gib

@@ -171,6 +171,23 @@ def test_gate_v1_falls_back_to_v0_before_ampere_vllm_arg_utils_py_0_7_3_vs_0_8_0
     assert "engine: vLLM 0.9.2 V0; profile run of 8,192 tokens" in result.explain()
 
 
+def test_gate_hybrid_kv_cache_manager_vllm_config_py_0_9_0_vs_0_9_1() -> None:
+    # vllm/config.py @ 0.9.1: disable_hybrid_kv_cache_manager defaults to False, and
+    # vllm/v1/core/kv_cache_utils.py groups full and sliding-window layers; 0.9.0 has neither.
+    gemma3 = next(c for c in load_cases() if c["case"] == "llmd_v019_gemma3_27b_h100_tp1")
+    kw: dict[str, Any] = {
+        "config": gemma3["config"],
+        "gpus": (GpuMemory(79.19),),
+        "max_model_len": 32768,
+    }
+    old = fit(FitRequest(vllm_version="0.9.0", **kw))
+    new = fit(FitRequest(vllm_version="0.9.1", **kw))
+    assert len(old.stages[0].layout.groups) == 1
+    assert "cached as full attention before vLLM 0.9.1" in old.warnings[-1]
+    assert len(new.stages[0].layout.groups) == 7
+    assert new.max_concurrency > 2 * old.max_concurrency
+
+
 def test_gate_v1_on_pre_ampere_vllm_arg_utils_py_0_10_1_1_vs_0_10_2() -> None:
     # @ 0.10.1.1 L1396-1404 the compute-capability check is still there; @ 0.10.2 it is gone.
     assert not profile("0.10.1.1", gib=14.58, name="Tesla T4").v1
