@@ -58,6 +58,13 @@ NON_TORCH_GIB_SINGLE = 0.25
 NON_TORCH_GIB_TP_NVLINK = 2.1
 #: The same with tensor parallelism over PCIe, where custom all-reduce is mostly disabled.
 NON_TORCH_GIB_TP_PCIE = 0.35
+#: V0 0.6.5-0.6.6 counted as non-torch everything the GPU held beyond the baseline taken at
+#: device init, the weights and PyTorch's allocated bytes, so PyTorch's reserved-but-free pool
+#: and the start-up buffers land here: 1.79 GiB on one H100 and 3.58 GiB per GPU at TP=2 in
+#: vllm#10511 (the PR that introduced that accounting). Fitted on that one log; 0.7.0 went back
+#: to a snapshot baseline (0.03-0.39 GiB in the 0.7-0.9 logs).
+NON_TORCH_GIB_V0_065_SINGLE = 1.79
+NON_TORCH_GIB_V0_065_TP = 3.58
 #: CUDA context plus what NCCL allocates before vLLM's first memory snapshot: used outside the
 #: utilization budget (0.51 GiB on an H100 in vLLM 0.19 logs; lmcache3430 started with only
 #: 0.56 GiB outside the budget). PyTorch 2.11 / CUDA 13 alone took 0.60 GiB on an H100
@@ -806,6 +813,25 @@ VERSION_GATES: tuple[VersionGate, ...] = (
         "free_gpu_memory after profile_run",
     ),
     VersionGate(
+        "v0_profile_init_baseline",
+        (0, 6, 5),
+        "V0 non-torch memory is what the GPU holds beyond the device-init baseline, the weights "
+        "and PyTorch's allocated bytes (PyTorch's reserved pool included); 0.6.4 counted the "
+        "memory outside PyTorch's allocator after empty_cache (the CUDA context)",
+        "vllm/worker/worker.py @ 0.6.5 L198: memory_profiling(baseline_memory_in_bytes="
+        "total_gpu_memory - self.init_gpu_memory, ...)",
+        "vllm/worker/worker.py @ 0.6.4 L211: non_torch_allocations = total_allocated_bytes - "
+        "torch_allocated_bytes",
+    ),
+    VersionGate(
+        "v0_profile_snapshot_baseline",
+        (0, 7, 0),
+        "V0 measures against a MemorySnapshot taken at device init (the 0.7-0.10 logs show "
+        "0.03-0.39 GiB non-torch)",
+        "vllm/worker/worker.py @ 0.7.0 L160: self.baseline_snapshot = MemorySnapshot()",
+        "vllm/worker/worker.py @ 0.6.6 L198: memory_profiling(baseline_memory_in_bytes=...)",
+    ),
+    VersionGate(
         "v0_chunked_prefill_2048",
         (0, 7, 0),
         "V0 with chunked prefill profiles 2048 tokens (512 before)",
@@ -1189,7 +1215,13 @@ def reserve_for_stage(
             items = min(items, eng.max_num_seqs)
         # fc1 output and its activation are alive together, plus the residual stream.
         encoder = items * v.patches_per_item * (2 * v.intermediate + 4 * v.hidden) * 2 / GIB
-    if tp > 1:
+    if (
+        not eng.v1
+        and gate_open("v0_profile_init_baseline", eng.version)
+        and not gate_open("v0_profile_snapshot_baseline", eng.version)
+    ):
+        non_torch = NON_TORCH_GIB_V0_065_TP if tp * pp > 1 else NON_TORCH_GIB_V0_065_SINGLE
+    elif tp > 1:
         non_torch = NON_TORCH_GIB_TP_NVLINK if nvlink else NON_TORCH_GIB_TP_PCIE
     elif pp > 1:
         non_torch = 0.1

@@ -92,6 +92,32 @@ def test_gate_v0_refusal_is_exit_2_from_hxp_fit(
     assert "fits" not in captured.out
 
 
+def _v0_reserve(version: str, gpus: int = 1) -> float:
+    req = FitRequest(
+        config=LLAMA_31_8B,
+        gpus=(GpuMemory(79.22),) * gpus,
+        vllm_version=version,
+        max_model_len=8192,
+        tensor_parallel_size=gpus,
+    )
+    return fit(req).stages[0].reserve.non_torch_gib
+
+
+def test_gate_v0_profile_init_baseline_vllm_worker_py_0_6_4_vs_0_6_5() -> None:
+    # vllm/worker/worker.py @ 0.6.4: non-torch = GPU used - PyTorch allocated after empty_cache;
+    # @ 0.6.5: memory_profiling against the device-init baseline, PyTorch's reserved pool
+    # included (vllm#10511 logged 1.79 GiB on one H100, 3.58 GiB per GPU at TP=2).
+    assert _v0_reserve("0.6.4") == pytest.approx(0.25)
+    assert _v0_reserve("0.6.5") == pytest.approx(1.79)
+    assert _v0_reserve("0.6.6", gpus=2) == pytest.approx(3.58)
+
+
+def test_gate_v0_profile_snapshot_baseline_vllm_worker_py_0_6_6_vs_0_7_0() -> None:
+    # vllm/worker/worker.py @ 0.7.0: baseline_snapshot = MemorySnapshot() at device init.
+    assert _v0_reserve("0.6.6") == pytest.approx(1.79)
+    assert _v0_reserve("0.7.0") == pytest.approx(0.25)
+
+
 def test_gate_v0_chunked_prefill_2048_vllm_config_py_0_6_4_vs_0_7_0() -> None:
     # vllm/config.py SchedulerConfig: chunked prefill profiles 512 tokens @ 0.6.4, 2048 @ 0.7.0.
     long = {"max_model_len": 65536}
