@@ -855,10 +855,19 @@ VERSION_GATES: tuple[VersionGate, ...] = (
         "vllm/engine/arg_utils.py @ 0.7.3: V0 is the default engine",
     ),
     VersionGate(
+        "v1_max_num_seqs_by_gpu",
+        (0, 8, 4),
+        "V1's default max_num_seqs is 1024 only on the large-GPU tier and 256 elsewhere; "
+        "0.8.0-0.8.3 used 1024 on every GPU (so the profile's sampler ran over 1024 rows)",
+        "vllm/engine/arg_utils.py @ 0.8.4 L1675-1682: default_max_num_seqs = 1024 (H100/H200) "
+        "else 256",
+        "vllm/engine/arg_utils.py @ 0.8.3 L1669: default_max_num_seqs = 1024",
+    ),
+    VersionGate(
         "large_gpu_by_memory",
         (0, 8, 5),
         "GPUs of 70 GiB or more get the large batch defaults (API server 8192 tokens, "
-        "1024 sequences); before, only GPUs named H100/H200 got 8192 tokens (256 sequences)",
+        "1024 sequences); before, the large defaults went by the names H100/H200",
         "vllm/engine/arg_utils.py @ 0.8.5 L1596: if device_memory >= 70 * GiB_bytes",
         'vllm/engine/arg_utils.py @ 0.8.4 L1669: if "h100" in device_name or "h200" in device_name',
     ),
@@ -1002,12 +1011,11 @@ def _batch_defaults(req: FitRequest, version: tuple[int, int, int]) -> tuple[int
         tier = "h100-name"
     if tier == "160":
         tokens, seqs = 16384, 1024
-    elif tier == "70":
+    elif tier in ("70", "h100-name"):
         tokens, seqs = (8192 if api else 16384), 1024
-    elif tier == "h100-name":
-        tokens, seqs = (8192 if api else 16384), 256
     else:
-        tokens, seqs = (2048 if api else 8192), 256
+        tokens = 2048 if api else 8192
+        seqs = 256 if gate_open("v1_max_num_seqs_by_gpu", version) else 1024
     if req.performance_mode == "throughput":
         tokens, seqs = tokens * 2, seqs * 2
     return tokens, seqs, tier

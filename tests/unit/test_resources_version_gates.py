@@ -231,10 +231,24 @@ def test_gate_v0_removed_vllm_worker_0_10_2_vs_0_11_0() -> None:
 # --- V1 batch defaults (vllm/engine/arg_utils.py get_batch_defaults) --------------------------
 
 
+def test_gate_v1_max_num_seqs_by_gpu_vllm_arg_utils_py_0_8_3_vs_0_8_4() -> None:
+    # @ 0.8.3: default_max_num_seqs = 1024 on every GPU; @ 0.8.4: 1024 on H100/H200, else 256.
+    assert batch("0.8.0", gib=22.05) == (2048, 1024)
+    assert batch("0.8.3", gib=22.05) == (2048, 1024)
+    assert batch("0.8.4", gib=22.05) == (2048, 256)
+    # The profile's sampler runs over min(max_num_seqs, max_num_batched_tokens) rows: four
+    # times the logits on a 24 GB card in 0.8.0-0.8.3.
+    kw: dict[str, Any] = {"config": LLAMA_31_8B, "gpus": (GpuMemory(22.05),), "max_model_len": 8192}
+    old = fit(FitRequest(vllm_version="0.8.3", **kw)).stages[0].reserve
+    new = fit(FitRequest(vllm_version="0.8.4", **kw)).stages[0].reserve
+    assert old.sampler_gib > 3.5 * new.sampler_gib
+
+
 def test_gate_large_gpu_by_memory_vllm_arg_utils_py_0_8_4_vs_0_8_5() -> None:
-    # @ 0.8.4: "h100"/"h200" in the device name -> 8192 API-server tokens, max_num_seqs stays 256.
+    # @ 0.8.4: "h100"/"h200" in the device name -> 8192 API-server tokens and 1024 sequences.
     assert batch("0.8.4") == (2048, 256)
-    assert batch("0.8.4", name="NVIDIA H100 80GB HBM3") == (8192, 256)
+    assert batch("0.8.4", name="NVIDIA H100 80GB HBM3") == (8192, 1024)
+    assert batch("0.8.0", name="NVIDIA H100 80GB HBM3") == (8192, 1024)
     # @ 0.8.5: device_memory >= 70 GiB -> 8192 tokens and 1024 sequences, A100s included.
     assert batch("0.8.5") == (8192, 1024)
     assert batch("0.8.5", gib=79.15, name="NVIDIA A100-SXM4-80GB") == (8192, 1024)
