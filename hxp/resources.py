@@ -1053,7 +1053,8 @@ def engine_profile(req: FitRequest, shape: ModelShape, max_model_len: int) -> En
         raise UnmodelledEngineError(
             f"vllm_version: vLLM {req.vllm_version} (V0 engine) sized its KV cache from the free "
             "memory left after the profile run, PyTorch's cached pool included "
-            f"({g.before.split(':')[0]}); the calculator models V0 only from {g.since_text} and "
+            "(vllm/worker/worker.py determine_num_available_blocks up to 0.6.3); the calculator "
+            f"models V0 only from {g.since_text} and "
             "cannot predict this version: pin vLLM >= "
             f"{g.since_text}, or measure a real start-up"
         )
