@@ -30,7 +30,8 @@ def load_cases() -> list[dict[str, Any]]:
 def to_request(case: dict[str, Any]) -> FitRequest:
     """The FitRequest a case's flags describe."""
     r = case["request"]
-    gpus = tuple(GpuMemory(float(r["gpu_memory_gib"])) for _ in range(int(r["gpus"])))
+    gpu = GpuMemory(float(r["gpu_memory_gib"]), name=r.get("gpu_name"))
+    gpus = (gpu,) * int(r["gpus"])
     return FitRequest(
         config=case["config"],
         gpus=gpus,
@@ -47,6 +48,8 @@ def to_request(case: dict[str, Any]) -> FitRequest:
         enforce_eager=bool(r.get("enforce_eager", False)),
         engine=r.get("engine", "auto"),
         usage_context=r.get("usage_context", "api_server"),
+        performance_mode=r.get("performance_mode", "balanced"),
+        enable_chunked_prefill=r.get("enable_chunked_prefill"),
     )
 
 

@@ -402,7 +402,7 @@ def test_float32_dtype_doubles_weights_and_kv() -> None:
     assert kv_bytes_per_token(shape, 1) == 2 * 131072
 
 
-# --- CUDA graphs captured outside the budget (vLLM < 0.21) ------------------------------------
+# --- CUDA graphs captured outside the budget (vLLM < 0.20.0) ----------------------------------
 
 
 def _qwen3_moe_on_a10s(**kw: Any) -> FitRequest:
