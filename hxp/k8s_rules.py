@@ -173,12 +173,13 @@ class Violation:
     obj: str
     field: str
     message: str
+    source: str = ""  # the Kubernetes file and function; the rule's first source when empty
 
     def __str__(self) -> str:
-        rule = RULES[self.rule]
+        source = self.source or RULES[self.rule].sources[0]
         return (
             f"{self.file}: {self.obj} {self.field}: {self.message} "
-            f"[rule {rule.id}; Kubernetes {KUBERNETES_VERSION} {rule.sources[0]}]"
+            f"[rule {self.rule}; Kubernetes {KUBERNETES_VERSION} {source}]"
         )
 
 
@@ -359,8 +360,8 @@ class _Checker:
         self.file = file
         self.found: list[Violation] = []
 
-    def add(self, rule: str, obj: str, field: str, message: str) -> None:
-        self.found.append(Violation(rule, self.file, obj, field, message))
+    def add(self, rule: str, obj: str, field: str, message: str, source: str = "") -> None:
+        self.found.append(Violation(rule, self.file, obj, field, message, source))
 
 
 def _map(value: Any) -> Mapping[str, Any]:
@@ -371,22 +372,32 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-_SUBDOMAIN_KINDS = {"Deployment", "ConfigMap", "Secret", "PersistentVolumeClaim", "Ingress"}
+#: The name check of each kind hxp renders: (DNS-1035 label, source) or (DNS-1123 subdomain, ...).
+_NAME_RULES = {
+    "Deployment": (False, f"{_APPS}: ValidateDeploymentName (NameIsDNSSubdomain)"),
+    "ConfigMap": (False, f"{_CORE}: ValidateConfigMapName (NameIsDNSSubdomain)"),
+    "Secret": (False, f"{_CORE}: ValidateSecretName (NameIsDNSSubdomain)"),
+    "PersistentVolumeClaim": (
+        False,
+        f"{_CORE}: ValidatePersistentVolumeClaim (ValidatePersistentVolumeName, "
+        "NameIsDNSSubdomain)",
+    ),
+    "Ingress": (False, f"{_NETWORKING}: ValidateIngressName (NameIsDNSSubdomain)"),
+    "Service": (True, f"{_CORE}: ValidateServiceName (NameIsDNS1035Label)"),
+}
 
 
 def _check_name(c: _Checker, kind: str, obj: str, meta: Mapping[str, Any]) -> None:
+    if kind not in _NAME_RULES:
+        return  # not an API object hxp renders (kustomization.yaml's Kustomization)
+    label, source = _NAME_RULES[kind]
     name = meta.get("name")
     if not isinstance(name, str) or not name:
-        c.add("object-name", obj, "metadata.name", "name is required")
+        c.add("object-name", obj, "metadata.name", "name is required", source)
         return
-    if kind == "Service":
-        errs = dns1035_label_errors(name)
-    elif kind in _SUBDOMAIN_KINDS:
-        errs = dns1123_subdomain_errors(name)
-    else:
-        return
+    errs = dns1035_label_errors(name) if label else dns1123_subdomain_errors(name)
     for e in errs:
-        c.add("object-name", obj, "metadata.name", f"{name!r} {e}")
+        c.add("object-name", obj, "metadata.name", f"{name!r} {e}", source)
 
 
 def _check_labels(c: _Checker, obj: str, path: str, labels: Any) -> None:
@@ -470,7 +481,7 @@ def _check_selector(c: _Checker, obj: str, spec: Mapping[str, Any]) -> None:
     _check_labels(c, obj, "spec.selector.matchLabels", match_labels)
     labels = _map(_map(_map(spec.get("template")).get("metadata")).get("labels"))
     missing = {k: v for k, v in match_labels.items() if str(labels.get(k)) != str(v)}
-    if missing or expressions and not _expressions_match(expressions, labels):
+    if missing or (expressions and not _expressions_match(expressions, labels)):
         c.add(
             "selector-matches-template",
             obj,
@@ -480,9 +491,10 @@ def _check_selector(c: _Checker, obj: str, spec: Mapping[str, Any]) -> None:
 
 
 def _expressions_match(expressions: list[Any], labels: Mapping[str, Any]) -> bool:
-    for e in expressions:
-        e = _map(e)
-        key, op, values = e.get("key"), e.get("operator"), [str(v) for v in _list(e.get("values"))]
+    for item in expressions:
+        e = _map(item)
+        key, op = str(e.get("key", "")), str(e.get("operator", ""))
+        values = [str(v) for v in _list(e.get("values"))]
         have = key in labels
         value = str(labels.get(key)) if have else None
         ok = {
@@ -490,7 +502,7 @@ def _expressions_match(expressions: list[Any], labels: Mapping[str, Any]) -> boo
             "NotIn": not have or value not in values,
             "Exists": have,
             "DoesNotExist": not have,
-        }.get(str(op), False)
+        }.get(op, False)
         if not ok:
             return False
     return True
@@ -542,8 +554,8 @@ def _check_probes(c: _Checker, obj: str, path: str, ctr: Mapping[str, Any], grac
         sleep = _map(h).get("sleep")
         if sleep is not None:
             seconds = _map(sleep).get("seconds")
-            ok = isinstance(seconds, int) and not isinstance(seconds, bool)
-            if not ok or not 0 < seconds <= grace:
+            whole = isinstance(seconds, int) and not isinstance(seconds, bool)
+            if not (whole and isinstance(seconds, int) and 0 < seconds <= grace):
                 c.add(
                     "prestop-sleep",
                     obj,
@@ -654,7 +666,9 @@ def _check_volumes(c: _Checker, obj: str, path: str, volumes: list[Any]) -> set[
         if not sources:
             c.add("volume-mount", obj, vpath, "must specify a volume type")
         for extra in sources[1:]:
-            c.add("volume-mount", obj, f"{vpath}.{extra}", "may not specify more than 1 volume type")
+            c.add(
+                "volume-mount", obj, f"{vpath}.{extra}", "may not specify more than 1 volume type"
+            )
         if not errs and name not in names:
             names.add(name)
     return names
@@ -749,7 +763,9 @@ def check_document(file: str, doc: Mapping[str, Any]) -> list[Violation]:
         _check_strategy(c, obj, spec)
         _check_selector(c, obj, spec)
         template = _map(spec.get("template"))
-        _check_labels(c, obj, "spec.template.metadata.labels", _map(template.get("metadata")).get("labels"))
+        _check_labels(
+            c, obj, "spec.template.metadata.labels", _map(template.get("metadata")).get("labels")
+        )
         _check_pod(c, obj, "spec.template.spec", _map(template.get("spec")))
     elif kind == "Service":
         _check_service(c, obj, spec)
