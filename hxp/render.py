@@ -375,6 +375,7 @@ def k8s_pod_plan(unit: UnitInstance) -> K8sPodPlan:
             )
         cache_claim = f"{unit.stack}-{unit.unit}-{K8S_CACHE_CLAIM}"
     supported = _SHUTDOWN_TIMEOUT.present_in(parse_version(spec.vllm.version))
+    flag_given = any(a.split("=", 1)[0] == "--shutdown-timeout" for a in spec.vllm.extra_args)
     given = _extra_shutdown_timeout(spec.vllm.extra_args) if supported else None
     shutdown = (given if given is not None else stop) if supported else None
     drain = shutdown if shutdown is not None else stop
@@ -387,7 +388,7 @@ def k8s_pod_plan(unit: UnitInstance) -> K8sPodPlan:
         drain_seconds=drain,
         prestop_seconds=K8S_PRESTOP_SECONDS,
         shutdown_timeout=shutdown,
-        add_shutdown_flag=supported and given is None,
+        add_shutdown_flag=supported and not flag_given,
         cache_claim=cache_claim,
         cache_size_gib=model_cache_gib(spec),
         cache_access="ReadWriteMany" if unit.replicas > 1 else "ReadWriteOnce",

@@ -287,6 +287,14 @@ def test_an_operators_shutdown_timeout_is_kept_and_sizes_the_grace(given: list[s
     assert grace == K8S_PRESTOP_SECONDS + 120 + K8S_EXIT_MARGIN_SECONDS
 
 
+def test_an_unreadable_shutdown_timeout_is_not_doubled() -> None:
+    """vLLM itself refuses the value; hxp neither adds a second flag nor guesses the drain."""
+    docs = _docs(_model_stack(vllm={"extra_args": ["--shutdown-timeout", "soon"]}), "chat")
+    assert _container(docs)["args"].count("--shutdown-timeout") == 1
+    grace = _pod(docs)["terminationGracePeriodSeconds"]
+    assert grace == K8S_PRESTOP_SECONDS + 10 + K8S_EXIT_MARGIN_SECONDS
+
+
 def test_shutdown_timeout_in_extra_args_before_018_is_refused() -> None:
     with pytest.raises(StackValidationError, match=r"exists only from vLLM 0\.18\.0") as info:
         render_stack(
