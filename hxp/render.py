@@ -8,11 +8,12 @@ template by putting a file of the same name in the stack's `templates_dir`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -23,9 +24,10 @@ from pydantic import BaseModel
 
 from hxp import __version__
 from hxp.errors import Issue, OutputCheckError, StackValidationError, TemplateError
-from hxp.spec import Stack, format_duration
+from hxp.spec import ModelSpec, Stack, format_duration
+from hxp.startup import weights_gib_from_name
 from hxp.units import UnitInstance, expand_units
-from hxp.vllm import CONTAINER_CACHE_DIR
+from hxp.vllm import CONTAINER_CACHE_DIR, FLAG_TABLE, parse_version
 
 Target = Literal["systemd", "compose", "k8s", "monitoring"]
 TARGETS: tuple[Target, ...] = ("systemd", "compose", "k8s")  # the unit targets
@@ -217,6 +219,8 @@ def _need_images(units: Iterable[UnitInstance], target: str) -> None:
         raise StackValidationError(issues)
 
 
+#: The file that lists every rendered manifest for `kubectl apply -k`.
+K8S_KUSTOMIZATION = "kustomization.yaml"
 #: Kubernetes label values and Service names (RFC 1035 labels) allow 63 characters.
 K8S_NAME_MAX = 63
 
@@ -235,6 +239,161 @@ def _k8s_names_fit(stack: Stack, units: Iterable[UnitInstance]) -> None:
     ]
     if issues:
         raise StackValidationError(issues)
+
+
+# --------------------------------------------------------------------------- Kubernetes pods
+
+#: preStop pause of a model pod: how long the kubelet waits before vLLM gets SIGTERM, so that
+#: the pod's endpoint leaves the Service first. Endpoint removal starts when the pod starts
+#: terminating, at the same time as the preStop hook; kube-proxy and ingress controllers then
+#: apply it on their next sync (about a second each, up to several in large clusters). vLLM
+#: does not drain: a request that still arrives after SIGTERM is refused, and before 0.18 an
+#: in-flight one is cut. 15 s covers slow syncs; it is the pause KServe's LLM pods use.
+K8S_PRESTOP_SECONDS = 15
+#: After the drain, vLLM tears its engine processes down (it waited a fixed 5 s for them before
+#: `--shutdown-timeout` existed, vLLM PR #34730): this is added to the grace period.
+K8S_EXIT_MARGIN_SECONDS = 5
+#: Name of the PersistentVolumeClaim suffix that holds a model's caches (HF_HOME, compile caches)
+#: when HF_HOME is not on a volume the model declares.
+K8S_CACHE_CLAIM = "hxp-cache"
+#: Cache claim size when the model's size is unknown (neither its name nor a config says).
+K8S_CACHE_DEFAULT_GIB = 100
+_SHUTDOWN_TIMEOUT = next(f for f in FLAG_TABLE if f.flag == "--shutdown-timeout")
+
+
+@dataclass(frozen=True)
+class K8sPodPlan:
+    """How one unit's Deployment rolls out, stops and keeps its caches on Kubernetes."""
+
+    strategy: Literal["RollingUpdate", "Recreate"]
+    max_unavailable: int  # RollingUpdate only
+    max_surge: int  # RollingUpdate only
+    why: str  # one line for the manifest: why this strategy
+    grace_seconds: int  # terminationGracePeriodSeconds
+    drain_seconds: int  # the part of it after SIGTERM: vLLM's drain, or the unit's stop_timeout
+    prestop_seconds: int | None  # models: the preStop sleep; None: no hook
+    shutdown_timeout: int | None  # vLLM's drain after SIGTERM (>= 0.18); None: not supported
+    add_shutdown_flag: bool  # hxp appends `--shutdown-timeout N` (not in extra_args already)
+    cache_claim: str | None  # PVC mounted at the cache dir (HF_HOME under it); None: none
+    cache_size_gib: int
+    cache_access: Literal["ReadWriteOnce", "ReadWriteMany"]
+    cache_empty_dir: bool  # the cache dir is an emptyDir (HF_HOME is on a declared volume)
+
+
+def _seconds(value: float) -> int:
+    return max(math.ceil(value), 1)
+
+
+def _extra_shutdown_timeout(args: Iterable[str]) -> int | None:
+    """The value of a `--shutdown-timeout` the operator put in `vllm.extra_args`, if any."""
+    items = list(args)
+    for i, arg in enumerate(items):
+        value: str | None = None
+        if arg.startswith("--shutdown-timeout="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--shutdown-timeout" and i + 1 < len(items):
+            value = items[i + 1]
+        if value is not None:
+            try:
+                return max(math.ceil(float(value)), 0)
+            except ValueError:
+                return None
+    return None
+
+
+def model_cache_gib(model: ModelSpec) -> int:
+    """Size of a model's cache claim: its weights (from the parameter count in its name, as the
+    start-up grace estimates them) plus a fifth for tokenizer, config and revisions, plus 10 GiB
+    of compile caches, rounded up to 10 GiB; 100 GiB when the size is unknown; 1 GiB for the
+    simulator, which downloads nothing."""
+    if model.engine == "simulator":
+        return 1
+    per_gpu = weights_gib_from_name(model)
+    if per_gpu is None:
+        return K8S_CACHE_DEFAULT_GIB
+    total = per_gpu * model.tensor_parallel() * model.vllm.pipeline_parallel_size
+    return int(math.ceil((total * 1.2 + 10) / 10) * 10)
+
+
+def _under(path: str, root: str) -> bool:
+    return PurePosixPath(path).is_relative_to(PurePosixPath(root))
+
+
+def k8s_pod_plan(unit: UnitInstance) -> K8sPodPlan:
+    """Rollout, stop and cache decisions for a unit's Deployment (pure).
+
+    GPU replicas: no spare GPU is assumed (a full node), so a rollout never adds a pod: several
+    replicas replace one at a time (maxUnavailable 1, maxSurge 0); a single one is recreated.
+    Without GPUs, a new pod starts before an old one stops (maxSurge 1), as before.
+    """
+    if unit.gpu_count and unit.replicas > 1:
+        strategy: Literal["RollingUpdate", "Recreate"] = "RollingUpdate"
+        unavailable, surge = 1, 0
+        why = "GPU replicas, no spare GPU assumed: replace one at a time, never add one"
+    elif unit.gpu_count:
+        strategy, unavailable, surge = "Recreate", 0, 0
+        why = "one GPU replica, no spare GPU assumed: the old pod stops before the new starts"
+    else:
+        strategy = "RollingUpdate"
+        unavailable, surge = (0 if unit.replicas > 1 else 1), 1
+        why = "no GPUs: start a new pod before an old one stops"
+    stop = _seconds(unit.spec.stop_timeout)
+    if unit.kind != "model":
+        return K8sPodPlan(
+            strategy, unavailable, surge, why, stop, stop, None, None, False, None, 0,
+            "ReadWriteOnce", False,
+        )  # fmt: skip
+    spec = unit.spec
+    assert isinstance(spec, ModelSpec)
+    env = dict(unit.container_env)
+    hf_home = env.get("HF_HOME", f"{CONTAINER_CACHE_DIR}/huggingface")
+    targets = [v.target for v in spec.volumes]
+    on_volume = any(_under(hf_home, t) for t in targets)
+    if not on_volume and not _under(hf_home, CONTAINER_CACHE_DIR):
+        raise StackValidationError(
+            [
+                Issue(
+                    f"HF_HOME {hf_home!r} is on no volume: on Kubernetes the weights would be "
+                    f"lost (and downloaded again) at every restart; declare a volume whose "
+                    f"target holds it, or leave HF_HOME unset (hxp keeps it on a "
+                    f"PersistentVolumeClaim under {CONTAINER_CACHE_DIR})",
+                    f"{unit.field_path}.env.HF_HOME",
+                )
+            ]
+        )
+    cache_claim: str | None = None
+    if not on_volume and CONTAINER_CACHE_DIR not in targets:
+        if any(v.name == K8S_CACHE_CLAIM for v in spec.volumes):
+            raise StackValidationError(
+                [
+                    Issue(
+                        f"volume name {K8S_CACHE_CLAIM!r} is reserved on Kubernetes for the "
+                        "model's cache claim: rename the volume",
+                        f"{unit.field_path}.volumes",
+                    )
+                ]
+            )
+        cache_claim = f"{unit.stack}-{unit.unit}-{K8S_CACHE_CLAIM}"
+    supported = _SHUTDOWN_TIMEOUT.present_in(parse_version(spec.vllm.version))
+    flag_given = any(a.split("=", 1)[0] == "--shutdown-timeout" for a in spec.vllm.extra_args)
+    given = _extra_shutdown_timeout(spec.vllm.extra_args) if supported else None
+    shutdown = (given if given is not None else stop) if supported else None
+    drain = shutdown if shutdown is not None else stop
+    return K8sPodPlan(
+        strategy=strategy,
+        max_unavailable=unavailable,
+        max_surge=surge,
+        why=why,
+        grace_seconds=K8S_PRESTOP_SECONDS + drain + K8S_EXIT_MARGIN_SECONDS,
+        drain_seconds=drain,
+        prestop_seconds=K8S_PRESTOP_SECONDS,
+        shutdown_timeout=shutdown,
+        add_shutdown_flag=supported and not flag_given,
+        cache_claim=cache_claim,
+        cache_size_gib=model_cache_gib(spec),
+        cache_access="ReadWriteMany" if unit.replicas > 1 else "ReadWriteOnce",
+        cache_empty_dir=on_volume and CONTAINER_CACHE_DIR not in targets,
+    )
 
 
 def _dependency_conditions(stack: Stack) -> dict[str, dict[str, str]]:
@@ -281,8 +440,13 @@ def render_stack(
         for unit in units:
             if unit.replica != 0:
                 continue
-            r = renderer.render("k8s/unit.yaml.j2", stack=stack, unit=unit)
+            r = renderer.render("k8s/unit.yaml.j2", stack=stack, unit=unit, k8s=k8s_pod_plan(unit))
             files.append(_at(r, f"{unit.unit}.yaml"))
+        # `kubectl apply -k DIR` (and GitOps tools) take the directory as it is.
+        r = renderer.render(
+            "k8s/kustomization.yaml.j2", stack=stack, resources=sorted(f.path for f in files)
+        )
+        files.append(_at(r, K8S_KUSTOMIZATION))
     elif target == "monitoring":
         files.extend(_monitoring_files(stack))
     else:  # pragma: no cover - Target is a closed Literal

@@ -118,6 +118,17 @@ FLAG_TABLE: tuple[FlagChange, ...] = (
         source="removed by vLLM PR #36216 ('Remove unused swap_space parameter'); present in "
         "0.17.1, absent from 0.18.0 (unsloth-zoo issue #1210, every release checked)",
     ),
+    FlagChange(
+        "--shutdown-timeout",
+        since=(0, 18, 0),
+        until=None,
+        instead="nothing: before 0.18.0 vLLM aborts in-flight requests on SIGTERM; drain them "
+        "in front of it (preStop pause, gateway drain) instead",
+        source="added by vLLM PR #34730 ('Add shutdown timeout - allowing in-flight requests "
+        "to finish': EngineArgs.shutdown_timeout, default 0 = abort), reverted by #36628 and "
+        "re-applied by #36666 before the v0.18.0 release (llm-d issue #927: 'Available in: "
+        "vLLM v0.18.0+')",
+    ),
 )
 _FLAGS = {f.flag: f for f in FLAG_TABLE}
 _VERSION_RE = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from hxp.k8s_rules import KUBERNETES_VERSION as RULES_VERSION
+from hxp.k8s_rules import check_manifests
 from hxp.render import RenderedFile, Target, write_files
 
 MAX_EXPOSURE = 2.0
@@ -155,6 +157,13 @@ def check_k8s(paths: Sequence[Path], version: str = KUBERNETES_VERSION) -> list[
     return [result]
 
 
+def check_k8s_rules(files: Sequence[RenderedFile]) -> list[CheckResult]:
+    """The API server's semantic rules (hxp.k8s_rules), which a schema check cannot see."""
+    result = CheckResult(f"Kubernetes {RULES_VERSION} API server rules")
+    result.problems.extend(str(v) for v in check_manifests((f.path, f.content) for f in files))
+    return [result]
+
+
 def check_rendered(
     files: Sequence[RenderedFile], target: Target, out_dir: Path | None = None
 ) -> list[CheckResult]:
@@ -169,4 +178,4 @@ def check_rendered(
             from hxp.io.monitoring import check_monitoring_dir
 
             return check_monitoring_dir(out_dir or Path(tmp))
-        return check_k8s(paths)
+        return check_k8s(paths) + check_k8s_rules(files)

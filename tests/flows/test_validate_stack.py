@@ -24,7 +24,13 @@ def test_demo_stack_validates_and_leaves_an_artifact() -> None:
         "systemd-analyze verify": True,
         "systemd-analyze security": True,
     }
-    assert sorted(result["files"]["k8s"]) == ["api.yaml", "cache.yaml", "chat.yaml", "store.yaml"]
+    assert sorted(result["files"]["k8s"]) == [
+        "api.yaml",
+        "cache.yaml",
+        "chat.yaml",
+        "kustomization.yaml",
+        "store.yaml",
+    ]
     artifact = Artifact.get("validate-demo")
     assert artifact is not None
     assert "store → cache → api → chat" in str(artifact.data)
