@@ -54,10 +54,10 @@ def cmd_urls(args: argparse.Namespace) -> int:
         for unit, port in stack.gateway.routes.items():
             spec = stack.unit(unit)
             model = isinstance(spec, ModelSpec)
-            what = f"model {unit}" if model else unit
+            url = f"http://{address}:{port}/" + ("v1" if model else "")
             if model and spec.engine == "simulator":
-                what += " (hxp-vllm-sim, a development double)"
-            rows.append((f"Gateway {what}", f"http://{address}:{port}/" + ("v1" if model else "")))
+                url += " (hxp-vllm-sim, a development double)"
+            rows.append((f"Gateway {unit}", url))
     if stack.monitoring is not None:
         for component, url in component_urls(stack).items():
             rows.append((component.capitalize(), url))
