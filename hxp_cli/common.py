@@ -99,7 +99,7 @@ def use_prefect(args: argparse.Namespace) -> str:
             f"(log {api.started['log']}; stop it with: hxp server stop)",
             file=sys.stderr,
         )
-    print(f"Prefect API: {api.url}", file=sys.stderr)
+    print(f"Prefect API: {api.url} ({api.source})", file=sys.stderr)
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     # A CLI run is watched by its operator and its store closes interrupted deploys: the flow

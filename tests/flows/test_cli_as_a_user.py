@@ -111,6 +111,20 @@ def test_every_run_lands_on_the_server_hxp_server_start_started(user: User, tmp_
     flow = httpx.get(f"{url}/flows/{down_run['flow_id']}", timeout=10).json()
     assert flow["name"] == "down-stack"
 
+    # A Prefect profile that names an API comes before hxp's local server: with another
+    # state directory (no local server there) the runs still land on this server.
+    profiles = Path(user.env["HOME"]) / ".prefect" / "profiles.toml"
+    profiles.write_text(f'active = "ops"\n\n[profiles.ops]\nPREFECT_API_URL = "{url}"\n')
+    user.env["HXP_STATE_DIR"] = str(tmp_path / "other-state")
+    again = user.hxp("apply", "-f", str(stack))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"Prefect API: {url} (Prefect profile ops)" in again.stderr
+    assert not (tmp_path / "other-state" / "prefect" / "server.json").exists()
+    runs = _post(url, "flow_runs/filter", {"flow_runs": {"name": {"any_": ["deploy-t"]}}})
+    assert len(runs) == 2
+    assert user.hxp("down", "-f", str(stack)).returncode == 0
+    user.env["HXP_STATE_DIR"] = str(tmp_path / "state")  # for `hxp server stop`
+
 
 def test_a_command_that_needs_the_server_starts_it_once_and_says_so(
     user: User, tmp_path: Path
