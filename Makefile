@@ -32,9 +32,9 @@ demo: $(STAMP)
 	$(DEMO_ENV) $(BIN)/hxp status -f $(DEMO)
 	$(BIN)/hxp render -f $(DEMO) --target monitoring --out out/demo/monitoring
 	$(DEMO_ENV) $(BIN)/hxp monitoring -f $(DEMO)
-	@$(DEMO_ENV) $(BIN)/hxp server status
-	@echo "Gateway: model chat on http://127.0.0.1:18090/v1 (hxp-vllm-sim, a development double), api on http://127.0.0.1:18091/"
-	@echo "Demo running. Open the Prefect UI, Prometheus and Alertmanager above; stop everything with: make demo-down"
+	@echo
+	@echo "Demo running (stop everything with: make demo-down):"
+	@$(DEMO_ENV) $(BIN)/hxp urls -f $(DEMO)
 
 demo-down: $(STAMP)
 	$(DEMO_ENV) $(BIN)/hxp monitoring -f $(DEMO) --down

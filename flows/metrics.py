@@ -91,8 +91,7 @@ def aggregate_metrics(
     pushed = False
     if url is not None:
         try:
-            push_metrics(url, state, stack.stack, "aggregate-metrics")
-            pushed = True
+            pushed = push_metrics(url, state, stack.stack, "aggregate-metrics")
         except Exception as exc:  # a monitoring outage must not fail the aggregation
             logger.warning("push to %s failed: %s", url, exc)
     fleet = result.figures[-1]

@@ -149,7 +149,19 @@ def parse_document(text: str | bytes, source: str) -> Document:
             ) from None
     if len(text) > MAX_FILE_BYTES:
         raise StackFileError([Issue("document too large", location=Location(source))])
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML forbids: binary, not text
+        where = Location(source, text.count("\n", 0, exc.position) + 1)
+        raise StackFileError(
+            [
+                Issue(
+                    f"not a text file: control character {exc.character:#04x} "
+                    f"(binary data?) at character {exc.position}",
+                    location=where,
+                )
+            ]
+        ) from None
     try:
         node = loader.get_single_node()
         if node is None:

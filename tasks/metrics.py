@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import time
 from typing import Literal
+from urllib.error import URLError
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from hxp.io.scrape import scrape
@@ -77,9 +78,23 @@ def aggregate_scrapes(
 
 
 @task(name="push-metrics", task_run_name="push-{stack}-{flow}", cache_policy=NO_CACHE)
-def push_metrics(url: str, state_dir: str, stack: str, flow: str) -> None:
-    """PUT the stack's series of one flow group to the Pushgateway (job=hxp, stack, flow)."""
-    push_group(url, state_dir, stack, flow)
+def push_metrics(url: str, state_dir: str, stack: str, flow: str) -> bool:
+    """PUT the stack's series of one flow group to the Pushgateway (job=hxp, stack, flow).
+
+    Nothing listening there is a warning, not a failed task: the stack's first deploy runs
+    before `hxp monitoring` has started its Pushgateway. True when pushed; any other error
+    (a Pushgateway that answers with an error, a timeout) fails the task as before.
+    """
+    try:
+        push_group(url, state_dir, stack, flow)
+    except URLError as exc:
+        if not isinstance(exc.reason, ConnectionRefusedError):
+            raise
+        get_run_logger().warning(
+            "no Pushgateway listens on %s (not deployed yet?): %s series not pushed", url, flow
+        )
+        return False
+    return True
 
 
 __all__ = [

@@ -1,12 +1,15 @@
-"""A local Prefect server on SQLite that hxp starts on demand (the embedded default).
+"""The one Prefect server hxp's flow runs go to, and the local one hxp starts on demand.
 
-Without PREFECT_API_URL every Python process would spawn its own ephemeral server, which is
-slow, loses task history and prints tracebacks at exit (see docs/prefect.md). So `hxp apply`
-and `make demo` share one `prefect server start` under the state directory instead.
+Without an API every Python process would spawn its own temporary server, which is slow,
+loses task history, prints tracebacks at exit and holds runs no UI ever shows (see
+docs/prefect.md). So every hxp command that runs a flow uses `$PREFECT_API_URL`, else the
+active Prefect profile's API, else the `prefect server start` (on SQLite) that hxp keeps
+under the state directory: `hxp server start`, or the first command that needs it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -14,6 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +67,29 @@ def server_status(state_dir: Path) -> dict[str, Any] | None:
     return record
 
 
+@contextmanager
+def _starting(home: Path) -> Iterator[None]:
+    """One starter at a time per state directory (two commands at once share one server)."""
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / "server.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def start_server(state_dir: Path, port: int | None = None) -> dict[str, Any]:
     """Start (or reuse) the local server; returns {url, ui, pid, ...}."""
-    running = server_status(state_dir)
-    if running is not None and _healthy(running["url"]):
-        return running
     home = state_dir / "prefect"
-    home.mkdir(parents=True, exist_ok=True)
+    with _starting(home):
+        running = server_status(state_dir)
+        if running is not None and _healthy(running["url"]):
+            return running
+        return _start(home, port)
+
+
+def _start(home: Path, port: int | None) -> dict[str, Any]:
     port = port or _free_port()
     env = {**os.environ, **SERVER_SETTINGS, "PREFECT_HOME": str(home)}
     env.pop("PREFECT_API_URL", None)
@@ -90,7 +112,7 @@ def start_server(state_dir: Path, port: int | None = None) -> dict[str, Any]:
         "log": str(home / "server.log"),
         "started_at": time.time(),
     }
-    _record_path(state_dir).write_text(json.dumps(record))
+    _record_path(home.parent).write_text(json.dumps(record))
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -121,15 +143,57 @@ def stop_server(state_dir: Path, grace: float = 15.0) -> bool:
     return True
 
 
-def ensure_api(state_dir: Path) -> str:
-    """PREFECT_API_URL if set, else the local server (started if needed); sets the variable."""
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
-    from prefect.settings import PREFECT_API_URL  # a profile or temporary settings may set it
+@dataclass(frozen=True)
+class PrefectApi:
+    """The API this process's flow runs go to, and where that choice came from."""
 
-    configured = PREFECT_API_URL.value()
+    url: str
+    source: str  # "PREFECT_API_URL", "Prefect profile <name>" or "local server"
+    started: dict[str, Any] | None = None  # the local server's record when this call started it
+
+
+def ensure_api(state_dir: Path) -> PrefectApi:
+    """Point this process at `$PREFECT_API_URL`, else the active profile's API, else the
+    local server of `state_dir` (started here when none runs). Never a temporary server.
+
+    Prefect reads its settings once, when it is first imported: a variable set after that
+    changes nothing, and every flow run then went to a temporary server of its own. So the
+    local server's URL goes into the environment (for child processes) and Prefect's global
+    settings are read again.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.context import SettingsContext, refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    configured = get_current_settings().api.url
     if configured:
-        return str(configured)
-    url: str = start_server(state_dir)["url"]
+        if os.environ.get("PREFECT_API_URL"):
+            source = "PREFECT_API_URL"
+        else:
+            context = SettingsContext.get()
+            profile = context.profile.name if context is not None else "?"
+            source = f"Prefect profile {profile}"
+        return PrefectApi(str(configured), source)
+    running = server_status(state_dir)
+    started = None
+    if running is None or not _healthy(running["url"]):
+        running = started = start_server(state_dir)
+    url: str = running["url"]
     os.environ["PREFECT_API_URL"] = url
-    return url
+    refresh_global_settings_context()
+    if get_current_settings().api.url != url:  # a settings context of the caller's wins
+        raise HxpError(f"could not point Prefect at the local server {url}")
+    return PrefectApi(url, "local server", started)
+
+
+def ui_url(state_dir: Path) -> str | None:
+    """The UI of the server `ensure_api` would use now, without starting one (None when
+    that is the local server and it does not run)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return str(settings.ui_url) if settings.ui_url else None
+    running = server_status(state_dir)
+    return str(running["ui"]) if running is not None else None

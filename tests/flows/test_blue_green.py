@@ -516,7 +516,7 @@ class NvmlWithoutDriver:
 
 real = tasks.gpus.NvmlProbe
 tasks.gpus.NvmlProbe = lambda: real(NvmlWithoutDriver())
-from hxp.cli import main
+from hxp_cli import main
 
 sys.exit(main(sys.argv[1:]))
 """

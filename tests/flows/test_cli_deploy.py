@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from hxp.backends.process import ProcessBackend
-from hxp.cli import main
 from hxp.store import Store
+from hxp_cli import main
 from tests.support.stacks import web_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

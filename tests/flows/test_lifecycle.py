@@ -629,7 +629,7 @@ CONFIGURED = (
 
 def test_a_config_file_change_is_reloaded_without_a_restart(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from flows.lifecycle import reload_stack
-    from hxp.cli import main
+    from hxp_cli import main
 
     port, conf = free_port(), tmp_path / "etc" / "web.conf"
     path = tmp_path / "web.yaml"

@@ -210,8 +210,8 @@ def test_many_endpoints_run_concurrently_within_the_bound(silent: int) -> None:
 def test_hxp_health_needs_no_prefect(tmp_path: Path) -> None:
     """`hxp health` runs the sweep without importing Prefect (it answers in well under 1 s)."""
     code = (
-        "import sys, hxp.cli\n"
-        f"rc = hxp.cli.main(['health', '-f', 'examples/demo/stack.yaml', '--state-dir', "
+        "import sys, hxp_cli\n"
+        f"rc = hxp_cli.main(['health', '-f', 'examples/demo/stack.yaml', '--state-dir', "
         f"{str(tmp_path)!r}, '--json'])\n"
         "sys.exit(10 + rc if 'prefect' in sys.modules else rc)\n"
     )

@@ -129,7 +129,7 @@ def test_processes_dependencies_flapping_and_transitions(web: Any) -> None:
 
 
 def test_cli_exit_codes_table_and_json(web: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from hxp.cli import main
+    from hxp_cli import main
 
     path, _, state, backend = web
     args = ["health", "-f", str(path), "--state-dir", str(state)]

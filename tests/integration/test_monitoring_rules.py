@@ -200,7 +200,7 @@ def test_simulator_lint_source_matches_its_served_metrics(tmp_path: Path) -> Non
 def test_hxp_render_monitoring_runs_the_validators(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hxp.cli import main
+    from hxp_cli import main
 
     root = Path(__file__).parents[2]
     code = main(

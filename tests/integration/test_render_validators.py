@@ -220,7 +220,7 @@ def test_cli_render_verifies_the_demo(target: str, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "hxp.cli",
+            "hxp_cli",
             "render",
             "-f",
             "examples/demo/stack.yaml",

@@ -131,7 +131,7 @@ def pushgateway(tmp: Path) -> Iterator[str]:
 @contextmanager
 def exporter(state: Path) -> Iterator[str]:
     port = free_port()
-    argv = [sys.executable, "-m", "hxp.cli", "exporter", "--port", str(port), "--state-dir",
+    argv = [sys.executable, "-m", "hxp_cli", "exporter", "--port", str(port), "--state-dir",
             str(state)]  # fmt: skip
     with _process(argv, f"http://127.0.0.1:{port}/metrics", state.parent / "exporter.log"):
         yield f"127.0.0.1:{port}"

@@ -24,7 +24,7 @@ def hxp_process(
         "PREFECT_API_URL": str(PREFECT_API_URL.value()),
         "HXP_STATE_DIR": str(state),
     }
-    program = ["-c", code] if code is not None else ["-m", "hxp.cli"]
+    program = ["-c", code] if code is not None else ["-m", "hxp_cli"]
     return subprocess.Popen(
         [sys.executable, *program, *args],
         env=environ,

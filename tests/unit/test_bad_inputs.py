@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hxp.cli import main
+from hxp_cli import main
 
 BAD_DIR = Path(__file__).resolve().parents[1] / "data" / "bad"
 BAD_FILES = sorted(BAD_DIR.glob("[0-9][0-9]-*.yaml"))
@@ -110,7 +110,7 @@ def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_real_entry_point_exits_2_without_traceback() -> None:
     path = BAD_DIR / "18-cycle-three.yaml"
     proc = subprocess.run(
-        [sys.executable, "-m", "hxp.cli", "validate", "-f", str(path)],
+        [sys.executable, "-m", "hxp_cli", "validate", "-f", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -130,3 +130,24 @@ def test_debug_shows_the_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 2
     assert "Traceback" in err
     assert "services.cache.health.interval" in err
+
+
+def test_binary_file_exits_2_from_the_installed_script(tmp_path: Path) -> None:
+    """A file with NUL bytes (here a stack file saved as UTF-16, which is also valid UTF-8)
+    is bad input like any other: exit 2, the file named, no traceback."""
+    path = tmp_path / "utf16-stack.yaml"
+    path.write_bytes("stack: demo\nhosts: {local: {backend: process}}\n".encode("utf-16-le"))
+    script = Path(sys.executable).parent / "hxp"
+    proc = subprocess.run(
+        [str(script), "validate", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=_clean_environ(),
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {path}:1 "), proc.stderr
+    assert "not a text file" in proc.stderr
+    assert "internal error" not in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr

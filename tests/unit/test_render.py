@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 import yaml
 
-from hxp.cli import main
 from hxp.errors import InputError, OutputCheckError, StackValidationError, TemplateError
 from hxp.render import (
     RenderedFile,
@@ -35,6 +34,7 @@ from hxp.render import (
 )
 from hxp.spec import Stack
 from hxp.units import UnitInstance, expand_units
+from hxp_cli import main
 from tests.support.render_data import (
     HOSTILE_PROGRAM,
     HOSTILE_STACK,

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from hxp.cli import main
 from hxp.errors import InputError
 from hxp.resources import (
     GIB,
@@ -29,6 +28,7 @@ from hxp.resources import (
     valid_tensor_parallel_sizes,
     weight_bytes,
 )
+from hxp_cli import main
 from tests.support.model_configs import LLAMA_31_8B
 from tests.support.vllm_log_cases import load_cases, score, to_request
 

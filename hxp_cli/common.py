@@ -1,0 +1,112 @@
+"""What every command group shares: stack and state arguments, loading, the Prefect API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_FILE = "stack.yaml"
+
+
+def add_stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        metavar="FILE",
+        help="stack file; repeat for overlays, a later file wins "
+        f"(default: $HXP_STACK_FILE or ./{DEFAULT_FILE})",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override one value after files and HXP__ variables, e.g. services.cache.replicas=2",
+    )
+
+
+def add_state_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="store and process state (default $HXP_STATE_DIR or ~/.local/state/hxp)",
+    )
+
+
+def files(args: argparse.Namespace) -> list[str]:
+    if args.files:
+        return list(args.files)
+    env = os.environ.get("HXP_STACK_FILE")
+    if env:
+        return env.split(os.pathsep)
+    return [DEFAULT_FILE]
+
+
+def load(args: argparse.Namespace) -> Any:
+    """The effective configuration of the command's stack files (notices on stderr)."""
+    from hxp.config import load_config
+
+    effective = load_config(files(args), os.environ, args.overrides)
+    for notice in effective.notices:
+        print(f"notice: {notice}", file=sys.stderr)
+    return effective
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    from hxp.store import default_state_dir
+
+    return Path(args.state_dir) if getattr(args, "state_dir", None) else default_state_dir()
+
+
+def quiet_prefect_tracebacks(debug: bool) -> None:
+    """Prefect logs a flow's exception with its traceback; operators get the message only."""
+    import logging
+
+    class _NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.exc_info = None
+            record.exc_text = None
+            return True
+
+    if debug:
+        return
+    loggers = [logging.getLogger()] + [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, _NoTraceback) for f in handler.filters):
+                handler.addFilter(_NoTraceback())
+
+
+def use_prefect(args: argparse.Namespace) -> str:
+    """Point this process at the one Prefect server its flow runs belong on (never a temporary
+    one: hxp.io.prefect_server.ensure_api) and set up Prefect's logging; the API URL."""
+    from hxp.io.prefect_server import ensure_api
+
+    api = ensure_api(state_dir(args))
+    if api.started is not None:
+        print(
+            f"Started the local Prefect server: {api.started['ui']} "
+            f"(log {api.started['log']}; stop it with: hxp server stop)",
+            file=sys.stderr,
+        )
+    print(f"Prefect API: {api.url} ({api.source})", file=sys.stderr)
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    # A CLI run is watched by its operator and its store closes interrupted deploys: the flow
+    # heartbeat (about 1 s per run, PREFECT.md) buys nothing here. Workers keep it.
+    temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}).__enter__()
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # configure now, so the filter below lands on the handlers in use
+    quiet_prefect_tracebacks(args.debug)
+    return api.url
