@@ -5,7 +5,6 @@ version back and the run ends failed with a summary naming the unit, the check a
 
 from __future__ import annotations
 
-import getpass
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -16,12 +15,12 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.records import RecordKeeper, close_interrupted, deploy_record
 from flows.scheduling import run_ready_set
 from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config, load_config
 from hxp.errors import DeployError, HxpError, InputError
 from hxp.graph import DependencyGraph
 from hxp.io.lock import stack_lock
-from hxp.io.telemetry import pushgateway_url, record_deploy
 from hxp.plan import Action, ActionKind, Plan, plan_stack
 from hxp.spec import Stack
 from hxp.store import Store
@@ -41,21 +40,9 @@ from tasks.deploy import (
     sync_gateway,
     verify_units,
 )
-from tasks.metrics import push_metrics
 from tasks.stack import load_stack
 
 MAX_PARALLEL_UNITS = 8
-
-
-def _publish(store: Store, stack: Stack, deploy_id: int, state: str) -> None:
-    """Count a finished deploy in the shared registry; push the stack's deploy series."""
-    record_deploy(store, stack.stack, deploy_id)
-    url = pushgateway_url(stack)
-    if url is not None:
-        try:
-            push_metrics(url, state, stack.stack, "deploy")
-        except Exception as exc:  # a monitoring outage must not fail a deploy
-            get_run_logger().warning("push to %s failed: %s", url, exc)
 
 
 def _run_name() -> str:
@@ -78,16 +65,12 @@ def _finish_interrupted(store: Store, stack: Stack, state: str) -> list[str]:
     version never becomes the "previous" one a later rollback would restore.
     """
     lines: list[str] = []
-    previous_snapshot = store.latest_snapshot(stack.stack)
-    previous = previous_snapshot.restore() if previous_snapshot else None
+    previous = _latest_stack(store, stack.stack)
     for record in store.unfinished_deploys(stack.stack):
         done = _roll_back_record(
             store, stack, state, record.id, record.config_hash, previous, "interrupted"
         )
-        store.finish_deploy(
-            record.id, "interrupted", {"reason": "the orchestrator stopped", "rollback": done}
-        )
-        record_deploy(store, stack.stack, record.id)
+        close_interrupted(store, stack, record.id, done)
         lines.extend(f"deploy #{record.id} (interrupted): {line}" for line in done)
     return lines
 
@@ -135,6 +118,12 @@ def _roll_back_record(
     return rollback_deploy(ctx, outcomes, previous) if outcomes else []
 
 
+def _latest_stack(store: Store, stack: str) -> Stack | None:
+    """The stack as its last succeeded deploy left it (None before the first)."""
+    snapshot = store.latest_snapshot(stack)
+    return snapshot.restore() if snapshot else None
+
+
 def _snapshot_stack(store: Store, config_hash: str | None) -> Stack | None:
     """The stack a deploy applied, from its snapshot (None when there is none, or it no longer
     reads)."""
@@ -145,37 +134,32 @@ def _snapshot_stack(store: Store, config_hash: str | None) -> Stack | None:
         return None
 
 
-def _fail_unexpected(
-    store: Store,
-    stack: Stack,
-    state: str,
-    deploy_id: int,
-    config_hash: str,
-    previous: Stack | None,
-    exc: Exception,
-) -> None:
-    """An error no step expected, after the deploy record was begun: roll back what the run
-    changed and left unverified (what the next apply would do for an interrupted run) and
-    close the record `failed` with the error, instead of leaving it `running`. A record the
-    run already closed (a unit's failure closes it before raising) is left as it is."""
-    if not any(r.id == deploy_id for r in store.unfinished_deploys(stack.stack)):
-        return
+def _fail_unexpected(record: RecordKeeper, previous: Stack | None, exc: BaseException) -> None:
+    """An error no step expected, after the deploy record was begun (and left open: a unit's
+    failure closes it before raising): roll back what the run changed and left unverified
+    (what the next apply would do for an interrupted run) and close the record `failed` with
+    the error, instead of leaving it `running`."""
     error = f"{type(exc).__name__}: {exc}"
     logger = get_run_logger()
-    logger.error("deploy #%d: unexpected error: %s; rolling back what it changed", deploy_id, error)
+    logger.error("deploy #%d: unexpected error: %s; rolling back what it changed", record.id, error)
     try:
         rollback = _roll_back_record(
-            store, stack, state, deploy_id, config_hash, previous, f"unexpected error: {error}"
+            record.store,
+            record.stack,
+            record.state_dir,
+            record.id,
+            record.config_hash,
+            previous,
+            f"unexpected error: {error}",
         )
     except Exception as again:  # the record must still close; say what was not undone
         rollback = [f"rollback failed: {type(again).__name__}: {again}"]
     for line in rollback:
-        logger.warning("deploy #%d: %s", deploy_id, line)
-    store.finish_deploy(
-        deploy_id, "failed", {"reason": error, "unexpected": True, "rollback": rollback}
+        logger.warning("deploy #%d: %s", record.id, line)
+    record.fail(
+        {"reason": error, "unexpected": True, "rollback": rollback},
+        event=f"unexpected error: {error}",
     )
-    store.add_event(stack.stack, "deploy-failed", f"unexpected error: {error}", None, deploy_id)
-    _publish(store, stack, deploy_id, state)
 
 
 def _revision_of(ctx: DeployContext, unit: str) -> int | None:
@@ -233,39 +217,20 @@ def rollback_deploy(
     return lines
 
 
-def _refuse(
-    store: Store, stack: Stack, state: str, deploy_id: int, refused: dict[str, str]
-) -> None:
+def _refuse(record: RecordKeeper, refused: dict[str, str]) -> DeployError:
     """A blue-green replace that cannot fit is refused before anything changes: the record
-    closes `failed` with the reason, and the run fails with it (no rollback: nothing to undo)."""
+    closes `failed` with the reason; the error the run fails with (no rollback: nothing to
+    undo)."""
     unit, reason = next(iter(refused.items()))
     summary = "\n".join(
-        [f"deploy of stack {stack.stack!r} refused; nothing was changed:"]
+        [f"deploy of stack {record.stack.stack!r} refused; nothing was changed:"]
         + [f"  {why}" for why in refused.values()]
     )
     get_run_logger().error("%s", summary)
-    record = {"failed_unit": unit, "reason": reason, "refused": refused, "rollback": []}
-    raise _closed_failed(
-        store, stack, state, deploy_id, record, summary, "refused before any change"
-    )
-
-
-def _closed_failed(
-    store: Store,
-    stack: Stack,
-    state: str,
-    deploy_id: int,
-    record: dict[str, Any],
-    summary: str,
-    what: str,
-) -> DeployError:
-    """Close a deploy record `failed`, publish it and its summary artifact; the error to raise."""
-    store.finish_deploy(deploy_id, "failed", record)
-    _publish(store, stack, deploy_id, state)
-    create_markdown_artifact(
-        key=f"deploy-{stack.stack}",
-        markdown=f"```\n{summary}\n```",
-        description=f"deploy #{deploy_id} {what}",
+    record.fail(
+        {"failed_unit": unit, "reason": reason, "refused": refused, "rollback": []},
+        summary=summary,
+        what="refused before any change",
     )
     return DeployError(summary)
 
@@ -308,7 +273,7 @@ def deploy_stack(
     effective = load_stack(files, list(overrides or []))
     if dispatch:
         return _dispatch(effective.stack, files, list(overrides or []), units, wait_for_lock)
-    return _deploy(effective, units, state_dir, wait_for_lock, "deploy")
+    return apply_config(effective, units, state_dir, wait_for_lock)
 
 
 def _host_deployment(pool: str) -> str:
@@ -434,13 +399,19 @@ def _dispatch(
     return {"stack": stack.stack, "status": "succeeded", "dispatched": parts}
 
 
-def _deploy(
+def apply_config(
     effective: EffectiveConfig,
-    units: list[str] | None,
-    state_dir: str | None,
-    wait_for_lock: bool,
-    kind: str,
+    units: list[str] | None = None,
+    state_dir: str | None = None,
+    wait_for_lock: bool = True,
+    kind: str = "deploy",
 ) -> dict[str, Any]:
+    """The deploy engine (called inside a flow run): under the stack's lock, roll back what an
+    interrupted run left, plan `effective` against what runs, and apply the plan under a new
+    deploy record of `kind` (`deploy`, `rollback`): in dependency order, gated, verified and
+    committed, or rolled back. Only `units` (their dependencies must already run) when given.
+    The run's summary: `stack`, `deploy_id`, `changed`, `status`, `units`, `plan`; a failure
+    raises DeployError with the summary (the record closed `failed`)."""
     logger = get_run_logger()
     stack = effective.stack
     only = set(units) if units else None
@@ -456,30 +427,26 @@ def _deploy(
             logger.warning(line)
         observed = observe_stack(stack, state)
         plan = plan_stack(stack, observed, effective.content_hash, only)
-        previous_snapshot = store.latest_snapshot(stack.stack)
-        previous = previous_snapshot.restore() if previous_snapshot else None
-        deploy_id = store.begin_deploy(
-            stack.stack, kind, effective.content_hash, plan.to_dict(), getpass.getuser(), run_id
-        )
-        try:
-            return _apply_plan(effective, store, state, plan, deploy_id, previous)
-        except Exception as exc:
-            _fail_unexpected(store, stack, state, deploy_id, effective.content_hash, previous, exc)
-            raise
+        previous = _latest_stack(store, stack.stack)
+
+        def unexpected(record: RecordKeeper, exc: BaseException) -> None:
+            _fail_unexpected(record, previous, exc)
+
+        with deploy_record(
+            store, stack, state, kind, effective.content_hash, plan.to_dict(), on_error=unexpected
+        ) as record:
+            return _apply_plan(effective, record, plan, previous)
 
 
 def _apply_plan(
-    effective: EffectiveConfig,
-    store: Store,
-    state: str,
-    plan: Plan,
-    deploy_id: int,
-    previous: Stack | None,
+    effective: EffectiveConfig, record: RecordKeeper, plan: Plan, previous: Stack | None
 ) -> dict[str, Any]:
     """Everything after the deploy record is begun (under the stack's lock): apply, gate,
     verify, commit, or roll back and fail with a summary."""
     logger = get_run_logger()
     stack = effective.stack
+    state = record.state_dir
+    deploy_id = record.id
     create_markdown_artifact(
         key=f"plan-{stack.stack}",
         markdown=f"# Plan for `{stack.stack}`\n\n```\n{plan.summary()}\n```",
@@ -488,8 +455,7 @@ def _apply_plan(
     for line in plan.summary().splitlines():
         logger.info(line)
     if not plan.changes:
-        store.finish_deploy(deploy_id, "succeeded", {"changes": False})
-        _publish(store, stack, deploy_id, state)
+        record.succeed({"changes": False})
         return {
             "stack": stack.stack,
             "deploy_id": deploy_id,
@@ -502,8 +468,8 @@ def _apply_plan(
     if any(a.kind is ActionKind.REPLACE for a in plan.actions):
         refused = replace_refusals(ctx, list(plan.actions))
         if refused:
-            _refuse(store, stack, state, deploy_id, refused)
-    store.save_snapshot(ConfigSnapshot.of(effective))
+            raise _refuse(record, refused)
+    record.save_snapshot(effective)
     if stack.gateway is not None:
         sync_gateway(ctx)  # nginx up, pointing at what runs now
     outcomes, failure = _apply_graph(ctx, plan)
@@ -515,18 +481,20 @@ def _apply_plan(
         logger.error("unit %s failed: %s; rolling back", failure.unit, failure.reason)
         rollback = rollback_deploy(ctx, [*outcomes, failure], previous)
         summary = _summary(stack.stack, failure, rollback)
-        record = {
-            "failed_unit": failure.unit,
-            "reason": failure.reason,
-            "check": failure.check,
-            "logs": failure.logs,
-            "rollback": rollback,
-            "seconds": round(failure.seconds, 3),
-            "units": {o.unit: round(o.seconds, 3) for o in outcomes},
-        }
-        raise _closed_failed(
-            store, stack, state, deploy_id, record, summary, "failed and was rolled back"
+        record.fail(
+            {
+                "failed_unit": failure.unit,
+                "reason": failure.reason,
+                "check": failure.check,
+                "logs": failure.logs,
+                "rollback": rollback,
+                "seconds": round(failure.seconds, 3),
+                "units": {o.unit: round(o.seconds, 3) for o in outcomes},
+            },
+            summary=summary,
+            what="failed and was rolled back",
         )
+        raise DeployError(summary)
     for action in plan.actions:
         if action.kind is ActionKind.REMOVE:
             remove_instance(ctx, action.instance, action.host)
@@ -543,8 +511,7 @@ def _apply_plan(
         }
         for o in outcomes
     }
-    store.finish_deploy(deploy_id, "succeeded", {"changes": True, "units": result})
-    _publish(store, stack, deploy_id, state)
+    record.succeed({"changes": True, "units": result})
     create_table_artifact(
         key=f"deploy-{stack.stack}",
         table=[
@@ -602,7 +569,7 @@ def deploy_service(
         stack = load_stack(files, extra).stack
         extra = [*release_overrides(stack, service, image, revision, version), *extra]
     effective = load_stack(files, extra)
-    return _deploy(effective, [service], state_dir, wait_for_lock, "deploy")
+    return apply_config(effective, [service], state_dir, wait_for_lock)
 
 
 def release_overrides(
@@ -686,7 +653,7 @@ def rollback(
     get_run_logger().info("rolling back %s", why)
     document = Document(f"snapshot {snapshot.content_hash[:12]}", snapshot.config)
     effective = build_config([document])
-    result = _deploy(effective, [unit] if unit else None, state, wait_for_lock, "rollback")
+    result = apply_config(effective, [unit] if unit else None, state, wait_for_lock, "rollback")
     return {**result, "rolled_back": why}
 
 

@@ -14,7 +14,6 @@ The runbooks they replace:
 
 from __future__ import annotations
 
-import getpass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,13 +23,16 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.deploy import apply_config
+from flows.monitoring import deploy_monitoring
+from flows.records import RecordKeeper, deploy_record
 from flows.scheduling import GraphRun, run_ready_set
-from hxp.config import ConfigSnapshot, EffectiveConfig, load_config, unit_config_hash
+from hxp.config import EffectiveConfig, load_config, unit_config_hash
 from hxp.errors import HxpError, LifecycleError, LockedError
 from hxp.graph import DependencyGraph
 from hxp.io import lifecycle as rec
 from hxp.io.lock import stack_lock
-from hxp.lifecycle import CrashPolicy, ReloadKind, RollingPolicy, plan_reload
+from hxp.lifecycle import CrashPolicy, ReloadKind, ReloadPlan, RollingPolicy, plan_reload
 from hxp.spec import Stack
 from hxp.store import Store
 from tasks.deploy import DeployContext, state_dir_of, sync_gateway
@@ -449,6 +451,78 @@ def _backup_applied_files(state: str, stack: str, files: list[str]) -> None:
         backup_file(state, stack, path, "stack file as applied by a config reload")
 
 
+def _reload_units(
+    store: Store, state: str, effective: EffectiveConfig, plan: ReloadPlan, policy: RollingPolicy
+) -> tuple[list[str], list[str]]:
+    """Under the stack's lock and a `reload` record: reload in place what can be, roll the
+    other changed units, reload the gateway; the units reloaded and those rolled. A failure
+    marks this run's revisions of the units not reloaded `rolled-back`, closes the record
+    `failed` and propagates."""
+    logger = get_run_logger()
+    stack = effective.stack
+    reloaded: list[str] = []
+    targets: dict[str, RollTarget] = {}
+    revisions: dict[str, int] = {}
+
+    def failed(record: RecordKeeper, exc: BaseException) -> None:
+        for unit, rev in revisions.items():
+            if unit not in reloaded:
+                record.revision_status(unit, rev, "rolled-back")
+        record.fail({"reason": str(exc), "reloaded": reloaded})
+
+    with deploy_record(
+        store,
+        stack,
+        state,
+        "reload",
+        effective.content_hash,
+        publish=False,
+        on_error=failed,
+        closes_on=BaseException,
+    ) as record:
+        record.save_snapshot(effective)
+        ctx = DeployContext(stack, state, record.id, effective.content_hash)
+        reconcile_stack(ctx)
+        for change in plan.units:
+            if change.kind not in (ReloadKind.RELOAD, ReloadKind.ROLL):
+                continue
+            want = unit_config_hash(stack, change.unit)
+            revisions[change.unit] = record.new_revision(
+                change.unit, want, stack.unit(change.unit).model_dump(mode="json")
+            )
+            target = RollTarget(want, revisions[change.unit])
+            if change.kind is ReloadKind.RELOAD:
+                try:
+                    done = reload_unit(ctx, change.unit, target)
+                except Exception as exc:
+                    rec.count_error(store, stack.stack, change.unit, exc)
+                    logger.warning("%s: reload failed (%s); rolling it instead", change.unit, exc)
+                    targets[change.unit] = target
+                    continue
+                if done.ok:
+                    reloaded.append(change.unit)
+                else:
+                    logger.warning("%s: %s; rolling it instead", change.unit, done.failed)
+                    targets[change.unit] = target
+            else:
+                targets[change.unit] = target
+        rolled: dict[str, Any] = {}
+        if targets:
+            rolled = _roll(ctx, sorted(targets), policy, None, targets)
+        if plan.gateway and stack.gateway is not None:
+            from hxp.io.backups import backup_file
+            from tasks.deploy import gateway_of
+
+            backup_file(state, stack.stack, gateway_of(ctx).conf, "gateway config reload")
+            sync_gateway(ctx)
+        if rolled and not rolled["ok"]:
+            raise LifecycleError(f"rolling update failed: {rolled['failed']}")
+        for unit in reloaded + [u for u in targets if not rolled or u not in rolled["failed"]]:
+            record.revision_status(unit, revisions[unit], "good")
+        record.succeed({"changes": True, "reloaded": reloaded, "rolled": sorted(targets)})
+    return reloaded, sorted(targets)
+
+
 @flow(
     name="reload-stack",
     flow_run_name=_run_name,
@@ -475,101 +549,42 @@ def reload_stack(
         max_fail: Rolling: replicas that may fail their gate before the roll stops.
         surge: Rolling: `auto` or `never` (see restart-stack).
     """
-    from flows.deploy import _deploy
-
     logger = get_run_logger()
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     effective = _load(files, overrides)
     stack = effective.stack
     state = state_dir_of(state_dir)
     store = Store(state)
-    snapshot = store.latest_snapshot(stack.stack)
-    if snapshot is None:
-        raise LifecycleError(f"stack {stack.stack!r} was never deployed: run `hxp apply` first")
-    plan = plan_reload(snapshot.restore(), stack)
-    for line in plan.summary().splitlines():
-        logger.info(line)
-    create_markdown_artifact(
-        key=f"reload-plan-{stack.stack}",
-        markdown=f"```\n{plan.summary()}\n```",
-        description="what the changed stack file needs",
-    )
-    result: dict[str, Any] = {"stack": stack.stack, "plan": plan.summary(), "changed": plan.changes}
-    if not plan.changes:
-        return {**result, "reloaded": [], "rolled": [], "deployed": False}
-    _backup_applied_files(state, stack.stack, files)
-    deploy_id = store.begin_deploy(
-        stack.stack, "reload", effective.content_hash, None, getpass.getuser(), str(flow_run.id)
-    )
-    store.save_snapshot(ConfigSnapshot.of(effective))
-    ctx = DeployContext(stack, state, deploy_id, effective.content_hash)
-    reloaded: list[str] = []
-    targets: dict[str, RollTarget] = {}
-    revisions: dict[str, int] = {}
-    try:
-        with stack_lock(state, stack.stack, _holder("reload"), on_wait=logger.info):
-            reconcile_stack(ctx)
-            for change in plan.units:
-                if change.kind not in (ReloadKind.RELOAD, ReloadKind.ROLL):
-                    continue
-                want = unit_config_hash(stack, change.unit)
-                revisions[change.unit] = store.record_revision(
-                    stack.stack,
-                    change.unit,
-                    want,
-                    effective.content_hash,
-                    deploy_id,
-                    stack.unit(change.unit).model_dump(mode="json"),
-                )
-                target = RollTarget(want, revisions[change.unit])
-                if change.kind is ReloadKind.RELOAD:
-                    try:
-                        done = reload_unit(ctx, change.unit, target)
-                    except Exception as exc:
-                        rec.count_error(store, stack.stack, change.unit, exc)
-                        logger.warning(
-                            "%s: reload failed (%s); rolling it instead", change.unit, exc
-                        )
-                        targets[change.unit] = target
-                        continue
-                    if done.ok:
-                        reloaded.append(change.unit)
-                    else:
-                        logger.warning("%s: %s; rolling it instead", change.unit, done.failed)
-                        targets[change.unit] = target
-                else:
-                    targets[change.unit] = target
-            rolled: dict[str, Any] = {}
-            if targets:
-                policy = RollingPolicy(max(1, max_unavailable), max(0, max_fail), surge)
-                rolled = _roll(ctx, sorted(targets), policy, None, targets)
-            if plan.gateway and stack.gateway is not None:
-                from hxp.io.backups import backup_file
-                from tasks.deploy import gateway_of
-
-                backup_file(state, stack.stack, gateway_of(ctx).conf, "gateway config reload")
-                sync_gateway(ctx)
-        if rolled and not rolled["ok"]:
-            raise LifecycleError(f"rolling update failed: {rolled['failed']}")
-        for unit in reloaded + [u for u in targets if not rolled or u not in rolled["failed"]]:
-            store.set_revision_status(stack.stack, unit, revisions[unit], "good")
-    except BaseException as exc:
-        for unit, rev in revisions.items():
-            if unit not in reloaded:
-                store.set_revision_status(stack.stack, unit, rev, "rolled-back")
-        store.finish_deploy(deploy_id, "failed", {"reason": str(exc), "reloaded": reloaded})
-        raise
-    store.finish_deploy(
-        deploy_id,
-        "succeeded",
-        {"changes": True, "reloaded": reloaded, "rolled": sorted(targets)},
-    )
+    policy = RollingPolicy(max(1, max_unavailable), max(0, max_fail), surge)
+    # Planned and recorded under the lock: a deploy that ran while this run waited for it
+    # changed what the plan starts from, and would have closed a record begun before the
+    # lock as an interrupted deploy.
+    with stack_lock(state, stack.stack, _holder("reload"), on_wait=logger.info):
+        snapshot = store.latest_snapshot(stack.stack)
+        if snapshot is None:
+            raise LifecycleError(f"stack {stack.stack!r} was never deployed: run `hxp apply` first")
+        plan = plan_reload(snapshot.restore(), stack)
+        for line in plan.summary().splitlines():
+            logger.info(line)
+        create_markdown_artifact(
+            key=f"reload-plan-{stack.stack}",
+            markdown=f"```\n{plan.summary()}\n```",
+            description="what the changed stack file needs",
+        )
+        result: dict[str, Any] = {
+            "stack": stack.stack,
+            "plan": plan.summary(),
+            "changed": plan.changes,
+        }
+        if not plan.changes:
+            return {**result, "reloaded": [], "rolled": [], "deployed": False}
+        _backup_applied_files(state, stack.stack, files)
+        reloaded, rolled = _reload_units(store, state, effective, plan, policy)
     deployed = any(c.kind is ReloadKind.DEPLOY for c in plan.units)
     if deployed:
-        _deploy(effective, None, state, True, "deploy")
+        apply_config(effective, state_dir=state)
     monitoring: dict[str, Any] | None = None
     if plan.monitoring and stack.monitoring is not None and stack.monitoring.prometheus:
-        from flows.monitoring import deploy_monitoring
         from hxp.io.backups import backup_file
 
         root = Path(state) / "monitoring" / stack.stack
@@ -579,7 +594,7 @@ def reload_stack(
     return {
         **result,
         "reloaded": reloaded,
-        "rolled": sorted(targets),
+        "rolled": rolled,
         "deployed": deployed,
         "monitoring": monitoring is not None,
     }

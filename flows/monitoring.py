@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.deploy import apply_config
 from hxp.config import Document, build_config, load_config
 from hxp.errors import HxpError
 from hxp.io.monitoring import find_binaries
@@ -60,8 +61,6 @@ def deploy_monitoring(
         verify_timeout: Seconds to wait for every target to be up and the rules loaded.
         wait_for_lock: Wait for another deploy of the monitoring units to finish.
     """
-    from flows.deploy import _deploy
-
     logger = get_run_logger()
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     stack = load_stack(files, list(overrides or [])).stack
@@ -74,7 +73,7 @@ def deploy_monitoring(
     units = monitoring_stack_data(stack, MonitoringPaths(str(root)), find_binaries())
     effective = build_config([Document(f"monitoring of stack {stack.stack}", units)])
     try:
-        deployed = _deploy(effective, None, state, wait_for_lock, "deploy")
+        deployed = apply_config(effective, state_dir=state, wait_for_lock=wait_for_lock)
     except BaseException:
         install.restore()
         raise

@@ -699,3 +699,45 @@ def test_a_config_file_change_is_reloaded_without_a_restart(tmp_path: Path, monk
         assert child_pid(state, "hot", "web") != pid
     finally:
         remove_all(state, "hot")
+
+
+def test_a_deploy_taking_the_lock_before_a_reload_leaves_the_reload_alone(  # type: ignore[no-untyped-def]
+    web, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reload asks for the stack's lock; before it gets it, a deploy of the stack (another
+    orchestrator process) takes the lock and runs to the end. That deploy must find no
+    `running` reload record to close as interrupted (the reload plans and begins its record
+    only once it holds the lock), and the reload still applies its change afterwards."""
+    from contextlib import contextmanager
+
+    import flows.lifecycle
+    from flows.lifecycle import reload_stack
+
+    path, ports, state = web
+    deploy([path], state)
+    v2 = tmp_path / "v2.yaml"
+    v2.write_text("services:\n  api:\n    env: {VERSION: '2'}\n")
+    real_lock = flows.lifecycle.stack_lock
+    gap: dict[str, Any] = {}
+
+    @contextmanager
+    def lock_after_a_deploy(state_dir: Any, stack: str, holder: str, **kw: Any):  # type: ignore[no-untyped-def]
+        if holder.startswith("reload") and not gap:
+            apply = hxp("apply", "-f", str(path), state=state)
+            gap["output"] = apply.communicate(timeout=180)[0]
+            gap["rc"] = apply.returncode
+            gap["history"] = [(d.kind, d.status) for d in Store(state).deploys("t")]
+        with real_lock(state_dir, stack, holder, **kw):
+            yield
+
+    monkeypatch.setattr(flows.lifecycle, "stack_lock", lock_after_a_deploy)
+    result = reload_stack(files(path, v2), state_dir=str(state))
+
+    assert gap["rc"] == 0, gap["output"]
+    # What the deploy in the gap saw and left: its own record and the first deploy's.
+    assert gap["history"] == [("deploy", "succeeded"), ("deploy", "succeeded")]
+    assert result["rolled"] == ["api"]
+    history = [(d.kind, d.status) for d in Store(state).deploys("t")]
+    assert history == [("reload", "succeeded"), ("deploy", "succeeded"), ("deploy", "succeeded")]
+    assert ProcessBackend(state).observe("t")["api"].running
+    assert serving(ports["api"])
