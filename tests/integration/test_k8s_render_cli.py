@@ -35,7 +35,7 @@ def _env() -> dict[str, str]:
 def _render(stack_file: Path, out: Path) -> subprocess.CompletedProcess[str]:
     argv = ["render", "-f", str(stack_file), "--target", "k8s", "--out", str(out)]
     return subprocess.run(
-        [sys.executable, "-m", "hxp.cli", *argv],
+        [sys.executable, "-m", "hxp_cli", *argv],
         cwd=REPO,
         env=_env(),
         capture_output=True,
