@@ -21,6 +21,7 @@ import yaml
 
 from hxp import __version__
 from hxp.errors import Issue, StackValidationError
+from hxp.metric_names import RUNNING
 from hxp.spec import (
     AlertmanagerSpec,
     ModelSpec,
@@ -51,7 +52,7 @@ Component = Literal["prometheus", "alertmanager", "pushgateway"]
 COMPONENTS: tuple[Component, ...] = ("prometheus", "alertmanager", "pushgateway")
 SELF_JOBS = {c: f"hxp-{c}" for c in COMPONENTS}
 # The metric every replica of a model serves from the first scrape on: absent means broken.
-MODEL_PRESENCE_METRIC = "vllm:num_requests_running"
+MODEL_PRESENCE_METRIC = RUNNING
 
 
 # --------------------------------------------------------------------------- scrape targets

@@ -60,3 +60,19 @@ def test_the_names_module_imports_nothing_of_the_project() -> None:
     }
     project = ("hxp", "tasks", "flows", "blocks")
     assert not {m for m in imported if m.split(".")[0] in project}, imported
+
+
+def test_every_fleet_name_the_aggregator_writes_is_in_the_table() -> None:
+    """A built-in fleet:* name written out in hxp/metrics.py must be one FLEET_SERIES lists
+    (else it would be published with the help text of a declared series)."""
+    tree = ast.parse((ROOT / "hxp" / "metrics.py").read_text())
+    written = {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith("fleet:")
+        and node.value != "fleet:"
+    }
+    assert len(written) >= 10
+    assert written <= set(metric_names.FLEET_SERIES), written - set(metric_names.FLEET_SERIES)
