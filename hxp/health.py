@@ -449,9 +449,8 @@ def backend_result(instance: str, seen: ObservedUnit | None, at: float) -> Layer
 
 
 # The only /metrics families the sweep reads (how each combines across label sets).
-SUCCESS = REQUEST_SUCCESS
 _HIGHEST = {KV_USAGE, KV_USAGE_V0}  # the others add up
-_FAMILIES = frozenset({WAITING, KV_USAGE, KV_USAGE_V0, SUCCESS})
+_FAMILIES = frozenset({WAITING, KV_USAGE, KV_USAGE_V0, REQUEST_SUCCESS})
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
