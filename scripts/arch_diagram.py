@@ -152,15 +152,24 @@ def imports(root: Path = ROOT) -> list[Import]:
     return out
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def private_imports(found: Iterable[Import]) -> list[Import]:
-    """Imports of another module's `_private` name (dunder names are not private)."""
-    return [
-        i
-        for i in found
-        if i.name is not None
-        and i.name.startswith("_")
-        and not (i.name.startswith("__") and i.name.endswith("__"))
-    ]
+    """Imports of another module's `_private` name, or of a `_private` module from outside
+    its package (dunder names are not private)."""
+    out = []
+    for i in found:
+        if i.name is not None:
+            if _private(i.name):
+                out.append(i)
+            continue
+        package, _, leaf = i.target.rpartition(".")
+        inside = i.source == package or i.source.startswith(package + ".")
+        if _private(leaf) and not inside:
+            out.append(i)
+    return out
 
 
 def cycles(found: Iterable[Import]) -> list[list[str]]:

@@ -26,7 +26,7 @@ TOP = {"hxp", "tasks", "flows", "blocks"}
 
 #: Which layers each layer may import at run time (docs/architecture.md, "What may import
 #: what"). A top-level package other than hxp, tasks, flows and blocks is a client (the CLI):
-#: it may import any layer, and no layer may import it.
+#: it may import any layer but the backends, and no layer may import it.
 ALLOWED: dict[str, set[str]] = {
     CORE: set(),
     "hxp.sim": {CORE},
@@ -126,7 +126,14 @@ def test_rules_catch_what_they_should(tmp_path: Path) -> None:
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.d import X\n"
     )
     (pkg / "d.py").write_text("from pkg.c import TYPE_CHECKING\nX = 1\n")
+    (pkg / "sub").mkdir()
+    (pkg / "sub" / "__init__.py").write_text("from pkg.sub import _impl\n")  # its own: fine
+    (pkg / "sub" / "_impl.py").write_text("")
+    (pkg / "e.py").write_text("from pkg.sub import _impl\n")
     found = graph.imports(tmp_path)
-    assert [(i.source, i.name) for i in graph.private_imports(found)] == [("pkg.a", "_hidden")]
+    assert sorted((i.source, i.target, i.name) for i in graph.private_imports(found)) == [
+        ("pkg.a", "pkg.b", "_hidden"),
+        ("pkg.e", "pkg.sub._impl", None),
+    ]
     assert graph.cycles(found) == [["pkg.a", "pkg.b"]]
     assert [i.function_level for i in found if i.source == "pkg.b"] == [True]
