@@ -149,6 +149,45 @@ def imports(root: Path = ROOT) -> list[Import]:
             for target, name in found:
                 if target != module:
                     out.append(Import(module, target, name, node.lineno, in_function, typing_only))
+        out.extend(_private_attributes(module, tree, known))
+    return out
+
+
+def _dotted(node: ast.expr) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
+def _private_attributes(module: str, tree: ast.Module, known: dict[str, Path]) -> list[Import]:
+    """`mod._name` where `mod` is a project module bound by an import (`import a.b as mod`,
+    `from a import b`): the same reach into another module's privates as `from a.b import
+    _name`, recorded as such (module-level, not typing-only)."""
+    bound: dict[str, str] = {}  # local name -> dotted module it stands for
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _project_module(alias.name, known) is not None:
+                    local = alias.asname or alias.name.split(".")[0]
+                    bound[local] = alias.name if alias.asname else local
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" in known:
+                    bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    out: list[Import] = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+            continue
+        chain = _dotted(node.value)
+        if chain is None or chain.split(".")[0] not in bound:
+            continue
+        head, _, rest = chain.partition(".")
+        target = bound[head] + (f".{rest}" if rest else "")
+        if target in known and target != module:
+            out.append(Import(module, target, node.attr, node.lineno, False, False))
     return out
 
 

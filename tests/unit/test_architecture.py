@@ -115,8 +115,9 @@ def test_the_committed_diagram_is_the_code_now() -> None:
 
 
 def test_rules_catch_what_they_should(tmp_path: Path) -> None:
-    """The graph reader on a made-up project: a private import, a cycle through a function-level
-    import, a TYPE_CHECKING-only import that closes no cycle."""
+    """The graph reader on a made-up project: private imports (a name, a private module, an
+    attribute of an imported module), a cycle through a function-level import, a
+    TYPE_CHECKING-only import that closes no cycle."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
@@ -130,10 +131,13 @@ def test_rules_catch_what_they_should(tmp_path: Path) -> None:
     (pkg / "sub" / "__init__.py").write_text("from pkg.sub import _impl\n")  # its own: fine
     (pkg / "sub" / "_impl.py").write_text("")
     (pkg / "e.py").write_text("from pkg.sub import _impl\n")
+    (pkg / "f.py").write_text("import pkg.b as bee\nfrom pkg import c\nbee._hidden, c._x\n")
     found = graph.imports(tmp_path)
     assert sorted((i.source, i.target, i.name) for i in graph.private_imports(found)) == [
         ("pkg.a", "pkg.b", "_hidden"),
         ("pkg.e", "pkg.sub._impl", None),
+        ("pkg.f", "pkg.b", "_hidden"),
+        ("pkg.f", "pkg.c", "_x"),
     ]
     assert graph.cycles(found) == [["pkg.a", "pkg.b"]]
     assert [i.function_level for i in found if i.source == "pkg.b"] == [True]
