@@ -2,7 +2,9 @@
 
 Three kinds: a fleet overview, one vLLM dashboard per model (current vLLM metric names), and
 the orchestrator's own metrics. Every query is data the query lint reads (hxp.querylint).
-Needs the `monitoring` extra (`pip install 'hxp-orchestration[monitoring]'`).
+Needs the `monitoring` extra (`pip install 'hxp-orchestration[monitoring]'`). The files
+(dashboard JSON, Grafana provisioning) are assembled by hxp.monitoring, which imports this
+module, never the other way round.
 """
 
 from __future__ import annotations
@@ -17,14 +19,6 @@ from grafana_foundation_sdk.builders import prometheus, stat, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos
 
-from hxp.monitoring import (
-    DASHBOARDS_DIR,
-    GRAFANA_DATASOURCE,
-    GRAFANA_PROVIDER,
-    MonitoringFile,
-    component_urls,
-    to_yaml,
-)
 from hxp.spec import Stack
 
 RATE = "$__rate_interval"
@@ -323,61 +317,6 @@ def build_dashboard(spec: DashboardSpec, datasource: str) -> dict[str, Any]:
     return doc
 
 
-def dashboard_files(stack: Stack, dashboards_path: str | None = None) -> list[MonitoringFile]:
-    """Dashboard JSON plus the datasource and dashboard-provider provisioning files."""
-    uid = datasource_uid(stack)
-    files = [
-        MonitoringFile(
-            f"{DASHBOARDS_DIR}/{spec.uid}.json",
-            json.dumps(build_dashboard(spec, uid), indent=2, sort_keys=True) + "\n",
-        )
-        for spec in dashboard_specs(stack)
-    ]
-    prom_url = component_urls(stack)["prometheus"]
-    datasource = {
-        "apiVersion": 1,
-        "datasources": [
-            {
-                "name": f"hxp {stack.stack}",
-                "uid": uid,
-                "type": "prometheus",
-                "access": "proxy",
-                "url": prom_url,
-                "isDefault": False,
-                "editable": False,
-                "jsonData": {"timeInterval": _scrape_interval(stack)},
-            }
-        ],
-    }
-    provider = {
-        "apiVersion": 1,
-        "providers": [
-            {
-                "name": f"hxp-{stack.stack}",
-                "folder": f"hxp {stack.stack}",
-                "type": "file",
-                "disableDeletion": False,
-                "allowUiUpdates": False,
-                "updateIntervalSeconds": 30,
-                "options": {
-                    "path": dashboards_path or f"/var/lib/grafana/dashboards/hxp-{stack.stack}"
-                },
-            }
-        ],
-    }
-    files.append(MonitoringFile(GRAFANA_DATASOURCE, to_yaml(datasource)))
-    files.append(MonitoringFile(GRAFANA_PROVIDER, to_yaml(provider)))
-    return files
-
-
-def _scrape_interval(stack: Stack) -> str:
-    from hxp.spec import format_duration
-
-    assert stack.monitoring is not None
-    assert stack.monitoring.prometheus is not None
-    return format_duration(stack.monitoring.prometheus.scrape_interval)
-
-
 def dashboard_queries(dashboards: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(where, expression) of every target of every panel of dashboard JSON models."""
     out: list[tuple[str, str]] = []
@@ -396,7 +335,6 @@ __all__ = [
     "PanelSpec",
     "Query",
     "build_dashboard",
-    "dashboard_files",
     "dashboard_queries",
     "dashboard_specs",
     "datasource_uid",

@@ -10,8 +10,10 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+from hxp import promtext
 from hxp.errors import InputError
 from hxp.graph import DependencyGraph
+from hxp.metric_names import KV_USAGE, KV_USAGE_V0, REQUEST_SUCCESS, WAITING
 from hxp.plan import ObservedUnit
 from hxp.spec import HealthSpec, ModelSpec, Stack
 from hxp.units import UnitInstance, expand_units, slot_instances
@@ -447,36 +449,19 @@ def backend_result(instance: str, seen: ObservedUnit | None, at: float) -> Layer
 
 
 # The only /metrics families the sweep reads (how each combines across label sets).
-WAITING = "vllm:num_requests_waiting"
-KV_USAGE = "vllm:kv_cache_usage_perc"
-KV_USAGE_V0 = "vllm:gpu_cache_usage_perc"  # vLLM before the V1 engine
-SUCCESS = "vllm:request_success_total"
 _HIGHEST = {KV_USAGE, KV_USAGE_V0}  # the others add up
-_FAMILIES = {WAITING, KV_USAGE, KV_USAGE_V0, SUCCESS}
+_FAMILIES = frozenset({WAITING, KV_USAGE, KV_USAGE_V0, REQUEST_SUCCESS})
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
     """The saturation and success families from a vLLM /metrics page, summed over label sets
-    (KV-cache usage: the highest). Other lines are skipped unparsed: a page is ~20 KB."""
-    values: dict[str, list[float]] = {}
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        brace = line.find("{")
-        space = line.find(" ")
-        if brace != -1 and (space == -1 or brace < space):
-            name, rest = line[:brace], line[line.rfind("}") + 1 :]
-        else:
-            name, rest = line[:space], line[space:]
-        if name not in _FAMILIES:
-            continue
-        try:
-            value = float(rest.split()[0])
-        except (IndexError, ValueError):
-            continue
-        if math.isfinite(value):
-            values.setdefault(name, []).append(value)
-    out = {n: max(v) if n in _HIGHEST else sum(v) for n, v in values.items()}
+    (KV-cache usage: the highest). Other families are skipped unparsed (hxp.promtext.select):
+    a page is ~20 KB. Lines that do not parse and values that are not finite are left out."""
+    out: dict[str, float] = {}
+    for name, values in promtext.sample_values(text, _FAMILIES).items():
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            out[name] = max(finite) if name in _HIGHEST else sum(finite)
     if KV_USAGE not in out and KV_USAGE_V0 in out:
         out[KV_USAGE] = out[KV_USAGE_V0]
     out.pop(KV_USAGE_V0, None)

@@ -3,7 +3,8 @@
 Pure: fetching happens in hxp.io.scrape, the previous scrape of every target is kept in the
 store, the aggregate-metrics flow publishes. Parsing dominates the cost of a scrape (a vLLM page
 is 20-40 KB, two dozen histogram families), so a page is cut down to the families we aggregate
-*before* prometheus-client's text parser sees it.
+*before* it is parsed (hxp.promtext, the project's one parser of the text format). The names
+read here (vLLM's families and renames, the published `fleet:*` series) are hxp.metric_names'.
 
 Semantics follow Prometheus so that the published `fleet:*` series read like the PromQL an
 operator would write:
@@ -26,146 +27,31 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from hxp import promtext
+from hxp.metric_names import (
+    CHANGED,
+    E2E,
+    GENERATION_TOKENS,
+    INTRODUCED_AS_RENAME,
+    ITL,
+    KV_USAGE,
+    PROCESS_START,
+    PROMPT_TOKENS,
+    REQUEST_SUCCESS,
+    RUNNING,
+    TTFT,
+    VLLM_FAMILIES,
+    VLLM_REFERENCE_VERSION,
+    WAITING,
+    aliases,
+    exposed_name,
+    version_key,
+)
+from hxp.metric_names import FLEET_SERIES as FLEET_SERIES  # re-exported: its old home
+from hxp.metric_names import VLLM_NAME_CHANGES as VLLM_NAME_CHANGES  # re-exported
+from hxp.metric_names import Kind as Kind  # re-exported
+from hxp.metric_names import NameChange as NameChange  # re-exported
 from hxp.spec import MetricsSpec, SeriesSpec, Stack
-
-# --------------------------------------------------------------------------------------------
-# vLLM metric names, by version
-# --------------------------------------------------------------------------------------------
-
-#: The reference the names below were checked against (the same as hxp.sim.vllm's table).
-VLLM_REFERENCE_VERSION = "0.33.0"
-
-Kind = Literal["counter", "gauge", "histogram"]
-
-#: Every family vLLM 0.33's PrometheusStatLogger creates without optional features, as exposed
-#: (counters with `_total`). From vllm/v1/metrics/loggers.py at 0.33.0; a unit test keeps it
-#: equal to the simulator's `VLLM_METRICS`.
-VLLM_FAMILIES: dict[str, Kind] = {
-    "vllm:num_requests_running": "gauge",
-    "vllm:num_requests_waiting": "gauge",
-    "vllm:num_requests_waiting_by_reason": "gauge",
-    "vllm:engine_sleep_state": "gauge",
-    "vllm:kv_cache_usage_perc": "gauge",
-    "vllm:prefix_cache_queries_total": "counter",
-    "vllm:prefix_cache_hits_total": "counter",
-    "vllm:external_prefix_cache_queries_total": "counter",
-    "vllm:external_prefix_cache_hits_total": "counter",
-    "vllm:mm_cache_queries_total": "counter",
-    "vllm:mm_cache_hits_total": "counter",
-    "vllm:num_preemptions_total": "counter",
-    "vllm:prompt_tokens_total": "counter",
-    "vllm:prompt_tokens_by_source_total": "counter",
-    "vllm:prompt_tokens_cached_total": "counter",
-    "vllm:prompt_tokens_cached_by_source_total": "counter",
-    "vllm:generation_tokens_total": "counter",
-    "vllm:request_success_total": "counter",
-    "vllm:admission_rejections_total": "counter",
-    "vllm:request_prompt_tokens": "histogram",
-    "vllm:request_generation_tokens": "histogram",
-    "vllm:iteration_tokens_total": "histogram",
-    "vllm:request_max_num_generation_tokens": "histogram",
-    "vllm:request_params_n": "histogram",
-    "vllm:request_params_max_tokens": "histogram",
-    "vllm:time_to_first_token_seconds": "histogram",
-    "vllm:inter_token_latency_seconds": "histogram",
-    "vllm:request_time_per_output_token_seconds": "histogram",
-    "vllm:e2e_request_latency_seconds": "histogram",
-    "vllm:request_queue_time_seconds": "histogram",
-    "vllm:request_inference_time_seconds": "histogram",
-    "vllm:request_prefill_time_seconds": "histogram",
-    "vllm:request_decode_time_seconds": "histogram",
-    "vllm:request_num_preemptions": "histogram",
-    "vllm:request_prefill_kv_computed_tokens": "histogram",
-}
-
-
-@dataclass(frozen=True)
-class NameChange:
-    """A vLLM metric that was renamed or dropped, and the releases where that happened.
-
-    `deprecated`: first release whose help text says DEPRECATED (still exposed);
-    `hidden`: first release that exposes it only with `--show-hidden-metrics-for-version`;
-    `gone`: first release known not to expose it at all.
-    """
-
-    old: str
-    new: str | None
-    gone: str
-    source: str
-    deprecated: str | None = None
-    hidden: str | None = None
-
-
-_LOGGERS_0_10 = "vllm/v1/metrics/loggers.py @005a810bc40f (0.10.x): 'Deprecated in 0.9 - Renamed'"
-_LOGGERS_0_11 = (
-    "vllm/v1/metrics/loggers.py, 0.11 series: 'Deprecated in 0.9.2 ... With 0.11.x you can "
-    "enable with --show-hidden-metrics-for-version=0.10 ... TODO: remove in 0.12.0'; absent "
-    "from the 0.12 series"
-)
-_ITL_SOURCE = (
-    "vllm/v1/metrics/loggers.py, 0.11 series: 'Deprecated in 0.11 - Renamed as "
-    "vllm:inter_token_latency_seconds'; 0.12 series: 'With 0.12.x you can enable with "
-    "--show-hidden-metrics-for-version=0.11 ... TODO: remove in 0.13.0'; absent at 0.33.0"
-)
-_V0_SOURCE = (
-    "docs/design/metrics.md 'Deprecated Metrics' (V0-engine only; V1 default since 0.8.0, "
-    "V0 removed in 0.11.0)"
-)
-
-#: Renamed and removed vLLM metric names (exposed names). Read from vLLM's own source; see
-#: docs/monitoring.md for the citations in full.
-VLLM_NAME_CHANGES: tuple[NameChange, ...] = (
-    NameChange("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc", "0.12.0",
-               f"{_LOGGERS_0_10}; {_LOGGERS_0_11}", deprecated="0.9.2", hidden="0.11.0"),
-    NameChange("vllm:gpu_prefix_cache_queries_total", "vllm:prefix_cache_queries_total",
-               "0.12.0", f"{_LOGGERS_0_10}; {_LOGGERS_0_11}", deprecated="0.9.2",
-               hidden="0.11.0"),
-    NameChange("vllm:gpu_prefix_cache_hits_total", "vllm:prefix_cache_hits_total", "0.12.0",
-               f"{_LOGGERS_0_10}; {_LOGGERS_0_11}", deprecated="0.9.2", hidden="0.11.0"),
-    NameChange("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds",
-               "0.13.0", _ITL_SOURCE, deprecated="0.11.0", hidden="0.12.0"),
-    NameChange("vllm:avg_prompt_throughput_toks_per_s", "vllm:prompt_tokens_total", "0.7.2",
-               "deprecated by vllm#2764, removed by vllm#12383 (vllm#13218: gone in 0.7.2)"),
-    NameChange("vllm:avg_generation_throughput_toks_per_s", "vllm:generation_tokens_total",
-               "0.7.2",
-               "deprecated by vllm#2764, removed by vllm#12383 (vllm#13218: gone in 0.7.2)"),
-    NameChange("vllm:gpu_prefix_cache_hit_rate", "vllm:prefix_cache_hits_total", "0.11.0",
-               _V0_SOURCE),
-    NameChange("vllm:cpu_prefix_cache_hit_rate", None, "0.11.0", _V0_SOURCE),
-    NameChange("vllm:num_requests_swapped", None, "0.11.0", _V0_SOURCE),
-    NameChange("vllm:cpu_cache_usage_perc", None, "0.11.0", _V0_SOURCE),
-    NameChange("vllm:time_in_queue_requests", "vllm:request_queue_time_seconds", "0.11.0",
-               _V0_SOURCE),
-    NameChange("vllm:tokens_total", None, "0.11.0", _V0_SOURCE),
-    NameChange("vllm:model_forward_time_milliseconds", None, "0.11.0", _V0_SOURCE),
-    NameChange("vllm:model_execute_time_milliseconds", None, "0.11.0", _V0_SOURCE),
-)  # fmt: skip
-
-_CHANGES = {c.old: c for c in VLLM_NAME_CHANGES}
-_INTRODUCED_AS_RENAME = {c.new: c for c in VLLM_NAME_CHANGES if c.new and c.deprecated}
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """`0.11.0` -> (0, 11, 0); suffixes (`rc1`, `+cu124`) are ignored."""
-    parts: list[int] = []
-    for piece in version.split(".")[:3]:
-        digits = re.match(r"\d+", piece)
-        if digits is None:
-            break
-        parts.append(int(digits.group()))
-    return tuple(parts + [0] * (3 - len(parts)))
-
-
-def exposed_name(name: str) -> str:
-    """A family as it appears on a page: `vllm:prompt_tokens` -> `vllm:prompt_tokens_total`."""
-    if name in VLLM_FAMILIES or name in _CHANGES:
-        return name
-    if f"{name}_total" in VLLM_FAMILIES or f"{name}_total" in _CHANGES:
-        return f"{name}_total"
-    return name
-
 
 Severity = Literal["error", "warning", "info"]
 
@@ -204,7 +90,7 @@ def check_metric_name(name: str, version: str) -> MetricIssue | None:
     """What is wrong with using vLLM family `name` against a server of `version`, if anything."""
     exposed = exposed_name(name)
     at = version_key(version)
-    change = _CHANGES.get(exposed)
+    change = CHANGED.get(exposed)
     if change is not None:
         instead = f"; use {change.new}" if change.new else " (no replacement)"
         if at >= version_key(change.gone):
@@ -227,7 +113,7 @@ def check_metric_name(name: str, version: str) -> MetricIssue | None:
                 f"removed in {change.gone}{instead}",
             )
         return None
-    renamed = _INTRODUCED_AS_RENAME.get(exposed)
+    renamed = INTRODUCED_AS_RENAME.get(exposed)
     if renamed is not None and renamed.deprecated and at < version_key(renamed.deprecated):
         return MetricIssue(
             "warning",
@@ -243,27 +129,11 @@ def check_metric_name(name: str, version: str) -> MetricIssue | None:
     return None
 
 
-def aliases(name: str) -> tuple[str, ...]:
-    """A family and the older names the same series had (read when the new one is absent)."""
-    return (name, *(c.old for c in VLLM_NAME_CHANGES if c.new == name and c.deprecated))
-
-
 # --------------------------------------------------------------------------------------------
 # pre-filter and parse
 # --------------------------------------------------------------------------------------------
 
 LabelKey = tuple[tuple[str, str], ...]
-
-PROCESS_START = "process_start_time_seconds"
-RUNNING = "vllm:num_requests_running"
-WAITING = "vllm:num_requests_waiting"
-KV_USAGE = "vllm:kv_cache_usage_perc"
-PROMPT_TOKENS = "vllm:prompt_tokens_total"
-GENERATION_TOKENS = "vllm:generation_tokens_total"
-REQUEST_SUCCESS = "vllm:request_success_total"
-TTFT = "vllm:time_to_first_token_seconds"
-ITL = "vllm:inter_token_latency_seconds"
-E2E = "vllm:e2e_request_latency_seconds"
 
 #: The families the built-in fleet series need (with their older names).
 BUILTIN_FAMILIES: tuple[str, ...] = (
@@ -290,42 +160,7 @@ def select_families(text: str, names: frozenset[str]) -> str:
 
     A page without HELP lines is cut by sample-name prefix instead (slower, still correct).
     """
-    if not text.startswith("# HELP ") and "\n# HELP " not in text:
-        return _select_lines(text, names)
-    out: list[str] = []
-    blocks = text.split("\n# HELP ")
-    first = blocks[0]
-    if first.startswith("# HELP "):
-        blocks[0] = first[7:]
-    else:
-        blocks = blocks[1:]
-    for block in blocks:
-        end = len(block)
-        for stop in (" ", "\n"):
-            at = block.find(stop, 0, end)
-            if at != -1:
-                end = at
-        if block[:end] in names:
-            out.append("# HELP ")
-            out.append(block if block.endswith("\n") else block + "\n")
-    return "".join(out)
-
-
-def _select_lines(text: str, names: frozenset[str]) -> str:
-    keep: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("# TYPE ") or line.startswith("# HELP "):
-            name = line.split(" ", 3)[2] if line.count(" ") >= 2 else ""
-        elif line and not line.startswith("#"):
-            name = re.split(r"[{\s]", line, maxsplit=1)[0]
-            for suffix in ("_bucket", "_count", "_sum"):
-                if name.endswith(suffix) and name[: -len(suffix)] in names:
-                    name = name[: -len(suffix)]
-        else:
-            continue
-        if name in names:
-            keep.append(line)
-    return "\n".join(keep) + ("\n" if keep else "")
+    return promtext.select(text, names)
 
 
 @dataclass(frozen=True)
@@ -360,50 +195,46 @@ class Page:
         return {k for key in series for k, _ in key}
 
 
-def _key(labels: Mapping[str, str], drop: str | None = None) -> LabelKey:
-    return tuple(sorted((k, v) for k, v in labels.items() if k != drop))
+def _key(labels: Iterable[tuple[str, str]], drop: str | None = None) -> LabelKey:
+    return tuple(sorted((k, v) for k, v in labels if k != drop))
 
 
 def parse_page(text: str, wanted: frozenset[str] | None = None) -> Page:
-    """Parse a page (pre-filtered to `wanted` when given) with prometheus-client's parser.
+    """Parse a page (pre-filtered to `wanted` when given) with hxp.promtext.
 
     Raises ValueError on text that is not the Prometheus exposition format.
     """
-    if wanted is not None:
-        text = select_families(text, wanted)
     page = Page()
-    buckets: dict[str, dict[LabelKey, list[tuple[float, float]]]] = {}
-    sums: dict[str, dict[LabelKey, float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.type == "counter":
-            name = f"{family.name}_total"
-            values = page.counters.setdefault(name, {})
+    for name, family in promtext.parse(text, wanted).items():
+        kind = family.type
+        if kind == "counter":
+            total = name if name.endswith("_total") else f"{name}_total"
+            values = page.counters.setdefault(total, {})
             for s in family.samples:
                 if s.name == name:
                     values[_key(s.labels)] = s.value
-        elif family.type in ("gauge", "untyped", "unknown"):
-            if family.name == PROCESS_START:
+        elif kind in ("gauge", "untyped", "unknown"):
+            if name == PROCESS_START:
                 page.started = family.samples[0].value if family.samples else None
                 continue
-            gauges = page.gauges.setdefault(family.name, {})
+            gauges = page.gauges.setdefault(name, {})
             for s in family.samples:
                 gauges[_key(s.labels)] = s.value
-        elif family.type == "histogram":
-            fb = buckets.setdefault(family.name, {})
-            fs = sums.setdefault(family.name, {})
+        elif kind == "histogram":
+            buckets: dict[LabelKey, list[tuple[float, float]]] = {}
+            sums: dict[LabelKey, float] = {}
             for s in family.samples:
                 if s.name.endswith("_bucket"):
-                    le = s.labels.get("le", "+Inf")
-                    fb.setdefault(_key(s.labels, "le"), []).append((float(le), s.value))
+                    le = next((v for k, v in s.labels if k == "le"), "+Inf")
+                    buckets.setdefault(_key(s.labels, "le"), []).append((float(le), s.value))
                 elif s.name.endswith("_sum"):
-                    fs[_key(s.labels)] = s.value
-    for name, series in buckets.items():
-        out = page.histograms.setdefault(name, {})
-        for key, pairs in series.items():
-            pairs.sort()
-            out[key] = Histogram(
-                tuple(b for b, _ in pairs), tuple(c for _, c in pairs), sums[name].get(key, 0.0)
-            )
+                    sums[_key(s.labels)] = s.value
+            out = page.histograms.setdefault(name, {})
+            for key, pairs in buckets.items():
+                pairs.sort()
+                out[key] = Histogram(
+                    tuple(b for b, _ in pairs), tuple(c for _, c in pairs), sums.get(key, 0.0)
+                )
     return page
 
 
@@ -589,29 +420,6 @@ class Scrape:
     page: Page | None = None
     error: str = ""
     error_class: Literal["transient", "permanent", ""] = ""
-
-
-#: Published series: name -> help. Every one carries `stack` and `model` (`model=""` is the
-#: whole fleet: an empty label is an absent one in PromQL).
-FLEET_SERIES: dict[str, str] = {
-    "fleet:request_rate": "Finished requests per second (every finish reason).",
-    "fleet:success_ratio": "Share of finished requests that ended with stop, length or "
-    "repetition (not abort or error).",
-    "fleet:prompt_tokens_per_second": "Prompt (prefill) tokens processed per second.",
-    "fleet:generation_tokens_per_second": "Generated tokens per second.",
-    "fleet:ttft_seconds": "Time to first token quantile over the window.",
-    "fleet:inter_token_latency_seconds": "Inter-token latency quantile over the window.",
-    "fleet:e2e_latency_seconds": "End-to-end request latency quantile over the window.",
-    "fleet:requests_waiting": "Requests waiting to be scheduled (queue depth), summed.",
-    "fleet:requests_running": "Requests in model execution batches, summed.",
-    "fleet:kv_cache_usage_mean": "KV-cache usage (0-1), mean over replicas.",
-    "fleet:kv_cache_usage_max": "KV-cache usage (0-1), the fullest replica.",
-    "fleet:targets": "Replica /metrics endpoints by state (up, down).",
-    "fleet:window_seconds": "Mean length of the rate window (time since the previous scrape).",
-    "fleet:cost_per_hour": "Token cost per hour at the configured price per million tokens.",
-    "fleet:label_tokens_per_second": "Tokens per second by the value of a declared label.",
-    "fleet:label_cost_per_hour": "Token cost per hour by the value of a declared label.",
-}
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import yaml
 
 from hxp import __version__
 from hxp.errors import Issue, StackValidationError
+from hxp.metric_names import RUNNING
 from hxp.spec import (
     AlertmanagerSpec,
     ModelSpec,
@@ -51,7 +52,7 @@ Component = Literal["prometheus", "alertmanager", "pushgateway"]
 COMPONENTS: tuple[Component, ...] = ("prometheus", "alertmanager", "pushgateway")
 SELF_JOBS = {c: f"hxp-{c}" for c in COMPONENTS}
 # The metric every replica of a model serves from the first scrape on: absent means broken.
-MODEL_PRESENCE_METRIC = "vllm:num_requests_running"
+MODEL_PRESENCE_METRIC = RUNNING
 
 
 # --------------------------------------------------------------------------- scrape targets
@@ -832,15 +833,10 @@ def all_alert_names(stack: Stack) -> list[str]:
     return sorted({a.name for a in alert_rules(stack)})
 
 
-def monitoring_files(
-    stack: Stack,
-    secrets_dir: str = "secrets",
-    inline_secrets: Mapping[str, str] | None = None,
-    dashboards_path: str | None = None,
-) -> list[MonitoringFile]:
-    """Everything `hxp render --target monitoring` writes and `deploy_monitoring` installs."""
+def dashboard_files(stack: Stack, dashboards_path: str | None = None) -> list[MonitoringFile]:
+    """Dashboard JSON (hxp.dashboards) plus the datasource and dashboard-provider files."""
     try:
-        from hxp.dashboards import dashboard_files
+        from hxp.dashboards import build_dashboard, dashboard_specs, datasource_uid
     except ImportError as exc:  # pragma: no cover - the extra is part of dev
         raise StackValidationError(
             [
@@ -851,6 +847,57 @@ def monitoring_files(
                 )
             ]
         ) from None
+    uid = datasource_uid(stack)
+    files = [
+        MonitoringFile(
+            f"{DASHBOARDS_DIR}/{spec.uid}.json",
+            json.dumps(build_dashboard(spec, uid), indent=2, sort_keys=True) + "\n",
+        )
+        for spec in dashboard_specs(stack)
+    ]
+    datasource = {
+        "apiVersion": 1,
+        "datasources": [
+            {
+                "name": f"hxp {stack.stack}",
+                "uid": uid,
+                "type": "prometheus",
+                "access": "proxy",
+                "url": component_urls(stack)["prometheus"],
+                "isDefault": False,
+                "editable": False,
+                "jsonData": {"timeInterval": format_duration(_prometheus(stack).scrape_interval)},
+            }
+        ],
+    }
+    provider = {
+        "apiVersion": 1,
+        "providers": [
+            {
+                "name": f"hxp-{stack.stack}",
+                "folder": f"hxp {stack.stack}",
+                "type": "file",
+                "disableDeletion": False,
+                "allowUiUpdates": False,
+                "updateIntervalSeconds": 30,
+                "options": {
+                    "path": dashboards_path or f"/var/lib/grafana/dashboards/hxp-{stack.stack}"
+                },
+            }
+        ],
+    }
+    files.append(MonitoringFile(GRAFANA_DATASOURCE, to_yaml(datasource)))
+    files.append(MonitoringFile(GRAFANA_PROVIDER, to_yaml(provider)))
+    return files
+
+
+def monitoring_files(
+    stack: Stack,
+    secrets_dir: str = "secrets",
+    inline_secrets: Mapping[str, str] | None = None,
+    dashboards_path: str | None = None,
+) -> list[MonitoringFile]:
+    """Everything `hxp render --target monitoring` writes and `deploy_monitoring` installs."""
     return [
         *config_files(stack, secrets_dir, inline_secrets),
         *dashboard_files(stack, dashboards_path),

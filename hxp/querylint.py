@@ -1,9 +1,11 @@
 """Query lint: every metric a rule or dashboard reads must be served by someone we know.
 
-The known series come from recorded `/metrics` expositions: the vLLM simulator's (generated
-from its own registry, so it cannot drift from what it serves), the `hxp` exporter's registry
-(hxp.io.telemetry), the fixtures under hxp/data/metrics (vLLM 0.11.0, dcgm-exporter), the
-series Prometheus makes itself (`up`, `ALERTS`, ...) and the stack's own recording rules.
+The known series come from hxp.metric_names, the one table of names: vLLM 0.33's families
+(the simulator builds its registry from the same table, and a test checks its rendered page
+against it) and the `hxp` exporter's (hxp.io.telemetry registers the same table's `hxp_*`
+families; the fleet series); from the recorded expositions under hxp/data/metrics (vLLM 0.11.0,
+dcgm-exporter); from the series Prometheus makes itself (`up`, `ALERTS`, ...) and from the
+stack's own recording rules.
 A name nobody exposes (a typo, `vllm:num_preemptions` without `_total`, a renamed family)
 fails the build with the place it was found.
 """
@@ -14,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from hxp import promtext
 from hxp.errors import PromQLSyntaxError
+from hxp.metric_names import SUFFIXES, exporter_series, vllm_series
 from hxp.promql import metric_names
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "metrics"
@@ -34,17 +36,6 @@ PROMETHEUS_SYNTHETIC = frozenset(
     }
 )
 
-_SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_count", "_sum", "_created"),
-    "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
-    "summary": ("", "_count", "_sum", "_created"),
-    "info": ("_info",),
-    "stateset": ("",),
-    "gauge": ("",),
-    "unknown": ("",),
-}
-
 
 @dataclass(frozen=True)
 class MetricSource:
@@ -57,34 +48,24 @@ class MetricSource:
 def exposition_series(text: str) -> set[str]:
     """Every series name a Prometheus text exposition serves or declares (by its TYPE)."""
     names: set[str] = set()
-    for family in text_string_to_metric_families(text):
-        names.update(f"{family.name}{s}" for s in _SUFFIXES.get(family.type, ("",)))
+    for name, family in promtext.parse(text).items():
+        base = name.removesuffix("_total") if family.type == "counter" else name
+        suffixes = SUFFIXES.get(family.type, ("",))
+        names.update(f"{base}{s}" for s in suffixes)
         names.update(sample.name for sample in family.samples)
     return names
 
 
 def simulator_source() -> MetricSource:
-    """The vLLM simulator's /metrics, rendered from the same registry it serves."""
-    from hxp.sim.vllm import SimMetrics
-
-    body, _ = SimMetrics("lint/model", 4096).render("text/plain")
-    return MetricSource("vLLM simulator /metrics", frozenset(exposition_series(body.decode())))
+    """What the vLLM simulator's /metrics serves: vLLM 0.33's families (hxp.metric_names.VLLM,
+    the table the simulator builds its registry from)."""
+    return MetricSource("vLLM simulator /metrics", vllm_series())
 
 
 def exporter_source() -> MetricSource:
     """`hxp exporter`'s families: every hxp_* one (with _total/_bucket/... suffixes) and the
     fleet:* gauges the aggregation flow publishes through it."""
-    from prometheus_client import generate_latest
-
-    from hxp.io.telemetry import REGISTRY
-
-    series = exposition_series(generate_latest(REGISTRY).decode())
-    try:
-        from hxp.metrics import FLEET_SERIES
-    except ImportError:  # pragma: no cover - the aggregation module is part of hxp
-        FLEET_SERIES = {}
-    series.update(FLEET_SERIES)
-    return MetricSource("hxp exporter /metrics", frozenset(series))
+    return MetricSource("hxp exporter /metrics", exporter_series())
 
 
 def fixture_sources(directory: Path = FIXTURES) -> list[MetricSource]:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from hxp.graph import find_cycle
+from hxp.metric_names import FLEET_SERIES, PUBLISHED_PREFIXES
 
 CURRENT_VERSION = 2
 
@@ -619,7 +620,7 @@ _SERIES_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 def _check_metric_name(value: str) -> str:
     if not _METRIC_NAME_RE.fullmatch(value):
         raise ValueError(f"invalid metric name {value!r}")
-    if value.startswith(("fleet:", "hxp_")):
+    if value.startswith(PUBLISHED_PREFIXES):
         raise ValueError(f"{value!r}: fleet: and hxp_ are what hxp publishes, not inputs")
     return value
 
@@ -683,8 +684,6 @@ class MetricsSpec(_Model):
     def _consistent(self) -> MetricsSpec:
         if len(set(self.per_label)) != len(self.per_label):
             raise ValueError(f"per_label lists a label twice: {self.per_label}")
-        from hxp.metrics import FLEET_SERIES
-
         clash = sorted(n for n in self.series if f"fleet:{n}" in FLEET_SERIES)
         if clash:
             raise ValueError(f"series {clash}: name taken by a built-in fleet series")

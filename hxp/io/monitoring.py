@@ -24,7 +24,7 @@ import httpx
 import yaml
 
 from hxp.errors import MonitoringError
-from hxp.io.validators import CheckResult
+from hxp.io.checks import CheckResult
 from hxp.monitoring import (
     ALERT_RULES,
     ALERTMANAGER_CONFIG,

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from hxp import promtext
 from hxp.health import (
     CommandProbe,
     HttpProbe,
@@ -38,6 +39,7 @@ from hxp.health import (
     synthetic_unanswered,
     tcp_result,
 )
+from hxp.metric_names import REQUEST_SUCCESS, RUNNING, WAITING
 from hxp.spec import HealthSpec, HostSpec, HttpCheck, TcpCheck
 from hxp.units import UnitInstance
 
@@ -194,13 +196,8 @@ async def probe_model_api(port: int, served_name: str, timeout: float) -> ProbeR
 
 def _running_requests(text: str) -> float:
     """vllm:num_requests_running + vllm:num_requests_waiting from a /metrics page."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
-            total += sum(sample.value for sample in family.samples)
-    return total
+    values = promtext.sample_values(text, (RUNNING, WAITING))
+    return sum(v for name in (RUNNING, WAITING) for v in values.get(name, ()))
 
 
 SERVICE_DRAIN_GRACE = 1.0
@@ -505,7 +502,7 @@ async def check_model(
     else:
         values = parse_vllm_metrics(metrics[1].decode("utf-8", "replace"))
         saturation = saturation_result(instance, values, settings, metrics[2], now)
-    total = values.get("vllm:request_success_total")
+    total = values.get(REQUEST_SUCCESS)
     if ready.status is not Status.HEALTHY:
         synthetic = LayerResult(
             instance, Layer.SYNTHETIC, Status.UNKNOWN, "skipped: the model is not ready", 0.0, now
@@ -528,7 +525,7 @@ async def check_model(
     done = await _get(f"{base}/v1/completions", timeout, limit, json.dumps(request).encode())
     now = time.time()
     if isinstance(done, _NoAnswer):
-        waiting = values.get("vllm:num_requests_waiting")
+        waiting = values.get(WAITING)
         synthetic = synthetic_unanswered(instance, done.why, done.timed_out, waiting, timeout, now)
     else:
         synthetic = synthetic_result(instance, done[0], done[1], done[2], timeout, settings, now)

@@ -26,77 +26,47 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
+from hxp import metric_names as names
 from hxp.spec import Stack
 from hxp.store import DeployRecord, Revision, Store
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-DEPLOYS = Counter(
-    "hxp_deploys",
-    "Deploy runs by outcome (succeeded, failed, interrupted, no-change).",
-    ["stack", "kind", "outcome"],
-    registry=REGISTRY,
+
+def _counter_of(family: names.Family) -> Counter:
+    return Counter(family.registered, family.help, list(family.labels), registry=REGISTRY)
+
+
+def _gauge_of(family: names.Family) -> Gauge:
+    return Gauge(family.name, family.help, list(family.labels), registry=REGISTRY)
+
+
+def _histogram_of(family: names.Family, buckets: Sequence[float]) -> Histogram:
+    return Histogram(
+        family.name, family.help, list(family.labels), buckets=buckets, registry=REGISTRY
+    )
+
+
+# The families and their help texts are hxp.metric_names.HXP's (the query lint reads the same
+# table); the bucket bounds are decided here.
+DEPLOYS = _counter_of(names.HXP_DEPLOYS)
+DEPLOY_SECONDS = _histogram_of(
+    names.HXP_DEPLOY_SECONDS, (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 )
-DEPLOY_SECONDS = Histogram(
-    "hxp_deploy_duration_seconds",
-    "Wall time of deploy runs.",
-    ["stack", "kind"],
-    buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
-    registry=REGISTRY,
+UNIT_DEPLOY_SECONDS = _histogram_of(
+    names.HXP_UNIT_DEPLOY_SECONDS, (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 )
-UNIT_DEPLOY_SECONDS = Histogram(
-    "hxp_unit_deploy_duration_seconds",
-    "Wall time of applying one unit (actions plus readiness gate).",
-    ["stack", "unit", "outcome"],
-    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
-    registry=REGISTRY,
+ROLLBACKS = _counter_of(names.HXP_ROLLBACKS)
+UNIT_HEALTH = _gauge_of(names.HXP_UNIT_HEALTH)
+LIFECYCLE_STATE = _gauge_of(names.HXP_LIFECYCLE_STATE)
+SWEEP_SECONDS = _histogram_of(names.HXP_SWEEP_SECONDS, (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+AGGREGATION_SECONDS = _histogram_of(
+    names.HXP_AGGREGATION_SECONDS, (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 )
-ROLLBACKS = Counter(
-    "hxp_rollbacks",
-    "Units rolled back, by the class of the failure that caused it.",
-    ["stack", "unit", "reason_class"],
-    registry=REGISTRY,
-)
-UNIT_HEALTH = Gauge(
-    "hxp_unit_health",
-    "Health of a unit per layer: 1 healthy, 0.5 degraded, 0 unhealthy, -1 unknown.",
-    ["stack", "unit", "layer"],
-    registry=REGISTRY,
-)
-LIFECYCLE_STATE = Gauge(
-    "hxp_unit_lifecycle_state",
-    "1 for the unit's current lifecycle state, 0 for the others.",
-    ["stack", "unit", "state"],
-    registry=REGISTRY,
-)
-SWEEP_SECONDS = Histogram(
-    "hxp_health_sweep_duration_seconds",
-    "Wall time of a health sweep.",
-    ["stack"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
-    registry=REGISTRY,
-)
-AGGREGATION_SECONDS = Histogram(
-    "hxp_metrics_aggregation_duration_seconds",
-    "Wall time of a metrics aggregation run.",
-    ["stack"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
-    registry=REGISTRY,
-)
-ERRORS = Counter(
-    "hxp_errors",
-    "Errors by class (transient, permanent, input) and where they happened.",
-    ["stack", "where", "error_class"],
-    registry=REGISTRY,
-)
+ERRORS = _counter_of(names.HXP_ERRORS)
 
 HEALTH_VALUE = {"healthy": 1.0, "degraded": 0.5, "unhealthy": 0.0, "unknown": -1.0}
-AGGREGATED_AT = Gauge(
-    "hxp_metrics_aggregation_timestamp_seconds",
-    "When the last metrics aggregation of the stack finished (Unix time): alert when it stops.",
-    ["stack"],
-    registry=REGISTRY,
-)
+AGGREGATED_AT = _gauge_of(names.HXP_AGGREGATED_AT)
 
 # ---------------------------------------------------------------------------------------------
 # Everything below derives the series from the store, so `hxp exporter` and the Pushgateway
@@ -362,8 +332,6 @@ class StoreCollector(Collector):
         yield family
 
     def _aggregations(self, store: Store, stacks: Sequence[str]) -> Iterator[Metric]:
-        from hxp.metrics import FLEET_SERIES
-
         now = time.time()
         name, doc, labels = _shape(AGGREGATION_SECONDS)
         durations = HistogramMetricFamily(name, doc, labels=list(labels))
@@ -383,9 +351,7 @@ class StoreCollector(Collector):
                 continue
             for sample_name, sample_labels, value in state["samples"]:
                 if sample_name not in fleet:
-                    help_text = FLEET_SERIES.get(
-                        sample_name, "A series declared in metrics.series."
-                    )
+                    help_text = names.FLEET_SERIES.get(sample_name, names.DECLARED_SERIES_HELP)
                     fleet[sample_name] = Metric(sample_name, help_text, "gauge")
                 fleet[sample_name].add_sample(sample_name, dict(sample_labels), float(value))
         yield durations

@@ -13,11 +13,11 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from hxp.io.checks import CheckResult as CheckResult  # re-exported: its old home
 from hxp.k8s_rules import KUBERNETES_VERSION as RULES_VERSION
 from hxp.k8s_rules import check_manifests
 from hxp.render import RenderedFile, Target, write_files
@@ -26,20 +26,6 @@ MAX_EXPOSURE = 2.0
 KUBERNETES_VERSION = "1.30.0"
 _EXPOSURE_RE = re.compile(r"Overall exposure level for \S+:\s*([0-9.]+)")
 _TIMEOUT = 120
-
-
-@dataclass
-class CheckResult:
-    """The outcome of one validator over a set of files."""
-
-    check: str
-    problems: list[str] = field(default_factory=list)
-    skipped: str | None = None
-    details: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
 
 
 def _tool(name: str) -> str | None:

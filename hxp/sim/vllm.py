@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -67,14 +67,14 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from hxp import metric_names
+
 log = logging.getLogger("hxp-vllm-sim")
 
-#: Where the names, types, labels and buckets below were copied from.
-VLLM_REFERENCE = (
-    "vLLM 0.33.0 (PyPI wheel, commit g4ba787ec9): vllm/v1/metrics/loggers.py "
-    "PrometheusStatLogger.__init__ and vllm/v1/metrics/buckets.py"
-)
-VLLM_REFERENCE_VERSION = "0.33.0"
+#: Where the names, types, labels and buckets were copied from (hxp.metric_names keeps the
+#: families; the bucket bounds are below).
+VLLM_REFERENCE = metric_names.VLLM_REFERENCE
+VLLM_REFERENCE_VERSION = metric_names.VLLM_REFERENCE_VERSION
 
 # Bucket families, as in vllm/v1/metrics/buckets.py.
 REQUEST_LATENCY_BUCKETS: tuple[float, ...] = (
@@ -150,95 +150,13 @@ class MetricSpec:
     buckets: BucketFamily | None = None
 
 
-_ME = ("model_name", "engine")
-
-#: Every family the double implements, from VLLM_REFERENCE. Families vLLM creates only with
-#: optional features (LoRA, KV connectors, spec decode, watermarking, NaN checks, KV residency
-#: sampling) and `vllm:cache_config_info` are left out.
-VLLM_METRICS: tuple[MetricSpec, ...] = (
-    # Scheduler state
-    MetricSpec("vllm:num_requests_running", "gauge",
-               "Number of requests in model execution batches."),
-    MetricSpec("vllm:num_requests_waiting", "gauge",
-               "Number of requests waiting to be processed."),
-    MetricSpec("vllm:num_requests_waiting_by_reason", "gauge",
-               "Number of waiting requests by reason.", (*_ME, "reason")),
-    MetricSpec("vllm:engine_sleep_state", "gauge",
-               "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine "
-               "is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep "
-               "level 2.", (*_ME, "sleep_state")),
-    MetricSpec("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage."),
-    # Caches
-    MetricSpec("vllm:prefix_cache_queries", "counter",
-               "Prefix cache queries, in terms of number of queried tokens."),
-    MetricSpec("vllm:prefix_cache_hits", "counter",
-               "Prefix cache hits, in terms of number of cached tokens."),
-    MetricSpec("vllm:external_prefix_cache_queries", "counter",
-               "External prefix cache queries from KV connector cross-instance cache sharing, "
-               "in terms of number of queried tokens."),
-    MetricSpec("vllm:external_prefix_cache_hits", "counter",
-               "External prefix cache hits from KV connector cross-instance cache sharing, in "
-               "terms of number of cached tokens."),
-    MetricSpec("vllm:mm_cache_queries", "counter",
-               "Multi-modal cache queries, in terms of number of queried items."),
-    MetricSpec("vllm:mm_cache_hits", "counter",
-               "Multi-modal cache hits, in terms of number of cached items."),
-    # Counters
-    MetricSpec("vllm:num_preemptions", "counter",
-               "Cumulative number of preemption from the engine."),
-    MetricSpec("vllm:prompt_tokens", "counter", "Number of prefill tokens processed."),
-    MetricSpec("vllm:prompt_tokens_by_source", "counter", "Number of prompt tokens by source.",
-               (*_ME, "source")),
-    MetricSpec("vllm:prompt_tokens_cached", "counter",
-               "Number of cached prompt tokens (local + external)."),
-    MetricSpec("vllm:prompt_tokens_cached_by_source", "counter",
-               "Prefix-cache hit tokens by the cache tier that supplied them.",
-               (*_ME, "source")),
-    MetricSpec("vllm:generation_tokens", "counter", "Number of generation tokens processed."),
-    MetricSpec("vllm:request_success", "counter", "Count of successfully processed requests.",
-               (*_ME, "finished_reason")),
-    MetricSpec("vllm:admission_rejections", "counter",
-               "Number of admission attempts rejected by a queue limit, by reason.",
-               ("model_name", "reason")),
-    # Histograms of counts
-    MetricSpec("vllm:request_prompt_tokens", "histogram", "Number of prefill tokens processed.",
-               buckets="request_tokens"),
-    MetricSpec("vllm:request_generation_tokens", "histogram",
-               "Number of generation tokens processed.", buckets="request_tokens"),
-    MetricSpec("vllm:iteration_tokens_total", "histogram",
-               "Histogram of number of tokens per engine_step.", buckets="iteration_tokens"),
-    MetricSpec("vllm:request_max_num_generation_tokens", "histogram",
-               "Histogram of maximum number of requested generation tokens.",
-               buckets="request_tokens"),
-    MetricSpec("vllm:request_params_n", "histogram", "Histogram of the n request parameter.",
-               buckets="request_params_n"),
-    MetricSpec("vllm:request_params_max_tokens", "histogram",
-               "Histogram of the max_tokens request parameter.", buckets="request_tokens"),
-    # Histograms of timing intervals
-    MetricSpec("vllm:time_to_first_token_seconds", "histogram",
-               "Histogram of time to first token in seconds.", buckets="time_to_first_token"),
-    MetricSpec("vllm:inter_token_latency_seconds", "histogram",
-               "Histogram of inter-token latency in seconds.", buckets="inter_token_latency"),
-    MetricSpec("vllm:request_time_per_output_token_seconds", "histogram",
-               "Histogram of time_per_output_token_seconds per request.",
-               buckets="inter_token_latency"),
-    MetricSpec("vllm:e2e_request_latency_seconds", "histogram",
-               "Histogram of e2e request latency in seconds.", buckets="request_latency"),
-    MetricSpec("vllm:request_queue_time_seconds", "histogram",
-               "Histogram of time spent in WAITING phase for request.", buckets="request_latency"),
-    MetricSpec("vllm:request_inference_time_seconds", "histogram",
-               "Histogram of time spent in RUNNING phase for request.", buckets="request_latency"),
-    MetricSpec("vllm:request_prefill_time_seconds", "histogram",
-               "Histogram of time spent in PREFILL phase for request.", buckets="request_latency"),
-    MetricSpec("vllm:request_decode_time_seconds", "histogram",
-               "Histogram of time spent in DECODE phase for request.", buckets="request_latency"),
-    MetricSpec("vllm:request_num_preemptions", "histogram",
-               "Histogram of the number of times a request was preempted.",
-               buckets="request_num_preemptions"),
-    MetricSpec("vllm:request_prefill_kv_computed_tokens", "histogram",
-               "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
-               buckets="request_tokens"),
-)  # fmt: skip
+#: Every family the double implements: hxp.metric_names.VLLM (vLLM 0.33's families without
+#: optional features: LoRA, KV connectors, spec decode, watermarking, NaN checks, KV residency
+#: sampling, and without `vllm:cache_config_info`), named as passed to prometheus_client.
+VLLM_METRICS: tuple[MetricSpec, ...] = tuple(
+    MetricSpec(f.registered, f.kind, f.help, f.labels, cast("BucketFamily | None", f.buckets))
+    for f in metric_names.VLLM
+)
 
 #: Label values vLLM pre-creates (vllm/v1/engine FINISH_REASON_STRINGS and loggers.py).
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")

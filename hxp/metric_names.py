@@ -1,0 +1,375 @@
+"""Every metric name hxp reads or publishes, in one place: vLLM's families and their renames,
+the `fleet:*` series the aggregation publishes, and the `hxp_*` families of the exporter.
+
+A leaf: it imports nothing of the project, so anything may import it (the simulator builds its
+registry from `VLLM`, hxp.io.telemetry its families from `HXP`, hxp.metrics and hxp.health read
+the same names, the stack model checks declared names against `FLEET_SERIES`, the query lint
+learns every served series from here). A name is written once, here.
+
+Names are as exposed on a `/metrics` page (text format 0.0.4): a counter carries its `_total`
+suffix (`vllm:prompt_tokens_total`); `Family.registered` is the name without it, as passed to
+prometheus-client.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+#: Series a family of each kind puts on a page besides itself (prometheus-client 0.26, text
+#: format 0.0.4: a counter's `_created` and a histogram's `_created` are gauges of their own).
+SUFFIXES: dict[str, tuple[str, ...]] = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+    "stateset": ("",),
+    "gauge": ("",),
+    "unknown": ("",),
+    "untyped": ("",),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family: its exposed name, type, help text and label names.
+
+    `buckets`: for a vLLM histogram, which of vLLM's bucket families its bounds come from
+    (vllm/v1/metrics/buckets.py; the bounds themselves are the simulator's business).
+    """
+
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: str | None = None
+
+    @property
+    def registered(self) -> str:
+        """The name given to prometheus-client (a counter without `_total`)."""
+        return self.name.removesuffix("_total") if self.kind == "counter" else self.name
+
+    def series(self) -> frozenset[str]:
+        """Every sample name the family puts on a page."""
+        base = self.registered
+        return frozenset(f"{base}{suffix}" for suffix in SUFFIXES[self.kind])
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM
+# --------------------------------------------------------------------------------------------
+
+#: Where the vLLM table below was copied from.
+VLLM_REFERENCE = (
+    "vLLM 0.33.0 (PyPI wheel, commit g4ba787ec9): vllm/v1/metrics/loggers.py "
+    "PrometheusStatLogger.__init__ and vllm/v1/metrics/buckets.py"
+)
+VLLM_REFERENCE_VERSION = "0.33.0"
+
+_ME = ("model_name", "engine")
+
+#: Every family vLLM 0.33's PrometheusStatLogger creates without optional features (LoRA, KV
+#: connectors, spec decode, watermarking, NaN checks, KV residency sampling), and without
+#: `vllm:cache_config_info`; exposed names, help texts and labels as vLLM writes them.
+VLLM: tuple[Family, ...] = (
+    # Scheduler state
+    Family("vllm:num_requests_running", "gauge",
+           "Number of requests in model execution batches.", _ME),
+    Family("vllm:num_requests_waiting", "gauge",
+           "Number of requests waiting to be processed.", _ME),
+    Family("vllm:num_requests_waiting_by_reason", "gauge",
+           "Number of waiting requests by reason.", (*_ME, "reason")),
+    Family("vllm:engine_sleep_state", "gauge",
+           "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine "
+           "is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep "
+           "level 2.", (*_ME, "sleep_state")),
+    Family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
+           _ME),
+    # Caches
+    Family("vllm:prefix_cache_queries_total", "counter",
+           "Prefix cache queries, in terms of number of queried tokens.", _ME),
+    Family("vllm:prefix_cache_hits_total", "counter",
+           "Prefix cache hits, in terms of number of cached tokens.", _ME),
+    Family("vllm:external_prefix_cache_queries_total", "counter",
+           "External prefix cache queries from KV connector cross-instance cache sharing, "
+           "in terms of number of queried tokens.", _ME),
+    Family("vllm:external_prefix_cache_hits_total", "counter",
+           "External prefix cache hits from KV connector cross-instance cache sharing, in "
+           "terms of number of cached tokens.", _ME),
+    Family("vllm:mm_cache_queries_total", "counter",
+           "Multi-modal cache queries, in terms of number of queried items.", _ME),
+    Family("vllm:mm_cache_hits_total", "counter",
+           "Multi-modal cache hits, in terms of number of cached items.", _ME),
+    # Counters
+    Family("vllm:num_preemptions_total", "counter",
+           "Cumulative number of preemption from the engine.", _ME),
+    Family("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", _ME),
+    Family("vllm:prompt_tokens_by_source_total", "counter",
+           "Number of prompt tokens by source.", (*_ME, "source")),
+    Family("vllm:prompt_tokens_cached_total", "counter",
+           "Number of cached prompt tokens (local + external).", _ME),
+    Family("vllm:prompt_tokens_cached_by_source_total", "counter",
+           "Prefix-cache hit tokens by the cache tier that supplied them.", (*_ME, "source")),
+    Family("vllm:generation_tokens_total", "counter",
+           "Number of generation tokens processed.", _ME),
+    Family("vllm:request_success_total", "counter",
+           "Count of successfully processed requests.", (*_ME, "finished_reason")),
+    Family("vllm:admission_rejections_total", "counter",
+           "Number of admission attempts rejected by a queue limit, by reason.",
+           ("model_name", "reason")),
+    # Histograms of counts
+    Family("vllm:request_prompt_tokens", "histogram", "Number of prefill tokens processed.",
+           _ME, "request_tokens"),
+    Family("vllm:request_generation_tokens", "histogram",
+           "Number of generation tokens processed.", _ME, "request_tokens"),
+    Family("vllm:iteration_tokens_total", "histogram",
+           "Histogram of number of tokens per engine_step.", _ME, "iteration_tokens"),
+    Family("vllm:request_max_num_generation_tokens", "histogram",
+           "Histogram of maximum number of requested generation tokens.", _ME,
+           "request_tokens"),
+    Family("vllm:request_params_n", "histogram", "Histogram of the n request parameter.",
+           _ME, "request_params_n"),
+    Family("vllm:request_params_max_tokens", "histogram",
+           "Histogram of the max_tokens request parameter.", _ME, "request_tokens"),
+    # Histograms of timing intervals
+    Family("vllm:time_to_first_token_seconds", "histogram",
+           "Histogram of time to first token in seconds.", _ME, "time_to_first_token"),
+    Family("vllm:inter_token_latency_seconds", "histogram",
+           "Histogram of inter-token latency in seconds.", _ME, "inter_token_latency"),
+    Family("vllm:request_time_per_output_token_seconds", "histogram",
+           "Histogram of time_per_output_token_seconds per request.", _ME,
+           "inter_token_latency"),
+    Family("vllm:e2e_request_latency_seconds", "histogram",
+           "Histogram of e2e request latency in seconds.", _ME, "request_latency"),
+    Family("vllm:request_queue_time_seconds", "histogram",
+           "Histogram of time spent in WAITING phase for request.", _ME, "request_latency"),
+    Family("vllm:request_inference_time_seconds", "histogram",
+           "Histogram of time spent in RUNNING phase for request.", _ME, "request_latency"),
+    Family("vllm:request_prefill_time_seconds", "histogram",
+           "Histogram of time spent in PREFILL phase for request.", _ME, "request_latency"),
+    Family("vllm:request_decode_time_seconds", "histogram",
+           "Histogram of time spent in DECODE phase for request.", _ME, "request_latency"),
+    Family("vllm:request_num_preemptions", "histogram",
+           "Histogram of the number of times a request was preempted.", _ME,
+           "request_num_preemptions"),
+    Family("vllm:request_prefill_kv_computed_tokens", "histogram",
+           "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+           _ME, "request_tokens"),
+)  # fmt: skip
+
+#: Exposed name -> type of every family in `VLLM`.
+VLLM_FAMILIES: dict[str, Kind] = {f.name: f.kind for f in VLLM}
+
+# The families hxp itself reads (aggregation, health sweep, drain, monitoring rules).
+PROCESS_START = "process_start_time_seconds"
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+KV_USAGE_V0 = "vllm:gpu_cache_usage_perc"  # vLLM before the V1 engine (see VLLM_NAME_CHANGES)
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+REQUEST_SUCCESS = "vllm:request_success_total"
+TTFT = "vllm:time_to_first_token_seconds"
+ITL = "vllm:inter_token_latency_seconds"
+E2E = "vllm:e2e_request_latency_seconds"
+
+
+@dataclass(frozen=True)
+class NameChange:
+    """A vLLM metric that was renamed or dropped, and the releases where that happened.
+
+    `deprecated`: first release whose help text says DEPRECATED (still exposed);
+    `hidden`: first release that exposes it only with `--show-hidden-metrics-for-version`;
+    `gone`: first release known not to expose it at all.
+    """
+
+    old: str
+    new: str | None
+    gone: str
+    source: str
+    deprecated: str | None = None
+    hidden: str | None = None
+
+
+_LOGGERS_0_10 = "vllm/v1/metrics/loggers.py @005a810bc40f (0.10.x): 'Deprecated in 0.9 - Renamed'"
+_LOGGERS_0_11 = (
+    "vllm/v1/metrics/loggers.py, 0.11 series: 'Deprecated in 0.9.2 ... With 0.11.x you can "
+    "enable with --show-hidden-metrics-for-version=0.10 ... TODO: remove in 0.12.0'; absent "
+    "from the 0.12 series"
+)
+_ITL_SOURCE = (
+    "vllm/v1/metrics/loggers.py, 0.11 series: 'Deprecated in 0.11 - Renamed as "
+    "vllm:inter_token_latency_seconds'; 0.12 series: 'With 0.12.x you can enable with "
+    "--show-hidden-metrics-for-version=0.11 ... TODO: remove in 0.13.0'; absent at 0.33.0"
+)
+_V0_SOURCE = (
+    "docs/design/metrics.md 'Deprecated Metrics' (V0-engine only; V1 default since 0.8.0, "
+    "V0 removed in 0.11.0)"
+)
+
+#: Renamed and removed vLLM metric names (exposed names). Read from vLLM's own source; see
+#: docs/monitoring.md for the citations in full.
+VLLM_NAME_CHANGES: tuple[NameChange, ...] = (
+    NameChange(KV_USAGE_V0, KV_USAGE, "0.12.0",
+               f"{_LOGGERS_0_10}; {_LOGGERS_0_11}", deprecated="0.9.2", hidden="0.11.0"),
+    NameChange("vllm:gpu_prefix_cache_queries_total", "vllm:prefix_cache_queries_total",
+               "0.12.0", f"{_LOGGERS_0_10}; {_LOGGERS_0_11}", deprecated="0.9.2",
+               hidden="0.11.0"),
+    NameChange("vllm:gpu_prefix_cache_hits_total", "vllm:prefix_cache_hits_total", "0.12.0",
+               f"{_LOGGERS_0_10}; {_LOGGERS_0_11}", deprecated="0.9.2", hidden="0.11.0"),
+    NameChange("vllm:time_per_output_token_seconds", ITL,
+               "0.13.0", _ITL_SOURCE, deprecated="0.11.0", hidden="0.12.0"),
+    NameChange("vllm:avg_prompt_throughput_toks_per_s", PROMPT_TOKENS, "0.7.2",
+               "deprecated by vllm#2764, removed by vllm#12383 (vllm#13218: gone in 0.7.2)"),
+    NameChange("vllm:avg_generation_throughput_toks_per_s", GENERATION_TOKENS,
+               "0.7.2",
+               "deprecated by vllm#2764, removed by vllm#12383 (vllm#13218: gone in 0.7.2)"),
+    NameChange("vllm:gpu_prefix_cache_hit_rate", "vllm:prefix_cache_hits_total", "0.11.0",
+               _V0_SOURCE),
+    NameChange("vllm:cpu_prefix_cache_hit_rate", None, "0.11.0", _V0_SOURCE),
+    NameChange("vllm:num_requests_swapped", None, "0.11.0", _V0_SOURCE),
+    NameChange("vllm:cpu_cache_usage_perc", None, "0.11.0", _V0_SOURCE),
+    NameChange("vllm:time_in_queue_requests", "vllm:request_queue_time_seconds", "0.11.0",
+               _V0_SOURCE),
+    NameChange("vllm:tokens_total", None, "0.11.0", _V0_SOURCE),
+    NameChange("vllm:model_forward_time_milliseconds", None, "0.11.0", _V0_SOURCE),
+    NameChange("vllm:model_execute_time_milliseconds", None, "0.11.0", _V0_SOURCE),
+)  # fmt: skip
+
+#: Old exposed name -> its change; new exposed name -> the rename that introduced it.
+CHANGED: dict[str, NameChange] = {c.old: c for c in VLLM_NAME_CHANGES}
+INTRODUCED_AS_RENAME: dict[str, NameChange] = {
+    c.new: c for c in VLLM_NAME_CHANGES if c.new and c.deprecated
+}
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """`0.11.0` -> (0, 11, 0); suffixes (`rc1`, `+cu124`) are ignored."""
+    parts: list[int] = []
+    for piece in version.split(".")[:3]:
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def exposed_name(name: str) -> str:
+    """A family as it appears on a page: `vllm:prompt_tokens` -> `vllm:prompt_tokens_total`."""
+    if name in VLLM_FAMILIES or name in CHANGED:
+        return name
+    if f"{name}_total" in VLLM_FAMILIES or f"{name}_total" in CHANGED:
+        return f"{name}_total"
+    return name
+
+
+def aliases(name: str) -> tuple[str, ...]:
+    """A family and the older names the same series had (read when the new one is absent)."""
+    return (name, *(c.old for c in VLLM_NAME_CHANGES if c.new == name and c.deprecated))
+
+
+# --------------------------------------------------------------------------------------------
+# what hxp publishes
+# --------------------------------------------------------------------------------------------
+
+#: Prefixes of the series hxp publishes (never accepted as input names).
+PUBLISHED_PREFIXES = ("fleet:", "hxp_")
+
+#: Published fleet series: name -> help. Every one carries `stack` and `model` (`model=""` is
+#: the whole fleet: an empty label is an absent one in PromQL). A declared series `NAME` of a
+#: stack's `metrics.series` is published as `fleet:NAME` beside these.
+FLEET_SERIES: dict[str, str] = {
+    "fleet:request_rate": "Finished requests per second (every finish reason).",
+    "fleet:success_ratio": "Share of finished requests that ended with stop, length or "
+    "repetition (not abort or error).",
+    "fleet:prompt_tokens_per_second": "Prompt (prefill) tokens processed per second.",
+    "fleet:generation_tokens_per_second": "Generated tokens per second.",
+    "fleet:ttft_seconds": "Time to first token quantile over the window.",
+    "fleet:inter_token_latency_seconds": "Inter-token latency quantile over the window.",
+    "fleet:e2e_latency_seconds": "End-to-end request latency quantile over the window.",
+    "fleet:requests_waiting": "Requests waiting to be scheduled (queue depth), summed.",
+    "fleet:requests_running": "Requests in model execution batches, summed.",
+    "fleet:kv_cache_usage_mean": "KV-cache usage (0-1), mean over replicas.",
+    "fleet:kv_cache_usage_max": "KV-cache usage (0-1), the fullest replica.",
+    "fleet:targets": "Replica /metrics endpoints by state (up, down).",
+    "fleet:window_seconds": "Mean length of the rate window (time since the previous scrape).",
+    "fleet:cost_per_hour": "Token cost per hour at the configured price per million tokens.",
+    "fleet:label_tokens_per_second": "Tokens per second by the value of a declared label.",
+    "fleet:label_cost_per_hour": "Token cost per hour by the value of a declared label.",
+}
+#: Help of a `fleet:NAME` series declared in a stack's `metrics.series`.
+DECLARED_SERIES_HELP = "A series declared in metrics.series."
+
+#: The orchestrator's own families (hxp.io.telemetry registers them; `hxp exporter` serves
+#: them rebuilt from the store).
+HXP_DEPLOYS = Family(
+    "hxp_deploys_total", "counter",
+    "Deploy runs by outcome (succeeded, failed, interrupted, no-change).",
+    ("stack", "kind", "outcome"),
+)  # fmt: skip
+HXP_DEPLOY_SECONDS = Family(
+    "hxp_deploy_duration_seconds", "histogram", "Wall time of deploy runs.", ("stack", "kind")
+)
+HXP_UNIT_DEPLOY_SECONDS = Family(
+    "hxp_unit_deploy_duration_seconds", "histogram",
+    "Wall time of applying one unit (actions plus readiness gate).",
+    ("stack", "unit", "outcome"),
+)  # fmt: skip
+HXP_ROLLBACKS = Family(
+    "hxp_rollbacks_total", "counter",
+    "Units rolled back, by the class of the failure that caused it.",
+    ("stack", "unit", "reason_class"),
+)  # fmt: skip
+HXP_UNIT_HEALTH = Family(
+    "hxp_unit_health", "gauge",
+    "Health of a unit per layer: 1 healthy, 0.5 degraded, 0 unhealthy, -1 unknown.",
+    ("stack", "unit", "layer"),
+)  # fmt: skip
+HXP_LIFECYCLE_STATE = Family(
+    "hxp_unit_lifecycle_state", "gauge",
+    "1 for the unit's current lifecycle state, 0 for the others.", ("stack", "unit", "state"),
+)  # fmt: skip
+HXP_SWEEP_SECONDS = Family(
+    "hxp_health_sweep_duration_seconds", "histogram", "Wall time of a health sweep.", ("stack",)
+)
+HXP_AGGREGATION_SECONDS = Family(
+    "hxp_metrics_aggregation_duration_seconds", "histogram",
+    "Wall time of a metrics aggregation run.", ("stack",),
+)  # fmt: skip
+HXP_ERRORS = Family(
+    "hxp_errors_total", "counter",
+    "Errors by class (transient, permanent, input) and where they happened.",
+    ("stack", "where", "error_class"),
+)  # fmt: skip
+HXP_AGGREGATED_AT = Family(
+    "hxp_metrics_aggregation_timestamp_seconds", "gauge",
+    "When the last metrics aggregation of the stack finished (Unix time): alert when it stops.",
+    ("stack",),
+)  # fmt: skip
+
+HXP: tuple[Family, ...] = (
+    HXP_DEPLOYS,
+    HXP_DEPLOY_SECONDS,
+    HXP_UNIT_DEPLOY_SECONDS,
+    HXP_ROLLBACKS,
+    HXP_UNIT_HEALTH,
+    HXP_LIFECYCLE_STATE,
+    HXP_SWEEP_SECONDS,
+    HXP_AGGREGATION_SECONDS,
+    HXP_ERRORS,
+    HXP_AGGREGATED_AT,
+)
+
+
+def vllm_series() -> frozenset[str]:
+    """Every sample name a vLLM 0.33 server (and the simulator) puts on its page for `VLLM`."""
+    return frozenset().union(*(f.series() for f in VLLM))
+
+
+def exporter_series() -> frozenset[str]:
+    """Every sample name `hxp exporter` serves: the `hxp_*` families and the fleet series."""
+    return frozenset().union(*(f.series() for f in HXP), FLEET_SERIES)
