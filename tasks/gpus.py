@@ -1,9 +1,11 @@
-"""GPU discovery through NVML (nvidia-ml-py, imported as `pynvml`), with a declared fallback.
+"""GPU discovery through NVML (nvidia-ml-py, imported as `pynvml`) on this machine and through
+`nvidia-smi` on a remote host's runner, with a declared fallback.
 
-`GpuProbe` is the seam: `NvmlProbe` asks the driver on this machine; `DeclaredProbe` reads the
-host's `gpus:` from the stack. `discover_gpus` tries NVML for a local host and falls back to the
-declared GPUs with a note saying why (no driver or library, or a remote host, whose GPUs NVML on
-this machine cannot see).
+`GpuProbe` is the seam: `NvmlProbe` asks the driver on this machine; `NvidiaSmiProbe` runs
+`nvidia-smi --query-*` on a host through its runner (ssh, docker exec) and parses the output
+(hxp.nvidia_smi) into the same model; `DeclaredProbe` reads the host's `gpus:` from the stack.
+`discover_gpus` uses NVML for a local host and nvidia-smi for a remote one, and falls back to the
+declared GPUs with a note saying why; where both exist and differ, `warnings` says how.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from hxp.backends.runners import Runner, runner_for
+from hxp.errors import BackendError
 from hxp.gpu_alloc import (
     GpuInfo,
     GpuProcess,
@@ -28,6 +32,17 @@ from hxp.gpu_alloc import (
 )
 from hxp.io.lock import stack_lock
 from hxp.lifecycle import SurgeDecision, surge_decision
+from hxp.nvidia_smi import (
+    GPU_FIELDS,
+    GPU_FIELDS_WITHOUT_RESERVED,
+    NvidiaSmiError,
+    apps_query,
+    compare_declared,
+    gpu_query,
+    parse_apps,
+    parse_gpus,
+    unknown_field,
+)
 from hxp.spec import HostSpec, ModelSpec, Stack
 from hxp.store import Store
 from hxp.units import UnitInstance
@@ -37,6 +52,43 @@ class GpuProbe(Protocol):
     """Something that lists a machine's GPUs."""
 
     def devices(self) -> list[GpuInfo]: ...
+
+
+class NvidiaSmiProbe:
+    """The GPUs of a host, by running `nvidia-smi` through the host's runner."""
+
+    remote = True  # it sees the host its runner reaches, not only this machine
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.notes: list[str] = []
+
+    def _query(self, argv: list[str]) -> str | None:
+        """stdout, or None when nvidia-smi refused a field (older drivers); a failure to reach
+        the host is the runner's BackendError, a failing nvidia-smi an NvidiaSmiError."""
+        result = self.runner.run(argv, check=False)
+        said = result.text + result.error_text
+        if result.returncode != 0:
+            if unknown_field(said) is not None:
+                return None
+            raise NvidiaSmiError(
+                f"{self.runner.description}: `{argv[0]} {argv[1]}` exited {result.returncode}: "
+                f"{said.strip()[:300] or '(no output)'}"
+            )
+        return result.text
+
+    def devices(self) -> list[GpuInfo]:
+        self.notes = []
+        apps_text = self._query(apps_query())
+        apps = parse_apps(apps_text) if apps_text is not None else {}
+        fields = GPU_FIELDS
+        text = self._query(gpu_query(fields))
+        if text is None:  # a driver without memory.reserved: ask without it
+            fields = GPU_FIELDS_WITHOUT_RESERVED
+            text = self._query(gpu_query(fields))
+            if text is None:
+                raise NvidiaSmiError(f"{self.runner.description}: nvidia-smi refused {fields}")
+        return parse_gpus(text, apps, fields, warn=self.notes.append)
 
 
 def _text(value: Any) -> str:
@@ -125,18 +177,29 @@ class DeclaredProbe:
 
 @dataclass(frozen=True)
 class GpuDiscovery:
-    """What discovery found, where from, and (for a fallback) why."""
+    """What discovery found, where from, (for a fallback) why, and how it differs from the
+    declared `gpus:` (plan warnings)."""
 
     devices: list[GpuInfo]
     source: GpuSource
     note: str = ""
+    warnings: tuple[str, ...] = ()
 
 
-def discover_gpus(host_name: str, host: HostSpec, probe: GpuProbe | None = None) -> GpuDiscovery:
-    """The host's GPUs: NVML on a local host, else (or when NVML fails) the declared ones."""
+def discover_gpus(
+    host_name: str,
+    host: HostSpec,
+    probe: GpuProbe | None = None,
+    state_dir: str | Path | None = None,
+) -> GpuDiscovery:
+    """The host's GPUs: NVML on a local host, nvidia-smi through the runner on a remote one;
+    the declared ones when discovery fails (or `probe` sees only this machine)."""
     declared = DeclaredProbe(host).devices()
     fallback = f"using the {len(declared)} GPU(s) declared under hosts.{host_name}.gpus"
-    if host.runner != "local":
+    remote = host.runner != "local"
+    if remote and probe is None:
+        probe = NvidiaSmiProbe(runner_for(host, state_dir=state_dir))
+    if remote and not getattr(probe, "remote", False):
         return GpuDiscovery(
             declared,
             "declared",
@@ -145,10 +208,16 @@ def discover_gpus(host_name: str, host: HostSpec, probe: GpuProbe | None = None)
         )
     try:
         found = (probe or NvmlProbe()).devices()
-    except Exception as exc:  # no library, no driver, no device nodes
+    except BackendError:
+        raise  # the host itself is unreachable or refused us: not a question of GPUs
+    except Exception as exc:  # no library, no driver, no device nodes, unreadable output
         reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-        return GpuDiscovery(declared, "declared", f"NVML unavailable ({reason}); {fallback}")
-    return GpuDiscovery(found, "nvml")
+        tool = "nvidia-smi" if remote else "NVML"
+        return GpuDiscovery(declared, "declared", f"{tool} unavailable ({reason}); {fallback}")
+    source: GpuSource = "nvidia-smi" if remote else "nvml"
+    notes = "; ".join(getattr(probe, "notes", ()) or ())
+    mismatch = tuple(str(m) for m in compare_declared(host_name, declared, found))
+    return GpuDiscovery(found, source, notes, mismatch)
 
 
 def describe(discovery: GpuDiscovery) -> list[str]:
@@ -199,7 +268,7 @@ def allocate_unit_gpus(
     store = Store(state_dir)
     chosen: dict[str, UnitInstance] = {}
     with stack_lock(state_dir, lock_name(key), holder):
-        found = discover_gpus(spec.host, host, probe)
+        found = discover_gpus(spec.host, host, probe, state_dir)
         held = store.reservations(key)
         # Choose for every instance first: one that cannot be placed leaves nothing reserved.
         for name in wanted:
@@ -240,7 +309,7 @@ def surge_for(
     if inst.gpu_count and mode != "never":
         host = stack.hosts[spec.host]
         key = host_key(spec.host, host)
-        devices = discover_gpus(spec.host, host, probe).devices
+        devices = discover_gpus(spec.host, host, probe, state_dir).devices
         reservations = Store(state_dir).reservations(key)
         same = [h for h, hs in stack.hosts.items() if host_key(h, hs) == key]
         listed = explicit_gpus(stack.models, same, inst.unit)
@@ -258,6 +327,7 @@ __all__ = [
     "GpuDiscovery",
     "GpuPlacement",
     "GpuProbe",
+    "NvidiaSmiProbe",
     "NvmlProbe",
     "allocate_unit_gpus",
     "describe",

@@ -503,11 +503,22 @@ def set_gpus(host: LabHost, gpus: list[dict[str, Any]], processes: list[dict[str
 
 
 def ssh_connections(host: LabHost) -> int:
-    """TCP connections the host's sshd accepted so far (sshd logs each at LogLevel VERBOSE)."""
-    try:
-        text = host.sshd_log.read_text(errors="replace")
-    except FileNotFoundError:
-        return 0
+    """TCP connections the host's sshd accepted so far: sshd logs each one at LogLevel VERBOSE
+    (`Connection from ADDR port N on ADDR port 22`), to its log file or, on a systemd host, to
+    the container's journal (read through the lab's own engine, not through SSH)."""
+    if host.role == "systemd":
+        import docker
+
+        client = docker.DockerClient(base_url=f"unix://{host.docker_socket}")
+        _code, out = client.containers.get(host.container).exec_run(
+            ["journalctl", "-u", "ssh.service", "-o", "cat", "--no-pager"]
+        )
+        text = out.decode(errors="replace")
+    else:
+        try:
+            text = host.sshd_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return 0
     return len(re.findall(r"^.*Connection from \S+ port \d+ on ", text, re.M))
 
 
