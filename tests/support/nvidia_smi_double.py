@@ -13,8 +13,10 @@ and processes come from a JSON file (`--config`):
      "unknown_fields": ["memory.reserved"]}
 
 A GPU's `memory.used` is its processes' memory unless `memory_used_mib` is given; `memory.free`
-is total - reserved - used unless `memory_free_mib` is given. `unknown_fields` makes fields
-unknown, as on an older driver. Any other option, or none, prints the usage and exits 2.
+is total - reserved - used (+ `free_offset_mib`: the real driver's rounding showed 1 more when
+idle) unless `memory_free_mib` is given. `unknown_fields` makes fields
+unknown, as on an older driver; `"no_driver": true` fails as nvidia-smi does without a loaded
+driver. Any other option, or none, prints the usage and exits 2.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ HEADERS = {
     "name": "name",
     "process_name": "process_name",
 }
+# What nvidia-smi prints (exit 9) on a machine whose driver is not loaded.
+NO_DRIVER = (
+    "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+    "Make sure that the latest NVIDIA driver is installed and running.\n\n"
+)
 UNITS = {"utilization.gpu": " %", "utilization.memory": " %", "power.draw": " W"}
 
 
@@ -49,6 +56,7 @@ def h200(index: int = 0, uuid: str = H200_UUID, **extra: Any) -> dict[str, Any]:
         "driver_version": "580.159.04",
         "memory_total_mib": 143771,
         "memory_reserved_mib": 616,
+        "free_offset_mib": 1,  # the driver rounds: idle free was total - reserved + 1
         "utilization_gpu": 0,
         "utilization_memory": 0,
         "temperature_gpu": 39,
@@ -70,7 +78,9 @@ def _gpu_value(gpu: dict[str, Any], used: int, field: str) -> str:
         "memory.total": total,
         "memory.reserved": reserved,
         "memory.used": used,
-        "memory.free": gpu.get("memory_free_mib", total - reserved - used),
+        "memory.free": gpu.get(
+            "memory_free_mib", total - reserved - used + int(gpu.get("free_offset_mib", 0))
+        ),
         "utilization.gpu": gpu.get("utilization_gpu", 0),
         "utilization.memory": gpu.get("utilization_memory", 0),
         "temperature.gpu": gpu.get("temperature_gpu", 39),
@@ -116,6 +126,8 @@ def _query(
 
 def run(argv: list[str], config: dict[str, Any]) -> tuple[str, int]:
     """What nvidia-smi prints for `argv`, and its exit status."""
+    if config.get("no_driver"):
+        return NO_DRIVER, 9
     query = next((a for a in argv if a.startswith("--query-")), None)
     fmt = next((a.split("=", 1)[1] for a in argv if a.startswith("--format=")), None)
     if query is None or fmt is None:
