@@ -6,6 +6,7 @@ It never imports Prefect for commands that do not run flows, so it answers fast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -210,6 +211,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         observed = observe_all(effective.stack, _state_dir(args))
     plan = plan_stack(effective.stack, observed, effective.content_hash)
+    if not args.offline:
+        from tasks.gpus import gpu_plan_warnings
+
+        warnings = gpu_plan_warnings(effective.stack, _state_dir(args))
+        plan = dataclasses.replace(plan, warnings=plan.warnings + warnings)
     if args.json:
         print(plan.to_json())
     else:

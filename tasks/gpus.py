@@ -220,6 +220,22 @@ def discover_gpus(
     return GpuDiscovery(found, source, notes, mismatch)
 
 
+def gpu_plan_warnings(stack: Stack, state_dir: str | Path | None = None) -> tuple[str, ...]:
+    """Where a host's discovered GPUs differ from its declared `gpus:` (only hosts that
+    declare some are asked), for the plan; a host that cannot be asked adds no warning here
+    (observing it fails on its own)."""
+    out: list[str] = []
+    for name, host in sorted(stack.hosts.items()):
+        if not host.gpus:
+            continue
+        try:
+            found = discover_gpus(name, host, state_dir=state_dir)
+        except BackendError:
+            continue
+        out.extend(found.warnings)
+    return tuple(out)
+
+
 def describe(discovery: GpuDiscovery) -> list[str]:
     """One line per GPU, for logs and `bench/gpu_check.py`."""
     gib = 1024**3
@@ -332,6 +348,7 @@ __all__ = [
     "allocate_unit_gpus",
     "describe",
     "discover_gpus",
+    "gpu_plan_warnings",
     "release_gpus",
     "surge_for",
 ]

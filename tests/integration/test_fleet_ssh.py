@@ -8,6 +8,7 @@ TCP connection accepted).
 from __future__ import annotations
 
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +17,10 @@ from typing import Any
 
 import docker
 import pytest
+import yaml
 
 from hxp.backends import backend_for
-from hxp.backends.base import Commit, Create, Remove, UnitRef
+from hxp.backends.base import Commit, Create, Remove, UnitRef, observe_one
 from hxp.backends.runners import SshRunner, control_dir_for, runner_for
 from hxp.errors import BackendError, classify_error
 from hxp.gpu_alloc import GIB
@@ -37,6 +39,8 @@ from tests.support.nvidia_smi_double import h200
 from tests.support.render_data import stack_from_data
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 UNITS = 30
 MAX_CONNECTIONS = 3
@@ -100,8 +104,9 @@ def deploy_each_unit(stack: Stack, host: str, state_dir: Path) -> None:
     def one(inst: Any) -> None:
         backend = backend_for(host, stack.hosts[host], state_dir)
         backend.apply(Create(inst, "hash-1", 1))
-        seen = backend.observe(stack.stack)
-        assert seen[inst.name].running, seen[inst.name]
+        seen = observe_one(backend, inst)
+        assert seen is not None
+        assert seen.running, seen
         backend.apply(Commit(UnitRef.of(inst)))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -244,14 +249,13 @@ def test_remote_gpu_discovery_over_ssh(lab: LabState, tmp_path: Path) -> None:
         [{"pid": 435, "name": "python3", "gpu_uuid": second, "used_memory_mib": 12806}],
     )
     declared = [{"index": i, "memory_gib": 141, "name": "H200"} for i in range(3)]
-    stack = stack_from_data(
-        {
-            "version": 2,
-            "stack": "gpus",
-            "hosts": {"sysd": host_entry(lab, "sysd", gpus=declared)},
-            "services": {"web": {"host": "sysd", "command": ["/bin/sleep", "9"]}},
-        }
-    )
+    data = {
+        "version": 2,
+        "stack": "gpus",
+        "hosts": {"sysd": host_entry(lab, "sysd", gpus=declared)},
+        "services": {"web": {"host": "sysd", "command": ["/bin/sleep", "9"]}},
+    }
+    stack = stack_from_data(data)
     state_dir = tmp_path / "state"
     try:
         found = discover_gpus("sysd", stack.hosts["sysd"], state_dir=state_dir)
@@ -269,3 +273,17 @@ def test_remote_gpu_discovery_over_ssh(lab: LabState, tmp_path: Path) -> None:
         "hosts.sysd.gpus: 3 declared, 2 discovered",
         "hosts.sysd.gpus: GPU 2 is declared but was not discovered",
     )
+    # `hxp plan` shows the mismatch as a warning (and still plans).
+    path = tmp_path / "stack.yaml"
+    path.write_text(yaml.safe_dump(data))
+    done = subprocess.run(
+        [sys.executable, "-m", "hxp.cli", "plan", "-f", str(path), "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "  warning: hosts.sysd.gpus: 3 declared, 2 discovered\n" in done.stdout
+    assert "1 to change" in done.stdout
+    close_shared_connection(stack, "sysd", state_dir)

@@ -4,6 +4,7 @@ double through a real (local) runner."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +258,22 @@ def test_the_double_script_runs_standalone(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2  # no --format: refused, as the real one refuses bad usage
+
+
+def test_plan_carries_warnings() -> None:
+    from hxp.plan import plan_stack
+    from tests.support.render_data import stack_from_data
+
+    stack = stack_from_data(
+        {
+            "version": 2,
+            "stack": "g",
+            "hosts": {"here": {"backend": "process"}},
+            "services": {"web": {"host": "here", "command": ["/bin/true"]}},
+        }
+    )
+    plan = plan_stack(stack, {}, "h" * 64)
+    warned = dataclasses.replace(plan, warnings=("hosts.x.gpus: 2 declared, 1 discovered",))
+    assert warned.to_dict()["warnings"] == ["hosts.x.gpus: 2 declared, 1 discovered"]
+    assert "  warning: hosts.x.gpus: 2 declared, 1 discovered" in warned.summary()
+    assert "warnings" not in plan.to_dict()  # the format gains the key only when needed
