@@ -11,6 +11,9 @@ host key; one client key pair per lab logs in as root. Roles:
 - `systemd`: systemd as PID 1 in a container (image built with debootstrap plus
   openssh-server) run by a dockerd inside the namespace with host networking, so the container
   is the namespace; its own sshd (the image's ssh.service) listens on the host's address.
+- `agent`: sshd, and (`start_agent`) a Prefect process worker inside the namespace, so that the
+  process backend of the flow runs it takes is local to that host; it reaches the orchestrator's
+  Prefect API through a relay on the bridge address (tests/support/tcp_relay.py).
 - `plain`: only sshd, for runner tests.
 
 Everything the lab makes is named with the prefix `hxl-<lab>-` (namespaces, veths, the bridge)
@@ -54,10 +57,11 @@ SYSTEMD_SSH_IMAGE = "hxp-test/debian-systemd-ssh:12"
 SYSTEMD_SSH_ROOT = Path("/var/cache/hxp-test/debian-systemd-ssh")
 DEFAULT_DIR = Path("/var/tmp/hxp-fleet-lab")
 SWEEP_MARKER = "lab.json"
-Role = Literal["docker", "systemd", "plain"]
+Role = Literal["docker", "systemd", "agent", "plain"]
 _LAB_NAME_RE = re.compile(r"[a-z0-9]{1,8}")
 _HOST_NAME_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
 DOUBLE = Path(__file__).resolve().parent / "nvidia_smi_double.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class LabError(RuntimeError):
@@ -283,7 +287,7 @@ class FleetLab:
         self._nvidia_smi_double(folder)
         made = LabHost(host, role, address, ns, str(folder))
         match role:
-            case "plain":
+            case "plain" | "agent":
                 self._sshd(made, state)
                 return made
             case "docker":
@@ -452,13 +456,83 @@ class FleetLab:
         where = host.address if SSH_PORT == 22 else f"[{host.address}]:{SSH_PORT}"
         return f"{where} {key[0]} {key[1]}\n"
 
+    # ---------------------------------------------------------------- agent
+
+    def start_agent(
+        self, state: LabState, host: str, api_url: str, pool: str, state_dir: Path, log: Path
+    ) -> int:
+        """A `prefect worker start --pool POOL --type process` inside `host`'s namespace, with
+        its own HXP_STATE_DIR, reaching `api_url` (on this machine's loopback) through a relay
+        on the bridge address; returns the worker's pid (swept with the namespace)."""
+        from urllib.parse import urlsplit
+
+        h = state.host(host)
+        if h.role != "agent":
+            raise LabError(f"lab host {host} has role {h.role}, not agent")
+        api = urlsplit(api_url)
+        relay = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.support.tcp_relay",
+                GATEWAY_ADDRESS,
+                f"{api.hostname}:{api.port}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        (self.directory / f"relay-{relay.pid}.pid").write_text(f"{relay.pid}\n")
+        assert relay.stdout is not None
+        port = int(relay.stdout.readline())
+        env = {
+            **os.environ,
+            "PREFECT_API_URL": f"http://{GATEWAY_ADDRESS}:{port}{api.path}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+            "HXP_STATE_DIR": str(state_dir),
+        }
+        prefect = str(Path(sys.executable).parent / "prefect")
+        with log.open("ab") as out:
+            worker = subprocess.Popen(
+                _in_ns(
+                    h.namespace, [prefect, "worker", "start", "--pool", pool, "--type", "process"]
+                ),
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return worker.pid
+
+    def _stop_relays(self) -> list[str]:
+        stopped = []
+        for pidfile in self.directory.glob("relay-*.pid"):
+            pid = int(pidfile.read_text())
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"tests.support.tcp_relay" in cmdline:  # not a recycled pid
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _wait_gone([pid], 5.0)
+                stopped.append(f"relay {pid}")
+        return stopped
+
     # ---------------------------------------------------------------- down
 
     def down(self) -> list[str]:
         """Remove every namespace, link, process and file of this lab (made by this run or by
         one that crashed); returns what was removed. Safe to call when nothing is up."""
         require_root()
-        removed: list[str] = []
+        removed: list[str] = self._stop_relays()
         self._remove_containers()
         for ns in self._namespaces():
             pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
@@ -640,8 +714,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             roles: list[tuple[str, Role]] = []
             for item in args.hosts:
                 host, _, role = item.partition(":")
-                if role not in ("docker", "systemd", "plain"):
-                    raise LabError(f"{item!r}: expected NAME:ROLE, role docker, systemd or plain")
+                if role not in ("docker", "systemd", "agent", "plain"):
+                    raise LabError(
+                        f"{item!r}: expected NAME:ROLE, role docker, systemd, agent or plain"
+                    )
                 roles.append((host, role))  # type: ignore[arg-type]
             state = lab.up(roles)
             print(f"lab {state.name} up in {state.directory}")
