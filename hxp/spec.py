@@ -306,6 +306,16 @@ class HostSpec(_Model):
         "(default /var/run/docker.sock)",
     )
 
+    @model_serializer(mode="wrap")
+    def _omit_unused_ssh(self, handler: Any) -> Any:
+        # Left out when unset, so adding these fields changed no existing unit's config hash.
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("ssh_key", "known_hosts", "docker_socket"):
+                if data.get(key) is None:
+                    data.pop(key, None)
+        return data
+
     @model_validator(mode="after")
     def _runner_needs(self) -> HostSpec:
         if self.runner == "ssh" and self.address is None:

@@ -179,3 +179,24 @@ def test_bad_host_input_exits_2_naming_the_field(
 def test_addresses_that_are_fine() -> None:
     for address in ("198.18.0.2", "fd00::5", "gpu-01.example.net", "gpu01", "localhost"):
         assert HostSpec(runner="ssh", address=address).address == address
+
+
+def test_the_new_host_fields_leave_existing_config_hashes_alone(tmp_path: Path) -> None:
+    """Unset, ssh_key/known_hosts/docker_socket are not part of the host's dump, so a unit's
+    config hash (its spec plus its host) is what it was before they existed."""
+    plain = HostSpec(backend="systemd", runner="ssh", address="10.0.0.5", ssh_user="deploy")
+    assert sorted(plain.model_dump(mode="json")) == [
+        "address",
+        "backend",
+        "container",
+        "gpus",
+        "labels",
+        "runner",
+        "ssh_port",
+        "ssh_user",
+        "work_pool",
+    ]
+    key = tmp_path / "id"
+    key.write_text("k")
+    pinned = HostSpec(runner="ssh", address="10.0.0.5", ssh_key=str(key))
+    assert pinned.model_dump(mode="json")["ssh_key"] == str(key)
