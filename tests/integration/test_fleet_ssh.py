@@ -114,9 +114,11 @@ def deploy_each_unit(stack: Stack, host: str, state_dir: Path) -> None:
 
 
 def remove_all(stack: Stack, host: str, state_dir: Path) -> None:
-    backend = backend_for(host, stack.hosts[host], state_dir)
-    for inst in expand_units(stack):
-        backend.apply(Remove(UnitRef.of(inst)))
+    def one(inst: Any) -> None:
+        backend_for(host, stack.hosts[host], state_dir).apply(Remove(UnitRef.of(inst)))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(one, expand_units(stack)))
 
 
 def close_shared_connection(stack: Stack, host: str, state_dir: Path) -> None:

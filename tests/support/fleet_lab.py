@@ -554,6 +554,12 @@ class FleetLab:
                 _run(["umount", "-l", mount], check=False)
             shutil.rmtree(root, ignore_errors=True)
             removed.append(f"directory {root}")
+        # The engines' tmpfs is named after the lab: found even when `down` is given another
+        # directory than `up` was.
+        for engines in _mounts_named(f"{self.prefix}engines"):
+            for mount in _mounts_under(Path(engines)):
+                _run(["umount", "-l", mount], check=False)
+            removed.append(f"mount {engines}")
         if self.directory.exists() and (self.directory / SWEEP_MARKER).exists():
             for mount in _mounts_under(self.directory):
                 _run(["umount", "-l", mount], check=False)
@@ -672,6 +678,20 @@ def _wait_gone(pids: list[int], seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def _mounts_named(source: str) -> list[str]:
+    """Mount points of the filesystems whose source is `source` (e.g. a named tmpfs)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        fields = line.split()
+        if " - " in line and line.split(" - ", 1)[1].split()[1:2] == [source]:
+            found.append(fields[4])
+    return found
 
 
 def _mounts_under(directory: Path) -> list[str]:
