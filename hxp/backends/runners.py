@@ -284,7 +284,10 @@ class SshRunner(CommandRunner):
         self.description = f"ssh {user + '@' if user else ''}{address}:{port}"
         self.control_path: Path | None = None
         if control_dir is not None:
-            name = hashlib.sha256(f"{user or ''}@{address}:{port}".encode()).hexdigest()[:10]
+            # The key and the pinned known_hosts are part of the name: a connection made under
+            # one stack's pins is never reused by a runner with other pins.
+            who = f"{user or ''}@{address}:{port}|{identity_file or ''}|{known_hosts or ''}"
+            name = hashlib.sha256(who.encode()).hexdigest()[:10]
             self.control_path = Path(control_dir) / f"hxp-{name}"
 
     def options(self) -> list[str]:

@@ -68,9 +68,17 @@ def test_host_keys_are_pinned_to_the_given_file_and_connections_shared(tmp_path:
     assert SshRunner("198.18.0.3", "root", control_dir=tmp_path).control_path != (
         runner.control_path
     )
-    assert SshRunner("198.18.0.2", "root", control_dir=tmp_path).control_path == (
-        runner.control_path
+    same = SshRunner(
+        "198.18.0.2",
+        "root",
+        identity_file="/k/id",
+        known_hosts="/k/known_hosts",
+        control_dir=tmp_path,
     )
+    assert same.control_path == runner.control_path
+    # Other pins never reuse a connection made under these.
+    other = SshRunner("198.18.0.2", "root", known_hosts="/other/known_hosts", control_dir=tmp_path)
+    assert other.control_path != runner.control_path
 
 
 def test_control_sockets_stay_short(tmp_path: Path) -> None:
