@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hxp.errors import GpuAllocationError
 from hxp.gpu_alloc import GpuInfo, choose_gpus
+from hxp.io.gpus import describe, discover_gpus
 from hxp.spec import GpuSpec, HostSpec, ModelSpec
-from tasks.gpus import describe, discover_gpus
 
 SMALL_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 # Its config.json (the fields the memory calculator reads), as published on the Hub.

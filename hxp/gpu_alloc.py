@@ -18,7 +18,7 @@ from hxp.errors import GpuAllocationError
 from hxp.spec import HostSpec, ModelSpec
 
 GIB = 1024**3
-GpuSource = Literal["nvml", "declared"]
+GpuSource = Literal["nvml", "nvidia-smi", "declared"]
 
 
 @dataclass(frozen=True)

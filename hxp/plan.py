@@ -73,6 +73,9 @@ class Plan:
     order: tuple[str, ...]
     actions: tuple[Action, ...] = field(default=())
     noops: tuple[NoOp, ...] = field(default=())
+    # Things the operator should know that change nothing by themselves, e.g. a host whose
+    # discovered GPUs differ from its declared `gpus:` (hxp.io.gpus.gpu_plan_warnings).
+    warnings: tuple[str, ...] = field(default=())
 
     @property
     def changes(self) -> bool:
@@ -80,7 +83,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form (docs/plan-format.md)."""
-        return {
+        data: dict[str, Any] = {
             "format": PLAN_FORMAT,
             "stack": self.stack,
             "config_hash": self.config_hash,
@@ -89,6 +92,9 @@ class Plan:
             "actions": [{**asdict(a), "kind": a.kind.value} for a in self.actions],
             "noops": [asdict(n) for n in self.noops],
         }
+        if self.warnings:
+            data["warnings"] = list(self.warnings)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -100,6 +106,7 @@ class Plan:
             lines.append(f"  {a.kind.value:<7} {a.instance:<24} {a.reason}")
         for n in self.noops:
             lines.append(f"  {'ok':<7} {n.instance:<24} {n.reason}")
+        lines.extend(f"  warning: {w}" for w in self.warnings)
         verdict = f"{len(self.actions)} to change" if self.changes else "No changes"
         lines.append(f"{verdict}, {len(self.noops)} unchanged.")
         return "\n".join(lines)

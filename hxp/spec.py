@@ -6,6 +6,8 @@ reach a unit file, a command line or a YAML document.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
@@ -143,8 +145,15 @@ def _check_version(value: Any) -> Any:
 
 
 def _check_address(value: str) -> str:
-    if not _HOSTNAME_RE.fullmatch(value) and not re.fullmatch(r"[0-9a-fA-F:.]+", value):
-        raise ValueError(f"invalid host address {value!r}")
+    """An IPv4 or IPv6 address, or a host name whose last label is not all digits (so that
+    `10.0.0.300` is neither)."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.fullmatch(value) or value.rsplit(".", 1)[-1].isdigit():
+        raise ValueError(f"invalid host address {value!r}: neither an IP address nor a host name")
     return value
 
 
@@ -160,6 +169,12 @@ def _check_abs_path(value: str) -> str:
         raise ValueError(f"invalid path {value!r}: must be absolute, without '..'")
     if re.search(r"[\s\"'\\$`;&|<>*?%]", value):
         raise ValueError(f"invalid path {value!r}: no spaces, quotes or shell characters")
+    return value
+
+
+def _check_file(value: str) -> str:
+    if not os.path.isfile(value):
+        raise ValueError(f"file {value!r} does not exist")
     return value
 
 
@@ -242,6 +257,7 @@ Url = Annotated[str, AfterValidator(_check_url)]
 ImageRef = Annotated[str, AfterValidator(_check_image)]
 AbsPath = Annotated[str, AfterValidator(_check_abs_path)]
 UserName = Annotated[str, AfterValidator(_check_user)]
+ExistingFile = Annotated[str, AfterValidator(_check_abs_path), AfterValidator(_check_file)]
 Version = Annotated[str, BeforeValidator(_check_version)]
 
 
@@ -279,6 +295,27 @@ class HostSpec(_Model):
         description="Prefect work pool whose worker deploys this host's units "
         "(deploy-stack with dispatch)",
     )
+    ssh_key: ExistingFile | None = Field(
+        default=None, description="ssh: the private key to log in with"
+    )
+    known_hosts: ExistingFile | None = Field(
+        default=None, description="ssh: the only known_hosts file trusted (host keys pinned)"
+    )
+    docker_socket: AbsPath | None = Field(
+        default=None,
+        description="docker over ssh: the engine's socket on the host "
+        "(default /var/run/docker.sock)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_ssh(self, handler: Any) -> Any:
+        # Left out when unset, so adding these fields changed no existing unit's config hash.
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("ssh_key", "known_hosts", "docker_socket"):
+                if data.get(key) is None:
+                    data.pop(key, None)
+        return data
 
     @model_validator(mode="after")
     def _runner_needs(self) -> HostSpec:
@@ -800,13 +837,18 @@ class Stack(_Model):
                 yield f"models.{name}.gpus: host {model.host!r} has no GPU {missing}"
 
     def _port_conflicts(self) -> Iterator[str]:
+        # Host entries with the same address are one machine: their ports clash too.
+        machine = {n: h.address or f"host {n}" for n, h in self.hosts.items()}
         taken: dict[tuple[str, int], str] = {}
         for kind, name, host, port, replicas in self._port_claims():
             for i in range(replicas):
-                key = (host, port + i)
+                key = (machine.get(host, host), port + i)
                 owner = f"{kind}.{name}"
                 if key in taken and taken[key] != owner:
-                    yield f"{owner}: port {port + i} on host {host!r} already used by {taken[key]}"
+                    spec = self.hosts.get(host)
+                    address = spec.address if spec is not None else None
+                    where = f"host {host!r}" + (f" ({address})" if address else "")
+                    yield f"{owner}: port {port + i} on {where} already used by {taken[key]}"
                     break
                 taken[key] = owner
 

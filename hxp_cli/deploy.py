@@ -4,6 +4,7 @@ the backends and the store say about them."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -22,6 +23,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         observed = observe_all(effective.stack, state_dir(args))
     plan = plan_stack(effective.stack, observed, effective.content_hash)
+    if not args.offline:
+        from hxp.io.gpus import gpu_plan_warnings
+
+        warnings = gpu_plan_warnings(effective.stack, state_dir(args))
+        plan = dataclasses.replace(plan, warnings=plan.warnings + warnings)
     if args.json:
         print(plan.to_json())
     else:

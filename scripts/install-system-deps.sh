@@ -16,6 +16,9 @@ wanted=(
   "promtool prometheus"
   "prometheus-pushgateway prometheus-pushgateway"
   "prometheus-alertmanager prometheus-alertmanager"
+  "ssh openssh-client"
+  "ssh-keygen openssh-client"
+  "sshd openssh-server"
 )
 
 missing=()

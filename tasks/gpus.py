@@ -1,172 +1,30 @@
-"""GPU discovery through NVML (nvidia-ml-py, imported as `pynvml`), with a declared fallback.
-
-`GpuProbe` is the seam: `NvmlProbe` asks the driver on this machine; `DeclaredProbe` reads the
-host's `gpus:` from the stack. `discover_gpus` tries NVML for a local host and falls back to the
-declared GPUs with a note saying why (no driver or library, or a remote host, whose GPUs NVML on
-this machine cannot see).
+"""GPU placement of model instances: choosing GPUs under the host's reservations lock, the
+blue-green surge decision, releasing reservations. Discovery (NVML, nvidia-smi, declared) lives
+in hxp.io.gpus.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 from hxp.gpu_alloc import (
     GpuInfo,
-    GpuProcess,
-    GpuSource,
     Reservation,
     choose_gpus,
-    declared_gpus,
     explicit_gpus,
     host_key,
     lock_name,
 )
+from hxp.io.gpus import GpuProbe, discover_gpus
 from hxp.io.lock import stack_lock
 from hxp.lifecycle import SurgeDecision, surge_decision
-from hxp.spec import HostSpec, ModelSpec, Stack
+from hxp.spec import ModelSpec, Stack
 from hxp.store import Store
 from hxp.units import UnitInstance
-
-
-class GpuProbe(Protocol):
-    """Something that lists a machine's GPUs."""
-
-    def devices(self) -> list[GpuInfo]: ...
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-class NvmlProbe:
-    """The GPUs of this machine, through NVML. `nvml` is the pynvml module (or a stand-in)."""
-
-    def __init__(self, nvml: Any = None) -> None:
-        self._nvml = nvml
-
-    def _module(self) -> Any:
-        if self._nvml is None:
-            import pynvml  # type: ignore[import-untyped]
-
-            self._nvml = pynvml
-        return self._nvml
-
-    def devices(self) -> list[GpuInfo]:
-        nvml = self._module()
-        nvml.nvmlInit()
-        try:
-            return [self._device(nvml, i) for i in range(nvml.nvmlDeviceGetCount())]
-        finally:
-            nvml.nvmlShutdown()
-
-    @staticmethod
-    def _device(nvml: Any, index: int) -> GpuInfo:
-        handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        memory = _memory(nvml, handle)
-        try:
-            utilization: int | None = int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-        except Exception:  # NVMLError_NotSupported on some boards and MIG instances
-            utilization = None
-        try:
-            processes = tuple(
-                GpuProcess(pid=int(p.pid), used_bytes=p.usedGpuMemory)
-                for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-            )
-        except Exception:  # not supported, or no permission to see other users' processes
-            processes = ()
-        return GpuInfo(
-            index=index,
-            uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-            name=_text(nvml.nvmlDeviceGetName(handle)),
-            total_bytes=int(memory.total),
-            free_bytes=int(memory.free),
-            used_bytes=int(memory.used),
-            utilization_pct=utilization,
-            processes=processes,
-            source="nvml",
-        )
-
-
-def _memory(nvml: Any, handle: Any) -> Any:
-    """Memory as CUDA (and so vLLM) sees it: NVML's v1 total includes what the driver reserves
-    for itself (about 0.46 GiB on an H100 80GB HBM3: 79.65 GiB by NVML, 79.19 GiB by
-    ``cudaMemGetInfo``) and counts it as used. The v2 call reports that reserve apart; it is
-    taken off the total and the used memory here so that utilization x total is vLLM's budget."""
-    version = getattr(nvml, "nvmlMemory_v2", None)
-    if version is not None:
-        with contextlib.suppress(Exception):  # older drivers: no nvmlDeviceGetMemoryInfo_v2
-            m = nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
-            reserved = int(getattr(m, "reserved", 0))
-            return _Memory(int(m.total) - reserved, int(m.free), int(m.used))
-    return nvml.nvmlDeviceGetMemoryInfo(handle)
-
-
-@dataclass(frozen=True)
-class _Memory:
-    total: int
-    free: int
-    used: int
-
-
-class DeclaredProbe:
-    """The GPUs a host declares in the stack (`hosts.<name>.gpus`): no free memory known."""
-
-    def __init__(self, host: HostSpec) -> None:
-        self.host = host
-
-    def devices(self) -> list[GpuInfo]:
-        return declared_gpus(self.host)
-
-
-@dataclass(frozen=True)
-class GpuDiscovery:
-    """What discovery found, where from, and (for a fallback) why."""
-
-    devices: list[GpuInfo]
-    source: GpuSource
-    note: str = ""
-
-
-def discover_gpus(host_name: str, host: HostSpec, probe: GpuProbe | None = None) -> GpuDiscovery:
-    """The host's GPUs: NVML on a local host, else (or when NVML fails) the declared ones."""
-    declared = DeclaredProbe(host).devices()
-    fallback = f"using the {len(declared)} GPU(s) declared under hosts.{host_name}.gpus"
-    if host.runner != "local":
-        return GpuDiscovery(
-            declared,
-            "declared",
-            f"host {host_name!r} is reached by {host.runner}: NVML sees only this machine; "
-            + fallback,
-        )
-    try:
-        found = (probe or NvmlProbe()).devices()
-    except Exception as exc:  # no library, no driver, no device nodes
-        reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-        return GpuDiscovery(declared, "declared", f"NVML unavailable ({reason}); {fallback}")
-    return GpuDiscovery(found, "nvml")
-
-
-def describe(discovery: GpuDiscovery) -> list[str]:
-    """One line per GPU, for logs and `bench/gpu_check.py`."""
-    gib = 1024**3
-    lines = []
-    for d in discovery.devices:
-        memory = f"{d.total_bytes / gib:.1f} GiB total"
-        if d.free_bytes is not None:
-            memory += f", {d.free_bytes / gib:.1f} GiB free"
-        if d.used_bytes is not None:
-            memory += f", {d.used_bytes / gib:.1f} GiB used"
-        extra = f", {d.utilization_pct}% busy" if d.utilization_pct is not None else ""
-        procs = f", {len(d.processes)} process(es)" if d.processes else ""
-        label = d.name or "GPU"
-        uuid = f" {d.uuid}" if d.uuid else ""
-        lines.append(f"GPU {d.index}: {label}{uuid} ({memory}{extra}{procs}) [{d.source}]")
-    return lines
 
 
 @dataclass(frozen=True)
@@ -199,7 +57,7 @@ def allocate_unit_gpus(
     store = Store(state_dir)
     chosen: dict[str, UnitInstance] = {}
     with stack_lock(state_dir, lock_name(key), holder):
-        found = discover_gpus(spec.host, host, probe)
+        found = discover_gpus(spec.host, host, probe, state_dir)
         held = store.reservations(key)
         # Choose for every instance first: one that cannot be placed leaves nothing reserved.
         for name in wanted:
@@ -240,7 +98,7 @@ def surge_for(
     if inst.gpu_count and mode != "never":
         host = stack.hosts[spec.host]
         key = host_key(spec.host, host)
-        devices = discover_gpus(spec.host, host, probe).devices
+        devices = discover_gpus(spec.host, host, probe, state_dir).devices
         reservations = Store(state_dir).reservations(key)
         same = [h for h, hs in stack.hosts.items() if host_key(h, hs) == key]
         listed = explicit_gpus(stack.models, same, inst.unit)
@@ -251,17 +109,3 @@ def surge_for(
 def release_gpus(stack: Stack, state_dir: str | Path, instance: str) -> list[int]:
     """Drop an instance's GPU reservations (it was removed); returns the GPUs it held."""
     return [r.gpu_index for r in Store(state_dir).release(stack.stack, instance)]
-
-
-__all__ = [
-    "DeclaredProbe",
-    "GpuDiscovery",
-    "GpuPlacement",
-    "GpuProbe",
-    "NvmlProbe",
-    "allocate_unit_gpus",
-    "describe",
-    "discover_gpus",
-    "release_gpus",
-    "surge_for",
-]

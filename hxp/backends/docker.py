@@ -46,6 +46,7 @@ from hxp.backends.base import (
     UnitRef,
     Update,
 )
+from hxp.backends.runners import SshRunner, runner_for
 from hxp.errors import BackendError
 from hxp.plan import ObservedUnit
 from hxp.spec import HealthSpec, HostSpec, RestartPolicy
@@ -57,6 +58,7 @@ LABEL_STOP_TIMEOUT = "hxp.stop-timeout"
 LABEL_RESTART = "hxp.restart"
 
 PREVIOUS_SUFFIX = "-prev"
+DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
 ON_FAILURE_RETRIES = 5
 NANOSECONDS = 1_000_000_000
 DEFAULT_GRACE = 10.0
@@ -393,11 +395,7 @@ class DockerBackend:
                 case "local":
                     client = docker.from_env()
                 case "ssh":
-                    user = f"{self.host.ssh_user}@" if self.host.ssh_user else ""
-                    client = docker.DockerClient(
-                        base_url=f"ssh://{user}{self.host.address}:{self.host.ssh_port}",
-                        use_ssh_client=True,
-                    )
+                    client = docker.DockerClient(base_url=f"unix://{self._forwarded_socket()}")
                 case "docker-exec":
                     raise BackendError(
                         f"host {self.host_name!r}: the docker backend runs on a local or ssh "
@@ -408,6 +406,20 @@ class DockerBackend:
             raise BackendError(f"cannot reach {where}: {exc}", transient=True) from exc
         self._docker = client
         return client
+
+    def _forwarded_socket(self) -> Path:
+        """A local socket reaching the host's engine through the host's shared ssh connection.
+
+        The SDK's own `ssh://` transport runs `ssh HOST docker system dial-stdio` without any
+        options (no pinned known_hosts, key or connection sharing) and needs the docker CLI
+        on the host; forwarding the engine's socket over the SshRunner's master keeps all of
+        those, and every API call is a channel of the one connection."""
+        runner = runner_for(self.host, state_dir=self.state_dir)
+        if not isinstance(runner, SshRunner) or runner.control_path is None:
+            raise BackendError(f"host {self.host_name!r}: docker over ssh needs an ssh runner")
+        remote = self.host.docker_socket or DEFAULT_DOCKER_SOCKET
+        local = runner.control_path.with_name(runner.control_path.name + ".docker")
+        return runner.forward_unix_socket(remote, local)
 
     @contextmanager
     def _errors(self, ref: UnitRef | None) -> Iterator[None]:

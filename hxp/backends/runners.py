@@ -2,16 +2,22 @@
 
 Commands are argv lists end to end. ssh joins its arguments into one string for the remote
 shell, so SshRunner quotes every element with shlex.quote; the others never use a shell.
-Every call has a timeout; a timeout or a lost connection is a transient BackendError.
+Every call has a timeout; a timeout or a lost connection is a transient BackendError, a refused
+host key or login over ssh a permanent one (SshFailure says which).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shlex
+import socket
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -180,8 +186,81 @@ class LocalRunner(CommandRunner):
             raise BackendError(f"local: cannot read {path}: {exc}") from None
 
 
+class SshFailure(StrEnum):
+    """Why ssh could not run a command (it exits 255 for all of them), and what it is worth."""
+
+    HOST_KEY = "host-key"  # the key the host presents is not the one pinned: permanent
+    AUTH = "auth"  # our key was refused: permanent
+    CONFIG = "config"  # bad option, missing key file, unknown host name: permanent
+    UNREACHABLE = "unreachable"  # refused, timed out, no route, dropped: transient
+
+    @property
+    def transient(self) -> bool:
+        return self is SshFailure.UNREACHABLE
+
+
+# ssh's own messages (OpenSSH 9.x), checked in order; anything else at exit 255 is taken for a
+# lost connection (transient), as before.
+_SSH_FAILURES = (
+    (
+        SshFailure.HOST_KEY,
+        (
+            "host key verification failed",
+            "remote host identification has changed",
+            "host key is known for",
+            "host key for ",
+        ),
+    ),
+    (SshFailure.AUTH, ("permission denied (", "too many authentication failures")),
+    (
+        SshFailure.CONFIG,
+        (
+            "bad configuration option",
+            "could not resolve hostname",
+            "no such identity",
+            "load key",
+            "command-line line",
+            "bad port",
+        ),
+    ),
+)
+
+
+def classify_ssh_failure(stderr: str) -> SshFailure:
+    """The kind of an ssh failure (exit 255), from ssh's message."""
+    lowered = stderr.lower()
+    for kind, markers in _SSH_FAILURES:
+        if any(m in lowered for m in markers):
+            return kind
+    return SshFailure.UNREACHABLE
+
+
+def control_dir_for(state_dir: str | Path) -> Path:
+    """Where the ssh control sockets of a state dir live: STATE/ssh, or a short directory under
+    /tmp named after it when that path is too long for a unix socket (108 bytes, and ssh adds a
+    random suffix while it binds)."""
+    preferred = Path(state_dir).resolve() / "ssh"
+    if len(str(preferred)) <= _CONTROL_DIR_MAX:
+        return preferred
+    digest = hashlib.sha256(str(preferred).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"hxp-ssh-{os.geteuid()}-{digest}"
+
+
+# The socket's name is 14 characters, ssh binds a name 17 characters longer first.
+_CONTROL_DIR_MAX = 104 - 1 - 14 - 17 - 1
+_MASTER_LOCKS: dict[str, threading.Lock] = {}
+_MASTER_LOCKS_GUARD = threading.Lock()
+
+
 class SshRunner(CommandRunner):
-    """Commands over ssh (BatchMode: never a password prompt); argv quoted for the remote shell."""
+    """Commands over ssh (BatchMode: never a password prompt); argv quoted for the remote shell.
+
+    Host keys are pinned: with `known_hosts`, only that file is trusted, and an unknown or
+    changed key is refused (StrictHostKeyChecking=yes) with a message naming the host. With
+    `control_dir`, every command shares one multiplexed connection (a ControlMaster started on
+    first use, kept `control_persist` seconds after the last one), so many commands open one
+    TCP connection, not one each.
+    """
 
     def __init__(
         self,
@@ -189,32 +268,208 @@ class SshRunner(CommandRunner):
         user: str | None = None,
         port: int = 22,
         timeout: float = DEFAULT_TIMEOUT,
+        *,
+        identity_file: str | None = None,
+        known_hosts: str | None = None,
+        control_dir: str | Path | None = None,
+        control_persist: int = 300,
     ) -> None:
         super().__init__(timeout)
         self.address = address
         self.user = user
         self.port = port
+        self.identity_file = identity_file
+        self.known_hosts = known_hosts
+        self.control_persist = control_persist
         self.description = f"ssh {user + '@' if user else ''}{address}:{port}"
+        self.control_path: Path | None = None
+        if control_dir is not None:
+            # The key and the pinned known_hosts are part of the name: a connection made under
+            # one stack's pins is never reused by a runner with other pins.
+            who = f"{user or ''}@{address}:{port}|{identity_file or ''}|{known_hosts or ''}"
+            name = hashlib.sha256(who.encode()).hexdigest()[:10]
+            self.control_path = Path(control_dir) / f"hxp-{name}"
 
-    def command(self, argv: list[str], interactive: bool) -> list[str]:
+    def options(self) -> list[str]:
+        """The ssh options every invocation shares (connection, identity, pinned host keys)."""
         local = [
-            "ssh",
             "-o",
             "BatchMode=yes",
             "-o",
             f"ConnectTimeout={SSH_CONNECT_TIMEOUT}",
             "-o",
             "ServerAliveInterval=15",
-            "-p",
-            str(self.port),
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "StrictHostKeyChecking=yes",
         ]
+        if self.known_hosts:
+            local += [
+                "-o",
+                f"UserKnownHostsFile={self.known_hosts}",
+                "-o",
+                "GlobalKnownHostsFile=/dev/null",
+            ]
+        if self.identity_file:
+            local += ["-o", f"IdentityFile={self.identity_file}", "-o", "IdentitiesOnly=yes"]
+        local += ["-p", str(self.port)]
         if self.user:
             local += ["-l", self.user]
+        return local
+
+    def command(self, argv: list[str], interactive: bool) -> list[str]:
+        local = ["ssh", *self.options()]
+        if self.control_path is not None:
+            self.ensure_master()
+            local += ["-o", "ControlMaster=no", "-o", f"ControlPath={self.control_path}"]
         # ssh joins everything after the host with spaces into one remote shell command line.
         return [*local, "--", self.address, shlex.join(argv)]
 
     def connection_failed(self, result: RunResult) -> bool:
-        return result.returncode == SSH_CONNECTION_FAILED
+        if result.returncode != SSH_CONNECTION_FAILED:
+            return False
+        kind = classify_ssh_failure(result.error_text)
+        if not kind.transient:
+            raise self._refused(kind, result.error_text)
+        return True
+
+    def _refused(self, kind: SshFailure, stderr: str) -> BackendError:
+        match kind:
+            case SshFailure.HOST_KEY:
+                pinned = self.known_hosts or "the user's known_hosts"
+                why = (
+                    f"host key verification failed for {self.address}: the key it presents "
+                    f"is not the one pinned in {pinned}; refusing to connect (if the host was "
+                    "reinstalled, replace its line there)"
+                )
+            case SshFailure.AUTH:
+                key = self.identity_file or "the default keys"
+                why = f"{self.address} refused our key ({key})"
+            case SshFailure.CONFIG | SshFailure.UNREACHABLE:
+                why = "ssh cannot connect as configured"
+        return BackendError(f"{self.description}: {why}: {_tail(stderr, 300)}")
+
+    # ---------------------------------------------------------------- multiplexing
+
+    def master_alive(self) -> bool:
+        """Whether a master listens on the control socket (a stale file does not count)."""
+        if self.control_path is None:
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.control_path))
+            except OSError:
+                return False
+        return True
+
+    def ensure_master(self) -> None:
+        """Start the shared connection unless one is up: once per process and host, under a
+        lock (threads here) and a file lock (other processes), so parallel commands never race
+        to open connections of their own."""
+        path = self.control_path
+        if path is None or self.master_alive():
+            return
+        with _MASTER_LOCKS_GUARD:
+            lock = _MASTER_LOCKS.setdefault(str(path), threading.Lock())
+        with lock:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(f"{path}.lock", "a") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                if self.master_alive():
+                    return
+                path.unlink(missing_ok=True)
+                argv = [
+                    "ssh",
+                    *self.options(),
+                    "-o",
+                    "ControlMaster=yes",
+                    "-o",
+                    f"ControlPath={path}",
+                    "-o",
+                    f"ControlPersist={self.control_persist}",
+                    "-o",
+                    "StreamLocalBindUnlink=yes",
+                    "-N",
+                    "-f",
+                    "--",
+                    self.address,
+                ]
+                result = self._client(argv, "start the shared connection")
+                if result.returncode != 0:
+                    kind = classify_ssh_failure(result.error_text)
+                    if not kind.transient:
+                        raise self._refused(kind, result.error_text)
+                    raise BackendError(
+                        f"{self.description}: connection failed: {_tail(result.error_text)}",
+                        transient=True,
+                    )
+
+    def _client(self, argv: list[str], what: str) -> RunResult:
+        # The master goes to the background with its output on /dev/null (ssh -f); a file, not
+        # a pipe, takes what it says before that, so nothing waits on the lingering process.
+        with tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.run(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    timeout=SSH_CONNECT_TIMEOUT + 10,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise BackendError(
+                    f"{self.description}: {what}: timed out", transient=True
+                ) from None
+            except OSError as exc:
+                raise BackendError(f"{self.description}: cannot run ssh: {exc}") from None
+            err.seek(0)
+            return RunResult(proc.returncode, b"", err.read())
+
+    def forward_unix_socket(self, remote: str, local: str | Path) -> Path:
+        """Make `local` a socket that reaches the host's unix socket `remote` through the shared
+        connection (how the Docker backend talks to a remote engine with these ssh options)."""
+        if self.control_path is None:
+            raise BackendError(f"{self.description}: forwarding needs a control directory")
+        self.ensure_master()
+        argv = [
+            "ssh",
+            *self.options(),
+            "-o",
+            f"ControlPath={self.control_path}",
+            "-O",
+            "forward",
+            "-L",
+            f"{local}:{remote}",
+            "--",
+            self.address,
+        ]
+        result = self._client(argv, f"forward {remote}")
+        if result.returncode != 0:
+            raise BackendError(
+                f"{self.description}: cannot forward {remote}: {_tail(result.error_text)}",
+                transient=classify_ssh_failure(result.error_text).transient,
+            )
+        return Path(local)
+
+    def close(self) -> None:
+        """End the shared connection (if any)."""
+        if self.control_path is None or not self.master_alive():
+            return
+        self._client(
+            [
+                "ssh",
+                *self.options(),
+                "-o",
+                f"ControlPath={self.control_path}",
+                "-O",
+                "exit",
+                "--",
+                self.address,
+            ],
+            "close the shared connection",
+        )
 
 
 class DockerExecRunner(CommandRunner):
@@ -238,15 +493,26 @@ class DockerExecRunner(CommandRunner):
         )
 
 
-def runner_for(host: HostSpec, timeout: float = DEFAULT_TIMEOUT) -> Runner:
-    """The runner that reaches `host`."""
+def runner_for(
+    host: HostSpec, timeout: float = DEFAULT_TIMEOUT, state_dir: str | Path | None = None
+) -> Runner:
+    """The runner that reaches `host`; with `state_dir`, ssh connections are shared through
+    control sockets there (control_dir_for)."""
     match host.runner:
         case "local":
             return LocalRunner(timeout)
         case "ssh":
             if host.address is None:
                 raise BackendError("runner 'ssh' needs an address")
-            return SshRunner(host.address, host.ssh_user, host.ssh_port, timeout)
+            return SshRunner(
+                host.address,
+                host.ssh_user,
+                host.ssh_port,
+                timeout,
+                identity_file=host.ssh_key,
+                known_hosts=host.known_hosts,
+                control_dir=control_dir_for(state_dir) if state_dir is not None else None,
+            )
         case "docker-exec":
             if host.container is None:
                 raise BackendError("runner 'docker-exec' needs a container")

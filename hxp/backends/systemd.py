@@ -235,7 +235,7 @@ class SystemdBackend:
     ) -> None:
         self.host_name = host_name
         self.host = host
-        self.runner = runner if runner is not None else runner_for(host)
+        self.runner = runner if runner is not None else runner_for(host, state_dir=state_dir)
 
     # ---------------------------------------------------------------- paths
 

@@ -127,10 +127,10 @@ class NvmlWithoutDriver:
 
 @pytest.fixture
 def declared_gpus_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tasks.gpus
+    import hxp.io.gpus
 
-    real = tasks.gpus.NvmlProbe
-    monkeypatch.setattr(tasks.gpus, "NvmlProbe", lambda: real(NvmlWithoutDriver()))
+    real = hxp.io.gpus.NvmlProbe
+    monkeypatch.setattr(hxp.io.gpus, "NvmlProbe", lambda: real(NvmlWithoutDriver()))
 
 
 @pytest.fixture
@@ -499,7 +499,7 @@ def test_gpu_one_at_a_time_gates_the_restored_replica_with_its_own_revision(  # 
 # `hxp apply` with the NVML double above in place (a subprocess does not see monkeypatch).
 ORCHESTRATOR = """\
 import sys
-import tasks.gpus
+import hxp.io.gpus
 
 
 class NvmlLibraryNotFound(Exception):
@@ -514,8 +514,8 @@ class NvmlWithoutDriver:
         pass
 
 
-real = tasks.gpus.NvmlProbe
-tasks.gpus.NvmlProbe = lambda: real(NvmlWithoutDriver())
+real = hxp.io.gpus.NvmlProbe
+hxp.io.gpus.NvmlProbe = lambda: real(NvmlWithoutDriver())
 from hxp_cli import main
 
 sys.exit(main(sys.argv[1:]))

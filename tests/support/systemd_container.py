@@ -26,13 +26,14 @@ SUITE = "bookworm"
 LABEL = "hxp-test"
 
 
-_MARKER_TEXT = f"{SUITE} {PACKAGES}\n"
+def _marker(packages: str) -> str:
+    return f"{SUITE} {packages}\n"
 
 
-def _complete(cache: Path) -> bool:
+def _complete(cache: Path, packages: str = PACKAGES) -> bool:
     """A finished build of the same suite and packages."""
     try:
-        return (cache / COMPLETE_MARKER).read_text() == _MARKER_TEXT
+        return (cache / COMPLETE_MARKER).read_text() == _marker(packages)
     except OSError:
         return False
 
@@ -42,16 +43,17 @@ def systemd_root_available() -> bool:
     return _complete(CACHE_DIR) or (shutil.which("debootstrap") is not None and os.geteuid() == 0)
 
 
-def debian_systemd_root(cache: Path = CACHE_DIR) -> Path:
-    """The cached Debian root with systemd, building it (about 90 s) if none is complete."""
-    if _complete(cache):
+def debian_systemd_root(cache: Path = CACHE_DIR, packages: str = PACKAGES) -> Path:
+    """The cached Debian root with systemd, building it (about 90 s) if none is complete.
+    `packages` (comma-separated, for debootstrap) may add to the default set."""
+    if _complete(cache, packages):
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{cache.name}-build-", dir=cache.parent))
     try:
         root = build / "root"
         done = subprocess.run(
-            ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(root)],
+            ["debootstrap", "--variant=minbase", f"--include={packages}", SUITE, str(root)],
             capture_output=True,
             text=True,
             timeout=1800,
@@ -66,13 +68,13 @@ def debian_systemd_root(cache: Path = CACHE_DIR) -> Path:
             link = root / "etc/systemd/system/getty.target.wants" / unit
             link.unlink(missing_ok=True)
         (root / "etc/machine-id").write_text("")
-        (root / COMPLETE_MARKER).write_text(_MARKER_TEXT)
-        if cache.exists() and not _complete(cache):  # an interrupted older layout
+        (root / COMPLETE_MARKER).write_text(_marker(packages))
+        if cache.exists() and not _complete(cache, packages):  # an interrupted older layout
             shutil.rmtree(cache)
         try:
             root.rename(cache)
         except OSError:
-            if not _complete(cache):  # else another test run finished first: use its build
+            if not _complete(cache, packages):  # else another run finished first: use its build
                 raise
     finally:
         shutil.rmtree(build, ignore_errors=True)

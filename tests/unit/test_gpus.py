@@ -13,10 +13,11 @@ import pytest
 
 from hxp.errors import GpuAllocationError
 from hxp.gpu_alloc import GIB, GpuInfo, GpuProcess
+from hxp.io.gpus import DeclaredProbe, NvmlProbe, describe, discover_gpus
 from hxp.spec import GpuSpec, HostSpec
 from hxp.store import Store
 from hxp.units import expand_units
-from tasks.gpus import DeclaredProbe, NvmlProbe, allocate_unit_gpus, describe, discover_gpus
+from tasks.gpus import allocate_unit_gpus
 from tests.support.render_data import stack_from_data
 
 REPO = Path(__file__).resolve().parents[2]
