@@ -636,11 +636,7 @@ def gateway_of(ctx: DeployContext) -> NginxGateway:
 
 
 def _swap(ctx: DeployContext, unit: str, remove: int | None, add: int | None) -> None:
-    gateway = gateway_of(ctx)
-    ports = [p for p in gateway.live().get(unit, []) if p != remove]
-    if add is not None and add not in ports:
-        ports.append(add)
-    gateway.set_upstream(unit, ports)
+    gateway_of(ctx).swap(unit, remove, add)
 
 
 def _route(

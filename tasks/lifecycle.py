@@ -134,11 +134,7 @@ def _state(store: Store, stack: str, instance: str) -> State:
 def _gateway_remove(ctx: DeployContext, unit: str, ports: Iterable[int]) -> None:
     if not routed(ctx.stack, unit):
         return
-    gateway = gateway_of(ctx)
-    drop = set(ports)
-    live = gateway.live().get(unit, [])
-    if drop & set(live):
-        gateway.set_upstream(unit, [p for p in live if p not in drop])
+    gateway_of(ctx).remove(unit, *ports)
 
 
 def _gateway_add(
@@ -147,10 +143,11 @@ def _gateway_add(
     if not routed(ctx.stack, unit):
         return
     gateway = gateway_of(ctx)
-    live = [p for p in gateway.live().get(unit, []) if p != drop]
-    new = live + [p for p in ports if p not in live]
-    if new != gateway.live().get(unit, []):
-        gateway.set_upstream(unit, new)
+    if drop is None:
+        gateway.add(unit, *ports)
+    else:
+        (port,) = ports
+        gateway.swap(unit, drop, port)
 
 
 def _drain_all(instances: Sequence[UnitInstance], cap: float) -> list[str]:
@@ -376,16 +373,11 @@ def stop_unit(
 @task(name="stop-gateway", task_run_name="stop-gateway-{ctx.stack.stack}", cache_policy=NO_CACHE)
 def stop_gateway(ctx: DeployContext) -> bool:
     """The whole stack is stopped: stop nginx and clear what it owns (pid, temporary files)."""
-    import shutil
-
     if ctx.stack.gateway is None:
         return False
     gateway = gateway_of(ctx)
     stopped = gateway.stop()
-    for leftover in ("nginx.pid", "nginx.conf.new"):
-        (gateway.prefix / leftover).unlink(missing_ok=True)
-    shutil.rmtree(gateway.prefix / "tmp", ignore_errors=True)
-    gateway.upstreams_file.unlink(missing_ok=True)
+    gateway.clear()
     return stopped
 
 

@@ -394,14 +394,14 @@ def test_rolling_back_several_replicas_gives_each_its_own_port_back(  # type: ig
     # Slot 0 and slot 1 of each replica (blue-green: the other slot is each port + replicas).
     replicas = {"chat-0": {base, base + 2}, "chat-1": {base + 1, base + 3}}
     upstreams: list[list[int]] = []
-    real_set = NginxGateway.set_upstream
+    real_set = NginxGateway._set_upstream
 
     def spy(self, unit, ports):  # type: ignore[no-untyped-def]
         if unit == "chat":
             upstreams.append(sorted(ports))
         real_set(self, unit, ports)
 
-    monkeypatch.setattr(NginxGateway, "set_upstream", spy)
+    monkeypatch.setattr(NginxGateway, "_set_upstream", spy)
     bad = overlay(
         tmp_path,
         "bad",
@@ -444,7 +444,7 @@ def test_an_unexpected_error_mid_move_is_rolled_back_like_a_failed_gate(  # type
     stack = load_config([path], {}).stack
     assert stack.gateway is not None
     base = stack.models["chat"].port
-    real_set = NginxGateway.set_upstream
+    real_set = NginxGateway._set_upstream
     calls: list[list[int]] = []
 
     def flaky(self, unit, ports):  # type: ignore[no-untyped-def]
@@ -453,7 +453,7 @@ def test_an_unexpected_error_mid_move_is_rolled_back_like_a_failed_gate(  # type
             raise RuntimeError("injected: nginx config disk full")
         real_set(self, unit, ports)
 
-    monkeypatch.setattr(NginxGateway, "set_upstream", flaky)
+    monkeypatch.setattr(NginxGateway, "_set_upstream", flaky)
     with pytest.raises(DeployError) as err:
         deploy([path, revision(tmp_path, "r2")], state)
     monkeypatch.undo()
