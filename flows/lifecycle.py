@@ -33,7 +33,8 @@ from hxp.io.lock import stack_lock
 from hxp.lifecycle import CrashPolicy, ReloadKind, RollingPolicy, plan_reload
 from hxp.spec import Stack
 from hxp.store import Store
-from tasks.deploy import DeployContext, state_dir_of, sync_gateway
+from tasks.deploy import state_dir_of, sync_gateway
+from tasks.instances import RunContext
 from tasks.lifecycle import (
     RollResult,
     RollTarget,
@@ -111,7 +112,7 @@ def _summarise(run: GraphRun[Any], action: str) -> dict[str, Any]:
     }
 
 
-def _finish(ctx: DeployContext, summary: dict[str, Any], reconciled: list[str]) -> dict[str, Any]:
+def _finish(ctx: RunContext, summary: dict[str, Any], reconciled: list[str]) -> dict[str, Any]:
     store = ctx.store()
     summary["stack"] = ctx.stack.stack
     summary["reconciled"] = reconciled
@@ -138,7 +139,7 @@ def _finish(ctx: DeployContext, summary: dict[str, Any], reconciled: list[str]) 
 # --------------------------------------------------------------------------- start
 
 
-def _start(ctx: DeployContext, units: list[str]) -> dict[str, Any]:
+def _start(ctx: RunContext, units: list[str]) -> dict[str, Any]:
     graph = DependencyGraph(ctx.stack.dependencies())
     # A unit starts after its dependencies: those not named are started too when they are
     # not running (start_unit leaves a running one alone).
@@ -187,7 +188,7 @@ def start_stack(
 
 
 def _stop(
-    ctx: DeployContext, units: list[str], drain: bool, drain_timeout: float | None
+    ctx: RunContext, units: list[str], drain: bool, drain_timeout: float | None
 ) -> dict[str, Any]:
     graph = DependencyGraph(ctx.stack.dependencies()).inverted()
     run = run_ready_set(
@@ -241,7 +242,7 @@ def stop_stack(
 
 
 def _roll(
-    ctx: DeployContext,
+    ctx: RunContext,
     units: list[str],
     policy: RollingPolicy,
     drain_timeout: float | None,
@@ -502,7 +503,7 @@ def reload_stack(
         stack.stack, "reload", effective.content_hash, None, getpass.getuser(), str(flow_run.id)
     )
     store.save_snapshot(ConfigSnapshot.of(effective))
-    ctx = DeployContext(stack, state, deploy_id, effective.content_hash)
+    ctx = RunContext(stack, state, deploy_id, effective.content_hash)
     reloaded: list[str] = []
     targets: dict[str, RollTarget] = {}
     revisions: dict[str, int] = {}
@@ -545,9 +546,8 @@ def reload_stack(
                 rolled = _roll(ctx, sorted(targets), policy, None, targets)
             if plan.gateway and stack.gateway is not None:
                 from hxp.io.backups import backup_file
-                from tasks.deploy import gateway_of
 
-                backup_file(state, stack.stack, gateway_of(ctx).conf, "gateway config reload")
+                backup_file(state, stack.stack, ctx.gateway().conf, "gateway config reload")
                 sync_gateway(ctx)
         if rolled and not rolled["ok"]:
             raise LifecycleError(f"rolling update failed: {rolled['failed']}")
