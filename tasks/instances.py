@@ -54,6 +54,20 @@ LOG_LINES = 20
 # --------------------------------------------------------------------------- the run
 
 
+class _OneStore:
+    """The store of one run, opened on first use (by whichever thread comes first)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._store: Store | None = None
+
+    def get(self, state_dir: str) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = Store(state_dir)
+            return self._store
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every task of one run shares: the stack, the state directory, one store (one
@@ -65,8 +79,7 @@ class RunContext:
     state_dir: str
     deploy_id: int | None = None
     snapshot_hash: str = ""
-    _store: list[Store] = field(default_factory=list, repr=False, compare=False)
-    _store_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _stores: _OneStore = field(default_factory=_OneStore, repr=False, compare=False)
 
     @property
     def is_deploy(self) -> bool:
@@ -86,10 +99,7 @@ class RunContext:
     def store(self) -> Store:
         """The run's store, opened on first use and kept (each thread gets its own
         connection from it, opened once)."""
-        with self._store_lock:
-            if not self._store:
-                self._store.append(Store(self.state_dir))
-            return self._store[0]
+        return self._stores.get(self.state_dir)
 
     def gateway(self) -> NginxGateway:
         assert self.stack.gateway is not None
