@@ -35,6 +35,7 @@ from hxp.spec import GatewaySpec
 state, chat, web, first, count, go = sys.argv[1:7]
 routes = {"chat": int(chat), "web": int(web)}
 gateway = NginxGateway(state, "race", GatewaySpec(host="local", routes=routes))
+Path(f"{go}.{first}").touch()  # imported: ready to go
 while not Path(go).exists():
     time.sleep(0.001)
 threads = [
@@ -92,7 +93,7 @@ def test_route_changes_from_many_threads_all_survive(gateway: NginxGateway) -> N
     assert not list(gateway.prefix.glob("*.new"))  # each write's temporary file is gone
 
 
-def test_route_changes_from_two_processes_and_their_threads_all_survive(
+def test_route_changes_from_three_processes_and_their_threads_all_survive(
     gateway: NginxGateway, tmp_path: Path
 ) -> None:
     spec = gateway.spec
@@ -114,15 +115,20 @@ def test_route_changes_from_two_processes_and_their_threads_all_survive(
         )
         for first in (BASE + 200, BASE + 300)
     ]
-    time.sleep(1.0)  # both children imported and waiting
-    go.touch()
+    mine = [BASE + 400 + i for i in range(PER_PROCESS)]  # this process edits chat meanwhile
+    threads = [threading.Thread(target=gateway.add, args=("chat", p)) for p in mine]
+    deadline = time.monotonic() + 60
+    while not all(Path(f"{go}.{f}").exists() for f in (BASE + 200, BASE + 300)):
+        assert time.monotonic() < deadline, "the child processes did not start"
+        time.sleep(0.01)
+    go.touch()  # all three processes edit the routes at once
+    run_all(threads)
     for child in children:
         assert child.wait(timeout=120) == 0
 
-    want_chat = {BASE} | {f + i for f in (BASE + 200, BASE + 300) for i in range(0, PER_PROCESS, 2)}
-    want_web = {BASE + 1} | {
-        f + i for f in (BASE + 200, BASE + 300) for i in range(1, PER_PROCESS, 2)
-    }
+    firsts = (BASE + 200, BASE + 300)
+    want_chat = {BASE, *mine} | {f + i for f in firsts for i in range(0, PER_PROCESS, 2)}
+    want_web = {BASE + 1} | {f + i for f in firsts for i in range(1, PER_PROCESS, 2)}
     assert set(gateway.live()["chat"]) == want_chat
     assert set(gateway.live()["web"]) == want_web
     assert servers(gateway, "chat") == want_chat
