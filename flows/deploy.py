@@ -18,17 +18,14 @@ from prefect.utilities.annotations import quote
 from flows.records import RecordKeeper, close_interrupted, deploy_record
 from flows.scheduling import run_ready_set
 from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config, load_config
-from hxp.errors import DeployError, HxpError, InputError
+from hxp.errors import DeployError, FailureClass, HxpError, InputError
 from hxp.graph import DependencyGraph
 from hxp.io.lock import stack_lock
-from hxp.plan import Action, ActionKind, Plan, plan_stack
+from hxp.plan import Action, ActionKind, Plan, StepKind, plan_stack
 from hxp.spec import Stack
 from hxp.store import Store
 from hxp.units import expand_units
 from tasks.deploy import (
-    DeployContext,
-    UnitDeployError,
-    UnitOutcome,
     apply_unit,
     commit_unit,
     interrupted_steps,
@@ -40,6 +37,7 @@ from tasks.deploy import (
     sync_gateway,
     verify_units,
 )
+from tasks.instances import RunContext, UnitDeployError, UnitOutcome
 from tasks.stack import load_stack
 
 MAX_PARALLEL_UNITS = 8
@@ -91,7 +89,7 @@ def _roll_back_record(
     as updated ones."""
     # The run's own config (it names the slots it started and their ports), else this one.
     ran = _snapshot_stack(store, config_hash) or stack
-    ctx = DeployContext(ran, state, deploy_id, config_hash or "")
+    ctx = RunContext(ran, state, deploy_id, config_hash or "")
     plan = store.deploy_plan(deploy_id) or {}
     outcomes = []
     for rev in store.revisions(stack.stack):
@@ -104,7 +102,7 @@ def _roll_back_record(
             applied = interrupted_steps(ctx, rev.unit, plan["actions"])
         else:
             instances = [u.name for u in expand_units(source, {rev.unit})]
-            applied = [(i, ActionKind.UPDATE.value) for i in instances]
+            applied = [(i, StepKind.UPDATE) for i in instances]
         outcomes.append(
             UnitOutcome(
                 unit=rev.unit,
@@ -157,12 +155,17 @@ def _fail_unexpected(record: RecordKeeper, previous: Stack | None, exc: BaseExce
     for line in rollback:
         logger.warning("deploy #%d: %s", record.id, line)
     record.fail(
-        {"reason": error, "unexpected": True, "rollback": rollback},
+        {
+            "reason": error,
+            "reason_class": FailureClass.OTHER.value,
+            "unexpected": True,
+            "rollback": rollback,
+        },
         event=f"unexpected error: {error}",
     )
 
 
-def _revision_of(ctx: DeployContext, unit: str) -> int | None:
+def _revision_of(ctx: RunContext, unit: str) -> int | None:
     """The revision this deploy recorded for a unit whose task died without an outcome."""
     revisions = [
         r for r in ctx.store().revisions(ctx.stack.stack, unit) if r.deploy_id == ctx.deploy_id
@@ -170,7 +173,7 @@ def _revision_of(ctx: DeployContext, unit: str) -> int | None:
     return revisions[-1].revision if revisions else None
 
 
-def _apply_graph(ctx: DeployContext, plan: Plan) -> tuple[list[UnitOutcome], UnitOutcome | None]:
+def _apply_graph(ctx: RunContext, plan: Plan) -> tuple[list[UnitOutcome], UnitOutcome | None]:
     """Run each unit's actions as soon as its own dependencies are done; stop on a failure."""
     by_unit: dict[str, list[Action]] = {}
     for action in plan.actions:
@@ -193,7 +196,7 @@ def _apply_graph(ctx: DeployContext, plan: Plan) -> tuple[list[UnitOutcome], Uni
                 host=ctx.stack.unit(unit).host,
                 ok=False,
                 revision=_revision_of(ctx, unit),
-                applied=[(a.instance, a.kind.value) for a in by_unit[unit]],
+                applied=[(a.instance, StepKind.of(a.kind)) for a in by_unit[unit]],
                 reason=f"{type(error).__name__}: {error}",
             )
         )
@@ -206,7 +209,7 @@ def _apply_graph(ctx: DeployContext, plan: Plan) -> tuple[list[UnitOutcome], Uni
 
 @flow(name="rollback-deploy", flow_run_name="rollback-{ctx.stack.stack}-deploy-{ctx.deploy_id}")
 def rollback_deploy(
-    ctx: DeployContext, outcomes: list[UnitOutcome], previous: Stack | None
+    ctx: RunContext, outcomes: list[UnitOutcome], previous: Stack | None
 ) -> list[str]:
     """Compensate a failed deploy: in reverse dependency order, restore every unit it changed."""
     by_unit = {o.unit: o for o in outcomes if o.applied}
@@ -228,7 +231,13 @@ def _refuse(record: RecordKeeper, refused: dict[str, str]) -> DeployError:
     )
     get_run_logger().error("%s", summary)
     record.fail(
-        {"failed_unit": unit, "reason": reason, "refused": refused, "rollback": []},
+        {
+            "failed_unit": unit,
+            "reason": reason,
+            "reason_class": FailureClass.RESOURCES.value,  # no GPU room beside the old slot
+            "refused": refused,
+            "rollback": [],
+        },
         summary=summary,
         what="refused before any change",
     )
@@ -464,7 +473,7 @@ def _apply_plan(
             "units": {},
             "plan": plan.to_dict(),
         }
-    ctx = DeployContext(stack, state, deploy_id, effective.content_hash)
+    ctx = RunContext(stack, state, deploy_id, effective.content_hash)
     if any(a.kind is ActionKind.REPLACE for a in plan.actions):
         refused = replace_refusals(ctx, list(plan.actions))
         if refused:
@@ -485,6 +494,7 @@ def _apply_plan(
             {
                 "failed_unit": failure.unit,
                 "reason": failure.reason,
+                "reason_class": failure.failure.value,
                 "check": failure.check,
                 "logs": failure.logs,
                 "rollback": rollback,

@@ -26,7 +26,8 @@ from hxp.io.monitoring import find_binaries
 from hxp.monitoring import MonitoringPaths, monitoring_stack_data
 from hxp.spec import Stack
 from hxp.units import expand_units
-from tasks.deploy import DeployContext, observe_stack, remove_instance, state_dir_of
+from tasks.deploy import observe_stack, remove_instance, state_dir_of
+from tasks.instances import RunContext
 from tasks.lifecycle import (
     UnitResult,
     lifecycle_context,
@@ -55,7 +56,7 @@ def _run_name() -> str:
 
 
 def _take_down(
-    ctx: DeployContext, drain: bool, drain_timeout: float | None, holder: str, wait: bool
+    ctx: RunContext, drain: bool, drain_timeout: float | None, holder: str, wait: bool
 ) -> dict[str, Any]:
     """Everything of `ctx.stack` off its hosts, under the stack's lock."""
     logger = get_run_logger()

@@ -35,7 +35,8 @@ from hxp.io.lock import stack_lock
 from hxp.lifecycle import CrashPolicy, ReloadKind, ReloadPlan, RollingPolicy, plan_reload
 from hxp.spec import Stack
 from hxp.store import Store
-from tasks.deploy import DeployContext, state_dir_of, sync_gateway
+from tasks.deploy import state_dir_of, sync_gateway
+from tasks.instances import RunContext
 from tasks.lifecycle import (
     RollResult,
     RollTarget,
@@ -113,7 +114,7 @@ def _summarise(run: GraphRun[Any], action: str) -> dict[str, Any]:
     }
 
 
-def _finish(ctx: DeployContext, summary: dict[str, Any], reconciled: list[str]) -> dict[str, Any]:
+def _finish(ctx: RunContext, summary: dict[str, Any], reconciled: list[str]) -> dict[str, Any]:
     store = ctx.store()
     summary["stack"] = ctx.stack.stack
     summary["reconciled"] = reconciled
@@ -140,7 +141,7 @@ def _finish(ctx: DeployContext, summary: dict[str, Any], reconciled: list[str]) 
 # --------------------------------------------------------------------------- start
 
 
-def _start(ctx: DeployContext, units: list[str]) -> dict[str, Any]:
+def _start(ctx: RunContext, units: list[str]) -> dict[str, Any]:
     graph = DependencyGraph(ctx.stack.dependencies())
     # A unit starts after its dependencies: those not named are started too when they are
     # not running (start_unit leaves a running one alone).
@@ -189,7 +190,7 @@ def start_stack(
 
 
 def _stop(
-    ctx: DeployContext, units: list[str], drain: bool, drain_timeout: float | None
+    ctx: RunContext, units: list[str], drain: bool, drain_timeout: float | None
 ) -> dict[str, Any]:
     graph = DependencyGraph(ctx.stack.dependencies()).inverted()
     run = run_ready_set(
@@ -243,7 +244,7 @@ def stop_stack(
 
 
 def _roll(
-    ctx: DeployContext,
+    ctx: RunContext,
     units: list[str],
     policy: RollingPolicy,
     drain_timeout: float | None,
@@ -481,7 +482,7 @@ def _reload_units(
         closes_on=BaseException,
     ) as record:
         record.save_snapshot(effective)
-        ctx = DeployContext(stack, state, record.id, effective.content_hash)
+        ctx = RunContext(stack, state, record.id, effective.content_hash)
         reconcile_stack(ctx)
         for change in plan.units:
             if change.kind not in (ReloadKind.RELOAD, ReloadKind.ROLL):
@@ -511,9 +512,8 @@ def _reload_units(
             rolled = _roll(ctx, sorted(targets), policy, None, targets)
         if plan.gateway and stack.gateway is not None:
             from hxp.io.backups import backup_file
-            from tasks.deploy import gateway_of
 
-            backup_file(state, stack.stack, gateway_of(ctx).conf, "gateway config reload")
+            backup_file(state, stack.stack, ctx.gateway().conf, "gateway config reload")
             sync_gateway(ctx)
         if rolled and not rolled["ok"]:
             raise LifecycleError(f"rolling update failed: {rolled['failed']}")

@@ -6,6 +6,7 @@ import errno
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 
 @dataclass(frozen=True)
@@ -220,3 +221,26 @@ def classify_error(exc: BaseException) -> str:
         return "permanent"
     found = classify_message(f"{type(exc).__name__}: {exc}")
     return found or "permanent"
+
+
+class FailureClass(StrEnum):
+    """Why a deploy failed, set where it failed and carried on the unit's outcome and the
+    deploy record (the `reason_class` label of hxp_rollbacks_total)."""
+
+    INTERRUPTED = "interrupted"  # the orchestrator stopped during the run
+    READINESS = "readiness"  # an instance never became ready
+    VERIFY = "verify"  # ready, then a check failed before the commit
+    CRASHED = "crashed"  # an instance stopped (not running when gated or verified)
+    APPLY = "apply"  # a backend action failed
+    SECRET = "secret"  # noqa: S105 - a secret could not be resolved (a class, no secret)
+    RESOURCES = "resources"  # no GPUs for it
+    OTHER = "other"
+
+    @property
+    def error_class(self) -> str:
+        """transient, permanent or input: for `hxp_errors_total{error_class}`."""
+        if self is FailureClass.INTERRUPTED:
+            return "transient"
+        if self in (FailureClass.SECRET, FailureClass.RESOURCES):
+            return "input"
+        return "permanent"

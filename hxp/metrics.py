@@ -25,9 +25,10 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from hxp import promtext
+from hxp.errors import FailureClass
 from hxp.metric_names import (
     CHANGED,
     E2E,
@@ -847,31 +848,44 @@ def targets_of(stack: Stack, instances: Iterable[tuple[str, str, str, int]]) -> 
 # orchestrator series derived from the store (deploy outcomes, rollbacks, lifecycle)
 # --------------------------------------------------------------------------------------------
 
-#: Why a deploy failed, from its reason text (tasks.deploy writes these sentences).
-_FAILURE_CLASSES: tuple[tuple[str, str], ...] = (
-    ("interrupted", r"^interrupted$|orchestrator stopped"),
-    ("readiness", r"never became ready"),
-    ("verify", r"was ready, then"),
-    ("crashed", r"is not running|stopped after it was ready|stopped within"),
-    ("apply", r"^(create|update|start|replace|remove) \S+ failed"),
-    ("secret", r"(?i)secret"),
-    ("resources", r"(?i)\bGPUs?\b"),
+#: The values of the `reason_class` label: a deploy failure's class (hxp.errors.FailureClass),
+#: set where the failure happened and kept in the deploy record.
+FAILURE_CLASSES = tuple(c.value for c in FailureClass)
+
+#: Only for deploy records written before the class was recorded: their reason text.
+_LEGACY_FAILURE_TEXT: tuple[tuple[FailureClass, str], ...] = (
+    (FailureClass.INTERRUPTED, r"^interrupted$|orchestrator stopped"),
+    (FailureClass.READINESS, r"never became ready"),
+    (FailureClass.VERIFY, r"was ready, then"),
+    (FailureClass.CRASHED, r"is not running|stopped after it was ready|stopped within"),
+    (FailureClass.APPLY, r"^(create|update|start|replace|remove) \S+ failed"),
+    (FailureClass.SECRET, r"(?i)secret"),
+    (FailureClass.RESOURCES, r"(?i)\bGPUs?\b"),
 )
-FAILURE_CLASSES = (*(c for c, _ in _FAILURE_CLASSES), "other")
-ERROR_CLASS_OF = {"interrupted": "transient", "secret": "input", "resources": "input"}
 
 
 def failure_class(reason: str) -> str:
-    """The class of a deploy failure (label `reason_class`): readiness, crashed, apply, ..."""
-    for name, pattern in _FAILURE_CLASSES:
+    """The class of a failure recorded without one (a deploy record from before classes were
+    recorded), from its reason text; new records carry their FailureClass."""
+    for failure, pattern in _LEGACY_FAILURE_TEXT:
         if re.search(pattern, reason):
-            return name
-    return "other"
+            return failure.value
+    return FailureClass.OTHER.value
+
+
+def recorded_failure_class(result: Mapping[str, Any]) -> str:
+    """The `reason_class` of a failed deploy record: its recorded class, else (an older
+    record) the class its reason text reads as."""
+    recorded = result.get("reason_class")
+    if recorded in FAILURE_CLASSES:
+        return str(recorded)
+    return failure_class(str(result.get("reason", "")))
 
 
 def error_class(failure: str) -> str:
     """transient, permanent or input: for `hxp_errors_total{error_class}`."""
-    return ERROR_CLASS_OF.get(failure, "permanent")
+    known = failure in FAILURE_CLASSES
+    return FailureClass(failure).error_class if known else "permanent"
 
 
 LIFECYCLE_STATES = ("deploying", "running", "rolled-back", "failed", "stopped", "removed")

@@ -27,6 +27,30 @@ class ActionKind(StrEnum):
     REPLACE = "replace"  # blue-green: start beside the old instance, switch, drain, stop it
 
 
+class StepKind(StrEnum):
+    """One step a deploy took on one instance, as its rollback undoes it: an action of the
+    plan (same values as ActionKind), or what a blue-green replace did to the old slot."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    START = "start"
+    REMOVE = "remove"
+    REPLACE = "replace"  # the new slot started beside the old one
+    SWITCHED = "switched"  # traffic moved from the old slot to the new one
+    RETIRED = "retired"  # the old slot drained and removed
+    WITHDRAWN = "withdrawn"  # the old slot stopped to give its GPUs to the new one
+
+    @classmethod
+    def of(cls, kind: ActionKind) -> StepKind:
+        """The step an action of the plan is."""
+        return cls(kind.value)
+
+    @property
+    def on_old_slot(self) -> bool:
+        """A step of a blue-green replace taken on the slot being replaced."""
+        return self in (StepKind.SWITCHED, StepKind.RETIRED, StepKind.WITHDRAWN)
+
+
 @dataclass(frozen=True)
 class ObservedUnit:
     """What a backend saw of one unit instance."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -169,12 +170,18 @@ def default_state_dir() -> Path:
 
 
 class Store:
-    """The SQLite store under a state directory."""
+    """The SQLite store under a state directory.
+
+    The schema is set up once per Store; each thread that uses it gets one connection of its
+    own, opened (and its PRAGMAs set) on first use and kept for the Store's life, so a run that
+    keeps one Store pays for that once. SQLite connections are not shared between threads: each
+    thread's transactions stay its own, and WAL lets them read while another writes."""
 
     def __init__(self, state_dir: str | Path | None = None) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = self.state_dir / "hxp.sqlite3"
+        self._local = threading.local()
         # Two processes or threads opening a new store at once: switching the journal to WAL
         # answers "database is locked" at once instead of waiting, so try again briefly.
         for attempt in range(50):
@@ -190,13 +197,22 @@ class Store:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=30000")
-        try:
-            yield db
-        finally:
+        """This thread's connection (opened on its first use; closed with `close`, when the
+        thread ends, or when the Store goes)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        yield db
+
+    def close(self) -> None:
+        """Close the calling thread's connection (a later call opens a new one)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None:
+            self._local.db = None
             db.close()
 
     @contextmanager

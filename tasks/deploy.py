@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from hxp.backends import backend_for, observe_all
+from hxp.backends import observe_all
 from hxp.backends.base import (
     Backend,
     Commit,
@@ -29,72 +29,38 @@ from hxp.backends.base import (
     Update,
     observe_one,
 )
-from hxp.errors import BackendError, DeployError, HxpError
+from hxp.errors import BackendError, FailureClass, GpuAllocationError, HxpError
+from hxp.gpu_alloc import host_key
 from hxp.health import ReadinessGate
 from hxp.io import lifecycle
-from hxp.io.gateway import NginxGateway
-from hxp.io.probes import wait_drained, wait_ready
-from hxp.lifecycle import SurgeDecision
-from hxp.plan import Action, ActionKind, ObservedUnit
-from hxp.spec import HealthSpec, Stack
-from hxp.store import Revision, Store
+from hxp.io.probes import probe
+from hxp.lifecycle import State, SurgeDecision
+from hxp.plan import Action, ActionKind, ObservedUnit, StepKind
+from hxp.spec import Stack
+from hxp.store import Revision, default_state_dir
 from hxp.units import UnitInstance, all_slots
-
-LOG_LINES = 20
-
-
-@dataclass(frozen=True)
-class DeployContext:
-    """What every task of one deploy run shares."""
-
-    stack: Stack
-    state_dir: str
-    deploy_id: int
-    snapshot_hash: str
-
-    def backend(self, host: str) -> Backend:
-        return backend_for(host, self.stack.hosts[host], self.state_dir)
-
-    def store(self) -> Store:
-        return Store(self.state_dir)
-
-
-@dataclass
-class UnitOutcome:
-    """What happened to one unit in a deploy: the actions applied and how it ended."""
-
-    unit: str
-    host: str
-    ok: bool
-    revision: int | None = None
-    applied: list[tuple[str, str]] = field(default_factory=list)  # (instance, action kind)
-    reason: str = ""
-    check: str = ""
-    logs: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    # Blue-green on GPUs: how each replica was replaced (surge or one at a time) and why.
-    strategy: list[str] = field(default_factory=list)
-    # GPUs an old slot gave back when it stopped for a one-at-a-time replace (to take back).
-    withdrawn_gpus: dict[str, list[int]] = field(default_factory=dict)
-
-
-class UnitDeployError(DeployError):
-    """One unit failed to apply or to become ready; carries its outcome for the rollback."""
-
-    def __init__(self, outcome: UnitOutcome) -> None:
-        self.outcome = outcome
-        super().__init__(f"{outcome.unit}@{outcome.host}: {outcome.reason}")
-
-
-def only_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a task only when it failed on a transient backend error."""
-    try:
-        state.result()
-    except BackendError as exc:
-        return exc.transient
-    except Exception:
-        return False
-    return False
+from tasks.gpus import allocate_unit_gpus, surge_for
+from tasks.instances import (
+    LOG_LINES,
+    RETRIES,
+    RunContext,
+    UnitDeployError,
+    UnitOutcome,
+    drain_all,
+    drain_cap,
+    gate,
+    prepare,
+    retire_slot,
+    retry_transient,
+    route_add,
+    route_port,
+    route_remove,
+    route_swap,
+    routed,
+    routed_now,
+    stop_instances,
+)
+from tasks.secrets import default_resolver, resolve_unit_secrets
 
 
 @task(name="observe", task_run_name="observe-{stack.stack}", cache_policy=NO_CACHE)
@@ -103,103 +69,15 @@ def observe_stack(stack: Stack, state_dir: str) -> dict[str, ObservedUnit]:
     return observe_all(stack, state_dir)
 
 
-SETTLE_SECONDS = 0.5
-
-
-def _gate(backend: Backend, unit: UnitInstance) -> ReadinessGate | None:
-    """Wait for the unit's checks; a unit without checks must at least stay up a moment."""
-    if unit.health is None:
-        time.sleep(SETTLE_SECONDS)
-        seen = observe_one(backend, unit)
-        if seen is not None and seen.running:
-            return None
-        gate = ReadinessGate(HealthSpec(command=["true"]))
-        gate.give_up(f"stopped within {SETTLE_SECONDS}s ({seen.detail if seen else 'gone'})")
-        return gate
-
-    def running() -> bool:
-        seen = observe_one(backend, unit)
-        return seen is not None and seen.running
-
-    gate = asyncio.run(wait_ready(unit.health, running))
-    if gate.verdict == "ready" and unit.kind == "model":
-        _model_api_gate(gate, unit)
-    return gate
-
-
-def _model_api_gate(gate: ReadinessGate, unit: UnitInstance) -> None:
-    """After /health: the served name is listed and a one-token completion works."""
-    from hxp.io.probes import probe_model_api
-    from hxp.spec import ModelSpec
-
-    assert isinstance(unit.spec, ModelSpec)
-    assert unit.health is not None
-    served = unit.spec.served_name or unit.unit
-    port = dict(unit.ports)["http"]
-    for attempt in range(unit.health.retries):
-        result = asyncio.run(probe_model_api(port, served, max(unit.health.timeout, 5.0)))
-        if result.ok:
-            return
-        if attempt + 1 < unit.health.retries:
-            time.sleep(unit.health.interval)
-    gate.give_up(f"{result.check}: {result.reason}")
-
-
-_STARTS_NEW = (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.REPLACE)
-
-
-def _prepare(
-    ctx: DeployContext,
-    unit: str,
-    instances: dict[str, UnitInstance],
-    actions: list[Action],
-    outcome: UnitOutcome,
-    defer: Collection[str] = (),
-) -> tuple[dict[str, str], dict[str, UnitInstance]]:
-    """Before any change: the unit's secret values, and GPUs for `gpus: auto` models (both only
-    for actions that start a new version; GPUs of the instances in `defer` are placed later,
-    when each starts)."""
-    from hxp.errors import GpuAllocationError, SecretError
-    from tasks.gpus import allocate_unit_gpus
-    from tasks.secrets import default_resolver, resolve_unit_secrets
-
-    spec = ctx.stack.unit(unit)
-    field_path = f"{'models' if unit in ctx.stack.models else 'services'}.{unit}"
-    starting = [a.instance for a in actions if a.kind in _STARTS_NEW]
-    try:
-        secrets = (
-            resolve_unit_secrets(spec, default_resolver(ctx.state_dir), field_path)
-            if spec.secret_env and starting
-            else {}
-        )
-        placement = allocate_unit_gpus(
-            ctx.stack,
-            ctx.state_dir,
-            unit,
-            instances,
-            [n for n in starting if n not in defer],
-            f"deploy #{ctx.deploy_id} of {ctx.stack.stack}",
-        )
-    except (SecretError, GpuAllocationError) as exc:
-        outcome.reason = str(exc)
-        ctx.store().add_event(ctx.stack.stack, "unit-failed", outcome.reason, unit, ctx.deploy_id)
-        raise UnitDeployError(outcome) from None
-    if placement.note:
-        get_run_logger().warning("%s: %s", unit, placement.note)
-    for name, inst in placement.instances.items():
-        get_run_logger().info("%s: GPUs %s", name, ",".join(map(str, inst.gpus or ())))
-    return secrets, placement.instances
-
-
 @task(
     name="deploy-unit",
     task_run_name="deploy-{unit}@{host}",
     cache_policy=NO_CACHE,
-    retries=2,
+    retries=RETRIES,
     retry_delay_seconds=exponential_backoff(1),
-    retry_condition_fn=only_transient,
+    retry_condition_fn=retry_transient,
 )
-def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) -> UnitOutcome:
+def apply_unit(ctx: RunContext, unit: str, host: str, actions: list[Action]) -> UnitOutcome:
     """Apply one unit's actions instance by instance, each gated on readiness.
 
     Whatever fails after a step was taken reaches the flow as a UnitDeployError carrying the
@@ -214,16 +92,17 @@ def apply_unit(ctx: DeployContext, unit: str, host: str, actions: list[Action]) 
     except Exception as exc:
         if not outcome.applied or (isinstance(exc, BackendError) and exc.transient):
             raise
-        outcome.reason = (
-            f"unexpected error after {len(outcome.applied)} step(s): {type(exc).__name__}: {exc}"
+        outcome.failed(
+            FailureClass.OTHER,
+            f"unexpected error after {len(outcome.applied)} step(s): {type(exc).__name__}: {exc}",
         )
         outcome.seconds = time.monotonic() - started
-        ctx.store().add_event(ctx.stack.stack, "unit-failed", outcome.reason, unit, ctx.deploy_id)
+        ctx.event("unit-failed", outcome.reason, unit)
         raise UnitDeployError(outcome) from exc
 
 
 def _apply_unit(
-    ctx: DeployContext,
+    ctx: RunContext,
     unit: str,
     host: str,
     actions: list[Action],
@@ -233,7 +112,7 @@ def _apply_unit(
     logger = get_run_logger()
     store = ctx.store()
     backend = ctx.backend(host)
-    instances = {u.name: u for u in _all_slots(ctx.stack, unit)}
+    instances = {u.name: u for u in all_slots(ctx.stack, unit)}
     # A blue-green replace on GPUs asks for room beside the old slot first; its new slot gets
     # its GPUs when it starts. One replica without room is refused before anything changes.
     on_gpus = {
@@ -246,7 +125,7 @@ def _apply_unit(
         for a in actions
         if a.instance in on_gpus and ctx.stack.unit(unit).replicas == 1
     }
-    secrets, placed = _prepare(ctx, unit, instances, actions, outcome, defer=on_gpus)
+    secrets, placed = prepare(ctx, unit, instances, actions, outcome, defer=on_gpus)
     instances.update(placed)
     changes_version = any(
         a.kind in (ActionKind.CREATE, ActionKind.UPDATE, ActionKind.REPLACE) for a in actions
@@ -273,7 +152,7 @@ def _apply_unit(
         inst = instances[action.instance]
         ref = UnitRef.of(inst)
         # Recorded before the attempt: a half-done create or update is rolled back too.
-        outcome.applied.append((action.instance, action.kind.value))
+        outcome.applied.append((action.instance, StepKind.of(action.kind)))
         try:
             match action.kind:
                 case ActionKind.CREATE:
@@ -289,32 +168,28 @@ def _apply_unit(
         except BackendError as exc:
             if exc.transient:
                 raise  # Prefect retries the task; actions are idempotent
-            outcome.reason = f"{action.kind.value} {action.instance} failed: {exc}"
+            outcome.failed(
+                FailureClass.APPLY, f"{action.kind.value} {action.instance} failed: {exc}"
+            )
             outcome.logs = backend.logs(ref, LOG_LINES)
             outcome.seconds = time.monotonic() - started
-            store.add_event(ctx.stack.stack, "unit-failed", outcome.reason, unit, ctx.deploy_id)
+            ctx.event("unit-failed", outcome.reason, unit)
             raise UnitDeployError(outcome) from exc
         logger.info(
             "%s: %s (%s); waiting for readiness", action.instance, action.kind.value, action.reason
         )
-        gate = _gate(backend, inst)
-        if gate is not None and gate.verdict != "ready":
-            outcome.reason = _not_ready(ctx, backend, inst, gate)
-            outcome.check = gate.last.check if gate.last else ""
+        ready = gate(backend, inst)
+        if ready is not None and ready.verdict != "ready":
+            outcome.failed(*_not_ready(ctx, backend, inst, ready))
+            outcome.check = ready.last.check if ready.last else ""
             outcome.logs = backend.logs(ref, LOG_LINES)
             outcome.seconds = time.monotonic() - started
-            store.add_event(ctx.stack.stack, "unit-failed", outcome.reason, unit, ctx.deploy_id)
+            ctx.event("unit-failed", outcome.reason, unit)
             raise UnitDeployError(outcome)
-        store.add_event(
-            ctx.stack.stack,
-            "unit-ready",
-            f"{action.instance}: {action.kind.value}, ready",
-            unit,
-            ctx.deploy_id,
-        )
+        ctx.event("unit-ready", f"{action.instance}: {action.kind.value}, ready", unit)
         lifecycle.mark_deployed(store, ctx.stack.stack, unit, action.instance, action.kind.value)
         lifecycle.rebaseline(store, backend, inst)
-        if ctx.stack.gateway is not None and unit in ctx.stack.gateway.routes:
+        if routed(ctx.stack, unit):
             _route(ctx, backend, action, inst, instances, outcome)
     if outcome.revision is not None:
         store.set_revision_status(ctx.stack.stack, unit, outcome.revision, "ready")
@@ -324,12 +199,13 @@ def _apply_unit(
 
 
 def _not_ready(
-    ctx: DeployContext, backend: Backend, inst: UnitInstance, gate: ReadinessGate
-) -> str:
+    ctx: RunContext, backend: Backend, inst: UnitInstance, ready: ReadinessGate
+) -> tuple[FailureClass, str]:
+    """Why an instance failed its gate: it stopped (crashed), or it never became ready."""
     seen = backend.observe(ctx.stack.stack).get(inst.name)
     if seen is not None and not seen.running:
-        return f"{inst.name} is not running ({seen.detail})"
-    return f"{inst.name} never became ready: {gate.explain()}"
+        return FailureClass.CRASHED, f"{inst.name} is not running ({seen.detail})"
+    return FailureClass.READINESS, f"{inst.name} never became ready: {ready.explain()}"
 
 
 # --------------------------------------------------------------------------- blue-green on GPUs
@@ -370,36 +246,28 @@ def _strategy_line(action: Action, decision: SurgeDecision) -> str:
 
 
 def _decide_replace(
-    ctx: DeployContext, action: Action, instances: dict[str, UnitInstance], outcome: UnitOutcome
+    ctx: RunContext, action: Action, instances: dict[str, UnitInstance], outcome: UnitOutcome
 ) -> SurgeDecision:
     """May the new slot of a model on GPUs start beside the old one (surge: spare GPUs pass
     the calculator's start check), or must the old one give its GPUs back first (one at a
     time)? Logged, kept in the outcome and recorded as a store event. A single replica
     without room is refused here: UnitDeployError, nothing changed."""
-    from tasks.gpus import surge_for
-
-    store = ctx.store()
     decision = surge_for(ctx.stack, ctx.state_dir, instances[action.instance])
     if not decision.surge and ctx.stack.unit(action.unit).replicas == 1:
-        outcome.reason = replace_refusal(ctx.stack, action, decision)
-        store.add_event(
-            ctx.stack.stack, "blue-green-refused", outcome.reason, action.unit, ctx.deploy_id
-        )
+        outcome.failed(FailureClass.RESOURCES, replace_refusal(ctx.stack, action, decision))
+        ctx.event("blue-green-refused", outcome.reason, action.unit)
         raise UnitDeployError(outcome)
     line = _strategy_line(action, decision)
     get_run_logger().info("%s", line)
     outcome.strategy.append(line)
-    store.add_event(ctx.stack.stack, "blue-green-strategy", line, action.unit, ctx.deploy_id)
+    ctx.event("blue-green-strategy", line, action.unit)
     return decision
 
 
 def _place(
-    ctx: DeployContext, action: Action, instances: dict[str, UnitInstance], outcome: UnitOutcome
+    ctx: RunContext, action: Action, instances: dict[str, UnitInstance], outcome: UnitOutcome
 ) -> UnitInstance:
     """GPUs for a new blue-green slot (`gpus: auto`), chosen and reserved as it starts."""
-    from hxp.errors import GpuAllocationError
-    from tasks.gpus import allocate_unit_gpus
-
     try:
         placement = allocate_unit_gpus(
             ctx.stack,
@@ -407,13 +275,11 @@ def _place(
             action.unit,
             instances,
             [action.instance],
-            f"deploy #{ctx.deploy_id} of {ctx.stack.stack}",
+            ctx.label,
         )
     except GpuAllocationError as exc:
-        outcome.reason = str(exc)
-        ctx.store().add_event(
-            ctx.stack.stack, "unit-failed", outcome.reason, action.unit, ctx.deploy_id
-        )
+        outcome.failed(FailureClass.RESOURCES, str(exc))
+        ctx.event("unit-failed", outcome.reason, action.unit)
         raise UnitDeployError(outcome) from None
     if placement.note:
         get_run_logger().warning("%s: %s", action.unit, placement.note)
@@ -423,7 +289,7 @@ def _place(
 
 
 def _replace_one_at_a_time(
-    ctx: DeployContext,
+    ctx: RunContext,
     backend: Backend,
     action: Action,
     instances: dict[str, UnitInstance],
@@ -436,8 +302,6 @@ def _replace_one_at_a_time(
     slot stays stopped until the deploy commits (then it is removed), so a rollback only has to
     start it again. A new slot that fails brings the old one back (started, gated, behind the
     gateway) and the unit fails saying why; the other replicas serve throughout."""
-    from tasks.lifecycle import _gateway_add, _stop_instances, drain_cap
-
     store = ctx.store()
     stack = ctx.stack.stack
     unit = action.unit
@@ -445,46 +309,45 @@ def _replace_one_at_a_time(
     # (and served name) if it has to come back.
     old, new = _old_slot(ctx, backend, action, instances), instances[action.instance]
     why = f"replaced one at a time by {new.name}"
-    outcome.applied.append((old.name, "withdrawn"))
+    outcome.applied.append((old.name, StepKind.WITHDRAWN))
     failure = ""
+    failure_class = FailureClass.APPLY
     try:
         observed = observe_one(backend, old)
         seen = {old.name: observed} if observed is not None else {}
-        stopped = _stop_instances(
+        stopped = stop_instances(
             ctx, backend, unit, [old], seen, True, drain_cap(ctx.stack), why, retryable=False
         )
         released = store.release(stack, old.name)
         outcome.withdrawn_gpus[old.name] = sorted(r.gpu_index for r in released)
         new = instances[new.name] = _place(ctx, action, instances, outcome)
-        outcome.applied.append((new.name, ActionKind.REPLACE.value))
+        outcome.applied.append((new.name, StepKind.REPLACE))
         backend.apply(Create(new, action.config_hash, revision, secrets))
         get_run_logger().info("%s: replace (%s); waiting for readiness", new.name, action.reason)
-        gate = _gate(backend, new)
-        if gate is not None and gate.verdict != "ready":
-            failure = _not_ready(ctx, backend, new, gate)
-            outcome.check = gate.last.check if gate.last else ""
+        ready = gate(backend, new)
+        if ready is not None and ready.verdict != "ready":
+            failure_class, failure = _not_ready(ctx, backend, new, ready)
+            outcome.check = ready.last.check if ready.last else ""
             outcome.logs = backend.logs(UnitRef.of(new), LOG_LINES)
     except UnitDeployError:
-        failure = outcome.reason
+        failure_class, failure = outcome.failure, outcome.reason
     except Exception as exc:  # whatever stopped it, the old slot must come back
         failure = f"{action.kind.value} {new.name} failed: {exc}"
     if failure:
         back = _bring_back(ctx, backend, old, new.name, outcome)
         # This replica is as it was: nothing of it is left for a rollback to undo.
         outcome.applied = [step for step in outcome.applied if step[0] not in (old.name, new.name)]
-        outcome.reason = f"{failure}; {back}"
-        store.add_event(stack, "unit-failed", outcome.reason, unit, ctx.deploy_id)
+        outcome.failed(failure_class, f"{failure}; {back}")
+        ctx.event("unit-failed", outcome.reason, unit)
         raise UnitDeployError(outcome)
-    store.add_event(stack, "unit-ready", f"{new.name}: replace, ready", unit, ctx.deploy_id)
+    ctx.event("unit-ready", f"{new.name}: replace, ready", unit)
     lifecycle.mark_deployed(store, stack, unit, new.name, "replace")
     lifecycle.rebaseline(store, backend, new)
-    _gateway_add(ctx, unit, [route_port(new)])
-    store.add_event(
-        stack,
+    route_add(ctx, unit, new)
+    ctx.event(
         "blue-green",
         f"{old.name} -> {new.name}: one at a time, {stopped.get(old.name, 'stopped')}",
         unit,
-        ctx.deploy_id,
     )
 
 
@@ -500,7 +363,7 @@ class EarlierVersion:
 
 
 def earlier_version(
-    ctx: DeployContext, unit: str, previous: Stack | None = None, revision: int | None = None
+    ctx: RunContext, unit: str, previous: Stack | None = None, revision: int | None = None
 ) -> EarlierVersion:
     """Revision `revision` of `unit` (by default its last good one), its instances defined as
     in the snapshot that revision was deployed from; without that snapshot, as `previous`
@@ -518,12 +381,12 @@ def earlier_version(
             source = None
     for candidate in (source, previous):
         if candidate is not None and unit in candidate.units():
-            return EarlierVersion(rev, candidate, {u.name: u for u in _all_slots(candidate, unit)})
+            return EarlierVersion(rev, candidate, {u.name: u for u in all_slots(candidate, unit)})
     return EarlierVersion(rev, None, {})
 
 
 def _old_slot(
-    ctx: DeployContext, backend: Backend, action: Action, instances: dict[str, UnitInstance]
+    ctx: RunContext, backend: Backend, action: Action, instances: dict[str, UnitInstance]
 ) -> UnitInstance:
     """The slot a replace takes over from, as the revision it runs defined it (its ports, its
     check, its served name); the new config's definition when nothing on record has it."""
@@ -537,14 +400,11 @@ def _old_slot(
 
 
 def _recreate(
-    ctx: DeployContext, backend: Backend, inst: UnitInstance, earlier: EarlierVersion
+    ctx: RunContext, backend: Backend, inst: UnitInstance, earlier: EarlierVersion
 ) -> UnitInstance:
     """Create a slot again as an earlier revision defined it: GPUs placed again (`gpus: auto`),
     secrets resolved, that revision's config hash and number. HxpError when it cannot (any
     GPUs it got are released again)."""
-    from tasks.gpus import allocate_unit_gpus
-    from tasks.secrets import default_resolver, resolve_unit_secrets
-
     source = earlier.stack or ctx.stack
     rev = earlier.revision
     back = inst
@@ -556,7 +416,7 @@ def _recreate(
                 inst.unit,
                 {inst.name: inst},
                 [inst.name],
-                f"rollback of deploy #{ctx.deploy_id} of {ctx.stack.stack}",
+                f"rollback of {ctx.label}",
             )
             back = placed.instances.get(inst.name, inst)
         secrets = (
@@ -574,7 +434,7 @@ def _recreate(
 
 
 def _bring_back(
-    ctx: DeployContext,
+    ctx: RunContext,
     backend: Backend,
     old: UnitInstance,
     new_name: str | None,
@@ -585,10 +445,6 @@ def _bring_back(
     any) removed and its GPUs released, the old one's GPUs reserved again, started (created
     again as `earlier` defines it, if it is gone), gated as its own revision defines it (`old`)
     and back behind the gateway. A line saying how it went."""
-    from hxp.gpu_alloc import host_key
-    from hxp.lifecycle import State
-    from tasks.lifecycle import _gateway_add
-
     store = ctx.store()
     stack = ctx.stack.stack
     unit = old.unit
@@ -607,107 +463,67 @@ def _bring_back(
                 key = host_key(spec.host, ctx.stack.hosts[spec.host])
                 store.reserve(key, stack, old.name, gpus)
             backend.apply(Start(UnitRef.of(old)))
-        gate = _gate(backend, old)
+        ready = gate(backend, old)
     except Exception as exc:
         lifecycle.record_path(store, stack, unit, old.name, State.FAILED, f"restore: {exc}")
         return f"{old.name} could NOT be restored: {exc}"
-    if gate is not None and gate.verdict != "ready":
+    if ready is not None and ready.verdict != "ready":
         lifecycle.record(store, stack, unit, old.name, State.FAILED, "restore never ready")
-        return f"{old.name} started again but is NOT ready: {gate.explain()}"
+        return f"{old.name} started again but is NOT ready: {ready.explain()}"
     lifecycle.record(store, stack, unit, old.name, State.RUNNING, "restored")
     lifecycle.rebaseline(store, backend, old)
-    _gateway_add(ctx, unit, [route_port(old)])
+    route_add(ctx, unit, old)
     return f"{old.name} restored and back behind the gateway"
 
 
-_all_slots = all_slots
-
-
-def route_port(inst: UnitInstance) -> int:
-    """The port the gateway sends a routed unit's traffic to (a routed unit has ports)."""
-    port = inst.route_port
-    assert port is not None, f"{inst.name} is routed but declares no port"
-    return port
-
-
-def gateway_of(ctx: DeployContext) -> NginxGateway:
-    assert ctx.stack.gateway is not None
-    return NginxGateway(ctx.state_dir, ctx.stack.stack, ctx.stack.gateway)
-
-
-def _swap(ctx: DeployContext, unit: str, remove: int | None, add: int | None) -> None:
-    gateway = gateway_of(ctx)
-    ports = [p for p in gateway.live().get(unit, []) if p != remove]
-    if add is not None and add not in ports:
-        ports.append(add)
-    gateway.set_upstream(unit, ports)
-
-
 def _route(
-    ctx: DeployContext,
+    ctx: RunContext,
     backend: Backend,
     action: Action,
     inst: UnitInstance,
     instances: dict[str, UnitInstance],
     outcome: UnitOutcome,
 ) -> None:
-    """Put a ready instance behind the gateway; for blue-green, retire the old slot."""
+    """Put a ready instance behind the gateway; for blue-green, switch the traffic from the
+    old slot and retire it."""
     logger = get_run_logger()
-    assert ctx.stack.gateway is not None
     if action.kind is not ActionKind.REPLACE:
-        _swap(ctx, inst.unit, None, route_port(inst))
+        route_add(ctx, inst.unit, inst)
         return
     old = _old_slot(ctx, backend, action, instances)
-    _swap(ctx, inst.unit, route_port(old), route_port(inst))
-    outcome.applied.append((old.name, "switched"))
+    route_swap(ctx, inst.unit, old, inst)
+    outcome.applied.append((old.name, StepKind.SWITCHED))
     logger.info("%s: traffic switched to %s; draining", old.name, inst.name)
-    drained = asyncio.run(wait_drained(old, ctx.stack.gateway.drain_timeout))
+    drained = retire_slot(ctx, backend, old, inst, drain_cap(ctx.stack))
     logger.info("%s: %s", old.name, drained)
-    backend.apply(Remove(UnitRef.of(old)))
-    ctx.store().release(ctx.stack.stack, old.name)  # its GPU reservations, if any
-    lifecycle.forget(ctx.store(), ctx.stack.stack, inst.unit, old.name, f"retired for {inst.name}")
-    outcome.applied.append((old.name, "retired"))
-    ctx.store().add_event(
-        ctx.stack.stack,
-        "blue-green",
-        f"{old.name} -> {inst.name}: {drained}",
-        inst.unit,
-        ctx.deploy_id,
-    )
+    outcome.applied.append((old.name, StepKind.RETIRED))
+    ctx.event("blue-green", f"{old.name} -> {inst.name}: {drained}", inst.unit)
 
 
 @task(
     name="blue-green-room", task_run_name="blue-green-room-{ctx.stack.stack}", cache_policy=NO_CACHE
 )
-def replace_refusals(ctx: DeployContext, actions: list[Action]) -> dict[str, str]:
+def replace_refusals(ctx: RunContext, actions: list[Action]) -> dict[str, str]:
     """Before anything of the stack changes: every single-replica model on GPUs whose
     blue-green replace has no GPU room beside its old slot (unit -> why, the memory named)."""
-    from tasks.gpus import surge_for
-
     refused: dict[str, str] = {}
     for action in actions:
         if action.kind is not ActionKind.REPLACE or action.unit in refused:
             continue
         if ctx.stack.unit(action.unit).replicas != 1:
             continue
-        inst = {u.name: u for u in _all_slots(ctx.stack, action.unit)}[action.instance]
+        inst = {u.name: u for u in all_slots(ctx.stack, action.unit)}[action.instance]
         if not inst.gpu_count:
             continue
         decision = surge_for(ctx.stack, ctx.state_dir, inst)
         if not decision.surge:
             refused[action.unit] = replace_refusal(ctx.stack, action, decision)
-            ctx.store().add_event(
-                ctx.stack.stack,
-                "blue-green-refused",
-                refused[action.unit],
-                action.unit,
-                ctx.deploy_id,
-            )
+            ctx.event("blue-green-refused", refused[action.unit], action.unit)
     return refused
 
 
 @task(name="gateway", task_run_name="gateway-{ctx.stack.stack}", cache_policy=NO_CACHE)
-def sync_gateway(ctx: DeployContext) -> dict[str, list[int]]:
+def sync_gateway(ctx: RunContext) -> dict[str, list[int]]:
     """Point the gateway at the routed instances that run now (starting nginx if needed)."""
     if ctx.stack.gateway is None:
         return {}
@@ -716,63 +532,63 @@ def sync_gateway(ctx: DeployContext) -> dict[str, list[int]]:
     for unit in ctx.stack.gateway.routes:
         live[unit] = sorted(
             route_port(i)
-            for i in _all_slots(ctx.stack, unit)
+            for i in all_slots(ctx.stack, unit)
             if i.name in seen and seen[i.name].running
         )
-    gateway_of(ctx).apply(live)
+    ctx.gateway().apply(live)
     return live
 
 
 @task(name="verify", task_run_name="verify-{ctx.stack.stack}", cache_policy=NO_CACHE)
-def verify_units(ctx: DeployContext, outcomes: list[UnitOutcome]) -> UnitOutcome | None:
+def verify_units(ctx: RunContext, outcomes: list[UnitOutcome]) -> UnitOutcome | None:
     """Before committing: is every changed instance still running and healthy?"""
-    from hxp.io.probes import probe
-
     for outcome in outcomes:
         backend = ctx.backend(outcome.host)
         seen = backend.observe(ctx.stack.stack)
-        instances = {u.name: u for u in _all_slots(ctx.stack, outcome.unit)}
+        instances = {u.name: u for u in all_slots(ctx.stack, outcome.unit)}
         for instance, kind in outcome.applied:
-            if kind in ("switched", "retired", "withdrawn"):  # an old slot of a blue-green replace
+            if kind.on_old_slot:  # an old slot of a blue-green replace
                 continue
             obs = seen.get(instance)
             inst = instances[instance]
             reason = ""
+            failure = FailureClass.VERIFY
             if obs is None or not obs.running:
                 reason = f"{instance} stopped after it was ready ({obs.detail if obs else 'gone'})"
+                failure = FailureClass.CRASHED
             elif inst.health is not None:
                 result = asyncio.run(probe(inst.health))
                 if not result.ok:
                     reason = f"{instance} was ready, then {result.check} failed: {result.reason}"
             if reason:
                 outcome.ok = False
-                outcome.reason = reason
+                outcome.failed(failure, reason)
                 outcome.logs = backend.logs(UnitRef.of(inst), LOG_LINES)
                 return outcome
     return None
 
 
 @task(name="remove", task_run_name="remove-{instance}@{host}", cache_policy=NO_CACHE)
-def remove_instance(ctx: DeployContext, instance: str, host: str) -> str:
+def remove_instance(ctx: RunContext, instance: str, host: str) -> str:
     """Stop and delete an instance that is no longer in the stack."""
     hosts = ctx.stack.hosts
     backend = ctx.backend(host if host in hosts else next(iter(hosts)))
     backend.apply(Remove(UnitRef(ctx.stack.stack, instance, instance)))
     ctx.store().release(ctx.stack.stack, instance)  # its GPU reservations, if any
-    ctx.store().add_event(ctx.stack.stack, "removed", instance, instance, ctx.deploy_id)
+    ctx.event("removed", instance, instance)
     lifecycle.forget(ctx.store(), ctx.stack.stack, instance, instance, "no longer in the stack")
     return instance
 
 
 @task(name="commit", task_run_name="commit-{outcome.unit}", cache_policy=NO_CACHE)
-def commit_unit(ctx: DeployContext, outcome: UnitOutcome) -> None:
+def commit_unit(ctx: RunContext, outcome: UnitOutcome) -> None:
     """The deploy succeeded: mark the revision good and drop the kept previous versions."""
     backend = ctx.backend(outcome.host)
     for instance, kind in outcome.applied:
         ref = UnitRef(ctx.stack.stack, outcome.unit, instance)
-        if kind == ActionKind.UPDATE.value:
+        if kind == StepKind.UPDATE:
             backend.apply(Commit(ref))
-        elif kind == "withdrawn":  # an old slot a one-at-a-time replace stopped: now it goes
+        elif kind == StepKind.WITHDRAWN:  # an old slot a one-at-a-time replace stopped: now it goes
             backend.apply(Remove(ref))
             lifecycle.forget(ctx.store(), ctx.stack.stack, outcome.unit, instance, "replaced")
     if outcome.revision is not None:
@@ -784,7 +600,7 @@ def commit_unit(ctx: DeployContext, outcome: UnitOutcome) -> None:
     task_run_name="rollback-{outcome.unit}@{outcome.host}",
     cache_policy=NO_CACHE,
 )
-def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | None) -> list[str]:
+def rollback_unit(ctx: RunContext, outcome: UnitOutcome, previous: Stack | None) -> list[str]:
     """Undo what a deploy did to one unit: restore updated instances, remove created ones."""
     backend = ctx.backend(outcome.host)
     store = ctx.store()
@@ -792,18 +608,18 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
     # What comes back is the unit's last good revision, as that revision defined it.
     earlier = earlier_version(ctx, outcome.unit, previous)
     old = earlier.slots
-    new = {u.name: u for u in _all_slots(ctx.stack, outcome.unit)}
+    new = {u.name: u for u in all_slots(ctx.stack, outcome.unit)}
     for instance, kind in reversed(outcome.applied):
         ref = UnitRef(ctx.stack.stack, outcome.unit, instance)
-        if kind in ("retired", "switched", "withdrawn", ActionKind.REPLACE.value):
+        if kind.on_old_slot or kind == StepKind.REPLACE:
             done.extend(_undo_blue_green(ctx, backend, kind, instance, earlier, new, outcome))
-        elif kind == ActionKind.CREATE.value:
-            if instance in new and _routed(ctx, outcome.unit):
-                _swap(ctx, outcome.unit, route_port(new[instance]), None)
+        elif kind == StepKind.CREATE:
+            if instance in new:
+                route_remove(ctx, outcome.unit, new[instance])
             backend.apply(Remove(ref))
             store.release(ctx.stack.stack, instance)
             done.append(f"{instance}: removed (created by this deploy)")
-        elif kind == ActionKind.UPDATE.value:
+        elif kind == StepKind.UPDATE:
             try:
                 backend.apply(Restore(ref))
             except BackendError as exc:
@@ -821,9 +637,9 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
                 store.release(ctx.stack.stack, instance)
                 done.append(f"{instance}: removed (no earlier good version)")
                 continue
-            gate = _gate(backend, old[instance]) if instance in old else None
-            if gate is not None and gate.verdict != "ready":
-                done.append(f"{instance}: restored but NOT healthy: {gate.explain()}")
+            ready = gate(backend, old[instance]) if instance in old else None
+            if ready is not None and ready.verdict != "ready":
+                done.append(f"{instance}: restored but NOT healthy: {ready.explain()}")
             else:
                 # Started afresh: the backend's restart counter is the supervisor's baseline.
                 restored = old.get(instance) or new.get(instance)
@@ -835,12 +651,8 @@ def rollback_unit(ctx: DeployContext, outcome: UnitOutcome, previous: Stack | No
     if outcome.revision is not None:
         store.set_revision_status(ctx.stack.stack, outcome.unit, outcome.revision, "rolled-back")
     for line in done:
-        store.add_event(ctx.stack.stack, "rolled-back", line, outcome.unit, ctx.deploy_id)
+        ctx.event("rolled-back", line, outcome.unit)
     return done
-
-
-def _routed(ctx: DeployContext, unit: str) -> bool:
-    return ctx.stack.gateway is not None and unit in ctx.stack.gateway.routes
 
 
 def _new_slot_of(
@@ -851,15 +663,15 @@ def _new_slot_of(
     me = slots.get(instance)
     if me is None:
         return None
-    started = [slots.get(n) for n, k in outcome.applied if k == ActionKind.REPLACE.value]
+    started = [slots.get(n) for n, k in outcome.applied if k == StepKind.REPLACE]
     mine = [s for s in started if s is not None and s.replica == me.replica and s.name != instance]
     return mine[0] if mine else None
 
 
 def _undo_blue_green(
-    ctx: DeployContext,
+    ctx: RunContext,
     backend: Backend,
-    kind: str,
+    kind: StepKind,
     instance: str,
     earlier: EarlierVersion,
     new: dict[str, UnitInstance],
@@ -868,46 +680,43 @@ def _undo_blue_green(
     """Reverse one step of a blue-green replace (steps are undone newest first). An old slot
     that comes back is created, gated and routed as its own revision (`earlier`) defines it,
     in place of its own replica's new slot."""
-    from hxp.lifecycle import State
-
     old = earlier.slots
     target = _new_slot_of(instance, outcome, new)
-    if kind == "retired":  # the old slot was stopped: bring its previous version back
+    if kind == StepKind.RETIRED:  # the old slot was stopped: bring its previous version back
         if instance not in old:
             return [f"{instance}: cannot come back (no earlier good configuration)"]
         try:
             back = _recreate(ctx, backend, old[instance], earlier)
         except HxpError as exc:
             return [f"{instance}: cannot come back: {exc}"]
-        gate = _gate(backend, back)
-        if gate is not None and gate.verdict != "ready":
-            return [f"{instance}: restarted but NOT healthy: {gate.explain()}"]
+        ready = gate(backend, back)
+        if ready is not None and ready.verdict != "ready":
+            return [f"{instance}: restarted but NOT healthy: {ready.explain()}"]
         store = ctx.store()
         lifecycle.record_path(
             store, ctx.stack.stack, outcome.unit, instance, State.RUNNING, "restored by a rollback"
         )
         lifecycle.rebaseline(store, backend, back)
-        _swap(ctx, outcome.unit, route_port(target) if target else None, route_port(back))
+        route_swap(ctx, outcome.unit, target, back)
         return [f"{instance}: previous version restarted and back behind the gateway"]
-    if kind == "withdrawn":  # stopped for a one-at-a-time replace (its new slot is gone now)
+    if kind == StepKind.WITHDRAWN:  # stopped for a one-at-a-time replace (its new slot is gone now)
         inst = old.get(instance) or new.get(instance)
         if inst is None:  # pragma: no cover - the slot names of a unit do not change
             return [f"{instance}: cannot come back (unknown slot)"]
         return [_bring_back(ctx, backend, inst, None, outcome, earlier)]
-    if kind == "switched":
+    if kind == StepKind.SWITCHED:
         seen = observe_one(backend, old[instance]) if instance in old else None
         if seen is None or not seen.running:  # it did not come back: not behind the gateway
             return [f"{instance}: not running, so not switched back"]
-        _swap(ctx, outcome.unit, route_port(target) if target else None, route_port(old[instance]))
+        route_swap(ctx, outcome.unit, target, old[instance])
         return [f"{instance}: traffic switched back"]
     # The new slot: out of the gateway (if it got there) and drained, then removed, its GPUs
     # released.
     if instance in new:
-        port = route_port(new[instance])
-        routed = port in gateway_of(ctx).live().get(outcome.unit, [])
-        _swap(ctx, outcome.unit, port, None)
-        if routed and ctx.stack.gateway is not None:
-            asyncio.run(wait_drained(new[instance], ctx.stack.gateway.drain_timeout))
+        serving = routed_now(ctx, outcome.unit, new[instance])
+        route_remove(ctx, outcome.unit, new[instance])
+        if serving:
+            drain_all([new[instance]], drain_cap(ctx.stack))
     backend.apply(Remove(UnitRef(ctx.stack.stack, outcome.unit, instance)))
     ctx.store().release(ctx.stack.stack, instance)
     lifecycle.forget(ctx.store(), ctx.stack.stack, outcome.unit, instance, "rolled back")
@@ -915,8 +724,8 @@ def _undo_blue_green(
 
 
 def interrupted_steps(
-    ctx: DeployContext, unit: str, actions: Sequence[Mapping[str, Any]]
-) -> list[tuple[str, str]]:
+    ctx: RunContext, unit: str, actions: Sequence[Mapping[str, Any]]
+) -> list[tuple[str, StepKind]]:
     """What a run that died during a blue-green deploy of a routed unit did to it, as the steps
     rollback_unit undoes: from the plan the run recorded (which slot served, which one it
     started) and what the unit's host runs now. A new slot that exists is removed. An old slot
@@ -925,37 +734,32 @@ def interrupted_steps(
     one that was stopped to make room comes back after its new slot is gone (it may hold the
     GPUs). A replica created by the run is removed."""
     seen = ctx.backend(ctx.stack.unit(unit).host).observe(ctx.stack.stack)
-    steps: list[tuple[str, str]] = []
+    steps: list[tuple[str, StepKind]] = []
     for action in actions:
         if action.get("unit") != unit:
             continue
         name = str(action.get("instance"))
         if action.get("kind") == ActionKind.CREATE.value and name in seen:
-            steps.append((name, ActionKind.CREATE.value))
+            steps.append((name, StepKind.CREATE))
         elif action.get("kind") == ActionKind.REPLACE.value:
-            started = [(name, ActionKind.REPLACE.value)] if name in seen else []
+            started = [(name, StepKind.REPLACE)] if name in seen else []
             replaced = str(action.get("replaces"))
             before = seen.get(replaced)
             if before is not None and before.running:
-                steps += [*started, (replaced, "switched")]
+                steps += [*started, (replaced, StepKind.SWITCHED)]
             elif before is not None:
-                steps += [(replaced, "retired"), *started]
+                steps += [(replaced, StepKind.RETIRED), *started]
             else:
-                steps += [*started, (replaced, "retired")]
+                steps += [*started, (replaced, StepKind.RETIRED)]
     return steps
 
 
 def state_dir_of(state_dir: str | Path | None) -> str:
-    from hxp.store import default_state_dir
-
     return str(Path(state_dir) if state_dir else default_state_dir())
 
 
 __all__ = [
-    "DeployContext",
     "EarlierVersion",
-    "UnitDeployError",
-    "UnitOutcome",
     "apply_unit",
     "commit_unit",
     "earlier_version",

@@ -8,16 +8,14 @@ hxp.lifecycle; these tasks only carry them out through the backend interface.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import task_run
 from prefect.tasks import exponential_backoff
 
 from hxp.backends import observe_all
@@ -35,9 +33,9 @@ from hxp.backends.base import (
     Update,
     observe_one,
 )
-from hxp.errors import BackendError, LifecycleError, classify_error
+from hxp.config import unit_config_hash
+from hxp.errors import BackendError, LifecycleError
 from hxp.io import lifecycle as rec
-from hxp.io.probes import wait_drained
 from hxp.lifecycle import (
     CrashPolicy,
     LifecycleRecord,
@@ -50,33 +48,26 @@ from hxp.lifecycle import (
 )
 from hxp.plan import Action, ActionKind, ObservedUnit
 from hxp.spec import Stack
-from hxp.store import Store
-from hxp.units import UnitInstance, expand_units, slot_instances
-from tasks.deploy import (
-    DeployContext,
+from hxp.units import UnitInstance, all_slots, expand_units, slot_instances
+from tasks.gpus import surge_for
+from tasks.instances import (
+    RETRIES,
+    RunContext,
     UnitOutcome,
-    _all_slots,
-    _gate,
-    _prepare,
-    gateway_of,
-    route_port,
+    apply_step,
+    drain_cap,
+    fail,
+    gate,
+    prepare,
+    retire_slot,
+    retry_transient,
+    route_add,
+    route_remove,
+    route_swap,
+    routed,
+    state_of,
+    stop_instances,
 )
-
-RETRIES = 2
-DRAIN_DEFAULT = 30.0
-
-
-def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: only a failure classified transient is retried."""
-    try:
-        state.result()
-    except Exception as exc:
-        return classify_error(exc) == "transient"
-    return False
-
-
-def _final_attempt() -> bool:
-    return int(task_run.run_count or 1) > RETRIES
 
 
 @dataclass
@@ -90,10 +81,6 @@ class UnitResult:
     seconds: float = 0.0
 
 
-def routed(stack: Stack, unit: str) -> bool:
-    return stack.gateway is not None and unit in stack.gateway.routes
-
-
 def unit_instances(
     stack: Stack, unit: str, observed: dict[str, ObservedUnit]
 ) -> list[UnitInstance]:
@@ -102,8 +89,6 @@ def unit_instances(
     base = expand_units(stack, {unit})
     if not routed(stack, unit):
         return base
-    from hxp.config import unit_config_hash
-
     want = unit_config_hash(stack, unit)
     other = slot_instances(stack, unit, 1)
     out = []
@@ -119,97 +104,18 @@ def unit_instances(
 def _observe_unit(backend: Backend, stack: Stack, unit: str) -> dict[str, ObservedUnit]:
     """What the backend sees of one unit's instances (both slots), without listing the stack."""
     out = {}
-    for inst in _all_slots(stack, unit):
+    for inst in all_slots(stack, unit):
         seen = observe_one(backend, inst)
         if seen is not None:
             out[inst.name] = seen
     return out
 
 
-def _state(store: Store, stack: str, instance: str) -> State:
-    rows = store.lifecycle(stack)
-    return rows[instance].state if instance in rows else State.STOPPED
-
-
-def _gateway_remove(ctx: DeployContext, unit: str, ports: Iterable[int]) -> None:
-    if not routed(ctx.stack, unit):
-        return
-    gateway = gateway_of(ctx)
-    drop = set(ports)
-    live = gateway.live().get(unit, [])
-    if drop & set(live):
-        gateway.set_upstream(unit, [p for p in live if p not in drop])
-
-
-def _gateway_add(
-    ctx: DeployContext, unit: str, ports: Iterable[int], drop: int | None = None
-) -> None:
-    if not routed(ctx.stack, unit):
-        return
-    gateway = gateway_of(ctx)
-    live = [p for p in gateway.live().get(unit, []) if p != drop]
-    new = live + [p for p in ports if p not in live]
-    if new != gateway.live().get(unit, []):
-        gateway.set_upstream(unit, new)
-
-
-def _drain_all(instances: Sequence[UnitInstance], cap: float) -> list[str]:
-    """Wait, concurrently, until each instance (already out of the gateway) has finished its
-    in-flight requests: vLLM's num_requests_running + waiting = 0, or the cap."""
-
-    async def drain() -> list[str]:
-        return list(await asyncio.gather(*(wait_drained(i, cap) for i in instances)))
-
-    return asyncio.run(drain()) if instances else []
-
-
-def drain_cap(stack: Stack, override: float | None = None) -> float:
-    if override is not None:
-        return override
-    return stack.gateway.drain_timeout if stack.gateway is not None else DRAIN_DEFAULT
-
-
-def _fail(
-    ctx: DeployContext, unit: str, instance: str, reason: str, exc: BaseException | None = None
-) -> LifecycleError:
-    store = ctx.store()
-    rows = store.lifecycle(ctx.stack.stack)
-    current = rows[instance].state if instance in rows else State.STOPPED
-    if current is State.STOPPED:  # failed before it moved: it stays stopped, the log says why
-        rec.logger().warning("%s: %s", instance, reason)
-    elif current is not State.FAILED:
-        rec.record(store, ctx.stack.stack, unit, instance, State.FAILED, reason)
-    counted = rec.count_error(store, ctx.stack.stack, unit, exc) if exc is not None else None
-    # The instance has failed: nothing retries it any more (bad input stays `input`).
-    return LifecycleError(f"{unit}: {reason}", "input" if counted == "input" else "permanent")
-
-
-def _apply(
-    ctx: DeployContext,
-    backend: Backend,
-    unit: str,
-    instance: str,
-    action: Any,
-    step: str,
-    retryable: bool = True,
-) -> None:
-    """One backend action; a transient failure is re-raised for Prefect to retry (the state
-    stays where it is, the action is idempotent), anything else fails the instance."""
-    try:
-        backend.apply(action)
-    except Exception as exc:
-        error_class = classify_error(exc)
-        if error_class == "transient" and retryable and not _final_attempt():
-            rec.count_error(ctx.store(), ctx.stack.stack, unit, exc)
-            raise
-        raise _fail(ctx, unit, instance, f"{step} failed ({error_class}): {exc}", exc) from exc
-
-
 # --------------------------------------------------------------------------- reconcile
 
 
 @task(name="reconcile", task_run_name="reconcile-{ctx.stack.stack}", cache_policy=NO_CACHE)
-def reconcile_stack(ctx: DeployContext) -> list[str]:
+def reconcile_stack(ctx: RunContext) -> list[str]:
     """Bring the recorded states in line with what the backends run now (after an
     orchestrator restart, or anything done outside hxp)."""
     store = ctx.store()
@@ -220,7 +126,7 @@ def reconcile_stack(ctx: DeployContext) -> list[str]:
         health = {k: v.status.value for k, v in store.health_state(stack)[0].items()}
     except Exception:  # no sweep has run against this store yet
         health = {}
-    unit_of = {i.name: i.unit for u in ctx.stack.units() for i in _all_slots(ctx.stack, u)}
+    unit_of = {i.name: i.unit for u in ctx.stack.units() for i in all_slots(ctx.stack, u)}
     lines: list[str] = []
     for name in sorted(set(rows) | {n for n in observed if n in unit_of}):
         unit = rows[name].unit if name in rows else unit_of[name]
@@ -234,8 +140,8 @@ def reconcile_stack(ctx: DeployContext) -> list[str]:
         rec.walk(store, stack, unit, name, decision.path, f"reconciled: {decision.reason}")
         lines.append(f"{name}: {' -> '.join(s.value for s in decision.path)} ({decision.reason})")
         if decision.back_in_gateway and routed(ctx.stack, unit):
-            inst = next(i for i in _all_slots(ctx.stack, unit) if i.name == name)
-            _gateway_add(ctx, unit, [route_port(inst)])
+            inst = next(i for i in all_slots(ctx.stack, unit) if i.name == name)
+            route_add(ctx, unit, inst)
             lines.append(f"{name}: back behind the gateway")
     return lines
 
@@ -244,31 +150,29 @@ def reconcile_stack(ctx: DeployContext) -> list[str]:
 
 
 def _start_instance(
-    ctx: DeployContext, backend: Backend, inst: UnitInstance, observed: ObservedUnit | None
+    ctx: RunContext, backend: Backend, inst: UnitInstance, observed: ObservedUnit | None
 ) -> str:
     """stopped/failed -> starting -> running (gated), then behind the gateway."""
     store = ctx.store()
     stack = ctx.stack.stack
     if observed is None or not observed.exists:
-        raise _fail(
-            ctx, inst.unit, inst.name, "is not deployed on its host (run `hxp apply` first)"
-        )
+        raise fail(ctx, inst.unit, inst.name, "is not deployed on its host (run `hxp apply` first)")
     store.clear_supervision(stack, inst.name)
-    current = _state(store, stack, inst.name)
+    current = state_of(store, stack, inst.name)
     if observed.running and current in (State.RUNNING, State.DEGRADED):
-        _gateway_add(ctx, inst.unit, [route_port(inst)])
+        route_add(ctx, inst.unit, inst)
         return "already running"
     if not observed.running or current not in (State.STARTING,):
         rec.record_path(store, stack, inst.unit, inst.name, State.STARTING, "start requested")
     if not observed.running:
-        _apply(ctx, backend, inst.unit, inst.name, Start(UnitRef.of(inst)), "start")
-    gate = _gate(backend, inst)
-    if gate is not None and gate.verdict != "ready":
-        raise _fail(ctx, inst.unit, inst.name, f"never became ready: {gate.explain()}")
+        apply_step(ctx, backend, inst.unit, inst.name, Start(UnitRef.of(inst)), "start")
+    ready = gate(backend, inst)
+    if ready is not None and ready.verdict != "ready":
+        raise fail(ctx, inst.unit, inst.name, f"never became ready: {ready.explain()}")
     rec.record(store, stack, inst.unit, inst.name, State.RUNNING, "ready")
     if not observed.running:
         rec.rebaseline(store, backend, inst)
-    _gateway_add(ctx, inst.unit, [route_port(inst)])
+    route_add(ctx, inst.unit, inst)
     return "started, ready"
 
 
@@ -280,7 +184,7 @@ def _start_instance(
     retry_delay_seconds=exponential_backoff(0.5),
     retry_condition_fn=retry_transient,
 )
-def start_unit(ctx: DeployContext, unit: str) -> UnitResult:
+def start_unit(ctx: RunContext, unit: str) -> UnitResult:
     """Start every replica of a unit that is not running, each gated on readiness."""
     started = time.monotonic()
     backend = ctx.backend(ctx.stack.unit(unit).host)
@@ -292,56 +196,6 @@ def start_unit(ctx: DeployContext, unit: str) -> UnitResult:
     return result
 
 
-def _stop_instances(
-    ctx: DeployContext,
-    backend: Backend,
-    unit: str,
-    instances: Sequence[UnitInstance],
-    observed: dict[str, ObservedUnit],
-    drain: bool,
-    cap: float,
-    reason: str,
-    retryable: bool = True,
-) -> dict[str, str]:
-    """running -> draining (out of the gateway, in-flight requests finish) -> stopping ->
-    stopped, for a batch of one unit's instances together."""
-    store = ctx.store()
-    stack = ctx.stack.stack
-    done: dict[str, str] = {}
-    live = []
-    for inst in instances:
-        seen = observed.get(inst.name)
-        current = _state(store, stack, inst.name)
-        if seen is None or not seen.exists:
-            done[inst.name] = "not deployed"
-            continue
-        if not seen.running and current is State.STOPPED:
-            done[inst.name] = "already stopped"
-            continue
-        live.append(inst)
-    _gateway_remove(ctx, unit, [route_port(i) for i in live])
-    draining = []
-    for inst in live:
-        current = _state(store, stack, inst.name)
-        if current in (State.RUNNING, State.DEGRADED):
-            rec.record(store, stack, unit, inst.name, State.DRAINING, reason)
-            draining.append(inst)
-    # Only traffic the gateway sends, or a model's queue, is worth waiting for; any other
-    # service finishes its in-flight requests on SIGTERM within its stop_timeout.
-    waits = [i for i in draining if drain and (routed(ctx.stack, unit) or i.kind == "model")]
-    drained = dict(zip([i.name for i in waits], _drain_all(waits, cap), strict=True))
-    for inst in draining:
-        drained.setdefault(inst.name, "no gateway traffic to drain" if drain else "not drained")
-    for inst in live:
-        rec.record_path(store, stack, unit, inst.name, State.STOPPING, reason)
-        grace = float(inst.spec.stop_timeout)
-        stop = Stop(UnitRef.of(inst), grace)
-        _apply(ctx, backend, unit, inst.name, stop, "stop", retryable)
-        rec.record(store, stack, unit, inst.name, State.STOPPED, reason)
-        done[inst.name] = f"stopped ({drained.get(inst.name, 'was not serving')})"
-    return done
-
-
 @task(
     name="stop-unit",
     task_run_name="stop-{unit}",
@@ -351,7 +205,7 @@ def _stop_instances(
     retry_condition_fn=retry_transient,
 )
 def stop_unit(
-    ctx: DeployContext, unit: str, drain: bool = True, drain_timeout: float | None = None
+    ctx: RunContext, unit: str, drain: bool = True, drain_timeout: float | None = None
 ) -> UnitResult:
     """Take every replica out of the gateway, let in-flight requests finish, stop it."""
     started = time.monotonic()
@@ -359,7 +213,7 @@ def stop_unit(
     observed = observe_all(ctx.stack, ctx.state_dir)
     instances = unit_instances(ctx.stack, unit, observed)
     result = UnitResult(unit)
-    result.done = _stop_instances(
+    result.done = stop_instances(
         ctx,
         backend,
         unit,
@@ -374,18 +228,13 @@ def stop_unit(
 
 
 @task(name="stop-gateway", task_run_name="stop-gateway-{ctx.stack.stack}", cache_policy=NO_CACHE)
-def stop_gateway(ctx: DeployContext) -> bool:
+def stop_gateway(ctx: RunContext) -> bool:
     """The whole stack is stopped: stop nginx and clear what it owns (pid, temporary files)."""
-    import shutil
-
     if ctx.stack.gateway is None:
         return False
-    gateway = gateway_of(ctx)
+    gateway = ctx.gateway()
     stopped = gateway.stop()
-    for leftover in ("nginx.pid", "nginx.conf.new"):
-        (gateway.prefix / leftover).unlink(missing_ok=True)
-    shutil.rmtree(gateway.prefix / "tmp", ignore_errors=True)
-    gateway.upstreams_file.unlink(missing_ok=True)
+    gateway.clear()
     return stopped
 
 
@@ -412,10 +261,8 @@ class RollResult:
     stopped_early: bool = False
 
 
-def _surge_for(ctx: DeployContext, inst: UnitInstance, policy: RollingPolicy) -> SurgeDecision:
+def _surge_for(ctx: RunContext, inst: UnitInstance, policy: RollingPolicy) -> SurgeDecision:
     """Ask the calculator whether one more replica of this unit fits now."""
-    from tasks.gpus import surge_for
-
     return surge_for(ctx.stack, ctx.state_dir, inst, policy.surge)
 
 
@@ -425,17 +272,17 @@ def _other_slot(stack: Stack, inst: UnitInstance) -> UnitInstance:
 
 
 def _secrets_and_gpus(
-    ctx: DeployContext, unit: str, inst: UnitInstance, kind: ActionKind, want: str
+    ctx: RunContext, unit: str, inst: UnitInstance, kind: ActionKind, want: str
 ) -> tuple[dict[str, str], UnitInstance]:
     """The unit's secret values and (for `gpus: auto`) the GPUs of a new replica."""
     outcome = UnitOutcome(unit=unit, host=inst.host, ok=False)
     action = Action(unit, inst.name, inst.host, kind, "rolling", want)
-    secrets, placed = _prepare(ctx, unit, {inst.name: inst}, [action], outcome)
+    secrets, placed = prepare(ctx, unit, {inst.name: inst}, [action], outcome)
     return secrets, placed.get(inst.name, inst)
 
 
 def _surge_replica(
-    ctx: DeployContext,
+    ctx: RunContext,
     backend: Backend,
     old: UnitInstance,
     target: RollTarget | None,
@@ -454,10 +301,10 @@ def _surge_replica(
     )
     rec.record_path(store, stack, unit, new.name, State.STARTING, "surge: new replica first")
     create = Create(new, want, revision, secrets)
-    _apply(ctx, backend, unit, new.name, create, "create", retryable=False)
-    gate = _gate(backend, new)
-    if gate is not None and gate.verdict != "ready":
-        why = gate.explain()
+    apply_step(ctx, backend, unit, new.name, create, "create", retryable=False)
+    ready = gate(backend, new)
+    if ready is not None and ready.verdict != "ready":
+        why = ready.explain()
         rec.record(store, stack, unit, new.name, State.FAILED, f"never became ready: {why}")
         backend.apply(Remove(UnitRef.of(new)))
         store.release(stack, new.name)
@@ -465,19 +312,13 @@ def _surge_replica(
         return False, f"{new.name} never became ready ({why}); removed, {old.name} kept serving"
     rec.record(store, stack, unit, new.name, State.RUNNING, "ready (surge)")
     rec.rebaseline(store, backend, new)
-    _gateway_add(ctx, unit, [route_port(new)], drop=route_port(old))
-    rec.record(store, stack, unit, old.name, State.DRAINING, f"replaced by {new.name}")
-    drained = _drain_all([old], cap)[0]
-    rec.record(store, stack, unit, old.name, State.STOPPING, f"replaced by {new.name}")
-    _apply(ctx, backend, unit, old.name, Remove(UnitRef.of(old)), "remove", retryable=False)
-    store.release(stack, old.name)
-    rec.record(store, stack, unit, old.name, State.STOPPED, f"replaced by {new.name}")
-    rec.forget(store, stack, unit, old.name, f"replaced by {new.name}")
+    route_swap(ctx, unit, old, new)
+    drained = retire_slot(ctx, backend, old, new, cap)
     return True, f"{old.name} -> {new.name}: surge, {drained}"
 
 
 def _in_place_batch(
-    ctx: DeployContext,
+    ctx: RunContext,
     backend: Backend,
     batch: Sequence[UnitInstance],
     target: RollTarget | None,
@@ -491,7 +332,7 @@ def _in_place_batch(
     stack = ctx.stack.stack
     unit = batch[0].unit
     why = "rolling update" if target else "rolling restart"
-    _stop_instances(ctx, backend, unit, batch, observed, True, cap, why, retryable=False)
+    stop_instances(ctx, backend, unit, batch, observed, True, cap, why, retryable=False)
     out: list[tuple[bool, str]] = []
     for inst in batch:
         ref = UnitRef.of(inst)
@@ -504,20 +345,20 @@ def _in_place_batch(
         else:
             action = Start(ref)
         step = "update" if target else "start"
-        _apply(ctx, backend, unit, inst.name, action, step, retryable=False)
-        gate = _gate(backend, inst)
-        if gate is None or gate.verdict == "ready":
+        apply_step(ctx, backend, unit, inst.name, action, step, retryable=False)
+        ready = gate(backend, inst)
+        if ready is None or ready.verdict == "ready":
             rec.record(store, stack, unit, inst.name, State.RUNNING, f"{why}: ready")
             rec.rebaseline(store, backend, inst)
-            _gateway_add(ctx, unit, [route_port(inst)])
+            route_add(ctx, unit, inst)
             out.append((True, f"{inst.name}: in place, ready"))
             continue
-        failure = gate.explain()
+        failure = ready.explain()
         rec.record(store, stack, unit, inst.name, State.FAILED, f"never became ready: {failure}")
         rec.record(store, stack, unit, inst.name, State.STARTING, "restoring")
         try:
             backend.apply(Restore(ref) if target is not None else Start(ref))
-            regate = _gate(backend, inst)
+            regate = gate(backend, inst)
         except BackendError as exc:
             rec.record(store, stack, unit, inst.name, State.FAILED, f"restore failed: {exc}")
             out.append((False, f"{inst.name}: failed its gate ({failure}); restore failed: {exc}"))
@@ -525,7 +366,7 @@ def _in_place_batch(
         if regate is None or regate.verdict == "ready":
             rec.record(store, stack, unit, inst.name, State.RUNNING, "restored")
             rec.rebaseline(store, backend, inst)
-            _gateway_add(ctx, unit, [route_port(inst)])
+            route_add(ctx, unit, inst)
             back = "previous version back" if target else "started again"
             out.append((False, f"{inst.name}: failed its gate ({failure}); restored: {back}"))
         else:
@@ -536,7 +377,7 @@ def _in_place_batch(
 
 @task(name="roll-unit", task_run_name="roll-{unit}", cache_policy=NO_CACHE)
 def roll_unit(
-    ctx: DeployContext,
+    ctx: RunContext,
     unit: str,
     policy: RollingPolicy,
     target: RollTarget | None = None,
@@ -557,8 +398,6 @@ def roll_unit(
     result = RollResult(unit)
     queue = list(replicas)
     batch_size = len(rolling_batches([i.name for i in replicas], policy.max_unavailable)[0])
-    from hxp.config import unit_config_hash
-
     running_hash = {observed[i.name].config_hash for i in replicas}
     drift = target is None and running_hash != {unit_config_hash(ctx.stack, unit)}
     while queue:
@@ -611,7 +450,7 @@ def roll_unit(
 
 
 @task(name="reload-unit", task_run_name="reload-{unit}", cache_policy=NO_CACHE)
-def reload_unit(ctx: DeployContext, unit: str, target: RollTarget) -> UnitResult:
+def reload_unit(ctx: RunContext, unit: str, target: RollTarget) -> UnitResult:
     """New config files and the unit's reload signal/command, replica by replica; no restart.
     A backend that cannot reload raises, and the caller rolls the unit instead."""
     started = time.monotonic()
@@ -624,10 +463,10 @@ def reload_unit(ctx: DeployContext, unit: str, target: RollTarget) -> UnitResult
         backend.reload(Reload(inst, target.config_hash, target.revision))
         result.done[inst.name] = "reloaded"
         ctx.store().add_event(ctx.stack.stack, "reloaded", f"{inst.name}: config reloaded", unit)
-        gate = _gate(backend, inst)
-        if gate is not None and gate.verdict != "ready":
+        ready = gate(backend, inst)
+        if ready is not None and ready.verdict != "ready":
             result.ok = False
-            result.failed[inst.name] = f"unhealthy after the reload: {gate.explain()}"
+            result.failed[inst.name] = f"unhealthy after the reload: {ready.explain()}"
             break
     result.seconds = time.monotonic() - started
     return result
@@ -648,7 +487,7 @@ class SupervisorReport:
 
 
 def _restart(
-    ctx: DeployContext, backend: Backend, inst: UnitInstance, record: LifecycleRecord
+    ctx: RunContext, backend: Backend, inst: UnitInstance, record: LifecycleRecord
 ) -> str | None:
     """failed -> starting -> running after a crash; the reason it failed, or None."""
     store = ctx.store()
@@ -660,25 +499,25 @@ def _restart(
         rec.count_error(store, stack, inst.unit, exc)
         rec.record(store, stack, inst.unit, inst.name, State.FAILED, f"restart failed: {exc}")
         return str(exc)
-    gate = _gate(backend, inst)
-    if gate is not None and gate.verdict != "ready":
-        why = gate.explain()
+    ready = gate(backend, inst)
+    if ready is not None and ready.verdict != "ready":
+        why = ready.explain()
         rec.record(store, stack, inst.unit, inst.name, State.FAILED, f"restart not ready: {why}")
         return why
     rec.record(store, stack, inst.unit, inst.name, State.RUNNING, "restarted by the supervisor")
     rec.rebaseline(store, backend, inst)
-    _gateway_add(ctx, inst.unit, [route_port(inst)])
+    route_add(ctx, inst.unit, inst)
     return None
 
 
 @task(name="supervise", task_run_name="supervise-{ctx.stack.stack}", cache_policy=NO_CACHE)
-def supervise_pass(ctx: DeployContext, policy: CrashPolicy) -> SupervisorReport:
+def supervise_pass(ctx: RunContext, policy: CrashPolicy) -> SupervisorReport:
     """One supervisor pass: count crashes, restart with backoff, give up on a crash loop."""
     store = ctx.store()
     stack = ctx.stack.stack
     report = SupervisorReport(stack)
     observed = observe_all(ctx.stack, ctx.state_dir)
-    instances = {i.name: i for u in ctx.stack.units() for i in _all_slots(ctx.stack, u)}
+    instances = {i.name: i for u in ctx.stack.units() for i in all_slots(ctx.stack, u)}
     for name, record in sorted(store.lifecycle(stack).items()):
         inst = instances.get(name)
         if inst is None:
@@ -712,7 +551,7 @@ def supervise_pass(ctx: DeployContext, policy: CrashPolicy) -> SupervisorReport:
                 if up:  # restarted by its backend: still serving, only counted
                     store.note_crashes(stack, name, decision.crashes, decision.restarts_seen)
                     continue
-                _gateway_remove(ctx, inst.unit, [route_port(inst)])
+                route_remove(ctx, inst.unit, inst)
                 rec.record(
                     store,
                     stack,
@@ -742,7 +581,7 @@ def supervise_pass(ctx: DeployContext, policy: CrashPolicy) -> SupervisorReport:
                     report.failed_restarts[name] = why
             case "give-up":
                 report.gave_up.append(name)
-                _gateway_remove(ctx, inst.unit, [route_port(inst)])
+                route_remove(ctx, inst.unit, inst)
                 with contextlib.suppress(BackendError):  # end the backend's own restarts too
                     backend.apply(Stop(UnitRef.of(inst), float(inst.spec.stop_timeout)))
                 rec.count_error(store, stack, inst.unit, BackendError(decision.reason, unit=name))
@@ -763,9 +602,10 @@ def supervise_pass(ctx: DeployContext, policy: CrashPolicy) -> SupervisorReport:
     return report
 
 
-def lifecycle_context(stack: Stack, state_dir: str) -> DeployContext:
-    """Lifecycle runs share the deploy's context (backends, store); they record no deploy."""
-    return DeployContext(stack, state_dir, 0, "")
+def lifecycle_context(stack: Stack, state_dir: str) -> RunContext:
+    """The context of a lifecycle operation (start, stop, roll, supervise): backends and one
+    store, and no deploy record."""
+    return RunContext(stack, state_dir)
 
 
 __all__ = [
@@ -776,7 +616,6 @@ __all__ = [
     "lifecycle_context",
     "reconcile_stack",
     "reload_unit",
-    "retry_transient",
     "roll_unit",
     "start_unit",
     "stop_gateway",

@@ -3,17 +3,26 @@
 Everything lives under STATE/gateway/<stack>/ (config, pid, logs, temp dirs). A reload starts
 new workers with the new upstreams while the old workers finish the requests they hold, so
 switching replicas loses no request.
+
+Routes change only through `NginxGateway.add`, `remove` and `swap` (or `apply` for the whole
+map): each reads the upstream map, edits it and writes it back under a lock held across
+threads (deploy and lifecycle workers) and processes (the health sweep's failover), so two
+edits at once cannot drop each other's route.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from hxp.backends.supervisor import alive, start_ticks
@@ -33,6 +42,30 @@ def nginx_binary() -> str:
     return found
 
 
+# One lock per gateway directory for the threads of this process; the file lock beside it
+# serializes against other processes (flock is per open file, so it would also serialize
+# threads, but a thread lock keeps them from spinning on the file).
+_THREAD_LOCKS: dict[Path, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(prefix: Path) -> threading.Lock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(prefix.resolve(), threading.Lock())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary file of its own beside `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".new")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class NginxGateway:
     """The gateway of one stack on this machine."""
 
@@ -42,6 +75,7 @@ class NginxGateway:
         self.prefix = Path(state_dir) / "gateway" / stack
         self.conf = self.prefix / "nginx.conf"
         self.upstreams_file = self.prefix / "upstreams.json"
+        self.lock_file = self.prefix / "gateway.lock"
 
     # ------------------------------------------------------------ state
 
@@ -76,25 +110,80 @@ class NginxGateway:
             check=False,
         )
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold this gateway's lock: no other thread or process edits its routes meanwhile."""
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        with _thread_lock(self.prefix), open(self.lock_file, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def apply(self, live: Mapping[str, Sequence[int]]) -> None:
-        """Point every route at `live` ports: write, `nginx -t`, then start or reload."""
+        """Point every route at `live` ports (the whole map): write, `nginx -t`, then start or
+        reload."""
+        with self._locked():
+            self._write(live)
+
+    def add(self, unit: str, *ports: int) -> list[int]:
+        """Put `ports` behind the unit's route (those already there stay); the unit's ports."""
+        return self._change(unit, add=ports, remove=())
+
+    def remove(self, unit: str, *ports: int) -> list[int]:
+        """Take `ports` out of the unit's route; the unit's ports."""
+        return self._change(unit, add=(), remove=ports)
+
+    def swap(self, unit: str, old: int | None, new: int | None) -> list[int]:
+        """Replace port `old` by `new` in the unit's route in one write (either may be None);
+        the unit's ports."""
+        return self._change(
+            unit, add=() if new is None else (new,), remove=() if old is None else (old,)
+        )
+
+    def _change(self, unit: str, add: Iterable[int], remove: Iterable[int]) -> list[int]:
+        """Read the live map, edit the unit's ports, write it back: all under the lock. Nothing
+        is written when the ports stay the same."""
+        drop = set(remove)
+        with self._locked():
+            before = self.live().get(unit, [])
+            ports = [p for p in before if p not in drop]
+            ports += [p for p in dict.fromkeys(add) if p not in ports]
+            if ports != before:
+                self._set_upstream(unit, ports)
+            return ports
+
+    def _set_upstream(self, unit: str, ports: Sequence[int]) -> None:
+        """Write the unit's ports into the live map (the caller holds the lock)."""
+        live = self.live()
+        live[unit] = list(ports)
+        self._write(live)
+
+    def _write(self, live: Mapping[str, Sequence[int]]) -> None:
+        """Render, `nginx -t` a temporary copy of this write's own, then start or reload (the
+        caller holds the lock)."""
         for sub in ("logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
         text = render_gateway(self.stack, self.spec, live, str(self.prefix))
         previous = self.conf.read_text() if self.conf.exists() else None
-        tmp = self.conf.with_name("nginx.conf.new")
-        tmp.write_text(text)
-        check = subprocess.run(
-            [nginx_binary(), "-t", "-p", str(self.prefix), "-c", str(tmp)],
-            capture_output=True,
-            text=True,
-            timeout=NGINX_TIMEOUT,
-            check=False,
-        )
-        if check.returncode != 0:
+        fd, name = tempfile.mkstemp(dir=self.prefix, prefix="nginx.conf.", suffix=".new")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            check = subprocess.run(
+                [nginx_binary(), "-t", "-p", str(self.prefix), "-c", str(tmp)],
+                capture_output=True,
+                text=True,
+                timeout=NGINX_TIMEOUT,
+                check=False,
+            )
+            if check.returncode != 0:
+                raise BackendError(f"gateway config rejected by nginx -t: {check.stderr.strip()}")
+            tmp.replace(self.conf)
+        finally:
             tmp.unlink(missing_ok=True)
-            raise BackendError(f"gateway config rejected by nginx -t: {check.stderr.strip()}")
-        tmp.replace(self.conf)
         pid = self._pid()
         if pid is None:
             self._start()
@@ -102,12 +191,17 @@ class NginxGateway:
             before = set(self._workers(pid))  # before the signal: new workers can be quick
             os.kill(pid, signal.SIGHUP)  # graceful reload: old workers finish their requests
             self._wait_reloaded(pid, before)
-        self.upstreams_file.write_text(json.dumps({k: list(v) for k, v in live.items()}))
+        _write_atomically(self.upstreams_file, json.dumps({k: list(v) for k, v in live.items()}))
 
-    def set_upstream(self, unit: str, ports: Sequence[int]) -> None:
-        live = self.live()
-        live[unit] = list(ports)
-        self.apply(live)
+    def clear(self) -> None:
+        """After `stop`: remove what a stopped gateway leaves (pid file, temporary config
+        files and directories, the upstream map), so the next start begins with no routes."""
+        with self._locked():
+            (self.prefix / "nginx.pid").unlink(missing_ok=True)
+            for leftover in self.prefix.glob("*.new"):
+                leftover.unlink(missing_ok=True)
+            shutil.rmtree(self.prefix / "tmp", ignore_errors=True)
+            self.upstreams_file.unlink(missing_ok=True)
 
     def _start(self) -> None:
         out = self._nginx()  # daemonizes; the master writes its pid file

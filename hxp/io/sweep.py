@@ -216,12 +216,11 @@ def reroute(
     if any(d.changed for d in decisions):
         try:
             with stack_lock(state_dir, stack.stack, "health sweep", wait=False):
-                live = gateway.live()
-                decisions = decide(live)  # again, under the lock
+                decisions = decide(gateway.live())  # again, under the lock
                 for d in decisions:
-                    live[d.unit] = list(d.after)
-                if any(d.changed for d in decisions):
-                    gateway.apply(live)
+                    if d.changed:  # in before out: the upstream is never left empty
+                        gateway.add(d.unit, *(p for p in d.after if p not in d.before))
+                        gateway.remove(d.unit, *(p for p in d.before if p not in d.after))
         except (LockedError, BackendError) as exc:
             why = "upstreams left alone this sweep"
             notes.append(f"{exc}: {why}" if isinstance(exc, LockedError) else f"gateway: {exc}")

@@ -101,7 +101,7 @@ class DeployFacts:
 def deploy_facts(record: DeployRecord, rolled_back: Iterable[str] = ()) -> DeployFacts | None:
     """The facts of a finished deploy record (None while it runs); `rolled_back`: the units
     its rollback restored (the store's `rolled-back` events)."""
-    from hxp.metrics import error_class, failure_class
+    from hxp.metrics import error_class, recorded_failure_class
 
     if record.finished_at is None or record.status == "running":
         return None
@@ -130,7 +130,7 @@ def deploy_facts(record: DeployRecord, rolled_back: Iterable[str] = ()) -> Deplo
             rollbacks=tuple((u, "interrupted") for u in restored),
             error_class="transient",
         )
-    reason_class = failure_class(str(result.get("reason", "")))
+    reason_class = recorded_failure_class(result)
     failed = result.get("failed_unit")
     if failed:
         units.append((str(failed), "failed", float(result.get("seconds") or 0.0)))

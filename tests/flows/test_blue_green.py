@@ -199,10 +199,10 @@ def test_gpu_surge_when_a_spare_gpu_fits(gpu_fleet, tmp_path: Path, monkeypatch)
     deploy([path], state)
     assert held(state) == {"chat": [0]}
     # A spy on the drain of the old slot: what runs at the moment traffic has moved over.
-    import tasks.deploy
+    import tasks.instances
 
     seen_at_switch: list[dict[str, bool]] = []
-    real_drain = tasks.deploy.wait_drained
+    real_drain = tasks.instances.wait_drained
 
     async def spy(inst, cap):  # type: ignore[no-untyped-def]
         seen_at_switch.append(
@@ -210,7 +210,7 @@ def test_gpu_surge_when_a_spare_gpu_fits(gpu_fleet, tmp_path: Path, monkeypatch)
         )
         return await real_drain(inst, cap)
 
-    monkeypatch.setattr(tasks.deploy, "wait_drained", spy)
+    monkeypatch.setattr(tasks.instances, "wait_drained", spy)
     result = deploy([path, revision(tmp_path, "r2")], state)
 
     assert [a["kind"] for a in result["plan"]["actions"]] == ["replace"]
@@ -229,10 +229,10 @@ def test_gpu_one_at_a_time_without_a_spare_gpu_fails_no_request(  # type: ignore
     path, state, url = gpu_fleet(replicas=2, gpus=2)
     deploy([path], state)
     assert held(state) == {"chat-0": [0], "chat-1": [1]}
-    import tasks.lifecycle
+    import tasks.instances
 
     seen_at_drain: list[dict[str, bool]] = []
-    real_drain = tasks.lifecycle.wait_drained
+    real_drain = tasks.instances.wait_drained
 
     async def spy(inst, cap):  # type: ignore[no-untyped-def]
         seen_at_drain.append(
@@ -240,7 +240,7 @@ def test_gpu_one_at_a_time_without_a_spare_gpu_fails_no_request(  # type: ignore
         )
         return await real_drain(inst, cap)
 
-    monkeypatch.setattr(tasks.lifecycle, "wait_drained", spy)
+    monkeypatch.setattr(tasks.instances, "wait_drained", spy)
     load = BackgroundLoad(url, "chat", REQUESTS, concurrency=32).start()
     time.sleep(1.0)
     result = deploy([path, revision(tmp_path, "r2")], state)
@@ -341,17 +341,15 @@ def test_gpu_one_at_a_time_rollback_restarts_the_replicas_already_replaced(  # t
 ) -> None:
     """chat-0 moves one at a time, then chat-1's new slot fails its gate (a fault injected into
     the gate): chat-1 is restored at once, and the rollback brings chat-0 back on its GPU."""
-    # tasks.lifecycle copies tasks.deploy._gate when first imported: load it before the fake
-    # gate goes in, or it keeps the fake for the rest of the session.
+    # The fake gate replaces the one tasks.deploy uses (tasks.instances.gate, as imported).
     import tasks.deploy
-    import tasks.lifecycle
     from hxp.health import ReadinessGate
     from hxp.spec import HealthSpec
 
     path, state, _url = gpu_fleet(replicas=2, gpus=2)
     deploy([path], state)
     good = {k: v.config_hash for k, v in ProcessBackend(state).observe("bgg").items()}
-    real_gate = tasks.deploy._gate
+    real_gate = tasks.deploy.gate
 
     def gate(backend, inst):  # type: ignore[no-untyped-def]
         if inst.name != "chat-1-g":
@@ -360,7 +358,7 @@ def test_gpu_one_at_a_time_rollback_restarts_the_replicas_already_replaced(  # t
         failed.give_up("injected: chat-1-g fails its gate")
         return failed
 
-    monkeypatch.setattr(tasks.deploy, "_gate", gate)
+    monkeypatch.setattr(tasks.deploy, "gate", gate)
     with pytest.raises(DeployError) as err:
         deploy([path, revision(tmp_path, "r2")], state)
 
@@ -394,14 +392,14 @@ def test_rolling_back_several_replicas_gives_each_its_own_port_back(  # type: ig
     # Slot 0 and slot 1 of each replica (blue-green: the other slot is each port + replicas).
     replicas = {"chat-0": {base, base + 2}, "chat-1": {base + 1, base + 3}}
     upstreams: list[list[int]] = []
-    real_set = NginxGateway.set_upstream
+    real_set = NginxGateway._set_upstream
 
     def spy(self, unit, ports):  # type: ignore[no-untyped-def]
         if unit == "chat":
             upstreams.append(sorted(ports))
         real_set(self, unit, ports)
 
-    monkeypatch.setattr(NginxGateway, "set_upstream", spy)
+    monkeypatch.setattr(NginxGateway, "_set_upstream", spy)
     bad = overlay(
         tmp_path,
         "bad",
@@ -444,7 +442,7 @@ def test_an_unexpected_error_mid_move_is_rolled_back_like_a_failed_gate(  # type
     stack = load_config([path], {}).stack
     assert stack.gateway is not None
     base = stack.models["chat"].port
-    real_set = NginxGateway.set_upstream
+    real_set = NginxGateway._set_upstream
     calls: list[list[int]] = []
 
     def flaky(self, unit, ports):  # type: ignore[no-untyped-def]
@@ -453,7 +451,7 @@ def test_an_unexpected_error_mid_move_is_rolled_back_like_a_failed_gate(  # type
             raise RuntimeError("injected: nginx config disk full")
         real_set(self, unit, ports)
 
-    monkeypatch.setattr(NginxGateway, "set_upstream", flaky)
+    monkeypatch.setattr(NginxGateway, "_set_upstream", flaky)
     with pytest.raises(DeployError) as err:
         deploy([path, revision(tmp_path, "r2")], state)
     monkeypatch.undo()

@@ -79,7 +79,8 @@ def test_a_deploy_leaks_the_secret_nowhere(
     from prefect.logging import disable_run_logger
 
     import tasks.secrets
-    from tasks.deploy import DeployContext, apply_unit
+    from tasks.deploy import apply_unit
+    from tasks.instances import RunContext
 
     monkeypatch.setattr(tasks.secrets, "prefect_api_configured", lambda: False)
     caplog.set_level(logging.DEBUG)
@@ -91,7 +92,7 @@ def test_a_deploy_leaks_the_secret_nowhere(
     plan_json = json.dumps(plan.to_dict())
     deploy_id = store.begin_deploy("sec", "deploy", effective.content_hash, plan.to_dict())
     store.save_snapshot(ConfigSnapshot.of(effective))
-    ctx = DeployContext(stack, str(state), deploy_id, effective.content_hash)
+    ctx = RunContext(stack, str(state), deploy_id, effective.content_hash)
     actions = [a for a in plan.actions if a.unit == "api"]
     with disable_run_logger():
         outcome = apply_unit.fn(ctx, "api", "local", actions)
@@ -118,7 +119,8 @@ def test_a_secret_in_a_world_readable_file_fails_the_unit_without_starting_it(
     from prefect.logging import disable_run_logger
 
     import tasks.secrets
-    from tasks.deploy import DeployContext, UnitDeployError, apply_unit
+    from tasks.deploy import apply_unit
+    from tasks.instances import RunContext, UnitDeployError
 
     monkeypatch.setattr(tasks.secrets, "prefect_api_configured", lambda: False)
     (state / "secrets" / BLOCK).chmod(0o644)
@@ -126,7 +128,7 @@ def test_a_secret_in_a_world_readable_file_fails_the_unit_without_starting_it(
     store = Store(state)
     plan = plan_stack(effective.stack, {}, effective.content_hash, {"api"})
     deploy_id = store.begin_deploy("sec", "deploy", effective.content_hash)
-    ctx = DeployContext(effective.stack, str(state), deploy_id, effective.content_hash)
+    ctx = RunContext(effective.stack, str(state), deploy_id, effective.content_hash)
     with disable_run_logger(), pytest.raises(UnitDeployError) as info:
         apply_unit.fn(ctx, "api", "local", list(plan.actions))
     reason = info.value.outcome.reason

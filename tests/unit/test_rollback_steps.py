@@ -40,8 +40,9 @@ def _replace(instance: str, replaces: str) -> dict[str, Any]:
 def test_steps_follow_what_each_replica_was_left_as(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.deploy
-    from tasks.deploy import DeployContext, interrupted_steps
+    import tasks.instances
+    from tasks.deploy import interrupted_steps
+    from tasks.instances import RunContext
 
     stack = load_config([DEMO]).stack
     seen = {
@@ -53,8 +54,8 @@ def test_steps_follow_what_each_replica_was_left_as(
         # api-0 (another unit) is not chat's business.
         "api-0": _up("api-0"),
     }
-    monkeypatch.setattr(tasks.deploy, "backend_for", lambda *a: _Seen(seen))
-    ctx = DeployContext(stack, str(tmp_path), 7, "")
+    monkeypatch.setattr(tasks.instances, "backend_for", lambda *a: _Seen(seen))
+    ctx = RunContext(stack, str(tmp_path), 7, "")
     actions = [
         _replace("chat-0-g", "chat-0"),
         _replace("chat-1-g", "chat-1"),
@@ -79,7 +80,8 @@ def test_steps_follow_what_each_replica_was_left_as(
 
 def test_each_replica_gets_its_own_new_slot() -> None:
     from hxp.units import all_slots
-    from tasks.deploy import UnitOutcome, _new_slot_of
+    from tasks.deploy import _new_slot_of
+    from tasks.instances import UnitOutcome
 
     stack = load_config([DEMO]).stack
     slots = {u.name: u for u in all_slots(stack, "chat")}

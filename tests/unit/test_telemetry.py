@@ -124,6 +124,26 @@ def test_stopped_and_removed_units(tmp_path: Path) -> None:
     assert value(found, "hxp_unit_lifecycle_state", stack="t", unit="db", state="stopped") == 1
 
 
+def test_the_reason_class_is_the_recorded_failure_class_not_the_wording(tmp_path: Path) -> None:
+    """A deploy record carries its FailureClass: the label follows it whatever the reason
+    says (here a reason worded like a readiness failure, recorded as a secret failure)."""
+    store = Store(tmp_path)
+    snapshot(store, "h1")
+    failed = store.begin_deploy("t", "deploy", "h1")
+    store.add_event("t", "rolled-back", "api: restored revision 1, healthy", "api", failed)
+    store.finish_deploy(failed, "failed", {
+        "failed_unit": "api", "reason": "api never became ready (reworded any way at all)",
+        "reason_class": "secret", "seconds": 1.0, "units": {},
+    })  # fmt: skip
+    found = series(store_registry(tmp_path))
+    assert value(found, "hxp_rollbacks_total", stack="t", unit="api", reason_class="secret") == 1
+    assert ("hxp_rollbacks_total", frozenset(
+        {"stack": "t", "unit": "api", "reason_class": "readiness"}.items()
+    )) not in found  # fmt: skip
+    assert value(found, "hxp_errors_total", stack="t", where="deploy",
+                 error_class="input") == 1  # fmt: skip
+
+
 def test_interrupted_deploy_and_manual_rollback(tmp_path: Path) -> None:
     store = history(tmp_path)
     crashed = store.begin_deploy("t", "deploy", "h2")
