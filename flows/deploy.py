@@ -20,6 +20,7 @@ from flows.scheduling import run_ready_set
 from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config, load_config
 from hxp.errors import DeployError, HxpError, InputError
 from hxp.graph import DependencyGraph
+from hxp.io.calibration import annotate_plan
 from hxp.io.lock import stack_lock
 from hxp.io.telemetry import pushgateway_url, record_deploy
 from hxp.plan import Action, ActionKind, Plan, plan_stack
@@ -456,6 +457,7 @@ def _deploy(
             logger.warning(line)
         observed = observe_stack(stack, state)
         plan = plan_stack(stack, observed, effective.content_hash, only)
+        plan = annotate_plan(plan, stack, store)  # KV cache: predicted vs measured
         previous_snapshot = store.latest_snapshot(stack.stack)
         previous = previous_snapshot.restore() if previous_snapshot else None
         deploy_id = store.begin_deploy(

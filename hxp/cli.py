@@ -210,6 +210,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         observed = observe_all(effective.stack, _state_dir(args))
     plan = plan_stack(effective.stack, observed, effective.content_hash)
+    if not args.offline:
+        from hxp.io.calibration import annotate_plan
+        from hxp.store import Store
+
+        plan = annotate_plan(plan, effective.stack, Store(_state_dir(args)))
     if args.json:
         print(plan.to_json())
     else:

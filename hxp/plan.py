@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from hxp.calibration import KvEstimate
 from hxp.config import unit_config_hash
 from hxp.graph import DependencyGraph
 from hxp.spec import Stack
@@ -73,6 +74,8 @@ class Plan:
     order: tuple[str, ...]
     actions: tuple[Action, ...] = field(default=())
     noops: tuple[NoOp, ...] = field(default=())
+    #: Each model's KV cache, predicted and measured (hxp.calibration); filled by the deploy.
+    kv_cache: tuple[KvEstimate, ...] = field(default=())
 
     @property
     def changes(self) -> bool:
@@ -88,6 +91,7 @@ class Plan:
             "changes": self.changes,
             "actions": [{**asdict(a), "kind": a.kind.value} for a in self.actions],
             "noops": [asdict(n) for n in self.noops],
+            **({"kv_cache": [k.to_dict() for k in self.kv_cache]} if self.kv_cache else {}),
         }
 
     def to_json(self) -> str:
@@ -100,6 +104,8 @@ class Plan:
             lines.append(f"  {a.kind.value:<7} {a.instance:<24} {a.reason}")
         for n in self.noops:
             lines.append(f"  {'ok':<7} {n.instance:<24} {n.reason}")
+        for k in self.kv_cache:
+            lines.append(f"  {'kv':<7} {k.unit:<24} {k.line()}")
         verdict = f"{len(self.actions)} to change" if self.changes else "No changes"
         lines.append(f"{verdict}, {len(self.noops)} unchanged.")
         return "\n".join(lines)

@@ -118,6 +118,14 @@ FLAG_TABLE: tuple[FlagChange, ...] = (
         source="removed by vLLM PR #36216 ('Remove unused swap_space parameter'); present in "
         "0.17.1, absent from 0.18.0 (unsloth-zoo issue #1210, every release checked)",
     ),
+    FlagChange(
+        "--kv-cache-memory-bytes",
+        since=(0, 10, 2),
+        until=None,
+        instead="nothing: vLLM profiles the KV-cache memory from gpu_memory_utilization",
+        source="vllm/engine/arg_utils.py @ 0.10.2 L744 (wheel); absent from 0.10.1.1; hxp pins "
+        "it from 0.11.0 (hxp.calibration.PIN_KV_CACHE_MEMORY_SINCE)",
+    ),
 )
 _FLAGS = {f.flag: f for f in FLAG_TABLE}
 _VERSION_RE = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")

@@ -31,7 +31,7 @@ from hxp.backends.base import (
 )
 from hxp.errors import BackendError, DeployError, HxpError
 from hxp.health import ReadinessGate
-from hxp.io import lifecycle
+from hxp.io import calibration, lifecycle
 from hxp.io.gateway import NginxGateway
 from hxp.io.probes import wait_drained, wait_ready
 from hxp.lifecycle import SurgeDecision
@@ -270,7 +270,7 @@ def _apply_unit(
                 _replace_one_at_a_time(ctx, backend, action, instances, outcome, revision, secrets)
                 continue
             instances[action.instance] = _place(ctx, action, instances, outcome)
-        inst = instances[action.instance]
+        inst = instances[action.instance] = calibration.pin(store, instances[action.instance])
         ref = UnitRef.of(inst)
         # Recorded before the attempt: a half-done create or update is rolled back too.
         outcome.applied.append((action.instance, action.kind.value))
@@ -314,6 +314,10 @@ def _apply_unit(
         )
         lifecycle.mark_deployed(store, ctx.stack.stack, unit, action.instance, action.kind.value)
         lifecycle.rebaseline(store, backend, inst)
+        if (measured := calibration.record_start(store, backend, inst)) is not None:
+            message = f"{inst.name}: KV cache measured for {measured.key.describe()}: "
+            message += f"{measured.kv_cache_tokens:,} tokens, {measured.available_kv_bytes} bytes"
+            store.add_event(ctx.stack.stack, "kv-calibrated", message, unit, ctx.deploy_id)
         if ctx.stack.gateway is not None and unit in ctx.stack.gateway.routes:
             _route(ctx, backend, action, inst, instances, outcome)
     if outcome.revision is not None:

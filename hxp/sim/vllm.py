@@ -67,6 +67,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
+from hxp.sim.capacity import add_capacity_args, capacity_from_args
+
 log = logging.getLogger("hxp-vllm-sim")
 
 #: Where the names, types, labels and buckets below were copied from.
@@ -278,6 +280,9 @@ class SimConfig:
     shutdown_timeout: float = 30.0
     keep_alive_timeout: float = 5.0
     seed: int = 0
+    # Capacity model (hxp.sim.capacity): engine-wide token budget and the start-up KV lines.
+    engine_tokens_per_second: float = 0.0
+    kv_log_lines: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -333,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.max_concurrency,
         help="requests running at once; more wait (vLLM max_num_seqs, default %(default)s)",
     )
-    add("--kv-cache-tokens", type=int, default=d.kv_cache_tokens, help="simulated KV capacity")
+    add_capacity_args(parser)
     add("--slow-factor", type=float, default=d.slow_factor, help="multiplies prefill and decode")
     add("--error-rate", type=float, default=d.error_rate, help="fraction of requests failing 500")
     add("--preempt-rate", type=float, default=d.preempt_rate, help="fraction preempted once")
@@ -384,7 +389,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         (ns.latency_ms >= 0, "--latency-ms must be >= 0"),
         (ns.tokens_per_second >= 0, "--tokens-per-second must be >= 0"),
         (ns.max_concurrency >= 1, "--max-concurrency must be >= 1"),
-        (ns.kv_cache_tokens >= 1, "--kv-cache-tokens must be >= 1"),
+        (ns.kv_cache_tokens is None or ns.kv_cache_tokens >= 1, "--kv-cache-tokens must be >= 1"),
         (ns.slow_factor > 0, "--slow-factor must be > 0"),
         (0 <= ns.error_rate <= 1, "--error-rate must be within 0..1"),
         (0 <= ns.preempt_rate <= 1, "--preempt-rate must be within 0..1"),
@@ -396,6 +401,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    capacity, kv_lines = capacity_from_args(parser, ns)
     return SimConfig(
         host=ns.host,
         port=ns.port,
@@ -407,7 +413,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         latency_ms=ns.latency_ms,
         tokens_per_second=ns.tokens_per_second,
         max_concurrency=ns.max_concurrency,
-        kv_cache_tokens=ns.kv_cache_tokens,
+        kv_cache_tokens=capacity,
         slow_factor=ns.slow_factor,
         error_rate=ns.error_rate,
         preempt_rate=ns.preempt_rate,
@@ -417,6 +423,8 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         shutdown_timeout=ns.shutdown_timeout,
         keep_alive_timeout=ns.keep_alive_timeout,
         seed=ns.seed,
+        engine_tokens_per_second=ns.engine_tokens_per_second,
+        kv_log_lines=kv_lines,
     )
 
 
@@ -647,6 +655,18 @@ class SimEngine:
         tps = config.tokens_per_second
         self.itl_s = config.slow_factor / tps if tps > 0 else 0.0
 
+    def _budget_s(self, tokens: int) -> float:
+        """Seconds `tokens` of prefill take out of the engine's shared token budget."""
+        budget = self.config.engine_tokens_per_second
+        return tokens * self.config.slow_factor / budget if budget > 0 else 0.0
+
+    def _interval(self) -> float:
+        """One decode step: the per-request rate, or the running requests' share of the
+        engine's token budget when that is slower (every running request decodes each step)."""
+        budget = self.config.engine_tokens_per_second
+        shared = self.running * self.config.slow_factor / budget if budget > 0 else 0.0
+        return max(self.itl_s, shared)
+
     def draw_error(self) -> bool:
         return self.config.error_rate > 0 and self._rng.random() < self.config.error_rate
 
@@ -716,7 +736,7 @@ class SimEngine:
             m.prefix_queries.inc(job.prompt_tokens)
             m.prefix_hits.inc(cached)
             m.prompt_cached_device.inc(cached)
-            await asyncio.sleep(self.prefill_s)
+            await asyncio.sleep(self.prefill_s + self._budget_s(job.prompt_tokens - cached))
             if self.config.preempt_rate > 0 and self._rng.random() < self.config.preempt_rate:
                 preemptions = 1
                 m.preemptions.inc()
@@ -735,16 +755,16 @@ class SimEngine:
             if on_token is not None:
                 await on_token(job, 0)
                 for i in range(1, len(job.tokens)):
-                    if self.itl_s:
-                        await asyncio.sleep(self.itl_s)
+                    if self.itl_s or self.config.engine_tokens_per_second:
+                        await asyncio.sleep(self._interval())
                     now = time.monotonic()
                     m.h_itl.observe(now - last)
                     last = now
                     generated += 1
                     await on_token(job, i)
             elif len(job.tokens) > 1:
-                if self.itl_s:
-                    await asyncio.sleep(self.itl_s * (len(job.tokens) - 1))
+                if self.itl_s or self.config.engine_tokens_per_second:
+                    await asyncio.sleep(self._interval() * (len(job.tokens) - 1))
                 last = time.monotonic()
                 mean = (last - first) / (len(job.tokens) - 1)
                 for _ in range(len(job.tokens) - 1):
@@ -1221,6 +1241,8 @@ class SimServer:
         log.warning("DEVELOPMENT DOUBLE of a vLLM server, not vLLM: no model is loaded")
         log.info("bound %s:%d for %s; loading for %.1fs", self.config.host, self.port, names,
                  self.config.startup_delay)  # fmt: skip
+        for line in self.config.kv_log_lines:  # as the imitated vLLM version words them
+            log.info("%s", line)
         if self.config.startup_delay > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.startup_delay):
