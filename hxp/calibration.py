@@ -61,7 +61,7 @@ _TOKENS_RE = re.compile(r"(?:GPU|[A-Z]+)(?: \+ host)? KV cache size: " + _NUM + 
 _CONCURRENCY_RE = re.compile(
     r"Maximum concurrency for " + _NUM + r" tokens per request: " + _FLOAT + r"x"
 )
-_V0_BLOCKS_RE = re.compile(r"# (?:GPU|[A-Za-z]+) blocks: (\d+), # CPU blocks: (\d+)")
+_V0_BLOCKS_RE = re.compile(r"(?:# )?(?:GPU|[A-Za-z]+) blocks: (\d+), # CPU blocks: (\d+)")
 _AVAILABLE_RE = re.compile(r"Available KV cache memory: " + _FLOAT + r" ?GiB")
 _RESERVED_RE = re.compile(
     r"reserved " + _FLOAT + r" ?GiB memory for KV Cache as specified by kv_cache_memory_bytes"

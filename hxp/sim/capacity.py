@@ -98,8 +98,14 @@ def resolve_capacity(
     else:
         avail = int(base * kv_skew)
         source = f"calculator x {kv_skew:g}" if kv_skew != 1 else "calculator"
-    blocks = int(result.num_gpu_blocks * avail / base)
-    tokens = int(result.kv_cache_tokens * blocks / result.num_gpu_blocks)
+    layout = min(result.stages, key=lambda st: st.num_blocks).layout
+    if avail == int(base):
+        tokens = result.kv_cache_tokens
+    elif len(layout.groups) == 1:  # one KV-cache group: whole 16-token pages of every layer
+        tokens = _blocks_tokens(avail, result.kv_bytes_per_token_per_gpu)
+    else:  # hybrid groups: the calculator's tokens scale with the pages
+        blocks = int(result.num_gpu_blocks * avail / base)
+        tokens = int(result.kv_cache_tokens * blocks / result.num_gpu_blocks)
     if kv_cache_tokens is not None:
         tokens, source = kv_cache_tokens, "--kv-cache-tokens"
     if tokens < max_model_len:
@@ -178,7 +184,8 @@ def capacity_from_args(
             kv_cache_tokens=ns.kv_cache_tokens,
         )
     except InputError as exc:
-        parser.error(str(exc))
+        message = str(exc)
+        parser.error(message if message.startswith("--") else f"--model-config: {message}")
     lines = kv_log_lines(capacity, ns.version, ns.max_model_len)
     return capacity.kv_cache_tokens, tuple(lines)
 

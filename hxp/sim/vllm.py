@@ -647,6 +647,7 @@ class SimEngine:
         self.config = config
         self.metrics = metrics
         self.running = 0
+        self.prefilling = 0
         self.kv_used = 0
         self._queue: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._prefix: OrderedDict[int, None] = OrderedDict()
@@ -655,10 +656,22 @@ class SimEngine:
         tps = config.tokens_per_second
         self.itl_s = config.slow_factor / tps if tps > 0 else 0.0
 
-    def _budget_s(self, tokens: int) -> float:
-        """Seconds `tokens` of prefill take out of the engine's shared token budget."""
-        budget = self.config.engine_tokens_per_second
-        return tokens * self.config.slow_factor / budget if budget > 0 else 0.0
+    async def _prefill_budget(self, tokens: int) -> None:
+        """Prefill `tokens` out of the engine's token budget, shared fairly (in 10 ms steps)
+        by the prompts being prefilled at the same time."""
+        budget = self.config.engine_tokens_per_second / self.config.slow_factor
+        if budget <= 0 or tokens <= 0:
+            return
+        self.prefilling += 1
+        try:
+            left = float(tokens)
+            while left > 0:
+                rate = budget / self.prefilling
+                step = min(0.01, left / rate)
+                await asyncio.sleep(step)
+                left -= rate * step
+        finally:
+            self.prefilling -= 1
 
     def _interval(self) -> float:
         """One decode step: the per-request rate, or the running requests' share of the
@@ -736,7 +749,8 @@ class SimEngine:
             m.prefix_queries.inc(job.prompt_tokens)
             m.prefix_hits.inc(cached)
             m.prompt_cached_device.inc(cached)
-            await asyncio.sleep(self.prefill_s + self._budget_s(job.prompt_tokens - cached))
+            await asyncio.sleep(self.prefill_s)
+            await self._prefill_budget(job.prompt_tokens - cached)
             if self.config.preempt_rate > 0 and self._rng.random() < self.config.preempt_rate:
                 preemptions = 1
                 m.preemptions.inc()
