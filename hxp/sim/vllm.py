@@ -667,9 +667,9 @@ class SimEngine:
             left = float(tokens)
             while left > 0:
                 rate = budget / self.prefilling
-                step = min(0.01, left / rate)
-                await asyncio.sleep(step)
-                left -= rate * step
+                began = time.monotonic()
+                await asyncio.sleep(min(0.01, left / rate))
+                left -= rate * (time.monotonic() - began)  # wall time: a busy host stays fair
         finally:
             self.prefilling -= 1
 
