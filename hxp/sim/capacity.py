@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hxp.calibration import BLOCK_TOKENS, GIB, VersionTuple, startup_kv_lines
 from hxp.errors import InputError
+from hxp.resources import CONTEXT_GIB_SINGLE as CONTEXT_GIB
 from hxp.resources import FitRequest, GpuMemory, fit, load_model_config
 
 #: KV bytes per token when no config.json is given: Llama-3-8B in bf16 (32 layers x 8 KV
@@ -34,6 +35,7 @@ class SimCapacity:
     max_concurrency: float
     pinned: bool
     source: str
+    free_gib: float | None = None  # what a pinned start reports as the GPU's free memory
 
 
 def parse_version(text: str) -> VersionTuple:
@@ -113,7 +115,8 @@ def resolve_capacity(
             f"--max-model-len: {max_model_len} is larger than the {tokens} tokens the KV cache "
             "holds (vLLM refuses to start)"
         )
-    return SimCapacity(tokens, avail, tokens / result.max_model_len, pinned, source)
+    free = gpu_memory_gib - CONTEXT_GIB
+    return SimCapacity(tokens, avail, tokens / result.max_model_len, pinned, source, free)
 
 
 def kv_log_lines(capacity: SimCapacity, version: str, max_model_len: int) -> list[str]:
@@ -125,6 +128,7 @@ def kv_log_lines(capacity: SimCapacity, version: str, max_model_len: int) -> lis
         max_model_len,
         capacity.max_concurrency,
         pinned=capacity.pinned,
+        free_gib=capacity.free_gib,
     )
 
 

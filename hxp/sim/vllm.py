@@ -22,7 +22,10 @@ Behaviour copied from vLLM, and the choices where the double differs:
   timeout is 0 (abort in-flight requests); the double drains by default because the blue-green
   code relies on it. A signal during the start-up delay exits 0 at once.
 - Scheduling: at most `--max-concurrency` requests run (vLLM's max_num_seqs) and their prompt
-  plus output must fit in `--kv-cache-tokens`; the rest wait, first come first served.
+  plus output must fit in the KV cache; the rest wait, first come first served. The KV cache is
+  sized by hxp.sim.capacity (the calculator for `--model-config`, or `--kv-cache-tokens`) and
+  `--engine-tokens-per-second` is a token budget the running requests share (docs/operations.md
+  "The simulator under load").
 - `--error-rate`: that fraction of generation requests fails after prefill with vLLM's 500
   answer and counts as finished_reason="error"; `--preempt-rate`: that fraction is preempted
   once and pays its prefill twice. Both draw from `--seed`, so runs repeat.
