@@ -314,10 +314,7 @@ def _apply_unit(
         )
         lifecycle.mark_deployed(store, ctx.stack.stack, unit, action.instance, action.kind.value)
         lifecycle.rebaseline(store, backend, inst)
-        if (measured := calibration.record_start(store, backend, inst)) is not None:
-            message = f"{inst.name}: KV cache measured for {measured.key.describe()}: "
-            message += f"{measured.kv_cache_tokens:,} tokens, {measured.available_kv_bytes} bytes"
-            store.add_event(ctx.stack.stack, "kv-calibrated", message, unit, ctx.deploy_id)
+        calibration.note_start(store, backend, inst, ctx.deploy_id)
         if ctx.stack.gateway is not None and unit in ctx.stack.gateway.routes:
             _route(ctx, backend, action, inst, instances, outcome)
     if outcome.revision is not None:
@@ -459,7 +456,7 @@ def _replace_one_at_a_time(
         )
         released = store.release(stack, old.name)
         outcome.withdrawn_gpus[old.name] = sorted(r.gpu_index for r in released)
-        new = instances[new.name] = _place(ctx, action, instances, outcome)
+        new = instances[new.name] = calibration.pin(store, _place(ctx, action, instances, outcome))
         outcome.applied.append((new.name, ActionKind.REPLACE.value))
         backend.apply(Create(new, action.config_hash, revision, secrets))
         get_run_logger().info("%s: replace (%s); waiting for readiness", new.name, action.reason)
@@ -482,6 +479,7 @@ def _replace_one_at_a_time(
     store.add_event(stack, "unit-ready", f"{new.name}: replace, ready", unit, ctx.deploy_id)
     lifecycle.mark_deployed(store, stack, unit, new.name, "replace")
     lifecycle.rebaseline(store, backend, new)
+    calibration.note_start(store, backend, new, ctx.deploy_id)
     _gateway_add(ctx, unit, [route_port(new)])
     store.add_event(
         stack,

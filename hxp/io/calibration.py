@@ -57,6 +57,20 @@ def record_start(store: Store, backend: Backend, inst: UnitInstance) -> Calibrat
     return calibration if store.record_kv_calibration(calibration) else None
 
 
+def note_start(
+    store: Store, backend: Backend, inst: UnitInstance, deploy_id: int | None = None
+) -> Calibration | None:
+    """`record_start`, and an event `kv-calibrated` saying what was stored."""
+    measured = record_start(store, backend, inst)
+    if measured is not None:
+        message = (
+            f"{inst.name}: KV cache measured for {measured.key.describe()}: "
+            f"{measured.kv_cache_tokens:,} tokens, {measured.available_kv_bytes} bytes per GPU"
+        )
+        store.add_event(inst.stack, "kv-calibrated", message, inst.unit, deploy_id)
+    return measured
+
+
 def _sim_prediction(inst: UnitInstance) -> tuple[int | None, float | None]:
     """The calculator's KV tokens and memory for a simulator model given --model-config
     (what the double would get with no skew); (None, None) otherwise."""
