@@ -391,7 +391,11 @@ def kv_estimate(
         predicted_tokens=predicted_tokens,
         predicted_kv_gib=predicted_kv_gib,
         measured_tokens=calibration.kv_cache_tokens if calibration else None,
-        measured_kv_gib=calibration.available_kv_bytes / GIB if calibration else None,
+        measured_kv_gib=(
+            calibration.available_kv_bytes / GIB
+            if calibration and calibration.available_kv_bytes
+            else None
+        ),
         pinned_bytes=pinned,
         note=note,
     )

@@ -41,15 +41,13 @@ def record_start(store: Store, backend: Backend, inst: UnitInstance) -> Calibrat
     if key is None or store.kv_calibration(key) is not None:
         return None
     measured = parse_startup_log(backend.logs(UnitRef.of(inst), LOG_LINES))
-    if measured is None or not measured.complete:
+    if measured is None or measured.kv_cache_tokens is None:
         return None
-    assert measured.kv_cache_tokens is not None
-    bytes_ = measured.available_kv_bytes
-    assert bytes_ is not None
     calibration = Calibration(
         key=key,
         kv_cache_tokens=measured.kv_cache_tokens,
-        available_kv_bytes=bytes_,
+        # 0: the log has no memory line (vLLM before 0.9.1): shown, never pinned
+        available_kv_bytes=measured.available_kv_bytes or 0,
         max_concurrency=measured.max_concurrency,
         measured_at=time.time(),
         instance=inst.name,

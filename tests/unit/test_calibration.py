@@ -252,3 +252,19 @@ def test_plan_shows_predicted_and_measured(tmp_path: Path) -> None:
     assert entry["measured_tokens"] == 327680
     assert entry["expected_tokens"] == 327680
     assert "predicted_tokens" in entry
+
+
+def test_tokens_without_memory_are_shown_but_never_pinned() -> None:
+    """vLLM before 0.9.1 logs no `Available KV cache memory`: the tokens are stored with 0 bytes."""
+    from hxp.calibration import kv_estimate
+
+    stack = _stack("0.33.0")
+    inst = expand_units(stack)[0]
+    cal = _calibration(bytes_=0)
+    estimate = kv_estimate(inst, cal, 300000, 37.5)
+    assert estimate is not None
+    assert estimate.measured_tokens == 327680
+    assert estimate.measured_kv_gib is None
+    assert estimate.pinned_bytes is None
+    assert "--kv-cache-memory-bytes" not in pinned_instance(inst, cal).argv
+    assert "(prediction -8.4%)" in estimate.line()
