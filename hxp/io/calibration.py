@@ -17,6 +17,7 @@ from hxp.calibration import (
 )
 from hxp.errors import InputError
 from hxp.plan import Plan
+from hxp.resources import FitRequest, GpuMemory, fit, load_model_config
 from hxp.sim.capacity import capacity_parser, resolve_capacity
 from hxp.spec import ModelSpec, Stack
 from hxp.store import Store
@@ -99,9 +100,45 @@ def _sim_prediction(inst: UnitInstance) -> tuple[int | None, float | None]:
     return cap.kv_cache_tokens, cap.available_kv_bytes / GIB
 
 
+def _vllm_prediction(inst: UnitInstance) -> tuple[int | None, float | None, str]:
+    """The calculator's KV tokens and memory per GPU for a vLLM model with `hf_config`, on the
+    GPU the host declares for it; (None, None, why) where that cannot be computed."""
+    spec = inst.spec
+    if not isinstance(spec, ModelSpec) or spec.hf_config is None:
+        return None, None, ""
+    gpus = {g.index: g for g in inst.host_spec.gpus}
+    chosen = [gpus[i] for i in inst.gpus or () if i in gpus] or inst.host_spec.gpus[:1]
+    if not chosen:
+        return None, None, f"no prediction: host {inst.host} declares no gpus"
+    gpu = chosen[0]
+    v = spec.vllm
+    tp = spec.tensor_parallel()
+    try:
+        result = fit(
+            FitRequest(
+                config=load_model_config(spec.hf_config),
+                gpus=(GpuMemory(gpu.memory_gib, None, gpu.name),) * (tp * v.pipeline_parallel_size),
+                max_model_len=v.max_model_len,
+                gpu_memory_utilization=v.gpu_memory_utilization,
+                tensor_parallel_size=tp,
+                pipeline_parallel_size=v.pipeline_parallel_size,
+                dtype=v.dtype,
+                quantization=v.quantization,
+                kv_cache_dtype=v.kv_cache_dtype,
+                max_num_seqs=v.max_num_seqs,
+                max_num_batched_tokens=v.max_num_batched_tokens,
+                vllm_version=v.version,
+                enforce_eager=v.enforce_eager,
+            )
+        )
+    except InputError as exc:
+        return None, None, f"no prediction: {exc}"
+    return result.kv_cache_tokens, result.available_kv_gib_per_gpu, ""
+
+
 def annotate_plan(plan: Plan, stack: Stack, store: Store) -> Plan:
     """The plan with each model's KV cache: predicted (the calculator, where a config.json is
-    known: simulator models with --model-config), measured (the store) and the pin."""
+    known: `hf_config`, or a simulator's --model-config), measured (the store) and the pin."""
     estimates = []
     for inst in expand_units(stack):
         if inst.kind != "model" or inst.replica != 0:
@@ -110,7 +147,11 @@ def annotate_plan(plan: Plan, stack: Stack, store: Store) -> Plan:
         if key is None:
             continue
         tokens, gib = _sim_prediction(inst)
+        why = ""
+        if tokens is None:
+            tokens, gib, why = _vllm_prediction(inst)
         estimate = kv_estimate(inst, store.kv_calibration(key), tokens, gib)
         if estimate is not None:
-            estimates.append(estimate)
+            note = "; ".join(n for n in (estimate.note, why) if n)
+            estimates.append(replace(estimate, note=note))
     return replace(plan, kv_cache=tuple(estimates))

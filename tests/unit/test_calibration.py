@@ -268,3 +268,50 @@ def test_tokens_without_memory_are_shown_but_never_pinned() -> None:
     assert estimate.pinned_bytes is None
     assert "--kv-cache-memory-bytes" not in pinned_instance(inst, cal).argv
     assert "(prediction -8.4%)" in estimate.line()
+
+
+def test_plan_predicts_a_vllm_model_from_its_hf_config(tmp_path: Path) -> None:
+    import json
+
+    from hxp.io.calibration import annotate_plan
+    from hxp.resources import FitRequest, GpuMemory, fit
+    from tests.support.model_configs import LLAMA_31_8B
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA_31_8B))
+    data = {
+        "version": 2,
+        "stack": "s",
+        "hosts": {"gpu": {"gpus": [{"index": 0, "memory_gib": 80, "name": "H100"}]}},
+        "models": {
+            "chat": {
+                "host": "gpu",
+                "model": "org/m-8B",
+                "gpus": [0],
+                "hf_config": str(config),
+                "vllm": {"version": "0.19.1", "max_model_len": 8192},
+            }
+        },
+    }
+    stack = stack_from_data(data)
+    want = fit(
+        FitRequest(
+            config=LLAMA_31_8B,
+            gpus=(GpuMemory(80, None, "H100"),),
+            max_model_len=8192,
+            tensor_parallel_size=1,
+            vllm_version="0.19.1",
+        )
+    )
+    plan = annotate_plan(plan_stack(stack, {}, "h"), stack, Store(tmp_path / "state"))
+    (entry,) = plan.to_dict()["kv_cache"]
+    assert entry["predicted_tokens"] == want.kv_cache_tokens
+    assert entry["measured_tokens"] is None
+    assert entry["expected_tokens"] == want.kv_cache_tokens
+    data["models"]["chat"]["hf_config"] = str(tmp_path / "missing.json")  # type: ignore[index]
+    stack = stack_from_data(data)
+    plan = annotate_plan(plan_stack(stack, {}, "h"), stack, Store(tmp_path / "state"))
+    (entry,) = plan.to_dict()["kv_cache"]
+    assert entry["predicted_tokens"] is None
+    assert "no prediction" in entry["note"]
+    assert "missing.json" in entry["note"]
