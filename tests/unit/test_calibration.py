@@ -315,3 +315,31 @@ def test_plan_predicts_a_vllm_model_from_its_hf_config(tmp_path: Path) -> None:
     assert entry["predicted_tokens"] is None
     assert "no prediction" in entry["note"]
     assert "missing.json" in entry["note"]
+
+
+def test_hxp_plan_prints_predicted_and_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from hxp.cli import main
+
+    stack_file = tmp_path / "stack.yaml"
+    stack_file.write_text(
+        "stack: s\n"
+        "hosts:\n"
+        "  local: {backend: process, gpus: [{index: 0, memory_gib: 80, name: H100}]}\n"
+        "models:\n"
+        "  chat: {host: local, model: org/m-8B, revision: r1, gpus: [0],\n"
+        "         vllm: {version: '0.33.0', max_model_len: 8192}}\n"
+    )
+    state = tmp_path / "state"
+    key = CalibrationKey("org/m-8B", "r1", "0.33.0", "H100", 1, 8192, 0.9)
+    Store(state).record_kv_calibration(Calibration(key, 327680, 40 * GIB, 40.0, 1.0, "chat-0"))
+    assert main(["plan", "-f", str(stack_file), "--state-dir", str(state)]) == 0
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.strip().startswith("kv")]
+    assert "predicted unknown, measured 327,680 tokens / 40.00 GiB" in line
+    assert main(["plan", "-f", str(stack_file), "--state-dir", str(state), "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["kv_cache"]
+    assert entry["pinned_kv_cache_memory_bytes"] == 40 * GIB
