@@ -741,7 +741,8 @@ class SimEngine:
         """Queue, prefill, decode; record vLLM's per-request stats. Returns the finish reason."""
         m = self.metrics
         arrival = time.monotonic()
-        need = job.prompt_tokens + len(job.tokens)
+        # Whole 16-token blocks, as vLLM's KV-cache manager allocates them.
+        need = -(-(job.prompt_tokens + len(job.tokens)) // PREFIX_BLOCK) * PREFIX_BLOCK
         await self._admit(need)
         scheduled = time.monotonic()
         first = last = scheduled

@@ -118,7 +118,7 @@ async def load(url: str, n: int, max_tokens: int, samples: list[str]) -> list[tu
 
 
 def test_offered_load_beyond_kv_capacity_queues_fills_the_cache_and_delays_first_tokens() -> None:
-    # 1,024 KV tokens; each request holds 100 prompt + 40 output = 140: seven fit at once.
+    # 64 KV blocks; each request holds 100 prompt + 40 output = 140 tokens, 9 blocks: seven fit.
     args = ("--kv-cache-tokens", "1024", "--latency-ms", "10", "--tokens-per-second", "50",
             "--max-model-len", "512")  # fmt: skip
     with sim(*args) as s:
@@ -133,10 +133,10 @@ def test_offered_load_beyond_kv_capacity_queues_fills_the_cache_and_delays_first
     heavy_usage = max(gauge(t, "vllm:kv_cache_usage_perc") for t in heavy)
     heavy_running = max(gauge(t, "vllm:num_requests_running") for t in heavy)
     assert light_waiting == 0
-    assert light_usage == pytest.approx(2 * 140 / 1024)
+    assert light_usage == pytest.approx(2 * 9 / 64)
     assert heavy_running == 7, "only seven requests' KV fits at once"
     assert heavy_waiting >= 10, "the rest wait, as in vLLM's scheduler"
-    assert heavy_usage == pytest.approx(7 * 140 / 1024)
+    assert heavy_usage == pytest.approx(7 * 9 / 64)
     assert heavy_usage > 0.9
     light_ttft = max(t for t, _ in light_times)
     heavy_ttft = sorted(t for t, _ in heavy_times)
