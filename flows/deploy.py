@@ -20,6 +20,7 @@ from flows.scheduling import run_ready_set
 from hxp.config import ConfigSnapshot, Document, EffectiveConfig, build_config, load_config
 from hxp.errors import DeployError, FailureClass, HxpError, InputError
 from hxp.graph import DependencyGraph
+from hxp.io.calibration import annotate_plan
 from hxp.io.lock import stack_lock
 from hxp.plan import Action, ActionKind, Plan, StepKind, plan_stack
 from hxp.spec import Stack
@@ -436,6 +437,7 @@ def apply_config(
             logger.warning(line)
         observed = observe_stack(stack, state)
         plan = plan_stack(stack, observed, effective.content_hash, only)
+        plan = annotate_plan(plan, stack, store)  # KV cache: predicted vs measured
         previous = _latest_stack(store, stack.stack)
 
         def unexpected(record: RecordKeeper, exc: BaseException) -> None:

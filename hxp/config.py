@@ -519,7 +519,11 @@ def config_hash(stack: Stack) -> str:
 #: Unit fields added after hxp 0.1.0, with their defaults: a field at its default stays out of
 #: the unit hash, so upgrading hxp does not make every deployed unit look changed (and
 #: blue-green replace a whole fleet). Set to anything else, it counts like any field.
-HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"simulator_gpus": 0}
+HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {
+    "simulator_gpus": 0,
+    "pin_kv_cache_memory": True,
+    "hf_config": None,
+}
 
 
 def unit_config_hash(stack: Stack, unit: str) -> str:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from hxp.calibration import KvEstimate
 from hxp.config import unit_config_hash
 from hxp.graph import DependencyGraph
 from hxp.spec import Stack
@@ -100,6 +101,8 @@ class Plan:
     # Things the operator should know that change nothing by themselves, e.g. a host whose
     # discovered GPUs differ from its declared `gpus:` (hxp.io.gpus.gpu_plan_warnings).
     warnings: tuple[str, ...] = field(default=())
+    #: Each model's KV cache, predicted and measured (hxp.calibration); filled by the deploy.
+    kv_cache: tuple[KvEstimate, ...] = field(default=())
 
     @property
     def changes(self) -> bool:
@@ -115,6 +118,7 @@ class Plan:
             "changes": self.changes,
             "actions": [{**asdict(a), "kind": a.kind.value} for a in self.actions],
             "noops": [asdict(n) for n in self.noops],
+            **({"kv_cache": [k.to_dict() for k in self.kv_cache]} if self.kv_cache else {}),
         }
         if self.warnings:
             data["warnings"] = list(self.warnings)
@@ -131,6 +135,8 @@ class Plan:
         for n in self.noops:
             lines.append(f"  {'ok':<7} {n.instance:<24} {n.reason}")
         lines.extend(f"  warning: {w}" for w in self.warnings)
+        for k in self.kv_cache:
+            lines.append(f"  {'kv':<7} {k.unit:<24} {k.line()}")
         verdict = f"{len(self.actions)} to change" if self.changes else "No changes"
         lines.append(f"{verdict}, {len(self.noops)} unchanged.")
         return "\n".join(lines)

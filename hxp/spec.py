@@ -504,6 +504,16 @@ class ModelSpec(_UnitSpec):
     simulator_args: list[Arg] = Field(
         default_factory=list, description="extra hxp-vllm-sim flags (engine: simulator)"
     )
+    hf_config: AbsPath | None = Field(
+        default=None,
+        description="the model's config.json on the machine running hxp: the plan's KV-cache "
+        "prediction (hxp.resources) beside what vLLM measured",
+    )
+    pin_kv_cache_memory: bool = Field(
+        default=True,
+        description="after the first successful start, pass the KV-cache memory vLLM measured "
+        "as --kv-cache-memory-bytes (vLLM >= 0.11; hxp.calibration); false: let vLLM profile",
+    )
     simulator_gpus: Annotated[int, Field(ge=0, le=64)] = Field(
         default=0,
         description="engine: simulator: GPUs each replica claims as vLLM would (placed, "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hxp.calibration import Calibration, CalibrationKey
 from hxp.config import ConfigSnapshot
 from hxp.errors import GpuAllocationError
 from hxp.gpu_alloc import Reservation
@@ -126,6 +127,22 @@ CREATE TABLE IF NOT EXISTS lifecycle (
     next_restart REAL,
     held INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (stack, instance)
+);
+CREATE TABLE IF NOT EXISTS kv_calibrations (
+    model TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    vllm_version TEXT NOT NULL,
+    gpu_name TEXT NOT NULL,
+    tensor_parallel_size INTEGER NOT NULL,
+    max_model_len INTEGER NOT NULL,  -- 0: vLLM's default (the model's own)
+    gpu_memory_utilization REAL NOT NULL,
+    kv_cache_tokens INTEGER NOT NULL,
+    available_kv_bytes INTEGER NOT NULL,
+    max_concurrency REAL,
+    measured_at REAL NOT NULL,
+    instance TEXT NOT NULL,
+    PRIMARY KEY (model, revision, vllm_version, gpu_name, tensor_parallel_size, max_model_len,
+                 gpu_memory_utilization)
 );
 CREATE INDEX IF NOT EXISTS revisions_unit ON revisions (stack, unit, revision);
 CREATE INDEX IF NOT EXISTS events_stack ON events (stack, at);
@@ -753,6 +770,41 @@ class Store:
                 (stack, row["unit"], f"{instance}: forgotten ({reason})", time.time()),
             )
         return str(row["unit"])
+
+    # ---------------------------------------------------------------- KV calibration
+
+    def record_kv_calibration(self, calibration: Calibration) -> bool:
+        """Keep the first measurement of a combination; True when this one was stored."""
+        k = calibration.key
+        with self._connect() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO kv_calibrations VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (k.model, k.revision, k.vllm_version, k.gpu_name, k.tensor_parallel_size,
+                 k.max_model_len or 0, k.gpu_memory_utilization, calibration.kv_cache_tokens,
+                 calibration.available_kv_bytes, calibration.max_concurrency,
+                 calibration.measured_at, calibration.instance),
+            )  # fmt: skip
+            return cur.rowcount == 1
+
+    def kv_calibration(self, key: CalibrationKey) -> Calibration | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM kv_calibrations WHERE model=? AND revision=? AND vllm_version=? "
+                "AND gpu_name=? AND tensor_parallel_size=? AND max_model_len=? "
+                "AND gpu_memory_utilization=?",
+                (key.model, key.revision, key.vllm_version, key.gpu_name,
+                 key.tensor_parallel_size, key.max_model_len or 0, key.gpu_memory_utilization),
+            ).fetchone()  # fmt: skip
+        if row is None:
+            return None
+        return Calibration(
+            key=key,
+            kv_cache_tokens=row["kv_cache_tokens"],
+            available_kv_bytes=row["available_kv_bytes"],
+            max_concurrency=row["max_concurrency"],
+            measured_at=row["measured_at"],
+            instance=row["instance"],
+        )
 
 
 def _lifecycle(row: sqlite3.Row) -> LifecycleRecord:

@@ -129,6 +129,14 @@ FLAG_TABLE: tuple[FlagChange, ...] = (
         "re-applied by #36666 before the v0.18.0 release (llm-d issue #927: 'Available in: "
         "vLLM v0.18.0+')",
     ),
+    FlagChange(
+        "--kv-cache-memory-bytes",
+        since=(0, 10, 2),
+        until=None,
+        instead="nothing: vLLM profiles the KV-cache memory from gpu_memory_utilization",
+        source="vllm/engine/arg_utils.py @ 0.10.2 L744 (wheel); absent from 0.10.1.1; hxp pins "
+        "it from 0.11.0 (hxp.calibration.PIN_KV_CACHE_MEMORY_SINCE)",
+    ),
 )
 _FLAGS = {f.flag: f for f in FLAG_TABLE}
 _VERSION_RE = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")

@@ -28,6 +28,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         warnings = gpu_plan_warnings(effective.stack, state_dir(args))
         plan = dataclasses.replace(plan, warnings=plan.warnings + warnings)
+        from hxp.io.calibration import annotate_plan
+        from hxp.store import Store
+
+        plan = annotate_plan(plan, effective.stack, Store(state_dir(args)))
     if args.json:
         print(plan.to_json())
     else:

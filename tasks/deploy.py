@@ -32,7 +32,7 @@ from hxp.backends.base import (
 from hxp.errors import BackendError, FailureClass, GpuAllocationError, HxpError
 from hxp.gpu_alloc import host_key
 from hxp.health import ReadinessGate
-from hxp.io import lifecycle
+from hxp.io import calibration, lifecycle
 from hxp.io.probes import probe
 from hxp.lifecycle import State, SurgeDecision
 from hxp.plan import Action, ActionKind, ObservedUnit, StepKind
@@ -149,7 +149,7 @@ def _apply_unit(
                 _replace_one_at_a_time(ctx, backend, action, instances, outcome, revision, secrets)
                 continue
             instances[action.instance] = _place(ctx, action, instances, outcome)
-        inst = instances[action.instance]
+        inst = instances[action.instance] = calibration.pin(store, instances[action.instance])
         ref = UnitRef.of(inst)
         # Recorded before the attempt: a half-done create or update is rolled back too.
         outcome.applied.append((action.instance, StepKind.of(action.kind)))
@@ -189,6 +189,7 @@ def _apply_unit(
         ctx.event("unit-ready", f"{action.instance}: {action.kind.value}, ready", unit)
         lifecycle.mark_deployed(store, ctx.stack.stack, unit, action.instance, action.kind.value)
         lifecycle.rebaseline(store, backend, inst)
+        calibration.note_start(store, backend, inst, ctx.deploy_id)
         if routed(ctx.stack, unit):
             _route(ctx, backend, action, inst, instances, outcome)
     if outcome.revision is not None:
@@ -320,7 +321,7 @@ def _replace_one_at_a_time(
         )
         released = store.release(stack, old.name)
         outcome.withdrawn_gpus[old.name] = sorted(r.gpu_index for r in released)
-        new = instances[new.name] = _place(ctx, action, instances, outcome)
+        new = instances[new.name] = calibration.pin(store, _place(ctx, action, instances, outcome))
         outcome.applied.append((new.name, StepKind.REPLACE))
         backend.apply(Create(new, action.config_hash, revision, secrets))
         get_run_logger().info("%s: replace (%s); waiting for readiness", new.name, action.reason)
@@ -343,6 +344,7 @@ def _replace_one_at_a_time(
     ctx.event("unit-ready", f"{new.name}: replace, ready", unit)
     lifecycle.mark_deployed(store, stack, unit, new.name, "replace")
     lifecycle.rebaseline(store, backend, new)
+    calibration.note_start(store, backend, new, ctx.deploy_id)
     route_add(ctx, unit, new)
     ctx.event(
         "blue-green",

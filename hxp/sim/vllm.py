@@ -22,7 +22,10 @@ Behaviour copied from vLLM, and the choices where the double differs:
   timeout is 0 (abort in-flight requests); the double drains by default because the blue-green
   code relies on it. A signal during the start-up delay exits 0 at once.
 - Scheduling: at most `--max-concurrency` requests run (vLLM's max_num_seqs) and their prompt
-  plus output must fit in `--kv-cache-tokens`; the rest wait, first come first served.
+  plus output must fit in the KV cache; the rest wait, first come first served. The KV cache is
+  sized by hxp.sim.capacity (the calculator for `--model-config`, or `--kv-cache-tokens`) and
+  `--engine-tokens-per-second` is a token budget the running requests share (docs/operations.md
+  "The simulator under load").
 - `--error-rate`: that fraction of generation requests fails after prefill with vLLM's 500
   answer and counts as finished_reason="error"; `--preempt-rate`: that fraction is preempted
   once and pays its prefill twice. Both draw from `--seed`, so runs repeat.
@@ -68,6 +71,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 from hxp import metric_names
+from hxp.sim.capacity import add_capacity_args, capacity_from_args
 
 log = logging.getLogger("hxp-vllm-sim")
 
@@ -196,6 +200,9 @@ class SimConfig:
     shutdown_timeout: float = 30.0
     keep_alive_timeout: float = 5.0
     seed: int = 0
+    # Capacity model (hxp.sim.capacity): engine-wide token budget and the start-up KV lines.
+    engine_tokens_per_second: float = 0.0
+    kv_log_lines: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -251,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.max_concurrency,
         help="requests running at once; more wait (vLLM max_num_seqs, default %(default)s)",
     )
-    add("--kv-cache-tokens", type=int, default=d.kv_cache_tokens, help="simulated KV capacity")
+    add_capacity_args(parser)
     add("--slow-factor", type=float, default=d.slow_factor, help="multiplies prefill and decode")
     add("--error-rate", type=float, default=d.error_rate, help="fraction of requests failing 500")
     add("--preempt-rate", type=float, default=d.preempt_rate, help="fraction preempted once")
@@ -302,7 +309,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         (ns.latency_ms >= 0, "--latency-ms must be >= 0"),
         (ns.tokens_per_second >= 0, "--tokens-per-second must be >= 0"),
         (ns.max_concurrency >= 1, "--max-concurrency must be >= 1"),
-        (ns.kv_cache_tokens >= 1, "--kv-cache-tokens must be >= 1"),
+        (ns.kv_cache_tokens is None or ns.kv_cache_tokens >= 1, "--kv-cache-tokens must be >= 1"),
         (ns.slow_factor > 0, "--slow-factor must be > 0"),
         (0 <= ns.error_rate <= 1, "--error-rate must be within 0..1"),
         (0 <= ns.preempt_rate <= 1, "--preempt-rate must be within 0..1"),
@@ -314,6 +321,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    capacity, kv_lines = capacity_from_args(parser, ns)
     return SimConfig(
         host=ns.host,
         port=ns.port,
@@ -325,7 +333,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         latency_ms=ns.latency_ms,
         tokens_per_second=ns.tokens_per_second,
         max_concurrency=ns.max_concurrency,
-        kv_cache_tokens=ns.kv_cache_tokens,
+        kv_cache_tokens=capacity,
         slow_factor=ns.slow_factor,
         error_rate=ns.error_rate,
         preempt_rate=ns.preempt_rate,
@@ -335,6 +343,8 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         shutdown_timeout=ns.shutdown_timeout,
         keep_alive_timeout=ns.keep_alive_timeout,
         seed=ns.seed,
+        engine_tokens_per_second=ns.engine_tokens_per_second,
+        kv_log_lines=kv_lines,
     )
 
 
@@ -557,6 +567,7 @@ class SimEngine:
         self.config = config
         self.metrics = metrics
         self.running = 0
+        self.prefilling = 0
         self.kv_used = 0
         self._queue: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._prefix: OrderedDict[int, None] = OrderedDict()
@@ -564,6 +575,30 @@ class SimEngine:
         self.prefill_s = config.latency_ms / 1000.0 * config.slow_factor
         tps = config.tokens_per_second
         self.itl_s = config.slow_factor / tps if tps > 0 else 0.0
+
+    async def _prefill_budget(self, tokens: int) -> None:
+        """Prefill `tokens` out of the engine's token budget, shared fairly (in 10 ms steps)
+        by the prompts being prefilled at the same time."""
+        budget = self.config.engine_tokens_per_second / self.config.slow_factor
+        if budget <= 0 or tokens <= 0:
+            return
+        self.prefilling += 1
+        try:
+            left = float(tokens)
+            while left > 0:
+                rate = budget / self.prefilling
+                began = time.monotonic()
+                await asyncio.sleep(min(0.01, left / rate))
+                left -= rate * (time.monotonic() - began)  # wall time: a busy host stays fair
+        finally:
+            self.prefilling -= 1
+
+    def _interval(self) -> float:
+        """One decode step: the per-request rate, or the running requests' share of the
+        engine's token budget when that is slower (every running request decodes each step)."""
+        budget = self.config.engine_tokens_per_second
+        shared = self.running * self.config.slow_factor / budget if budget > 0 else 0.0
+        return max(self.itl_s, shared)
 
     def draw_error(self) -> bool:
         return self.config.error_rate > 0 and self._rng.random() < self.config.error_rate
@@ -623,7 +658,8 @@ class SimEngine:
         """Queue, prefill, decode; record vLLM's per-request stats. Returns the finish reason."""
         m = self.metrics
         arrival = time.monotonic()
-        need = job.prompt_tokens + len(job.tokens)
+        # Whole 16-token blocks, as vLLM's KV-cache manager allocates them.
+        need = -(-(job.prompt_tokens + len(job.tokens)) // PREFIX_BLOCK) * PREFIX_BLOCK
         await self._admit(need)
         scheduled = time.monotonic()
         first = last = scheduled
@@ -635,6 +671,7 @@ class SimEngine:
             m.prefix_hits.inc(cached)
             m.prompt_cached_device.inc(cached)
             await asyncio.sleep(self.prefill_s)
+            await self._prefill_budget(job.prompt_tokens - cached)
             if self.config.preempt_rate > 0 and self._rng.random() < self.config.preempt_rate:
                 preemptions = 1
                 m.preemptions.inc()
@@ -653,16 +690,16 @@ class SimEngine:
             if on_token is not None:
                 await on_token(job, 0)
                 for i in range(1, len(job.tokens)):
-                    if self.itl_s:
-                        await asyncio.sleep(self.itl_s)
+                    if self.itl_s or self.config.engine_tokens_per_second:
+                        await asyncio.sleep(self._interval())
                     now = time.monotonic()
                     m.h_itl.observe(now - last)
                     last = now
                     generated += 1
                     await on_token(job, i)
             elif len(job.tokens) > 1:
-                if self.itl_s:
-                    await asyncio.sleep(self.itl_s * (len(job.tokens) - 1))
+                if self.itl_s or self.config.engine_tokens_per_second:
+                    await asyncio.sleep(self._interval() * (len(job.tokens) - 1))
                 last = time.monotonic()
                 mean = (last - first) / (len(job.tokens) - 1)
                 for _ in range(len(job.tokens) - 1):
@@ -1139,6 +1176,8 @@ class SimServer:
         log.warning("DEVELOPMENT DOUBLE of a vLLM server, not vLLM: no model is loaded")
         log.info("bound %s:%d for %s; loading for %.1fs", self.config.host, self.port, names,
                  self.config.startup_delay)  # fmt: skip
+        for line in self.config.kv_log_lines:  # as the imitated vLLM version words them
+            log.info("%s", line)
         if self.config.startup_delay > 0:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.startup_delay):

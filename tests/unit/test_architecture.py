@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "hxp.sim": {CORE},
     "hxp.store": {CORE},
     "hxp.backends": {CORE, "hxp.io", "hxp.store"},
-    "hxp.io": {CORE, "hxp.backends", "hxp.store"},
+    "hxp.io": {CORE, "hxp.backends", "hxp.store", "hxp.sim"},  # sim: calibration of doubles
     "blocks": {CORE},
     "tasks": {CORE, "hxp.io", "hxp.backends", "hxp.store", "blocks"},
     "flows": {CORE, "hxp.io", "hxp.store", "tasks", "blocks"},
