@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import yaml
 
-from hxp.cli import main
 from hxp.errors import StackValidationError
 from hxp.k8s_rules import check_manifests
 from hxp.render import (
@@ -24,6 +23,7 @@ from hxp.render import (
 )
 from hxp.spec import ModelSpec, Stack
 from hxp.startup import model_start_period
+from hxp_cli import main
 from tests.support.render_data import stack_from_data
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from hxp.cli import main
 from hxp.resources import (
     VERSION_GATES,
     EngineProfile,
@@ -26,6 +25,7 @@ from hxp.resources import (
     fit,
     model_shape,
 )
+from hxp_cli import main
 from tests.support.model_configs import LLAMA_31_8B
 from tests.support.vllm_log_cases import load_cases
 
