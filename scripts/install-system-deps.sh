@@ -16,6 +16,8 @@ wanted=(
   "promtool prometheus"
   "prometheus-pushgateway prometheus-pushgateway"
   "prometheus-alertmanager prometheus-alertmanager"
+  "chromium chromium"
+  "chromedriver chromium-driver"
 )
 
 missing=()
