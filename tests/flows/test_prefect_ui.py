@@ -145,6 +145,8 @@ def test_the_ui_shows_a_deploy_and_the_rollback_of_a_failed_one(
     assert found is not None, started.stdout
     ui, api = found.groups()
     shots = _shots(tmp_path)
+    # The UI finds its API through /ui-settings (the server's default port, 4200, unless told).
+    assert httpx.get(f"{ui}/ui-settings", timeout=10).json()["api_url"] == api
 
     stack, ports = web_stack(tmp_path)
     applied = user.hxp("apply", "-f", str(stack))
