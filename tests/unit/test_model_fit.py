@@ -85,3 +85,51 @@ def test_the_request_carries_the_stack_settings_and_overrides_win() -> None:
     assert req.enable_chunked_prefill is None
     over = fit_request_for(spec, "m", LLAMA_31_8B, gpus, max_model_len=4096, kv_cache_dtype=None)
     assert (over.max_model_len, over.kv_cache_dtype) == (4096, "fp8")  # None: not given
+
+
+def _stack(runner: str) -> Any:
+    from tests.support.render_data import stack_from_data
+
+    host: dict[str, Any] = {"backend": "process", "gpus": [{"index": 0, "memory_gib": 40}]}
+    if runner == "ssh":
+        host.update(runner="ssh", address="10.0.0.5", backend="systemd")
+    return stack_from_data(
+        {
+            "stack": "s",
+            "hosts": {"gpu": host},
+            "models": {
+                "chat": {
+                    "host": "gpu",
+                    "model": "meta-llama/Llama-3.1-8B",
+                    "vllm": {"max_model_len": 8192, "version": "0.19.0"},
+                }
+            },
+        }
+    )
+
+
+def test_a_local_hosts_gpus_are_discovered_a_remote_ones_declared(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """hxp fit -f asks NVML on this machine for a local host (here its test double, the one
+    tests/unit/test_gpus.py checks NvmlProbe against), and takes a remote host's declared GPUs."""
+    import json
+
+    import hxp.io.nvml
+    from hxp_cli.fit import fit_stack_model
+    from tests.unit.test_gpus import H100, FakeNvml
+
+    real = hxp.io.nvml.NvmlProbe
+    monkeypatch.setattr(hxp.io.nvml, "NvmlProbe", lambda: real(FakeNvml([H100])))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LLAMA_31_8B))
+
+    local = fit_stack_model(_stack("local"), "chat", str(config))
+    assert local.gpu_source == "discovered (NVML)"
+    assert [(g.name, g.total_gib) for g in local.request.gpus] == [("NVIDIA H100 80GB HBM3", 80.0)]
+    assert local.request.gpus[0].free_gib is None  # 70 GiB in use now does not count against it
+    assert local.result.fits
+
+    remote = fit_stack_model(_stack("ssh"), "chat", str(config))
+    assert remote.gpu_source == "declared (host 'gpu' is reached by ssh)"
+    assert [g.total_gib for g in remote.request.gpus] == [40.0]
