@@ -173,6 +173,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if args.config and not args.files and not args.model:
         return _ad_hoc(args)
+    if (
+        not args.files
+        and not os.environ.get("HXP_STACK_FILE")
+        and not Path(files(args)[0]).exists()
+    ):
+        raise InputError(
+            f"hxp fit: no {files(args)[0]} here; ask from a stack (hxp fit -f STACK [MODEL]) or "
+            "ad hoc (hxp fit --config config.json --gpus N --gpu-memory-gib G "
+            "--gpu-memory-utilization U --max-model-len L)"
+        )
     stack = load(args).stack
     if args.model is not None and args.model not in stack.models:
         known = ", ".join(sorted(stack.models)) or "none"

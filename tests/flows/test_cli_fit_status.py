@@ -156,6 +156,9 @@ def test_without_a_cached_config_fit_says_where_it_looked(user: User, tmp_path: 
     assert "models.chat.model: no config.json of Qwen/Qwen2.5-7B-Instruct" in done.stderr
     assert str(tmp_path / "empty" / "hub" / "models--Qwen--Qwen2.5-7B-Instruct") in done.stderr
     assert "--config FILE" in done.stderr
+    bare = user.hxp("fit")  # in a HOME without stack.yaml
+    assert bare.returncode == 2
+    assert "no stack.yaml here; ask from a stack (hxp fit -f STACK [MODEL])" in bare.stderr
     ad_hoc = user.hxp("fit", "--config", str(tmp_path / "c.json"), "--gpus", "1")
     assert ad_hoc.returncode == 2
     assert "needs --gpu-memory-gib, --gpu-memory-utilization, --max-model-len" in ad_hoc.stderr
