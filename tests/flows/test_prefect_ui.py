@@ -69,6 +69,9 @@ def user(tmp_path: Path) -> Iterator[User]:
     home.mkdir()
     who = User(home, tmp_path / "state")
     yield who
+    stack = tmp_path / "t.yaml"  # web_stack's file: leave nothing running if the test failed
+    if stack.exists():
+        who.hxp("down", "-f", str(stack))
     who.hxp("server", "stop")
 
 
