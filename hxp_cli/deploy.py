@@ -96,6 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hxp.backends import observe_all
     from hxp.config import unit_config_hash
     from hxp.units import expand_units
+    from hxp_cli.status import model_rows, print_models, row_dict
 
     effective = load(args)
     stack = effective.stack
@@ -116,13 +117,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     extra = sorted(set(seen) - {i.name for i in expand_units(stack)})
     for name in extra:
         rows.append((name, seen[name].host, "orphan", "-", str(seen[name].revision or "-"), ""))
+    models, notes = model_rows(stack, state_dir(args), expand_units(stack), seen)
     if args.json:
         keys = ("instance", "host", "state", "config", "revision", "detail")
-        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+        out: list[dict[str, Any]] = [dict(zip(keys, r, strict=True)) for r in rows]
+        by_name = {m.instance: row_dict(m) for m in models}
+        for row in out:
+            if row["instance"] in by_name:
+                row["model"] = by_name[row["instance"]]
+        print(json.dumps(out, indent=2))
     else:
         print(f"{'instance':<24} {'host':<12} {'state':<8} {'config':<8} {'rev':>4}  detail")
         for r in rows:
             print(f"{r[0]:<24} {r[1]:<12} {r[2]:<8} {r[3]:<8} {r[4]:>4}  {r[5]}")
+        print_models(models, notes)
     return 0 if all_good and not extra else 1
 
 

@@ -19,6 +19,8 @@ wanted=(
   "ssh openssh-client"
   "ssh-keygen openssh-client"
   "sshd openssh-server"
+  "chromium chromium"
+  "chromedriver chromium-driver"
 )
 
 missing=()

@@ -91,7 +91,9 @@ def start_server(state_dir: Path, port: int | None = None) -> dict[str, Any]:
 
 def _start(home: Path, port: int | None) -> dict[str, Any]:
     port = port or _free_port()
-    env = {**os.environ, **SERVER_SETTINGS, "PREFECT_HOME": str(home)}
+    url = f"http://127.0.0.1:{port}/api"
+    # The UI asks the API its settings name (default: port 4200), whatever --port says.
+    env = {**os.environ, **SERVER_SETTINGS, "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": url}
     env.pop("PREFECT_API_URL", None)
     prefect = Path(sys.executable).parent / "prefect"
     with (home / "server.log").open("ab") as log:
@@ -103,7 +105,6 @@ def _start(home: Path, port: int | None) -> dict[str, Any]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}/api"
     record = {
         "pid": proc.pid,
         "ticks": start_ticks(proc.pid),
