@@ -113,7 +113,14 @@ class Backend(Protocol):
         ...
 
     def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
-        """The last lines an instance wrote."""
+        """The last `lines` lines the instance's current run wrote, oldest first.
+
+        The current run began at the instance's latest start, whoever started it: a Create,
+        Update, Start or Restore, or the target's own restart after a crash (the supervisor,
+        Docker's restart policy, systemd's Restart=). Nothing an earlier run or an earlier
+        revision wrote is ever returned, so a failure summary quotes the failing run only; an
+        instance that does not exist or never started has no lines.
+        """
         ...
 
 

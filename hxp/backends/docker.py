@@ -23,6 +23,7 @@ import math
 import shlex
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -60,6 +61,7 @@ PREVIOUS_SUFFIX = "-prev"
 ON_FAILURE_RETRIES = 5
 NANOSECONDS = 1_000_000_000
 DEFAULT_GRACE = 10.0
+RUN_SLACK = 0.1  # seconds before StartedAt where a run's log starts (run_since)
 
 
 # ---------------------------------------------------------------- pure: names and specs
@@ -259,6 +261,35 @@ def observed_from_attrs(attrs: Mapping[str, Any], host_name: str) -> ObservedUni
     )
 
 
+def run_since(state: Mapping[str, Any]) -> float | None:
+    """Where a container's current run starts in its log, as the `since` of a logs request (a
+    Unix time); None when the container never started (its whole log is this run's).
+
+    Every Update creates a new container, so its log holds the new revision only; the log of a
+    container restarted (by its restart policy, or a Start or Restore of a stopped one) also
+    holds its earlier runs. Docker stamps StartedAt after the program is already running (its
+    first line may come a few milliseconds earlier), and restarts a crashed container no sooner
+    than 100 ms after the crash (an explicit Start follows a Stop that has waited for the
+    output): RUN_SLACK before StartedAt keeps the first line and no line of the run before.
+    """
+    started = parse_docker_time(str(state.get("StartedAt") or ""))
+    if started is None:
+        return None
+    return max(started - RUN_SLACK, 1e-6)
+
+
+def parse_docker_time(text: str) -> float | None:
+    """Docker's RFC 3339 time with nanoseconds (`2026-12-04T16:17:02.433904835Z`) as a Unix
+    time; None for its zero time (`0001-01-01T00:00:00Z`: never happened) or anything else."""
+    stamp, _, fraction = text.removesuffix("Z").partition(".")
+    try:
+        moment = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+        seconds = moment.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
+    except ValueError:
+        return None
+    return seconds if moment.year > 1970 else None
+
+
 def _grace_of(labels: Mapping[str, str]) -> float:
     try:
         return float(labels[LABEL_STOP_TIMEOUT])
@@ -355,12 +386,16 @@ class DockerBackend:
                         self._discard(previous)
 
     def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
+        """The current container's lines since its latest start (run_since)."""
+        if lines <= 0:
+            return []
         with self._errors(ref):
             current = self._get(ref, container_name(ref.stack, ref.instance))
             if current is None:
                 return []
-            raw: bytes = current.logs(stdout=True, stderr=True, tail=lines)
-        return raw.decode("utf-8", "replace").splitlines()[-lines:] if lines > 0 else []
+            since = run_since(current.attrs.get("State") or {})
+            raw: bytes = current.logs(stdout=True, stderr=True, tail=lines, since=since)
+        return raw.decode("utf-8", "replace").splitlines()[-lines:]
 
     # ---------------------------------------------------------------- mechanics
 

@@ -58,6 +58,7 @@ MARKER_PREFIX = "# hxp-"
 SYSTEMCTL_TIMEOUT = 120.0
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_INVOCATION_RE = re.compile(r"[0-9a-f]{32}")
 
 
 # ---------------------------------------------------------------- pure: markers and parsers
@@ -342,13 +343,28 @@ class SystemdBackend:
                 self.runner.run(["rm", "-f", "--", self.previous_env_path(ref)])
 
     def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
+        """The journal of the unit's current invocation only: what its program wrote and what
+        systemd said about it (exit status, result) since its latest start. systemd gives
+        every start a new InvocationID, a Restart= restart included, and keeps it after the
+        unit stops or fails; a unit that never started has none, and no lines."""
         if lines <= 0:
+            return []
+        name = self.unit_name(_checked(ref))
+        shown = self.runner.run(
+            ["systemctl", "show", "-p", "Id,InvocationID", "--", name],
+            check=False,
+            timeout=SYSTEMCTL_TIMEOUT,
+        )
+        props = parse_systemctl_show(shown.text) if shown.returncode == 0 else []
+        invocation = props[0].get("InvocationID", "") if props else ""
+        if not _INVOCATION_RE.fullmatch(invocation):
             return []
         result = self.runner.run(
             [
                 "journalctl",
-                "-u",
-                self.unit_name(_checked(ref)),
+                f"_SYSTEMD_INVOCATION_ID={invocation}",
+                "+",
+                f"INVOCATION_ID={invocation}",
                 "-n",
                 str(int(lines)),
                 "--no-pager",

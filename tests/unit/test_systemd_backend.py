@@ -564,19 +564,42 @@ def test_observe_reads_markers_and_state_and_skips_other_stacks() -> None:
     assert backend.observe("demo")["web"].running
 
 
+INVOCATION = "0123456789abcdef0123456789abcdef"
+
+
 def test_logs_ask_the_journal() -> None:
     backend, host = fake_backend()
+    host.states["hxp-demo-web.service"] = {"InvocationID": INVOCATION}
     assert backend.logs(REF, 2) == ["two", "three"]
+    # The current invocation only (its program's lines and systemd's about it), never the
+    # unit's whole journal across revisions and restarts.
+    assert host.commands[-2] == [
+        "systemctl",
+        "show",
+        "-p",
+        "Id,InvocationID",
+        "--",
+        "hxp-demo-web.service",
+    ]
     assert host.commands[-1] == [
         "journalctl",
-        "-u",
-        "hxp-demo-web.service",
+        f"_SYSTEMD_INVOCATION_ID={INVOCATION}",
+        "+",
+        f"INVOCATION_ID={INVOCATION}",
         "-n",
         "2",
         "--no-pager",
         "-o",
         "cat",
     ]
+
+
+@pytest.mark.parametrize("invocation", ["", "not-an-id", INVOCATION + "; rm -rf /"])
+def test_logs_of_a_unit_with_no_current_invocation_are_empty(invocation: str) -> None:
+    backend, host = fake_backend()
+    host.states["hxp-demo-web.service"] = {"InvocationID": invocation}
+    assert backend.logs(REF) == []
+    assert not any(c[0] == "journalctl" for c in host.commands)
 
 
 @pytest.mark.parametrize("bad", [HOSTILE, "../../etc/passwd", "Web", "-rf", ""])
