@@ -19,6 +19,7 @@ HTTP checks use `wget` (busybox or GNU) or else `curl`, TCP checks `nc -z` or el
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from collections.abc import Iterator, Mapping
@@ -40,6 +41,7 @@ from hxp.backends.base import (
     BackendAction,
     Commit,
     Create,
+    LogScope,
     Remove,
     Restore,
     Start,
@@ -369,6 +371,8 @@ class DockerBackend:
                         container = self._get(ref, name)
                         if container is not None:
                             self._discard(container)
+                with suppress(OSError):
+                    self._start_record_path(ref).unlink(missing_ok=True)
             case Restore(ref=ref):
                 with self._errors(ref):
                     previous = self._get(ref, self._prev(ref))
@@ -385,16 +389,22 @@ class DockerBackend:
                     if previous is not None:
                         self._discard(previous)
 
-    def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
-        """The current container's lines since its latest start (run_since)."""
+    def logs(self, ref: UnitRef, lines: int = 50, since: LogScope = "run") -> list[str]:
+        """The current container's lines since its latest start (run_since), or, with
+        since="start", since hxp last started it (its start record, kept under the state
+        directory; without one, since its latest start)."""
         if lines <= 0:
             return []
         with self._errors(ref):
             current = self._get(ref, container_name(ref.stack, ref.instance))
             if current is None:
                 return []
-            since = run_since(current.attrs.get("State") or {})
-            raw: bytes = current.logs(stdout=True, stderr=True, tail=lines, since=since)
+            state = current.attrs.get("State") or {}
+            begin = run_since(state)
+            if since == "start":
+                recorded = self._start_record(ref).get(current.id)
+                begin = run_since({"StartedAt": recorded}) if recorded else begin
+            raw: bytes = current.logs(stdout=True, stderr=True, tail=lines, since=begin)
         return raw.decode("utf-8", "replace").splitlines()[-lines:]
 
     # ---------------------------------------------------------------- mechanics
@@ -500,6 +510,35 @@ class DockerBackend:
             raise BackendError(
                 f"cannot start {container.name}: {exc.explanation or exc}", unit=str(ref)
             ) from exc
+        container.reload()
+        started = (container.attrs.get("State") or {}).get("StartedAt")
+        if started:
+            self._write_start_record(ref, {container.id: str(started)})
+
+    # Docker keeps only the latest StartedAt, and its restart policy's restarts move it. The
+    # StartedAt of hxp's own latest start of the instance's container (for logs since="start")
+    # is kept in STATE/docker/<host>/<stack>/<instance>.json, by container id, in the Docker
+    # engine's clock.
+
+    def _start_record_path(self, ref: UnitRef) -> Path:
+        return self.state_dir / "docker" / self.host_name / ref.stack / f"{ref.instance}.json"
+
+    def _start_record(self, ref: UnitRef) -> dict[str, str]:
+        try:
+            data = json.loads(self._start_record_path(ref).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, str)}
+
+    def _write_start_record(self, ref: UnitRef, record: dict[str, str]) -> None:
+        path = self._start_record_path(ref)
+        with suppress(OSError):  # without it, since="start" falls back to the latest run
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(path)
 
     @staticmethod
     def _park(container: Any, grace: float) -> None:

@@ -31,6 +31,7 @@ from hxp.backends.base import (
     BackendAction,
     Commit,
     Create,
+    LogScope,
     Reload,
     Remove,
     Restore,
@@ -270,14 +271,16 @@ class ProcessBackend:
             case Commit(ref=ref):
                 shutil.rmtree(self._dir(ref) / "previous", ignore_errors=True)
 
-    def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
-        """The last lines of the current run: output.log from the offset the supervisor
-        recorded when it last started the program (after a crash too). An instance with no
-        recorded start (never started, or by a supervisor that kept no offset) has none."""
+    def logs(self, ref: UnitRef, lines: int = 50, since: LogScope = "run") -> list[str]:
+        """output.log from the offset the supervisor recorded when it last started the program
+        (after a crash too), or when it started it first (since="start": a supervisor per
+        start by the backend). An instance with no recorded start (never started, or by a
+        supervisor that kept no offset) has no lines."""
         if lines <= 0:
             return []
         directory = self._dir(ref)
-        offset = (self._supervisor(directory) or {}).get("log_offset")
+        key = "start_log_offset" if since == "start" else "log_offset"
+        offset = (self._supervisor(directory) or {}).get(key)
         if not isinstance(offset, int) or offset < 0:
             return []
         try:

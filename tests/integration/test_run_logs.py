@@ -5,7 +5,8 @@ engine, systemd in a container): every run prints `rev=<revision> run=<unique id
 then exits 5 and is restarted by the target's own restart policy. Whatever `logs` returns must
 hold no line of an earlier revision (what the failure summary of revision N quotes), and, while
 no restart happens during the call, the lines of one run only: the latest one, since the
-supervisor, Docker or systemd restarted it.
+supervisor, Docker or systemd restarted it. `logs(since="start")` holds every run since the
+backend started the revision (the crashes before the latest restart), and still nothing older.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Watch:
 
     runs: list[str] = field(default_factory=list)  # run ids, in the order first seen alone
     lines: list[str] = field(default_factory=list)  # every program line seen
+    since_start: list[str] = field(default_factory=list)  # the last logs(since="start")
 
 
 def watch(
@@ -75,6 +77,11 @@ def watch(
         assert all(m.group(1) == revision for m in ours), lines
         assert not forbidden & {m.group(2) for m in ours}, lines
         ids = {m.group(2) for m in ours}
+        # Every run since the backend started this revision: still none of an earlier one.
+        seen.since_start = backend.logs(ref, 200, since="start")
+        started = [m for m in map(LINE.search, seen.since_start) if m is not None]
+        assert all(m.group(1) == revision for m in started), seen.since_start
+        assert not forbidden & {m.group(2) for m in started}, seen.since_start
         if _same_run(before, after):
             assert len(ids) <= 1, f"more than one run quoted: {lines}"
             if ids and (not seen.runs or seen.runs[-1] not in ids):
@@ -106,6 +113,9 @@ def check_backend(backend: Backend, stack: str, host: dict[str, Any]) -> None:
     assert any(line.endswith(" crash") for line in second.lines), second.lines
     for run in second.runs:
         assert any(line.endswith(f"run={run} start") for line in second.lines), run
+    # since="start" keeps the crashes before the latest restart: every run of revision 2.
+    for run in second.runs[:-1]:
+        assert f"rev=2 run={run} crash" in second.since_start, second.since_start
     backend.apply(Restore(ref))
     # The restored revision 1 starts new runs; its runs from before the update are not quoted.
     watch(backend, v1, 1, set(first.runs) | set(second.runs))
