@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from hxp.plan import ObservedUnit
 from hxp.units import UnitInstance
@@ -18,6 +18,9 @@ LABEL_UNIT = "hxp.unit"
 LABEL_INSTANCE = "hxp.instance"
 LABEL_CONFIG_HASH = "hxp.config-hash"
 LABEL_REVISION = "hxp.revision"
+
+# Which of an instance's runs Backend.logs quotes: the current one, or all since its start.
+LogScope = Literal["run", "start"]
 
 
 @dataclass(frozen=True)
@@ -112,8 +115,19 @@ class Backend(Protocol):
         """Carry out one action; raise BackendError (transient or not) on failure."""
         ...
 
-    def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
-        """The last lines an instance wrote."""
+    def logs(self, ref: UnitRef, lines: int = 50, since: LogScope = "run") -> list[str]:
+        """The last `lines` lines the instance wrote in its current run, oldest first.
+
+        since="run" (the default): the current run began at the instance's latest start,
+        whoever started it: a Create, Update, Start or Restore, or the target's own restart
+        after a crash (the supervisor, Docker's restart policy, systemd's Restart=).
+        since="start": every run since the backend's latest Create, Update, Start or Restore of
+        the instance, the target's own restarts after crashes included (a crash loop's earlier
+        crashes), and nothing from before that start.
+
+        Nothing an earlier revision wrote is ever returned, so a failure summary quotes the
+        failing revision only; an instance that does not exist or never started has no lines.
+        """
         ...
 
 

@@ -19,10 +19,12 @@ HTTP checks use `wget` (busybox or GNU) or else `curl`, TCP checks `nc -z` or el
 
 from __future__ import annotations
 
+import json
 import math
 import shlex
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +41,7 @@ from hxp.backends.base import (
     BackendAction,
     Commit,
     Create,
+    LogScope,
     Remove,
     Restore,
     Start,
@@ -62,6 +65,7 @@ DEFAULT_DOCKER_SOCKET = "/var/run/docker.sock"
 ON_FAILURE_RETRIES = 5
 NANOSECONDS = 1_000_000_000
 DEFAULT_GRACE = 10.0
+RUN_SLACK = 0.1  # seconds before StartedAt where a run's log starts (run_since)
 
 
 # ---------------------------------------------------------------- pure: names and specs
@@ -261,6 +265,35 @@ def observed_from_attrs(attrs: Mapping[str, Any], host_name: str) -> ObservedUni
     )
 
 
+def run_since(state: Mapping[str, Any]) -> float | None:
+    """Where a container's current run starts in its log, as the `since` of a logs request (a
+    Unix time); None when the container never started (its whole log is this run's).
+
+    Every Update creates a new container, so its log holds the new revision only; the log of a
+    container restarted (by its restart policy, or a Start or Restore of a stopped one) also
+    holds its earlier runs. Docker stamps StartedAt after the program is already running (its
+    first line may come a few milliseconds earlier), and restarts a crashed container no sooner
+    than 100 ms after the crash (an explicit Start follows a Stop that has waited for the
+    output): RUN_SLACK before StartedAt keeps the first line and no line of the run before.
+    """
+    started = parse_docker_time(str(state.get("StartedAt") or ""))
+    if started is None:
+        return None
+    return max(started - RUN_SLACK, 1e-6)
+
+
+def parse_docker_time(text: str) -> float | None:
+    """Docker's RFC 3339 time with nanoseconds (`2026-12-04T16:17:02.433904835Z`) as a Unix
+    time; None for its zero time (`0001-01-01T00:00:00Z`: never happened) or anything else."""
+    stamp, _, fraction = text.removesuffix("Z").partition(".")
+    try:
+        moment = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+        seconds = moment.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
+    except ValueError:
+        return None
+    return seconds if moment.year > 1970 else None
+
+
 def _grace_of(labels: Mapping[str, str]) -> float:
     try:
         return float(labels[LABEL_STOP_TIMEOUT])
@@ -340,6 +373,8 @@ class DockerBackend:
                         container = self._get(ref, name)
                         if container is not None:
                             self._discard(container)
+                with suppress(OSError):
+                    self._start_record_path(ref).unlink(missing_ok=True)
             case Restore(ref=ref):
                 with self._errors(ref):
                     previous = self._get(ref, self._prev(ref))
@@ -356,13 +391,23 @@ class DockerBackend:
                     if previous is not None:
                         self._discard(previous)
 
-    def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
+    def logs(self, ref: UnitRef, lines: int = 50, since: LogScope = "run") -> list[str]:
+        """The current container's lines since its latest start (run_since), or, with
+        since="start", since hxp last started it (its start record, kept under the state
+        directory; without one, since its latest start)."""
+        if lines <= 0:
+            return []
         with self._errors(ref):
             current = self._get(ref, container_name(ref.stack, ref.instance))
             if current is None:
                 return []
-            raw: bytes = current.logs(stdout=True, stderr=True, tail=lines)
-        return raw.decode("utf-8", "replace").splitlines()[-lines:] if lines > 0 else []
+            state = current.attrs.get("State") or {}
+            begin = run_since(state)
+            if since == "start":
+                recorded = self._start_record(ref).get(current.id)
+                begin = run_since({"StartedAt": recorded}) if recorded else begin
+            raw: bytes = current.logs(stdout=True, stderr=True, tail=lines, since=begin)
+        return raw.decode("utf-8", "replace").splitlines()[-lines:]
 
     # ---------------------------------------------------------------- mechanics
 
@@ -477,6 +522,35 @@ class DockerBackend:
             raise BackendError(
                 f"cannot start {container.name}: {exc.explanation or exc}", unit=str(ref)
             ) from exc
+        container.reload()
+        started = (container.attrs.get("State") or {}).get("StartedAt")
+        if started:
+            self._write_start_record(ref, {container.id: str(started)})
+
+    # Docker keeps only the latest StartedAt, and its restart policy's restarts move it. The
+    # StartedAt of hxp's own latest start of the instance's container (for logs since="start")
+    # is kept in STATE/docker/<host>/<stack>/<instance>.json, by container id, in the Docker
+    # engine's clock.
+
+    def _start_record_path(self, ref: UnitRef) -> Path:
+        return self.state_dir / "docker" / self.host_name / ref.stack / f"{ref.instance}.json"
+
+    def _start_record(self, ref: UnitRef) -> dict[str, str]:
+        try:
+            data = json.loads(self._start_record_path(ref).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, str)}
+
+    def _write_start_record(self, ref: UnitRef, record: dict[str, str]) -> None:
+        path = self._start_record_path(ref)
+        with suppress(OSError):  # without it, since="start" falls back to the latest run
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record))
+            tmp.replace(path)
 
     @staticmethod
     def _park(container: Any, grace: float) -> None:

@@ -2,8 +2,9 @@
 
 Each instance lives in STATE/process/<stack>/<instance>/ (mode 0700): spec.json (argv, env,
 cwd, config hash, revision; mode 0600), secrets.env (the values of `secret_env`, mode 0600,
-only when the unit has secrets: never in spec.json, argv or a log), output.log, supervisor.json
-(pids with kernel start times), and previous/ (the version an update replaced, until it is
+only when the unit has secrets: never in spec.json, argv or a log), output.log (every run's
+output, appended), supervisor.json (pids with kernel start times, and where the current run's
+output starts in output.log), and previous/ (the version an update replaced, until it is
 committed or restored).
 """
 
@@ -30,6 +31,7 @@ from hxp.backends.base import (
     BackendAction,
     Commit,
     Create,
+    LogScope,
     Reload,
     Remove,
     Restore,
@@ -269,10 +271,22 @@ class ProcessBackend:
             case Commit(ref=ref):
                 shutil.rmtree(self._dir(ref) / "previous", ignore_errors=True)
 
-    def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
-        path = self._dir(ref) / "output.log"
+    def logs(self, ref: UnitRef, lines: int = 50, since: LogScope = "run") -> list[str]:
+        """output.log from the offset the supervisor recorded when it last started the program
+        (after a crash too), or when it started it first (since="start": a supervisor per
+        start by the backend). An instance with no recorded start (never started, or by a
+        supervisor that kept no offset) has no lines."""
+        if lines <= 0:
+            return []
+        directory = self._dir(ref)
+        key = "start_log_offset" if since == "start" else "log_offset"
+        offset = (self._supervisor(directory) or {}).get(key)
+        if not isinstance(offset, int) or offset < 0:
+            return []
         try:
-            with path.open("rb") as f:
+            with (directory / "output.log").open("rb") as f:
+                # A log cut shorter since (truncated in place) holds only this run's lines.
+                f.seek(offset if offset <= os.fstat(f.fileno()).st_size else 0)
                 tail = deque(f, maxlen=lines)
         except OSError:
             return []

@@ -5,7 +5,9 @@
 in DIR/output.log, restarts it per its restart policy with exponential backoff, and on SIGTERM
 stops it (SIGTERM, then SIGKILL after the grace period). It records its own and the child's
 pid with their kernel start times in DIR/supervisor.json, so a restarted orchestrator can
-re-adopt it and never signals a recycled pid.
+re-adopt it and never signals a recycled pid, and the byte offset in output.log where the
+current run (the latest start, a restart after a crash included) began (`log_offset`), and
+where its first run began (`start_log_offset`: each start by the backend is a new supervisor).
 
 Every start of a unit waits for its supervisor first. The process backend forks supervisors
 from one warm `--serve` launcher per orchestrator process (`serve`), and starts a fresh
@@ -122,6 +124,11 @@ class Supervisor:
 
     def spawn(self) -> bool:
         log = open(self._path("output.log"), "ab")  # noqa: SIM115 - handed to the child
+        # Where this run's output starts, recorded before the program can write: the backend
+        # quotes only what follows (a failure summary must not quote an earlier run).
+        offset = log.seek(0, os.SEEK_END)
+        # ... and where the first run of this supervisor (one per start by the backend) began.
+        self.record(log_offset=offset, start_log_offset=self.state.get("start_log_offset", offset))
         try:
             self.child = subprocess.Popen(
                 self.spec["argv"],
@@ -134,7 +141,11 @@ class Supervisor:
         except OSError as exc:
             log.write(f"hxp: cannot start {self.spec['argv'][0]!r}: {exc.strerror}\n".encode())
             log.close()
-            self.record(state="exec-failed", error=f"cannot start: {exc.strerror}", child_pid=None)
+            self.record(
+                state="exec-failed",
+                error=f"cannot start: {exc.strerror}",
+                child_pid=None,
+            )
             return False
         log.close()
         self.record(

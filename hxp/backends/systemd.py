@@ -17,6 +17,7 @@ the unit file.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from hxp.backends.base import (
     BackendAction,
     Commit,
     Create,
+    LogScope,
     Remove,
     Restore,
     Start,
@@ -58,6 +60,7 @@ MARKER_PREFIX = "# hxp-"
 SYSTEMCTL_TIMEOUT = 120.0
 _NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_INVOCATION_RE = re.compile(r"[0-9a-f]{32}")
 
 
 # ---------------------------------------------------------------- pure: markers and parsers
@@ -142,6 +145,38 @@ def parse_systemctl_show(
     if current:
         units.append(current)
     return units
+
+
+def invocations_tail(journal_json: str, current: str, count: int) -> list[str]:
+    """The messages of `journalctl -o json` output (oldest first) that belong to the latest
+    `count` invocations of a unit, `current` the newest: walking back from the newest entry,
+    the first `count` invocation IDs met (current counted even before it wrote anything).
+    An entry of no invocation, or of an older one, is left out."""
+    kept: list[str] = []
+    allowed = {current}
+    for raw in reversed(journal_json.splitlines()):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        invocation = entry.get("_SYSTEMD_INVOCATION_ID") or entry.get("INVOCATION_ID")
+        if not isinstance(invocation, str) or not invocation:
+            continue
+        if invocation not in allowed:
+            if len(allowed) >= count:
+                continue
+            allowed.add(invocation)
+        message = entry.get("MESSAGE")
+        if isinstance(message, list):  # journalctl's form of a message that is not UTF-8
+            message = bytes(b for b in message if isinstance(b, int) and 0 <= b < 256).decode(
+                "utf-8", "replace"
+            )
+        if isinstance(message, str):
+            kept.extend(reversed(message.splitlines() or [""]))
+    kept.reverse()
+    return kept
 
 
 def stop_seconds(unit_file: str | None) -> float:
@@ -341,14 +376,34 @@ class SystemdBackend:
                 self.runner.run(["rm", "-f", "--", self.previous_path(_checked(ref))])
                 self.runner.run(["rm", "-f", "--", self.previous_env_path(ref)])
 
-    def logs(self, ref: UnitRef, lines: int = 50) -> list[str]:
+    def logs(self, ref: UnitRef, lines: int = 50, since: LogScope = "run") -> list[str]:
+        """The journal of the unit's current invocation: what its program wrote and what
+        systemd said about it (exit status, result) since its latest start. systemd gives every
+        start a new InvocationID, a Restart= restart included, and keeps it after the unit
+        stops or fails; a unit that never started has none, and no lines. since="start" adds
+        the NRestarts invocations before it (systemd counts the Restart= restarts since the
+        latest start it was asked for, and sets NRestarts back to 0 at such a start)."""
         if lines <= 0:
             return []
+        name = self.unit_name(_checked(ref))
+        shown = self.runner.run(
+            ["systemctl", "show", "-p", "Id,InvocationID,NRestarts", "--", name],
+            check=False,
+            timeout=SYSTEMCTL_TIMEOUT,
+        )
+        props = parse_systemctl_show(shown.text) if shown.returncode == 0 else []
+        invocation = props[0].get("InvocationID", "") if props else ""
+        if not _INVOCATION_RE.fullmatch(invocation):
+            return []
+        restarts = props[0].get("NRestarts", "")
+        if since == "start" and restarts.isdigit() and int(restarts) > 0:
+            return self._invocations_tail(name, invocation, int(restarts) + 1, lines)
         result = self.runner.run(
             [
                 "journalctl",
-                "-u",
-                self.unit_name(_checked(ref)),
+                f"_SYSTEMD_INVOCATION_ID={invocation}",
+                "+",
+                f"INVOCATION_ID={invocation}",
                 "-n",
                 str(int(lines)),
                 "--no-pager",
@@ -358,6 +413,27 @@ class SystemdBackend:
             check=False,
         )
         return result.text.splitlines()[-lines:] if result.returncode == 0 else []
+
+    def _invocations_tail(self, name: str, current: str, count: int, lines: int) -> list[str]:
+        """The last `lines` journal lines of the unit's latest `count` invocations, `current`
+        the newest of them: its latest entries, each attributed by its invocation ID."""
+        result = self.runner.run(
+            [
+                "journalctl",
+                "-u",
+                name,
+                "-n",
+                str(int(lines)),
+                "--no-pager",
+                "-o",
+                "json",
+                "--output-fields=MESSAGE,_SYSTEMD_INVOCATION_ID,INVOCATION_ID",
+            ],
+            check=False,
+        )
+        if result.returncode != 0:
+            return []
+        return invocations_tail(result.text, current, count)[-lines:]
 
     # ---------------------------------------------------------------- mechanics
 
@@ -479,6 +555,7 @@ __all__ = [
     "UnitMarkers",
     "describe_state",
     "env_file_text",
+    "invocations_tail",
     "marker_lines",
     "parse_marker_listing",
     "parse_markers",

@@ -16,13 +16,16 @@ from hxp.backends.base import (
     Backend,
 )
 from hxp.backends.docker import (
+    RUN_SLACK,
     DockerBackend,
     container_name,
     create_kwargs,
     healthcheck,
     observed_from_attrs,
+    parse_docker_time,
     previous_name,
     restart_policy,
+    run_since,
 )
 from hxp.config import build_config, parse_document
 from hxp.errors import BackendError
@@ -371,3 +374,34 @@ def test_secret_values_go_into_the_container_environment_only() -> None:
     assert kwargs["environment"] == {"TOKEN": "s3cr3t"}  # what the unit asks for, no more
     rest = {k: v for k, v in kwargs.items() if k != "environment"}
     assert "s3cr3t" not in repr(rest)  # not in labels, command, healthcheck, ...
+
+
+# ---------------------------------------------------------------- where the current run starts
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-12-04T16:17:02.433904835Z", 1796401022.433904835),
+        ("2026-12-04T16:17:02Z", 1796401022.0),
+        ("1970-01-01T00:00:01.5Z", None),
+        ("0001-01-01T00:00:00Z", None),  # Docker's zero time: never started
+        ("", None),
+        ("yesterday", None),
+    ],
+)
+def test_parse_docker_time(text: str, expected: float | None) -> None:
+    near = pytest.approx(expected, rel=0, abs=1e-5) if expected else None
+    assert parse_docker_time(text) == near
+
+
+def test_the_current_run_starts_just_before_started_at() -> None:
+    # Docker stamps StartedAt a few ms after the program's first line (measured: 1.6 ms on
+    # an idle engine) and restarts a crashed container after 100 ms at the soonest.
+    since = run_since(
+        {"StartedAt": "2026-12-04T16:17:02.433904835Z", "FinishedAt": "0001-01-01T00:00:00Z"}
+    )
+    assert since == pytest.approx(1796401022.433904835 - RUN_SLACK, rel=0, abs=1e-5)
+    assert 0.0 < RUN_SLACK <= 0.1
+    assert run_since({"StartedAt": "0001-01-01T00:00:00Z"}) is None  # created, never started
+    assert run_since({}) is None

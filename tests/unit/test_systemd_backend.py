@@ -7,6 +7,7 @@ container (tests/support/systemd_container.py) and GNU grep 3.8.
 from __future__ import annotations
 
 import fnmatch
+import json
 import shlex
 import subprocess
 from pathlib import Path
@@ -30,6 +31,7 @@ from hxp.backends.systemd import (
     UnitMarkers,
     describe_state,
     env_file_text,
+    invocations_tail,
     is_running,
     marker_lines,
     parse_marker_listing,
@@ -378,6 +380,9 @@ def test_write_and_read_files(runner: CommandRunner, tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the backend on a fake host
 
 
+ONE_TWO_3 = ("one", "two", "three")
+
+
 class FakeHost:
     """An in-memory host: files, users, unit states; records every command it is given."""
 
@@ -431,6 +436,10 @@ class FakeHost:
                     for u in units
                 )
                 return RunResult(0, text.encode(), b"")
+            case ["journalctl", *rest] if "json" in rest:
+                invocation = self.states.get(argv[2], {}).get("InvocationID", "")
+                lines = [{"MESSAGE": m, "_SYSTEMD_INVOCATION_ID": invocation} for m in ONE_TWO_3]
+                return RunResult(0, "".join(json.dumps(e) + "\n" for e in lines).encode(), b"")
             case ["journalctl", *_]:
                 return RunResult(0, b"one\ntwo\nthree\n", b"")
             case _:
@@ -564,19 +573,85 @@ def test_observe_reads_markers_and_state_and_skips_other_stacks() -> None:
     assert backend.observe("demo")["web"].running
 
 
+INVOCATION = "0123456789abcdef0123456789abcdef"
+
+
 def test_logs_ask_the_journal() -> None:
     backend, host = fake_backend()
+    host.states["hxp-demo-web.service"] = {"InvocationID": INVOCATION}
     assert backend.logs(REF, 2) == ["two", "three"]
+    # The current invocation only (its program's lines and systemd's about it), never the
+    # unit's whole journal across revisions and restarts.
+    assert host.commands[-2] == [
+        "systemctl",
+        "show",
+        "-p",
+        "Id,InvocationID,NRestarts",
+        "--",
+        "hxp-demo-web.service",
+    ]
     assert host.commands[-1] == [
         "journalctl",
-        "-u",
-        "hxp-demo-web.service",
+        f"_SYSTEMD_INVOCATION_ID={INVOCATION}",
+        "+",
+        f"INVOCATION_ID={INVOCATION}",
         "-n",
         "2",
         "--no-pager",
         "-o",
         "cat",
     ]
+
+
+def _entry(message: object, own: str = "", pid1: str = "") -> str:
+    entry: dict[str, object] = {"MESSAGE": message}
+    if own:
+        entry["_SYSTEMD_INVOCATION_ID"] = own
+    if pid1:
+        entry["INVOCATION_ID"] = pid1
+    return json.dumps(entry)
+
+
+def test_invocations_tail_keeps_the_latest_invocations_only() -> None:
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    journal = "\n".join(
+        [
+            _entry("a says", own=a),
+            _entry("a exited", pid1=a),
+            _entry("b says", own=b),
+            _entry("no invocation"),
+            _entry("b exited", pid1=b),
+            "not json",
+            _entry([0x63, 0x20, 0xFF], own=c),  # not UTF-8: journalctl gives the bytes
+            _entry("c two\nlines", own=c),
+        ]
+    )
+    assert invocations_tail(journal, c, 1) == ["c \ufffd", "c two", "lines"]
+    assert invocations_tail(journal, c, 2) == ["b says", "b exited", "c \ufffd", "c two", "lines"]
+    assert invocations_tail(journal, c, 9)[:2] == ["a says", "a exited"]
+    # The current invocation counts before it wrote anything.
+    d = "d" * 32
+    assert invocations_tail(journal, d, 2) == ["c \ufffd", "c two", "lines"]
+
+
+def test_logs_since_start_read_the_restarted_invocations_too() -> None:
+    backend, host = fake_backend()
+    host.states["hxp-demo-web.service"] = {"InvocationID": INVOCATION, "NRestarts": "2"}
+    assert backend.logs(REF, 2, since="start") == ["two", "three"]
+    assert host.commands[-1][:3] == ["journalctl", "-u", "hxp-demo-web.service"]
+    assert "json" in host.commands[-1]
+    # No restart since the start: the current invocation is all there is.
+    host.states["hxp-demo-web.service"]["NRestarts"] = "0"
+    backend.logs(REF, 2, since="start")
+    assert host.commands[-1][1] == f"_SYSTEMD_INVOCATION_ID={INVOCATION}"
+
+
+@pytest.mark.parametrize("invocation", ["", "not-an-id", INVOCATION + "; rm -rf /"])
+def test_logs_of_a_unit_with_no_current_invocation_are_empty(invocation: str) -> None:
+    backend, host = fake_backend()
+    host.states["hxp-demo-web.service"] = {"InvocationID": invocation}
+    assert backend.logs(REF) == []
+    assert not any(c[0] == "journalctl" for c in host.commands)
 
 
 @pytest.mark.parametrize("bad", [HOSTILE, "../../etc/passwd", "Web", "-rf", ""])
