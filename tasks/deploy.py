@@ -171,7 +171,7 @@ def _apply_unit(
             outcome.failed(
                 FailureClass.APPLY, f"{action.kind.value} {action.instance} failed: {exc}"
             )
-            outcome.logs = backend.logs(ref, LOG_LINES)
+            outcome.logs = backend.logs(ref, LOG_LINES, since="start")
             outcome.seconds = time.monotonic() - started
             ctx.event("unit-failed", outcome.reason, unit)
             raise UnitDeployError(outcome) from exc
@@ -182,7 +182,7 @@ def _apply_unit(
         if ready is not None and ready.verdict != "ready":
             outcome.failed(*_not_ready(ctx, backend, inst, ready))
             outcome.check = ready.last.check if ready.last else ""
-            outcome.logs = backend.logs(ref, LOG_LINES)
+            outcome.logs = backend.logs(ref, LOG_LINES, since="start")
             outcome.seconds = time.monotonic() - started
             ctx.event("unit-failed", outcome.reason, unit)
             raise UnitDeployError(outcome)
@@ -329,7 +329,7 @@ def _replace_one_at_a_time(
         if ready is not None and ready.verdict != "ready":
             failure_class, failure = _not_ready(ctx, backend, new, ready)
             outcome.check = ready.last.check if ready.last else ""
-            outcome.logs = backend.logs(UnitRef.of(new), LOG_LINES)
+            outcome.logs = backend.logs(UnitRef.of(new), LOG_LINES, since="start")
     except UnitDeployError:
         failure_class, failure = outcome.failure, outcome.reason
     except Exception as exc:  # whatever stopped it, the old slot must come back
@@ -565,7 +565,7 @@ def verify_units(ctx: RunContext, outcomes: list[UnitOutcome]) -> UnitOutcome | 
             if reason:
                 outcome.ok = False
                 outcome.failed(failure, reason)
-                outcome.logs = backend.logs(UnitRef.of(inst), LOG_LINES)
+                outcome.logs = backend.logs(UnitRef.of(inst), LOG_LINES, since="start")
                 return outcome
     return None
 

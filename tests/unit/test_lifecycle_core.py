@@ -416,8 +416,8 @@ class _CounterBackend:
     def apply(self, action: object) -> None:  # pragma: no cover - never called
         raise AssertionError(action)
 
-    def logs(self, ref: object, lines: int = 50) -> list[str]:  # pragma: no cover
-        return []
+    def logs(self, ref: object, lines: int = 50, since: str = "run") -> list[str]:
+        return []  # pragma: no cover
 
 
 def test_a_start_by_hxp_takes_the_restart_counter_as_it_is_as_the_new_baseline(
