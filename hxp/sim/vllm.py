@@ -26,10 +26,18 @@ Behaviour copied from vLLM, and the choices where the double differs:
 - `--error-rate`: that fraction of generation requests fails after prefill with vLLM's 500
   answer and counts as finished_reason="error"; `--preempt-rate`: that fraction is preempted
   once and pays its prefill twice. Both draw from `--seed`, so runs repeat.
+- `--version`: the double imitates that vLLM release where behaviour differs by release: the
+  metric families it registers (hxp.metric_names.vllm_families: 0.10.1's
+  `vllm:time_per_output_token_seconds` and gpu_* twins, 0.34's render-time histogram, ...),
+  the `usage` object (USAGE_*_SINCE) and max_tokens beyond the context (lowered from 0.32.0,
+  a 400 before: MAX_TOKENS_CLAMPED_SINCE). /metrics negotiates its format from the Accept
+  header as vLLM's does. /ping (GET, POST) answers as /health; /load reports
+  {"server_load": N}, N counting in-flight generation requests with
+  `--enable-server-load-tracking` and 0 without.
 - Metrics are recorded per request event, not per engine step as vLLM does; ITL observations of
   a non-streamed request are its mean interval. Not simulated: LoRA, speculative decoding, KV
-  connectors, multi-modal inputs, `vllm:cache_config_info`, the instrumentator's `http_*`
-  families, logprobs, stop strings, tools.
+  connectors, multi-modal inputs, the instrumentator's `http_*` families, logprobs, stop
+  strings, tools; `vllm:cache_config_info` carries the labels of `CACHE_CONFIG_LABELS` only.
 """
 
 from __future__ import annotations
