@@ -338,6 +338,10 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         (ns.fail_health_after is None or ns.fail_health_after >= 0, "bad --fail-health-after"),
         (ns.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0"),
         (ns.keep_alive_timeout > 0, "--keep-alive-timeout must be > 0"),
+        (
+            re.match(r"\d+\.\d+", ns.version) is not None,
+            f"--version must be a vLLM release such as 0.34.0, got {ns.version!r}",
+        ),
     ]
     for ok, message in checks:
         if not ok:

@@ -196,3 +196,17 @@ def test_max_tokens_beyond_the_context_is_lowered_from_0_32_and_refused_before()
         refused = client.post("/v1/completions", json=payload)
         assert refused.status_code == 400
         assert "maximum context length is 64 tokens" in refused.json()["error"]["message"]
+
+
+def test_a_version_that_is_no_release_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from hxp.sim.vllm import parse_config
+
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--version", "latest"], {})
+    assert exc.value.code == 2
+    assert "--version must be a vLLM release such as 0.34.0, got 'latest'" in (
+        capsys.readouterr().err
+    )
+    assert parse_config(["--version", "0.10.1"], {}).version == "0.10.1"
+    tracking = parse_config([], {"HXP_VLLM_SIM_SERVER_LOAD_TRACKING": "1"})
+    assert tracking.server_load_tracking is True
