@@ -259,6 +259,8 @@ VLLM_RETIRED: tuple[Family, ...] = (
 
 #: Every family of every checked release, by default (no optional feature enabled).
 VLLM_ALL: tuple[Family, ...] = VLLM + VLLM_MORE + VLLM_RETIRED
+#: Exposed name -> type of every family in `VLLM_ALL`.
+VLLM_KNOWN: dict[str, Kind] = {f.name: f.kind for f in VLLM_ALL}
 
 # The families hxp itself reads (aggregation, health sweep, drain, monitoring rules).
 PROCESS_START = "process_start_time_seconds"
@@ -358,9 +360,9 @@ def version_key(version: str) -> tuple[int, ...]:
 
 def exposed_name(name: str) -> str:
     """A family as it appears on a page: `vllm:prompt_tokens` -> `vllm:prompt_tokens_total`."""
-    if name in VLLM_FAMILIES or name in CHANGED:
+    if name in VLLM_KNOWN or name in CHANGED:
         return name
-    if f"{name}_total" in VLLM_FAMILIES or f"{name}_total" in CHANGED:
+    if f"{name}_total" in VLLM_KNOWN or f"{name}_total" in CHANGED:
         return f"{name}_total"
     return name
 

@@ -40,7 +40,7 @@ from hxp.metric_names import (
     REQUEST_SUCCESS,
     RUNNING,
     TTFT,
-    VLLM_FAMILIES,
+    VLLM_KNOWN,
     VLLM_REFERENCE_VERSION,
     WAITING,
     aliases,
@@ -48,6 +48,7 @@ from hxp.metric_names import (
     version_key,
 )
 from hxp.metric_names import FLEET_SERIES as FLEET_SERIES  # re-exported: its old home
+from hxp.metric_names import VLLM_FAMILIES as VLLM_FAMILIES  # re-exported
 from hxp.metric_names import VLLM_NAME_CHANGES as VLLM_NAME_CHANGES  # re-exported
 from hxp.metric_names import Kind as Kind  # re-exported
 from hxp.metric_names import NameChange as NameChange  # re-exported
@@ -120,7 +121,7 @@ def check_metric_name(name: str, version: str) -> MetricIssue | None:
             f"{exposed} first appears in vLLM {renamed.deprecated}; vLLM {version} "
             f"exposes {renamed.old}",
         )
-    if exposed.startswith("vllm:") and exposed not in VLLM_FAMILIES:
+    if exposed.startswith("vllm:") and exposed not in VLLM_KNOWN:
         return MetricIssue(
             "warning",
             f"{exposed} is not in the vLLM {VLLM_REFERENCE_VERSION} reference table "

@@ -210,3 +210,22 @@ def test_a_version_that_is_no_release_is_refused(capsys: pytest.CaptureFixture[s
     assert parse_config(["--version", "0.10.1"], {}).version == "0.10.1"
     tracking = parse_config([], {"HXP_VLLM_SIM_SERVER_LOAD_TRACKING": "1"})
     assert tracking.server_load_tracking is True
+
+
+def test_families_outside_the_engine_loggers_are_known_names() -> None:
+    """Declaring vllm:cache_config_info or an MFU counter is no 'misspelt name' warning."""
+    from hxp.metrics import check_metric_name
+
+    for name in (
+        "vllm:cache_config_info",
+        "vllm:estimated_flops_per_gpu_total",
+        "vllm:estimated_flops_per_gpu",
+        "vllm:request_render_duration_seconds",
+    ):
+        assert check_metric_name(name, "0.34.0") is None, name  # fmt: skip
+    assert metric_names.exposed_name("vllm:estimated_flops_per_gpu") == (
+        "vllm:estimated_flops_per_gpu_total"
+    )
+    issue = check_metric_name("vllm:estimated_flops_per_gpux", "0.34.0")
+    assert issue is not None
+    assert "misspelt" in issue.message
