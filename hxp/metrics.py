@@ -40,6 +40,7 @@ from hxp.metric_names import (
     REQUEST_SUCCESS,
     RUNNING,
     TTFT,
+    VLLM_ALL,
     VLLM_KNOWN,
     VLLM_REFERENCE_VERSION,
     WAITING,
@@ -127,6 +128,14 @@ def check_metric_name(name: str, version: str) -> MetricIssue | None:
             f"{exposed} is not in the vLLM {VLLM_REFERENCE_VERSION} reference table "
             "(an optional feature's metric, or a misspelt name)",
         )
+    family = next((f for f in VLLM_ALL if f.name == exposed), None)
+    if family is not None and not family.exposed_at(version):
+        when = (
+            f"first exposed in {family.since}"
+            if family.since and at < version_key(family.since)
+            else f"not exposed by default since {family.gone}"
+        )
+        return MetricIssue("warning", f"{exposed} is not exposed by vLLM {version} ({when})")
     return None
 
 

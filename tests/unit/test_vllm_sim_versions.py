@@ -229,3 +229,22 @@ def test_families_outside_the_engine_loggers_are_known_names() -> None:
     issue = check_metric_name("vllm:estimated_flops_per_gpux", "0.34.0")
     assert issue is not None
     assert "misspelt" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "words"),
+    [
+        ("vllm:engine_sleep_state", "0.11.0", "first exposed in 0.12.0"),
+        ("vllm:request_render_duration_seconds", "0.33.0", "first exposed in 0.34.0"),
+        ("vllm:estimated_flops_per_gpu_total", "0.16.0", "first exposed in 0.17.0"),
+        ("vllm:prompt_tokens_recomputed", "0.20.0", "not exposed by default since 0.20.0"),
+    ],
+)
+def test_a_family_outside_its_releases_is_reported(name: str, version: str, words: str) -> None:
+    from hxp.metrics import check_metric_name
+
+    issue = check_metric_name(name, version)
+    assert issue is not None
+    assert issue.severity == "warning"
+    assert words in issue.message
+    assert check_metric_name(name, "0.19.1" if "recomputed" in name else "0.34.0") is None
