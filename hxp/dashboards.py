@@ -228,10 +228,14 @@ def orchestrator_panels(stack: Stack) -> list[PanelSpec]:
 
 @dataclass(frozen=True)
 class DashboardSpec:
+    """`unit`: the model a vLLM dashboard shows (its queries are linted against the vLLM
+    release that model is pinned at); None for the stack-wide dashboards."""
+
     uid: str
     title: str
     panels: tuple[PanelSpec, ...]
     tags: tuple[str, ...]
+    unit: str | None = None
 
 
 def dashboard_specs(stack: Stack) -> list[DashboardSpec]:
@@ -258,6 +262,7 @@ def dashboard_specs(stack: Stack) -> list[DashboardSpec]:
                 f"{stack.stack}: vLLM {unit}",
                 tuple(vllm_panels(stack, unit)),
                 (*tags, "vllm"),
+                unit,
             )
         )
     return out

@@ -41,7 +41,8 @@ from hxp.metric_names import (
     REQUEST_SUCCESS,
     RUNNING,
     TTFT,
-    VLLM_FAMILIES,
+    VLLM_ALL,
+    VLLM_KNOWN,
     VLLM_REFERENCE_VERSION,
     WAITING,
     aliases,
@@ -49,6 +50,7 @@ from hxp.metric_names import (
     version_key,
 )
 from hxp.metric_names import FLEET_SERIES as FLEET_SERIES  # re-exported: its old home
+from hxp.metric_names import VLLM_FAMILIES as VLLM_FAMILIES  # re-exported
 from hxp.metric_names import VLLM_NAME_CHANGES as VLLM_NAME_CHANGES  # re-exported
 from hxp.metric_names import Kind as Kind  # re-exported
 from hxp.metric_names import NameChange as NameChange  # re-exported
@@ -121,12 +123,20 @@ def check_metric_name(name: str, version: str) -> MetricIssue | None:
             f"{exposed} first appears in vLLM {renamed.deprecated}; vLLM {version} "
             f"exposes {renamed.old}",
         )
-    if exposed.startswith("vllm:") and exposed not in VLLM_FAMILIES:
+    if exposed.startswith("vllm:") and exposed not in VLLM_KNOWN:
         return MetricIssue(
             "warning",
             f"{exposed} is not in the vLLM {VLLM_REFERENCE_VERSION} reference table "
             "(an optional feature's metric, or a misspelt name)",
         )
+    family = next((f for f in VLLM_ALL if f.name == exposed), None)
+    if family is not None and not family.exposed_at(version):
+        when = (
+            f"first exposed in {family.since}"
+            if family.since and at < version_key(family.since)
+            else f"not exposed by default since {family.gone}"
+        )
+        return MetricIssue("warning", f"{exposed} is not exposed by vLLM {version} ({when})")
     return None
 
 

@@ -12,6 +12,7 @@ model id). A service is scraped when it declares a port named `metrics`; a model
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,15 @@ import yaml
 
 from hxp import __version__
 from hxp.errors import Issue, StackValidationError
-from hxp.metric_names import RUNNING
+from hxp.metric_names import (
+    E2E,
+    ITL,
+    RUNNING,
+    TTFT,
+    VLLM_REFERENCE_VERSION,
+    name_at,
+    version_key,
+)
 from hxp.spec import (
     AlertmanagerSpec,
     ModelSpec,
@@ -53,6 +62,25 @@ COMPONENTS: tuple[Component, ...] = ("prometheus", "alertmanager", "pushgateway"
 SELF_JOBS = {c: f"hxp-{c}" for c in COMPONENTS}
 # The metric every replica of a model serves from the first scrape on: absent means broken.
 MODEL_PRESENCE_METRIC = RUNNING
+
+#: Settings of every scrape job of vLLM targets. vLLM's /metrics negotiates the format from the
+#: Accept header (prometheus_client's make_asgi_app). Prometheus 2.42 (Debian's, the one run
+#: here) asks for OpenMetrics 1.0.0 first without `escaping=allow-utf-8`, and prometheus-client
+#: >= 0.22 then escapes every sample name: `vllm:num_requests_running` is stored as
+#: `vllm_num_requests_running`, and no rule or dashboard finds it. `scrape_protocols` would pin
+#: the text format, but only Prometheus >= 2.49 knows the field (2.42 rejects the whole config:
+#: "field scrape_protocols not found"); renaming the samples back works on every version, and
+#: is a no-op where the colon arrives intact (text format, or Prometheus 3's allow-utf-8).
+VLLM_SCRAPE_FIXES: dict[str, Any] = {
+    "metric_relabel_configs": [
+        {
+            "source_labels": ["__name__"],
+            "regex": "vllm_(.+)",
+            "target_label": "__name__",
+            "replacement": "vllm:$1",
+        }
+    ]
+}
 
 
 # --------------------------------------------------------------------------- scrape targets
@@ -199,6 +227,8 @@ def prometheus_config(stack: Stack) -> dict[str, Any]:
         entry: dict[str, Any] = {"job_name": job.name, "metrics_path": "/metrics"}
         if job.honor_labels:
             entry["honor_labels"] = True
+        if job.kind == "model":
+            entry.update(copy.deepcopy(VLLM_SCRAPE_FIXES))
         entry["static_configs"] = [
             {"targets": [t.address], "labels": dict(sorted(t.labels.items()))} for t in job.targets
         ]
@@ -271,10 +301,13 @@ def recording_rules(stack: Stack) -> list[RecordingRule]:
         return f"{by_unit} (rate({metric}{s}[{window}]))"
 
     def quantile(q: str, metric: str) -> str:
-        return (
-            f"histogram_quantile({q}, sum by (stack, unit, le) "
-            f"(rate({metric}_bucket{s}[{window}])))"
+        # The histogram under each name the stack's pinned vLLM releases expose it by; with
+        # several (a stack mixing releases), `or` takes the first for a unit that has both.
+        names = histogram_names(stack, metric)
+        parts = " or ".join(
+            f"sum by (stack, unit, le) (rate({name}_bucket{s}[{window}]))" for name in names
         )
+        return f"histogram_quantile({q}, {parts})"
 
     rules = [
         RecordingRule("unit:vllm_request_success:rate", rate("vllm:request_success_total")),
@@ -296,19 +329,19 @@ def recording_rules(stack: Stack) -> list[RecordingRule]:
         rules.append(
             RecordingRule(
                 f"unit:vllm_time_to_first_token_seconds:{tag}",
-                quantile(q, "vllm:time_to_first_token_seconds"),
+                quantile(q, TTFT),
             )
         )
         rules.append(
             RecordingRule(
                 f"unit:vllm_inter_token_latency_seconds:{tag}",
-                quantile(q, "vllm:inter_token_latency_seconds"),
+                quantile(q, ITL),
             )
         )
         rules.append(
             RecordingRule(
                 f"unit:vllm_e2e_request_latency_seconds:{tag}",
-                quantile(q, "vllm:e2e_request_latency_seconds"),
+                quantile(q, E2E),
             )
         )
     rules += [
@@ -323,6 +356,20 @@ def recording_rules(stack: Stack) -> list[RecordingRule]:
         RecordingRule("stack:up:ratio", f"avg by (stack) (up{s})"),
     ]
     return rules
+
+
+def vllm_versions(stack: Stack) -> list[str]:
+    """The vLLM releases the stack's models are pinned at (the simulator imitates its model's),
+    oldest first; the reference release for a stack without models."""
+    pinned = {m.vllm.version for m in stack.models.values()}
+    return sorted(pinned, key=version_key) or [VLLM_REFERENCE_VERSION]
+
+
+def histogram_names(stack: Stack, name: str) -> list[str]:
+    """The names vLLM family `name` has at the stack's pinned releases, newest name first
+    (`vllm:inter_token_latency_seconds` is `vllm:time_per_output_token_seconds` before 0.11)."""
+    found = {name_at(name, v): version_key(v) for v in reversed(vllm_versions(stack))}
+    return sorted(found, key=lambda n: found[n], reverse=True)
 
 
 def has_gpus(stack: Stack) -> bool:
@@ -905,13 +952,28 @@ def monitoring_files(
 
 
 def lint_files(stack: Stack, files: list[MonitoringFile]) -> list[str]:
-    """The query lint over the rules of `stack` and the dashboards among `files`."""
-    from hxp.dashboards import dashboard_queries
-    from hxp.querylint import default_sources, lint_queries
+    """The query lint over the rules of `stack` and the dashboards among `files`, against the
+    vLLM releases the models are pinned at: a model's own dashboard against its release, the
+    rules and the stack-wide dashboards against all of the stack's."""
+    from hxp.dashboards import dashboard_queries, dashboard_specs
+    from hxp.querylint import lint_queries, stack_sources
 
-    boards = [json.loads(f.content) for f in files if f.path.endswith(".json")]
-    queries = rule_expressions(stack) + dashboard_queries(boards)
-    return lint_queries(queries, default_sources(), recorded_series(stack))
+    recorded = recorded_series(stack)
+    unit_of = {spec.uid: spec.unit for spec in dashboard_specs(stack)}
+    shared = rule_expressions(stack)
+    per_unit: dict[str, list[tuple[str, str]]] = {}
+    for board in (json.loads(f.content) for f in files if f.path.endswith(".json")):
+        unit = unit_of.get(board.get("uid"))
+        queries = dashboard_queries([board])
+        if unit in stack.models:
+            per_unit.setdefault(unit, []).extend(queries)
+        else:
+            shared += queries
+    problems = lint_queries(shared, stack_sources(vllm_versions(stack)), recorded)
+    for unit, queries in per_unit.items():
+        version = stack.models[unit].vllm.version
+        problems += lint_queries(queries, stack_sources([version]), recorded)
+    return problems
 
 
 def replica_health(targets: Iterable[tuple[str, str, str, str]]) -> tuple[list[str], list[str]]:

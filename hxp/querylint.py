@@ -1,10 +1,11 @@
 """Query lint: every metric a rule or dashboard reads must be served by someone we know.
 
-The known series come from hxp.metric_names, the one table of names: vLLM 0.33's families
-(the simulator builds its registry from the same table, and a test checks its rendered page
-against it) and the `hxp` exporter's (hxp.io.telemetry registers the same table's `hxp_*`
-families; the fleet series); from the recorded expositions under hxp/data/metrics (vLLM 0.11.0,
-dcgm-exporter); from the series Prometheus makes itself (`up`, `ALERTS`, ...) and from the
+The known series come from hxp.metric_names, the one table of names: the families of the vLLM
+release a model is pinned at (`vllm_source`: the recorded exposition hxp/data/metrics/
+vllm-<version>.prom where one exists, else the table, which the simulator imitating that
+release serves, a test checks) and the `hxp` exporter's (hxp.io.telemetry registers the same
+table's `hxp_*` families; the fleet series); from the other recorded expositions
+(dcgm-exporter); from the series Prometheus makes itself (`up`, `ALERTS`, ...) and from the
 stack's own recording rules.
 A name nobody exposes (a typo, `vllm:num_preemptions` without `_total`, a renamed family)
 fails the build with the place it was found.
@@ -57,9 +58,21 @@ def exposition_series(text: str) -> set[str]:
 
 
 def simulator_source() -> MetricSource:
-    """What the vLLM simulator's /metrics serves: vLLM 0.33's families (hxp.metric_names.VLLM,
-    the table the simulator builds its registry from)."""
+    """What the vLLM simulator's /metrics serves by default: the reference release's families
+    (hxp.metric_names, the table the simulator builds its registry from)."""
     return MetricSource("vLLM simulator /metrics", vllm_series())
+
+
+VLLM_FIXTURE = "vllm-{version}.prom"
+
+
+def vllm_source(version: str, directory: Path = FIXTURES) -> MetricSource:
+    """What a vLLM server of `version` serves (after its first requests): the recorded
+    exposition of that release if hxp ships one, else hxp.metric_names' table for it."""
+    path = directory / VLLM_FIXTURE.format(version=version)
+    if path.is_file():
+        return MetricSource(f"fixture {path.name}", frozenset(exposition_series(path.read_text())))
+    return MetricSource(f"vLLM {version} (simulator table)", vllm_series(version, lazy=True))
 
 
 def exporter_source() -> MetricSource:
@@ -73,6 +86,22 @@ def fixture_sources(directory: Path = FIXTURES) -> list[MetricSource]:
     return [
         MetricSource(f"fixture {p.name}", frozenset(exposition_series(p.read_text())))
         for p in sorted(directory.glob("*.prom"))
+    ]
+
+
+def other_fixture_sources(directory: Path = FIXTURES) -> list[MetricSource]:
+    """The recorded expositions of everything but vLLM (dcgm-exporter)."""
+    return [s for s in fixture_sources(directory) if not s.name.startswith("fixture vllm-")]
+
+
+def stack_sources(versions: Iterable[str]) -> list[MetricSource]:
+    """Who serves what for a stack whose models are pinned at `versions`: those releases'
+    vLLM families, the exporter, the other fixtures, Prometheus itself."""
+    return [
+        *(vllm_source(v) for v in versions),
+        exporter_source(),
+        *other_fixture_sources(),
+        MetricSource("Prometheus (synthetic series)", PROMETHEUS_SYNTHETIC),
     ]
 
 

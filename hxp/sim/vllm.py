@@ -29,10 +29,18 @@ Behaviour copied from vLLM, and the choices where the double differs:
 - `--error-rate`: that fraction of generation requests fails after prefill with vLLM's 500
   answer and counts as finished_reason="error"; `--preempt-rate`: that fraction is preempted
   once and pays its prefill twice. Both draw from `--seed`, so runs repeat.
+- `--version`: the double imitates that vLLM release where behaviour differs by release: the
+  metric families it registers (hxp.metric_names.vllm_families: 0.10.1's
+  `vllm:time_per_output_token_seconds` and gpu_* twins, 0.34's render-time histogram, ...),
+  the `usage` object (USAGE_*_SINCE) and max_tokens beyond the context (lowered from 0.32.0,
+  a 400 before: MAX_TOKENS_CLAMPED_SINCE). /metrics negotiates its format from the Accept
+  header as vLLM's does. /ping (GET, POST) answers as /health; /load reports
+  {"server_load": N}, N counting in-flight generation requests with
+  `--enable-server-load-tracking` and 0 without.
 - Metrics are recorded per request event, not per engine step as vLLM does; ITL observations of
   a non-streamed request are its mean interval. Not simulated: LoRA, speculative decoding, KV
-  connectors, multi-modal inputs, `vllm:cache_config_info`, the instrumentator's `http_*`
-  families, logprobs, stop strings, tools.
+  connectors, multi-modal inputs, the instrumentator's `http_*` families, logprobs, stop
+  strings, tools; `vllm:cache_config_info` carries the labels of `CACHE_CONFIG_LABELS` only.
 """
 
 from __future__ import annotations
@@ -98,6 +106,11 @@ ITERATION_TOKENS_BUCKETS: tuple[float, ...] = (
 )  # fmt: skip
 REQUEST_PARAMS_N_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20)
 REQUEST_NUM_PREEMPTIONS_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 10, 20)
+# vllm/renderers/metrics.py (0.34.0): vllm:request_render_duration_seconds.
+RENDER_DURATION_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
 
 BucketFamily = Literal[
     "request_latency",
@@ -107,6 +120,7 @@ BucketFamily = Literal[
     "request_params_n",
     "request_num_preemptions",
     "request_tokens",
+    "render_duration",
 ]
 MetricKind = Literal["counter", "gauge", "histogram"]
 
@@ -133,6 +147,7 @@ def histogram_buckets(family: BucketFamily, max_model_len: int) -> list[float]:
         "iteration_tokens": ITERATION_TOKENS_BUCKETS,
         "request_params_n": REQUEST_PARAMS_N_BUCKETS,
         "request_num_preemptions": REQUEST_NUM_PREEMPTIONS_BUCKETS,
+        "render_duration": RENDER_DURATION_BUCKETS,
     }
     if family == "request_tokens":
         return build_1_2_5_buckets(max_model_len)
@@ -154,13 +169,18 @@ class MetricSpec:
     buckets: BucketFamily | None = None
 
 
-#: Every family the double implements: hxp.metric_names.VLLM (vLLM 0.33's families without
+def _spec(f: metric_names.Family) -> MetricSpec:
+    return MetricSpec(
+        f.registered, f.kind, f.help, f.labels, cast("BucketFamily | None", f.buckets)
+    )
+
+
+#: The reference release's per-request families: hxp.metric_names.VLLM (vLLM 0.34's without
 #: optional features: LoRA, KV connectors, spec decode, watermarking, NaN checks, KV residency
-#: sampling, and without `vllm:cache_config_info`), named as passed to prometheus_client.
-VLLM_METRICS: tuple[MetricSpec, ...] = tuple(
-    MetricSpec(f.registered, f.kind, f.help, f.labels, cast("BucketFamily | None", f.buckets))
-    for f in metric_names.VLLM
-)
+#: sampling), named as passed to prometheus_client. What the double registers follows the
+#: version it imitates (`metric_names.vllm_families`): `vllm:cache_config_info`, the MFU
+#: counters and the render-time histogram too, and an older release's own names.
+VLLM_METRICS: tuple[MetricSpec, ...] = tuple(_spec(f) for f in metric_names.VLLM)
 
 #: Label values vLLM pre-creates (vllm/v1/engine FINISH_REASON_STRINGS and loggers.py).
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
@@ -203,6 +223,7 @@ class SimConfig:
     # Capacity model (hxp.sim.capacity): engine-wide token budget and the start-up KV lines.
     engine_tokens_per_second: float = 0.0
     kv_log_lines: tuple[str, ...] = ()
+    server_load_tracking: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -219,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "DEVELOPMENT DOUBLE of a vLLM OpenAI-compatible server, for tests and demos. "
             "It is NOT vLLM: it loads no model and answers with deterministic fake tokens. "
-            "Endpoints: /health /version /metrics /v1/models /v1/completions "
-            "/v1/chat/completions. Every option can also be set in the environment as "
+            "Endpoints: /health /ping /load /version /metrics /v1/models /v1/completions "
+            "/v1/chat/completions; behaviour and metric names follow --version. Every option "
+            "can also be set in the environment as "
             f"{ENV_PREFIX}<OPTION> (e.g. {ENV_PREFIX}STARTUP_DELAY=5; lists comma-separated)."
         ),
     )
@@ -273,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--keep-alive-timeout", type=float, default=d.keep_alive_timeout, help="idle seconds")
     add("--seed", type=int, default=d.seed, help="seed of the error and preemption draws")
+    add(
+        "--enable-server-load-tracking",
+        dest="server_load_tracking",
+        action="store_true",
+        help="count in-flight generation requests in /load, as vLLM's flag does",
+    )
     return parser
 
 
@@ -317,6 +345,10 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         (ns.fail_health_after is None or ns.fail_health_after >= 0, "bad --fail-health-after"),
         (ns.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0"),
         (ns.keep_alive_timeout > 0, "--keep-alive-timeout must be > 0"),
+        (
+            re.match(r"\d+\.\d+", ns.version) is not None,
+            f"--version must be a vLLM release such as 0.34.0, got {ns.version!r}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -345,6 +377,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         seed=ns.seed,
         engine_tokens_per_second=ns.engine_tokens_per_second,
         kv_log_lines=kv_lines,
+        server_load_tracking=ns.server_load_tracking,
     )
 
 
@@ -411,30 +444,65 @@ class FinishedStats:
     max_tokens_param: int | None
 
 
+class _Absent:
+    """A family the imitated release does not have: every update is dropped."""
+
+    def labels(self, *args: object, **kwargs: object) -> _Absent:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+
+_ABSENT = _Absent()
+
+
+class _Tee:
+    """One update to several series (a family and its older twin, as vLLM sets both)."""
+
+    def __init__(self, *children: Any) -> None:
+        self._children = tuple(c for c in children if not isinstance(c, _Absent))
+
+    def inc(self, amount: float = 1) -> None:
+        for child in self._children:
+            child.inc(amount)
+
+    def set(self, value: float) -> None:
+        for child in self._children:
+            child.set(value)
+
+    def observe(self, value: float) -> None:
+        for child in self._children:
+            child.observe(value)
+
+
 class SimMetrics:
     """vLLM's metric families in a registry of their own, with the double's label values."""
 
-    def __init__(self, model_name: str, max_model_len: int) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        max_model_len: int,
+        version: str = VLLM_REFERENCE_VERSION,
+        cache_info: Mapping[str, str] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self.model_name = model_name
+        self.version = version
+        self._max_model_len = max_model_len
         self.families: dict[str, Counter | Gauge | Histogram] = {}
-        for spec in VLLM_METRICS:
-            family: Counter | Gauge | Histogram
-            labels = list(spec.labels)
-            if spec.kind == "counter":
-                family = Counter(spec.name, spec.doc, labels, registry=self.registry)
-            elif spec.kind == "gauge":
-                family = Gauge(spec.name, spec.doc, labels, registry=self.registry)
-            else:
-                assert spec.buckets is not None
-                bounds = histogram_buckets(spec.buckets, max_model_len)
-                family = Histogram(
-                    spec.name, spec.doc, labels, registry=self.registry, buckets=bounds
-                )
-            self.families[spec.name] = family
+        self._lazy = {f.registered: _spec(f) for f in metric_names.vllm_families(version) if f.lazy}
+        for f in metric_names.vllm_families(version, lazy=False):
+            self._register(_spec(f))
         me = (model_name, "0")
         self.running = self._gauge("vllm:num_requests_running").labels(*me)
         self.waiting = self._gauge("vllm:num_requests_waiting").labels(*me)
@@ -445,9 +513,30 @@ class SimMetrics:
         sleep = self._gauge("vllm:engine_sleep_state")
         for state in SLEEP_STATES:
             sleep.labels(*me, state).set(1 if state == "awake" else 0)
-        self.kv_usage = self._gauge("vllm:kv_cache_usage_perc").labels(*me)
-        self.prefix_queries = self._counter("vllm:prefix_cache_queries").labels(*me)
-        self.prefix_hits = self._counter("vllm:prefix_cache_hits").labels(*me)
+        # Before 0.11 vLLM sets the gpu_* twins of these with the same values.
+        self.kv_usage = _Tee(
+            self._gauge("vllm:kv_cache_usage_perc").labels(*me),
+            self._gauge("vllm:gpu_cache_usage_perc").labels(*me),
+        )
+        self.prefix_queries = _Tee(
+            self._counter("vllm:prefix_cache_queries").labels(*me),
+            self._counter("vllm:gpu_prefix_cache_queries").labels(*me),
+        )
+        self.prefix_hits = _Tee(
+            self._counter("vllm:prefix_cache_hits").labels(*me),
+            self._counter("vllm:gpu_prefix_cache_hits").labels(*me),
+        )
+        self._counter("vllm:prompt_tokens_recomputed").labels(*me)
+        for name in (
+            "vllm:estimated_flops_per_gpu",
+            "vllm:estimated_read_bytes_per_gpu",
+            "vllm:estimated_write_bytes_per_gpu",
+        ):
+            self._counter(name).labels(*me)
+        if "vllm:cache_config_info" in self.families:
+            info = {label: "None" for label in metric_names.CACHE_CONFIG_LABELS}
+            info.update(cache_info or {}, engine="0")
+            self._gauge("vllm:cache_config_info").labels(**info).set(1)
         for name in (
             "vllm:external_prefix_cache_queries",
             "vllm:external_prefix_cache_hits",
@@ -481,7 +570,9 @@ class SimMetrics:
         self.h_iteration = h["iteration_tokens_total"]
         self.h_max_generation = h["request_max_num_generation_tokens"]
         self.h_n, self.h_max_tokens = h["request_params_n"], h["request_params_max_tokens"]
-        self.h_ttft, self.h_itl = h["time_to_first_token_seconds"], h["inter_token_latency_seconds"]
+        self.h_ttft = h["time_to_first_token_seconds"]
+        # vllm:time_per_output_token_seconds (up to 0.14) records the same intervals as ITL.
+        self.h_itl = _Tee(h["inter_token_latency_seconds"], h["time_per_output_token_seconds"])
         self.h_tpot = h["request_time_per_output_token_seconds"]
         self.h_e2e, self.h_queue = h["e2e_request_latency_seconds"], h["request_queue_time_seconds"]
         self.h_inference = h["request_inference_time_seconds"]
@@ -490,23 +581,49 @@ class SimMetrics:
         self.h_preemptions = h["request_num_preemptions"]
         self.h_kv_computed = h["request_prefill_kv_computed_tokens"]
 
-    def _gauge(self, name: str) -> Gauge:
-        family = self.families[name]
-        assert isinstance(family, Gauge)
+    def _register(self, spec: MetricSpec) -> Counter | Gauge | Histogram:
+        family: Counter | Gauge | Histogram
+        labels = list(spec.labels)
+        if spec.kind == "counter":
+            family = Counter(spec.name, spec.doc, labels, registry=self.registry)
+        elif spec.kind == "gauge":
+            family = Gauge(spec.name, spec.doc, labels, registry=self.registry)
+        else:
+            assert spec.buckets is not None
+            bounds = histogram_buckets(spec.buckets, self._max_model_len)
+            family = Histogram(spec.name, spec.doc, labels, registry=self.registry, buckets=bounds)
+        self.families[spec.name] = family
         return family
 
+    def _gauge(self, name: str) -> Gauge:
+        """The family, or a stand-in that records nothing when the imitated release lacks it."""
+        family = self.families.get(name, _ABSENT)
+        assert isinstance(family, Gauge | _Absent)
+        return cast("Gauge", family)
+
     def _counter(self, name: str) -> Counter:
-        family = self.families[name]
-        assert isinstance(family, Counter)
-        return family
+        family = self.families.get(name, _ABSENT)
+        assert isinstance(family, Counter | _Absent)
+        return cast("Counter", family)
 
     def _histograms(self, me: tuple[str, str]) -> dict[str, Histogram]:
         out: dict[str, Histogram] = {}
-        for spec in VLLM_METRICS:
-            family = self.families[spec.name]
-            if isinstance(family, Histogram):
-                out[spec.name.removeprefix("vllm:")] = family.labels(*me)
+        for f in metric_names.VLLM_ALL:
+            if f.kind != "histogram" or f.lazy:
+                continue
+            family = self.families.get(f.name)
+            child = family.labels(*me) if isinstance(family, Histogram) else _ABSENT
+            out[f.name.removeprefix("vllm:")] = cast("Histogram", child)
         return out
+
+    def rendered(self, request_type: str, seconds: float) -> None:
+        """vllm:request_render_duration_seconds (0.34): registered at the first request."""
+        spec = self._lazy.get("vllm:request_render_duration_seconds")
+        if spec is None:
+            return
+        family = self.families.get(spec.name) or self._register(spec)
+        assert isinstance(family, Histogram)
+        family.labels(self.model_name, request_type).observe(seconds)
 
     def finished(self, stats: FinishedStats) -> None:
         self.success[stats.finish_reason].inc()
@@ -526,15 +643,16 @@ class SimMetrics:
             self.h_max_tokens.observe(stats.max_tokens_param)
 
     def render(self, accept: str) -> tuple[bytes, str]:
-        """The Prometheus text format (0.0.4), whatever the Accept header asks for.
+        """The page in the format the Accept header negotiates, as vLLM's /metrics does (it
+        mounts prometheus_client's `make_asgi_app`, which calls `choose_encoder(accept)`).
 
-        prometheus-client 0.26's OpenMetrics writer escapes the `:` in sample names
-        (`vllm:num_requests_running` -> `vllm_num_requests_running`) while its HELP/TYPE
-        lines keep it, so a Prometheus that prefers OpenMetrics would store names no vLLM
-        dashboard or rule uses. The text format keeps vLLM's names intact.
+        With prometheus-client 0.26, an OpenMetrics request without `escaping=allow-utf-8`
+        (Prometheus 2.42's default Accept header) gets `escaping=underscores`: the samples of
+        `vllm:num_requests_running` arrive as `vllm_num_requests_running` while HELP/TYPE
+        keep the colon. hxp's scrape jobs for vLLM pin the text format or rename the samples
+        back (hxp.monitoring.VLLM_SCRAPE_FIXES).
         """
-        del accept
-        encoder, content_type = choose_encoder("text/plain; version=0.0.4")
+        encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
 
@@ -970,6 +1088,15 @@ class GenerationRequest:
     jobs: tuple[Job, ...]
 
 
+#: From this release a prompt that fits but leaves less room than `max_tokens` gets
+#: `max_tokens` lowered to `max_model_len - prompt` instead of a 400: vllm/renderers/params.py
+#: TokenizeParams.max_input_tokens returns `max_total_tokens` at 0.32.0 ("max_output_tokens is
+#: *not* subtracted here ... clamping ... is handled by get_max_tokens()") and
+#: `max_total_tokens - max_output_tokens` at 0.31.0 (and 0.20.0 to 0.29.0; at 0.19.1 the
+#: check was vllm/entrypoints/openai/engine/serving.py's _validate_input).
+MAX_TOKENS_CLAMPED_SINCE = "0.32.0"
+
+
 def parse_generation(data: Mapping[str, Any], chat: bool, config: SimConfig) -> GenerationRequest:
     """Validate a generation request the way vLLM answers bad ones (400/404 ErrorResponse)."""
     model = data.get("model")
@@ -1004,22 +1131,30 @@ def parse_generation(data: Mapping[str, Any], chat: bool, config: SimConfig) -> 
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     ignore_eos = _bool_param(data, "ignore_eos")
     jobs: list[Job] = []
+    clamps = metric_names.version_key(config.version) >= metric_names.version_key(
+        MAX_TOKENS_CLAMPED_SINCE
+    )
     for p, (prompt_tokens, seed) in enumerate(prompts):
         limit = config.max_model_len - prompt_tokens
-        if (max_tokens or 1) > limit:
-            asked = prompt_tokens + (max_tokens or 1)
+        wanted = max_tokens
+        if clamps and limit >= 1 and wanted is not None:
+            # get_max_tokens(): min(max_model_len - prompt, max_tokens); only a prompt that
+            # leaves no room at all is refused.
+            wanted = min(wanted, limit)
+        if (wanted or 1) > limit:
+            asked = prompt_tokens + (wanted or 1)
             raise ApiError(
                 400,
                 f"This model's maximum context length is {config.max_model_len} tokens. "
                 f"However, you requested {asked} tokens ({prompt_tokens} in the messages, "
-                f"{max_tokens or 1} in the completion). Please reduce the length of the "
+                f"{wanted or 1} in the completion). Please reduce the length of the "
                 "messages or completion.",
                 "BadRequestError",
-                "max_tokens" if max_tokens else "messages",
+                "max_tokens" if wanted else "messages",
             )
         for c in range(n):
-            out, reason = fake_output(seed + c, max_tokens or limit, ignore_eos)
-            jobs.append(Job(p * n + c, prompt_tokens, seed, out, reason, max_tokens))
+            out, reason = fake_output(seed + c, wanted or limit, ignore_eos)
+            jobs.append(Job(p * n + c, prompt_tokens, seed, out, reason, wanted))
     return GenerationRequest(
         chat, model, prompts, n, max_tokens, stream, include_usage, ignore_eos, tuple(jobs)
     )
@@ -1060,7 +1195,30 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(gen: GenerationRequest, rid: str, created: int) -> dict[str, Any]:
+#: From this release `UsageInfo` has `completion_tokens_details` (None without a reasoning
+#: parser): vllm/entrypoints/openai/engine/protocol.py at 0.28.0, absent at 0.27.0.
+USAGE_COMPLETION_DETAILS_SINCE = "0.28.0"
+#: From this release a None `prompt_tokens_details` is left out of the answer
+#: (`Field(default=None, exclude_if=lambda value: value is None)`,
+#: vllm/entrypoints/serve/engine/protocol.py at 0.34.0; a plain None field at 0.33.0).
+USAGE_PROMPT_DETAILS_OMITTED_SINCE = "0.34.0"
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int, version: str) -> dict[str, Any]:
+    """`usage` of a non-streamed answer as vLLM `version` serialises UsageInfo (model_dump,
+    no reasoning parser, no --enable-prompt-tokens-details)."""
+    at = metric_names.version_key(version)
+    usage: dict[str, Any] = dict(_usage(prompt_tokens, completion_tokens))
+    if at < metric_names.version_key(USAGE_PROMPT_DETAILS_OMITTED_SINCE):
+        usage["prompt_tokens_details"] = None
+    if at >= metric_names.version_key(USAGE_COMPLETION_DETAILS_SINCE):
+        usage["completion_tokens_details"] = None
+    return usage
+
+
+def completion_body(
+    gen: GenerationRequest, rid: str, created: int, version: str = VLLM_REFERENCE_VERSION
+) -> dict[str, Any]:
     """The non-streamed answer, in vLLM's CompletionResponse / ChatCompletionResponse shape."""
     choices: list[dict[str, Any]] = []
     for job in gen.jobs:
@@ -1084,7 +1242,7 @@ def completion_body(gen: GenerationRequest, rid: str, created: int) -> dict[str,
         "choices": choices,
         "service_tier": None,
         "system_fingerprint": None,
-        "usage": {**_usage(prompt_tokens, completion_tokens), "prompt_tokens_details": None},
+        "usage": usage_body(prompt_tokens, completion_tokens, version),
         "prompt_logprobs": None,
         "kv_transfer_params": None,
     }
@@ -1109,7 +1267,8 @@ class SimServer:
 
     def __init__(self, config: SimConfig, *, on_crash: Callable[[], None] = _exit_crashed) -> None:
         self.config = config
-        self.metrics = SimMetrics(config.names[0], config.max_model_len)
+        self.metrics = SimMetrics(config.names[0], config.max_model_len, config.version)
+        self.server_load = 0
         self.engine = SimEngine(config, self.metrics)
         self.port = config.port
         self.listening = threading.Event()
@@ -1122,6 +1281,8 @@ class SimServer:
         self._idle: asyncio.Event | None = None
         self._routes: dict[str, tuple[str, Handler]] = {
             "/health": ("GET", self._health),
+            "/ping": ("GET POST", self._health),
+            "/load": ("GET", self._load),
             "/version": ("GET", self._version),
             "/metrics": ("GET", self._metrics),
             "/v1/models": ("GET", self._models),
@@ -1280,9 +1441,11 @@ class SimServer:
         route = self._routes.get(path)
         if route is None:
             await conn.send_json(req, 404, {"detail": "Not Found"})
-        elif req.method != route[0] and not (route[0] == "GET" and req.method == "HEAD"):
+        elif req.method not in route[0].split() and not (
+            req.method == "HEAD" and "GET" in route[0].split()
+        ):
             await conn.send(req, 405, b'{"detail":"Method Not Allowed"}', "application/json",
-                            [("allow", route[0])])  # fmt: skip
+                            [("allow", ", ".join(route[0].split()))])  # fmt: skip
         else:
             try:
                 await route[1](req, conn)
@@ -1296,6 +1459,10 @@ class SimServer:
 
     async def _version(self, req: HttpRequest, conn: Connection) -> None:
         await conn.send_json(req, 200, {"version": self.config.version})
+
+    async def _load(self, req: HttpRequest, conn: Connection) -> None:
+        # vLLM: always routed; the count moves only with --enable-server-load-tracking.
+        await conn.send_json(req, 200, {"server_load": self.server_load})
 
     async def _metrics(self, req: HttpRequest, conn: Connection) -> None:
         body, content_type = self.metrics.render(req.headers.get("accept", ""))
@@ -1335,7 +1502,18 @@ class SimServer:
         await self._generate(req, conn, chat=True)
 
     async def _generate(self, req: HttpRequest, conn: Connection, *, chat: bool) -> None:
+        # vLLM's load_aware_call counts a request from its start to its response's end.
+        tracking = self.config.server_load_tracking
+        self.server_load += tracking
+        try:
+            await self._generate_counted(req, conn, chat=chat)
+        finally:
+            self.server_load -= tracking
+
+    async def _generate_counted(self, req: HttpRequest, conn: Connection, *, chat: bool) -> None:
+        started = time.perf_counter()
         gen = parse_generation(_json_object(req.body), chat, self.config)
+        self.metrics.rendered("chat" if chat else "completion", time.perf_counter() - started)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         fail = self.engine.draw_error()
@@ -1348,7 +1526,7 @@ class SimServer:
         self._parent_stats(gen)
         if "error" in reasons:
             raise _internal_error()
-        await conn.send_json(req, 200, completion_body(gen, rid, created))
+        await conn.send_json(req, 200, completion_body(gen, rid, created, self.config.version))
 
     def _parent_stats(self, gen: GenerationRequest) -> None:
         for p in range(len(gen.prompts)):

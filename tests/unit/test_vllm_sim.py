@@ -87,6 +87,12 @@ REQUIRED = {
     "vllm:request_generation_tokens",
 }  # fmt: skip
 
+#: What Prometheus 2.42 (Debian's, the one these tests run) sends to a scrape target.
+PROMETHEUS_2_42_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
 FAST = SimConfig(
     port=0,
     model="org/sim-model",
@@ -230,9 +236,11 @@ def test_completion_shape_usage_and_max_tokens(client: httpx.Client) -> None:
     (choice,) = body["choices"]
     assert choice["index"] == 0
     assert choice["finish_reason"] == "length"
+    # As vLLM 0.34 writes UsageInfo (issue 16 item 7): no `prompt_tokens_details: null`, a
+    # `completion_tokens_details` (null without a reasoning parser); FAST imitates 9.9.9.
     assert body["usage"] == {"prompt_tokens": count_tokens(prompt), "completion_tokens": 7,
                              "total_tokens": count_tokens(prompt) + 7,
-                             "prompt_tokens_details": None}  # fmt: skip
+                             "completion_tokens_details": None}  # fmt: skip
     again = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 7}).json()
     assert again["choices"][0]["text"] == choice["text"], "fake tokens must be deterministic"
 
@@ -301,7 +309,9 @@ def test_completion_stream(client: httpx.Client) -> None:
     [
         ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "NotFoundError"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "BadRequestError"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, 400, "BadRequestError"),
+        # From vLLM 0.32 a prompt that fits gets max_tokens lowered (issue 16 item 7): the
+        # context is too long only when the prompt itself leaves no room.
+        ("/v1/completions", {"prompt": [1] * 4097, "max_tokens": 5000}, 400, "BadRequestError"),
         ("/v1/completions", {"prompt": {"x": 1}}, 400, "BadRequestError"),
         ("/v1/completions", {"prompt": "x", "stream_options": {}}, 400, "BadRequestError"),
         ("/v1/chat/completions", {"messages": []}, 400, "BadRequestError"),
@@ -443,15 +453,25 @@ def test_never_ready_and_failing_health_change_only_health() -> None:
             assert c.get("/metrics").status_code == 200
 
 
-def test_metrics_gzip_and_always_text_format(client: httpx.Client) -> None:
+def test_metrics_gzip_and_the_format_negotiated_as_vllm_does(client: httpx.Client) -> None:
     response = client.get("/metrics", headers={"accept-encoding": "gzip"})
     assert response.headers["content-encoding"] == "gzip"
     assert "vllm:" in response.text
-    # A Prometheus asking for OpenMetrics still gets the text format, so the `vllm:` names
-    # reach it unescaped (prometheus-client's OpenMetrics writer turns ':' into '_').
-    om = client.get("/metrics", headers={"accept": "application/openmetrics-text"})
-    assert om.headers["content-type"].startswith("text/plain; version=0.0.4")
-    assert "\nvllm:num_requests_running{" in om.text
+    # vLLM serves /metrics with prometheus_client's make_asgi_app, which negotiates the format
+    # from the Accept header (issue 16 item 6): OpenMetrics without `escaping=allow-utf-8`
+    # (Prometheus 2.42's Accept header) turns the ':' of sample names into '_'.
+    om = client.get("/metrics", headers={"accept": PROMETHEUS_2_42_ACCEPT})
+    assert om.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert "escaping=underscores" in om.headers["content-type"]
+    assert "\nvllm_num_requests_running{" in om.text
+    assert "\nvllm:num_requests_running{" not in om.text
+    assert om.text.endswith("# EOF\n")
+    utf8 = client.get("/metrics", headers={"accept": "application/openmetrics-text;"
+                                           "version=1.0.0;escaping=allow-utf-8"})  # fmt: skip
+    assert "\nvllm:num_requests_running{" in utf8.text
+    text = client.get("/metrics", headers={"accept": "text/plain;version=0.0.4"})
+    assert text.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "\nvllm:num_requests_running{" in text.text
 
 
 def raw_exchange(url: str, data: bytes, reads: int = 1) -> bytes:
