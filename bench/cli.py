@@ -15,7 +15,9 @@ Peak RSS of the 50-unit deploy: the `hxp apply` process itself (exact, from wait
 hxp leaves around its units (the process backend's launcher and one supervisor per unit),
 sampled from /proc every 20 ms while the deploy runs. The units themselves are the workload.
 
-Run: .venv/bin/python bench/cli.py [--units 50] [--rounds 7]
+Run: .venv/bin/python bench/cli.py [--units 50] [--rounds 7] [--code DIR]
+(`--code DIR`: run the hxp code of another checkout, e.g. `git archive COMMIT | tar -x -C DIR`,
+with this venv: a before/after comparison on the same machine.)
 """
 
 from __future__ import annotations
@@ -173,10 +175,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--units", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--code", metavar="DIR", help="import hxp from this checkout instead")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hxp-clibench-"))
     state = tmp / "state"
     env = clean_env(tmp / "home")
+    if args.code:
+        env["PYTHONPATH"] = str(Path(args.code).resolve())
     (tmp / "home").mkdir()
     stack_file = tmp / "stack.yaml"
     (tmp / "unit.py").write_text(UNIT_CODE)
@@ -218,6 +223,7 @@ def main() -> None:
         f"Python {platform.python_version()}; load average {load_before} before, "
         f"{load_after} after"
     )
+    print(f"code: {args.code or ROOT}")
     print(
         f"{args.units} process units; local prefect server (SQLite) from `hxp server start`; "
         f"clean environment; each command a fresh process; medians of {args.rounds} rounds"
