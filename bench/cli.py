@@ -15,9 +15,10 @@ Peak RSS of the 50-unit deploy: the `hxp apply` process itself (exact, from wait
 hxp leaves around its units (the process backend's launcher and one supervisor per unit),
 sampled from /proc every 20 ms while the deploy runs. The units themselves are the workload.
 
-Run: .venv/bin/python bench/cli.py [--units 50] [--rounds 7] [--code DIR]
-(`--code DIR`: run the hxp code of another checkout, e.g. `git archive COMMIT | tar -x -C DIR`,
-with this venv: a before/after comparison on the same machine.)
+Run: .venv/bin/python bench/cli.py [--units 50] [--rounds 7] [--before DIR]
+(`--before DIR`: also run the hxp code of another checkout, e.g. `git archive COMMIT | tar -x
+-C DIR`, with this venv, interleaved in the same rounds on the same deployed units: a
+before/after comparison under the same load.)
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 HXP = Path(sys.executable).parent / "hxp"
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # A unit: a socket that accepts and closes, in a Python without site (a few MB, starts fast).
 UNIT_CODE = (
@@ -90,12 +90,16 @@ def run(cmd: list[str], env: dict[str, str], ok: tuple[int, ...] = (0,)) -> floa
     return took
 
 
-def _rss(pid: int) -> int:
+def _pss(pid: int) -> int:
+    """Proportional set size: forks of one launcher share most pages, so their RSS overcounts."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, IndexError, ValueError):
-        return 0
+        pass
+    return 0
 
 
 def _cmdline(pid: int) -> str:
@@ -115,7 +119,7 @@ def _environ(pid: int) -> bytes:
 
 
 def _supervisors(home: Path) -> dict[int, int]:
-    """RSS of the process backend's launcher and supervisors started by this bench's hxp
+    """PSS of the process backend's launcher and supervisors started by this bench's hxp
     (forks of the launcher: same command line, the bench's HOME in their environment)."""
     marker = f"HOME={home}".encode()
     out: dict[int, int] = {}
@@ -125,7 +129,7 @@ def _supervisors(home: Path) -> dict[int, int]:
             and "supervisor.py" in _cmdline(int(entry))
             and marker in _environ(int(entry)).split(b"\0")
         ):
-            out[int(entry)] = _rss(int(entry))
+            out[int(entry)] = _pss(int(entry))
     return out
 
 
@@ -175,13 +179,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--units", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--code", metavar="DIR", help="import hxp from this checkout instead")
+    parser.add_argument("--before", metavar="DIR", help="also time this checkout's hxp")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hxp-clibench-"))
     state = tmp / "state"
     env = clean_env(tmp / "home")
-    if args.code:
-        env["PYTHONPATH"] = str(Path(args.code).resolve())
+    before_env = {**env, "PYTHONPATH": str(Path(args.before).resolve())} if args.before else {}
     (tmp / "home").mkdir()
     stack_file = tmp / "stack.yaml"
     (tmp / "unit.py").write_text(UNIT_CODE)
@@ -192,19 +195,22 @@ def main() -> None:
         run([str(HXP), "server", "start", "--state-dir", str(state)], env)
         run([str(HXP), "validate", "-f", str(stack_file)], env)  # warm the page cache
         deploy = measured_apply([str(HXP), "apply", *common], env, tmp / "home")
-        times: dict[str, list[float]] = {"validate": [], "apply": [], "plan": [], "status": []}
-        commands = {
-            "validate": ([str(HXP), "validate", "-f", str(stack_file)], (0,)),
-            "apply": ([str(HXP), "apply", *common], (0,)),
-            "plan": ([str(HXP), "plan", *common], (0,)),
-            "status": ([str(HXP), "status", *common], (0,)),
+        base = {
+            "validate": [str(HXP), "validate", "-f", str(stack_file)],
+            "apply": [str(HXP), "apply", *common],
+            "plan": [str(HXP), "plan", *common],
+            "status": [str(HXP), "status", *common],
         }
+        commands = {name: (cmd, env) for name, cmd in base.items()}
+        if args.before:
+            commands.update({f"{n} (before)": (cmd, before_env) for n, cmd in base.items()})
+        times: dict[str, list[float]] = {name: [] for name in commands}
         order = list(commands)
         for r in range(args.rounds):
             rotated = order[r % len(order) :] + order[: r % len(order)]
             for name in rotated:
-                cmd, ok = commands[name]
-                times[name].append(run(cmd, env, ok))
+                cmd, cmd_env = commands[name]
+                times[name].append(run(cmd, cmd_env))
         load_after = loadavg()
     finally:
         subprocess.run(
@@ -223,20 +229,22 @@ def main() -> None:
         f"Python {platform.python_version()}; load average {load_before} before, "
         f"{load_after} after"
     )
-    print(f"code: {args.code or ROOT}")
+    print(f"code: {ROOT}" + (f"; before: {args.before}" if args.before else ""))
     print(
         f"{args.units} process units; local prefect server (SQLite) from `hxp server start`; "
         f"clean environment; each command a fresh process; medians of {args.rounds} rounds"
     )
     print(
-        f"first deploy: {deploy['seconds']:.2f}s; peak RSS: hxp apply {deploy['hxp_mb']:.0f} MB; "
-        f"launcher + {deploy['supervisors'] - 1:.0f} supervisors together "
-        f"{deploy['supervisors_mb']:.0f} MB (largest {deploy['supervisor_mb']:.1f} MB)"
+        f"first deploy: {deploy['seconds']:.2f}s; peak RSS of the hxp apply process "
+        f"{deploy['hxp_mb']:.0f} MB; its launcher + {deploy['supervisors'] - 1:.0f} supervisors "
+        f"(forks, proportional set size) {deploy['supervisors_mb']:.0f} MB together, "
+        f"largest {deploy['supervisor_mb']:.1f} MB"
     )
-    for name in ("validate", "apply", "plan", "status"):
+    for name in times:
         runs = " ".join(f"{t:.2f}" for t in times[name])
-        extra = "" if name == "validate" else f"  (+{med[name] - med['validate']:.2f}s)"
-        print(f"hxp {name:<8} median {med[name]:.2f}s{extra}   [{runs}]")
+        floor = "validate (before)" if name.endswith("(before)") else "validate"
+        extra = "" if name == floor else f"  (+{med[name] - med[floor]:.2f}s)"
+        print(f"hxp {name:<17} median {med[name]:.2f}s{extra}   [{runs}]")
     for name in ("plan", "status"):
         print(f"BENCH cli_{name} ratio={(med[name] - med['validate']) / 2.0:.2f} target=1.0")
     print(f"BENCH cli_rss ratio={deploy['hxp_mb'] / 256:.2f} target=1.0")
