@@ -180,7 +180,7 @@ async def health_sweep(
 _NO_HEARTBEAT: dict[int, tuple[Any, Any]] = {}
 
 
-def _without_heartbeat() -> Any:
+def without_heartbeat() -> Any:
     """A settings context: the caller's settings with the flow heartbeat off.
 
     Prefect's temporary_settings builds and validates a whole new Settings object each time
@@ -210,6 +210,6 @@ def run_health_sweep(*args: Any, **kwargs: Any) -> dict[str, Any]:
     # One sync client for the run's own calls outside its loop (the flow engine reads the
     # server's default result storage twice, each time with a new client: a TLS context
     # loaded from the CA bundle each, ~50 ms here, whatever the API's scheme).
-    with _without_heartbeat(), SyncClientContext.get_or_create():
+    with without_heartbeat(), SyncClientContext.get_or_create():
         result: dict[str, Any] = asyncio.run(health_sweep(*args, **kwargs))
     return result
