@@ -13,7 +13,12 @@ Target (issue): the whole sweep within 2.5x the raw-socket probe. Last line:
 `BENCH health_sweep ratio=<sweep/raw> target=2.5`, the median over interleaved rounds of each
 round's flow/raw (on a shared machine a busy moment slows both alike).
 
-Run: .venv/bin/python bench/health_sweep.py [--endpoints 1000] [--repeat 9]
+Fixed and per-endpoint cost: each round also sweeps a stack of the first `--small` (100)
+endpoints; the line through the two medians gives the cost per endpoint (its slope) and per
+flow run (its intercept), for the flow and for the raw probe alike.
+
+Run: .venv/bin/python bench/health_sweep.py [--endpoints 1000] [--repeat 9] [--small 100]
+[--quick: skip the httpx and task-per-endpoint comparisons (about 60 s)]
 """
 
 from __future__ import annotations
@@ -148,7 +153,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--endpoints", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--small", type=int, default=100)
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     raise_fd_limit()
     tmp = Path(tempfile.mkdtemp(prefix="hxp-bench-health-"))
     server = subprocess.Popen(
@@ -159,6 +167,9 @@ def main() -> None:
         ports: list[int] = json.loads(server.stdout.readline())
         stack_file = tmp / "stack.yaml"
         stack_file.write_text(yaml.safe_dump(make_stack(ports)))
+        small = ports[: args.small]
+        small_file = tmp / "small.yaml"
+        small_file.write_text(yaml.safe_dump(make_stack(small)))
 
         from hxp.io.prefect_server import ensure_api, stop_server
 
@@ -180,6 +191,13 @@ def main() -> None:
             assert len(out["instances"]) == len(ports)
             return out
 
+        def small_flow_run() -> None:
+            out = run_health_sweep(str(small_file), state_dir=str(state), observe=False)
+            assert out["status"] == "healthy", out["status"]
+
+        def small_raw_run() -> None:
+            assert asyncio.run(raw_probe(small)) == len(small)
+
         def direct_run() -> None:
             assert sweep_stack(stack, direct_state, settings).status.value == "healthy"
 
@@ -188,11 +206,25 @@ def main() -> None:
             assert ok == len(ports), f"raw probe: {ok}/{len(ports)} answered"
 
         flow_run()  # warm-up: imports, the stack parsed once, the store's first rows
+        small_flow_run()
         direct_run()
-        # Interleaved rounds: the machine's noise (2 shared cores) hits all three alike.
-        times: dict[str, list[float]] = {"raw": [], "flow": [], "direct": []}
+        # Interleaved rounds: the machine's noise (2 shared cores) hits all alike.
+        times: dict[str, list[float]] = {
+            "raw": [],
+            "flow": [],
+            "direct": [],
+            "small_raw": [],
+            "small_flow": [],
+        }
+        steps = (
+            ("raw", raw_run),
+            ("flow", flow_run),
+            ("direct", direct_run),
+            ("small_raw", small_raw_run),
+            ("small_flow", small_flow_run),
+        )
         for _ in range(args.repeat):
-            for name, fn in (("raw", raw_run), ("flow", flow_run), ("direct", direct_run)):
+            for name, fn in steps:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
@@ -200,17 +232,19 @@ def main() -> None:
         # Each round's own ratio: a busy moment slows that round's probe and sweep alike.
         ratio = statistics.median(f / r for f, r in zip(times["flow"], times["raw"], strict=True))
         rounds = " ".join(f"{f / r:.2f}" for f, r in zip(times["flow"], times["raw"], strict=True))
+        load_after = " ".join(f"{x:.2f}" for x in os.getloadavg())
         load_s, _ = median_time(lambda: load_config([stack_file], {}), args.repeat)
 
-        bare_httpx, ok = median_time(lambda: asyncio.run(httpx_gather(ports)), 1)
-        assert ok == len(ports), f"httpx: {ok}/{len(ports)} answered"
-
         few = ports[:100]
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            task_per_endpoint(few)  # warm-up
-            per_task, ok = median_time(lambda: task_per_endpoint(few), 3)
-        assert ok == len(few)
-        per_task_1000 = per_task * len(ports) / len(few)
+        bare_httpx = per_task = per_task_1000 = float("nan")
+        if not args.quick:
+            bare_httpx, ok = median_time(lambda: asyncio.run(httpx_gather(ports)), 1)
+            assert ok == len(ports), f"httpx: {ok}/{len(ports)} answered"
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                task_per_endpoint(few)  # warm-up
+                per_task, ok = median_time(lambda: task_per_endpoint(few), 3)
+            assert ok == len(few)
+            per_task_1000 = per_task * len(ports) / len(few)
         from prefect.logging.handlers import APILogHandler
 
         APILogHandler().flush()  # the runs' logs reach the server before it stops
@@ -223,7 +257,8 @@ def main() -> None:
     n = len(ports)
     print(
         f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
-        f"Python {platform.python_version()}"
+        f"Python {platform.python_version()}; load average {load_before} before, "
+        f"{load_after} after the rounds"
     )
     print(
         f"{n} loopback HTTP endpoints in a separate process, {CONCURRENCY} in flight, "
@@ -240,6 +275,14 @@ def main() -> None:
         f"one Prefect task per endpoint: {per_task:.3f}s for {len(few)}, "
         f"~{per_task_1000:.1f}s for {n} ({per_task_1000 / raw:.0f}x)"
     )
+    med = {k: statistics.median(v) for k, v in times.items()}
+    m = len(small)
+    for label, big, little in (("flow", "flow", "small_flow"), ("raw probe", "raw", "small_raw")):
+        per = (med[big] - med[little]) / (n - m)
+        print(
+            f"{label:<9} per endpoint {per * 1e3:.3f} ms, fixed per run "
+            f"{(med[big] - per * n) * 1e3:.0f} ms  ({m}: {med[little]:.3f}s, {n}: {med[big]:.3f}s)"
+        )
     print(f"flow/raw per round: {rounds}")
     print(f"BENCH health_sweep ratio={ratio:.2f} target=2.5")
 

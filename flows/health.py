@@ -177,14 +177,39 @@ async def health_sweep(
     return report.to_dict()
 
 
+_NO_HEARTBEAT: dict[int, tuple[Any, Any]] = {}
+
+
+def without_heartbeat() -> Any:
+    """A settings context: the caller's settings with the flow heartbeat off.
+
+    Prefect's temporary_settings builds and validates a whole new Settings object each time
+    (0.1-0.2 s here, every sweep); the result is kept per settings object of the caller."""
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    context = get_settings_context()
+    hit = _NO_HEARTBEAT.get(id(context.settings))
+    if hit is None or hit[0] is not context.settings:
+        off = context.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+        if len(_NO_HEARTBEAT) >= 8:
+            _NO_HEARTBEAT.pop(next(iter(_NO_HEARTBEAT)))
+        # the reference to the caller's settings keeps its id from being reused
+        hit = _NO_HEARTBEAT[id(context.settings)] = (context.settings, off)
+    return SettingsContext(profile=context.profile, settings=hit[1])
+
+
 def run_health_sweep(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run `health_sweep` to completion with the flow heartbeat off.
 
     The heartbeat (PREFECT.md) costs a flow run about a second and can only be turned off in
     code; a sweep is short and runs again soon, so a crashed one needs no detecting.
     """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.context import SyncClientContext
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    # One sync client for the run's own calls outside its loop (the flow engine reads the
+    # server's default result storage twice, each time with a new client: a TLS context
+    # loaded from the CA bundle each, ~50 ms here, whatever the API's scheme).
+    with without_heartbeat(), SyncClientContext.get_or_create():
         result: dict[str, Any] = asyncio.run(health_sweep(*args, **kwargs))
     return result

@@ -10,6 +10,9 @@ from typing import Any
 
 DEFAULT_FILE = "stack.yaml"
 
+#: Settings contexts use_prefect entered for the rest of the process (kept referenced).
+_ENTERED: list[Any] = []
+
 
 def add_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -50,9 +53,10 @@ def files(args: argparse.Namespace) -> list[str]:
 
 def load(args: argparse.Namespace) -> Any:
     """The effective configuration of the command's stack files (notices on stderr)."""
-    from hxp.config import load_config
+    from hxp.config import load_config_cached
 
-    effective = load_config(files(args), os.environ, args.overrides)
+    # cached by content: a flow run this command starts reads the same files again
+    effective = load_config_cached(files(args), os.environ, args.overrides)
     for notice in effective.notices:
         print(f"notice: {notice}", file=sys.stderr)
     return effective
@@ -103,10 +107,17 @@ def use_prefect(args: argparse.Namespace) -> str:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     # A CLI run is watched by its operator and its store closes interrupted deploys: the flow
-    # heartbeat (about 1 s per run, PREFECT.md) buys nothing here. Workers keep it.
-    temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}).__enter__()
-    from prefect.logging.configuration import setup_logging
+    # heartbeat (about 1 s per run, PREFECT.md) buys nothing here. Workers keep it. The
+    # context stays entered for the life of the process: it must be kept referenced, since a
+    # context manager that is garbage-collected exits (and the setting came back).
+    heartbeat_off = temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    heartbeat_off.__enter__()
+    _ENTERED.append(heartbeat_off)
+    # Prefect configures its logging once, when `prefect.main` is first imported (as the flow's
+    # `from prefect import flow` would): import it now, so the filter below lands on the
+    # handlers in use. Calling setup_logging() as well would configure it twice (each time
+    # every setting is serialized: 0.2-0.5 s here).
+    import prefect.main  # noqa: F401
 
-    setup_logging()  # configure now, so the filter below lands on the handlers in use
     quiet_prefect_tracebacks(args.debug)
     return api.url

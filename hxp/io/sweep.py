@@ -7,7 +7,6 @@ store and apply.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hxp.backends import stack_backends
-from hxp.config import EffectiveConfig
+from hxp.config import EffectiveConfig, load_config_cached
 from hxp.errors import BackendError, LockedError
 from hxp.health import (
     InstanceChecks,
@@ -60,26 +59,14 @@ class Probed:
     previous_units: dict[str, UnitRecord]
 
 
-_LOADED: dict[tuple[Any, ...], EffectiveConfig] = {}
 _LOADED_MAX = 8
 
 
 def load_stack_cached(files: Sequence[str], overrides: Sequence[str] = ()) -> EffectiveConfig:
-    """load_config, remembered by the files' contents: a process that sweeps the same stack
-    every minute parses it once (a 1,000-unit file takes ~0.7 s), and again when it changes."""
-    from hxp.config import load_config
-
-    try:
-        digests = tuple(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files)
-    except OSError:
-        return load_config(list(files), {}, list(overrides))  # says which file, and why
-    key = (tuple(str(f) for f in files), digests, tuple(overrides))
-    if key not in _LOADED:
-        loaded = load_config(list(files), {}, list(overrides))
-        if len(_LOADED) >= _LOADED_MAX:
-            _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = loaded
-    return _LOADED[key]
+    """load_config, remembered by the files' contents (hxp.config.load_config_cached): a
+    process that sweeps the same stack every minute parses it once (a 1,000-unit file takes
+    ~0.7 s), and again when it changes."""
+    return load_config_cached(list(files), {}, list(overrides))
 
 
 _EXPANDED: dict[int, tuple[Stack, list[UnitInstance]]] = {}
