@@ -27,7 +27,7 @@ from hxp.errors import HxpError, LockedError
 from hxp.io.lock import stack_lock
 
 LEASE_SECONDS = 60.0  # the server refuses shorter leases; renewed at 75 % of it
-FIRST_TRY = 1.0  # seconds before a waiting run says whom it waits for
+FIRST_TRY = 3.0  # seconds before a waiting run says whom it waits for
 
 
 def limit_name(stack: str) -> str:
@@ -72,6 +72,17 @@ def _ensure_limit(name: str) -> None:
             client.update_global_concurrency_limit(
                 name, GlobalConcurrencyLimitUpdate(limit=1, active=True, slot_decay_per_second=0)
             )
+
+
+def _held(name: str) -> bool:
+    """Whether the limit's slot is taken now (True when that cannot be read)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(name).active_slots > 0
+    except Exception:  # an unreadable limit counts as held: the caller waits or refuses
+        return True
 
 
 def _holder_text(stack: str) -> str:
@@ -134,6 +145,8 @@ def prefect_stack_lock(
             )
             break
         except TimeoutError:
+            if not _held(name) and time.monotonic() < deadline:
+                continue  # a slow server, not a holder: try again, nothing to say
             who = _holder_text(stack)
             if not wait or time.monotonic() > deadline:
                 raise LockedError(f"stack {stack!r} is locked by {who}") from None
