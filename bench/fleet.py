@@ -63,7 +63,12 @@ def make_stack(state: Any, name: str, per_host: int, startup: float) -> dict[str
                     image=BUSYBOX_IMAGE,
                     command=["sh", "-c", f"sleep {startup}; exec httpd -f -p {port}"],
                     ports={"http": port},
-                    health={"tcp": {"port": port}, "interval": "200ms", "start_period": "30s"},
+                    health={
+                        "tcp": {"port": port},
+                        "interval": "200ms",
+                        "timeout": "5s",
+                        "start_period": "60s",
+                    },
                 )
             else:  # a command check, run on the host through its SSH runner
                 ready = f"/run/hxp-bench-{name}-{i}"
@@ -73,7 +78,8 @@ def make_stack(state: Any, name: str, per_host: int, startup: float) -> dict[str
                     health={
                         "command": ["/usr/bin/test", "-e", ready],
                         "interval": "200ms",
-                        "start_period": "30s",
+                        "timeout": "15s",  # an SSH round trip to a loaded host
+                        "start_period": "60s",
                     },
                 )
             services[f"{host}-u{i:02d}"] = unit
