@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hxp.errors import LockedError
-from hxp.io.fleet_lock import limit_name, prefect_stack_lock
+from hxp.io.fleet_lock import FIRST_TRY, limit_name, prefect_stack_lock
 from hxp.store import Store
 from tests.support.orchestrator import hxp_process
 
@@ -43,7 +43,7 @@ def test_a_held_stack_lock_refuses_or_waits_and_says_who_holds_it() -> None:
 
         thread = threading.Thread(target=waiter)
         thread.start()
-        time.sleep(2.5)
+        time.sleep(FIRST_TRY + 2.5)  # past its first try: it has said whom it waits for
         assert not got  # still waiting
         released = time.monotonic()
     thread.join(timeout=60)
