@@ -27,7 +27,7 @@ from hxp.config import (
 from hxp.errors import DeployError, FailureClass, HxpError, InputError
 from hxp.graph import DependencyGraph
 from hxp.io.calibration import annotate_plan
-from hxp.io.lock import stack_lock
+from hxp.io.fleet_lock import run_lock
 from hxp.plan import Action, ActionKind, Plan, StepKind, plan_stack
 from hxp.spec import Stack
 from hxp.store import Store
@@ -447,7 +447,7 @@ def apply_config(
     store = Store(state)
     run_id = str(flow_run.id) if flow_run.id else None
     holder = f"deploy flow run {flow_run.name or run_id or 'ad hoc'}"
-    with stack_lock(state, stack.stack, holder, wait=wait_for_lock, on_wait=logger.info):
+    with run_lock(state, stack.stack, holder, wait=wait_for_lock, on_wait=logger.info):
         for line in _finish_interrupted(store, stack, state):
             logger.warning(line)
         # quote(): else Prefect walks the whole stack twice looking for futures (0.1-0.4 s)
@@ -710,7 +710,7 @@ def finish_interrupted(
     stack = load_stack(files, list(overrides or [])).stack
     state = state_dir_of(state_dir)
     holder = f"reconcile flow run {flow_run.name or 'ad hoc'}"
-    with stack_lock(state, stack.stack, holder, wait=wait_for_lock, on_wait=logger.info):
+    with run_lock(state, stack.stack, holder, wait=wait_for_lock, on_wait=logger.info):
         lines = _finish_interrupted(Store(state), stack, state)
     for line in lines:
         logger.warning(line)

@@ -21,7 +21,7 @@ from flows.scheduling import run_ready_set
 from hxp.config import Document, build_config, load_config
 from hxp.errors import HxpError, LifecycleError
 from hxp.graph import DependencyGraph
-from hxp.io.lock import stack_lock
+from hxp.io.fleet_lock import run_lock
 from hxp.io.monitoring import find_binaries
 from hxp.monitoring import MonitoringPaths, monitoring_stack_data
 from hxp.spec import Stack
@@ -62,7 +62,7 @@ def _take_down(
     logger = get_run_logger()
     stack = ctx.stack
     graph = DependencyGraph(stack.dependencies())
-    with stack_lock(ctx.state_dir, stack.stack, holder, wait=wait, on_wait=logger.info):
+    with run_lock(ctx.state_dir, stack.stack, holder, wait=wait, on_wait=logger.info):
         reconcile_stack(quote(ctx))
         run = run_ready_set(
             graph.inverted().scheduler(sorted(stack.units())),

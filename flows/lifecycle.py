@@ -31,7 +31,8 @@ from hxp.config import EffectiveConfig, load_config, unit_config_hash
 from hxp.errors import HxpError, LifecycleError, LockedError
 from hxp.graph import DependencyGraph
 from hxp.io import lifecycle as rec
-from hxp.io.lock import stack_lock
+from hxp.io.fleet_lock import run_lock as stack_lock  # this machine, and across with a server
+from hxp.io.lock import stack_lock as file_lock
 from hxp.lifecycle import CrashPolicy, ReloadKind, ReloadPlan, RollingPolicy, plan_reload
 from hxp.spec import Stack
 from hxp.store import Store
@@ -404,7 +405,7 @@ def supervise_stack(
     ctx = lifecycle_context(stack, state)
     policy = CrashPolicy(max_crashes, crash_window, backoff, backoff_max)
     try:
-        with stack_lock(state, stack.stack, _holder("supervise"), wait=False):
+        with file_lock(state, stack.stack, _holder("supervise"), wait=False):
             reconciled = reconcile_stack(quote(ctx))
             report = supervise_pass(ctx, policy)
     except LockedError as exc:  # a deploy or restart is under way: it owns the units now

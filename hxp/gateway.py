@@ -5,21 +5,38 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from hxp.endpoints import LOOPBACK, netloc
 from hxp.render import Renderer
 from hxp.spec import GatewaySpec
+
+Server = str  # an upstream server, `address:port` (hxp.endpoints.server)
+
+
+def as_server(server: str | int) -> Server:
+    """A server as the gateway keeps it: `address:port`; a bare port is one on this machine
+    (what a gateway's map held before addresses)."""
+    if isinstance(server, int):
+        return netloc(LOOPBACK, server)
+    return server
+
+
+def server_port(server: Server) -> int:
+    """The port of an `address:port` server."""
+    return int(server.rsplit(":", 1)[1])
 
 
 @dataclass(frozen=True)
 class Route:
     unit: str
     port: int
-    servers: tuple[int, ...]
+    servers: tuple[Server, ...]
 
 
-def gateway_routes(spec: GatewaySpec, live: Mapping[str, Sequence[int]]) -> list[Route]:
-    """One route per routed unit, its upstream the ports of the unit's live replicas."""
+def gateway_routes(spec: GatewaySpec, live: Mapping[str, Sequence[str | int]]) -> list[Route]:
+    """One route per routed unit, its upstream the `address:port` of the unit's live replicas
+    (a bare port: one on this machine)."""
     return [
-        Route(unit, port, tuple(sorted(live.get(unit, ()))))
+        Route(unit, port, tuple(sorted(as_server(s) for s in live.get(unit, ()))))
         for unit, port in sorted(spec.routes.items())
     ]
 
@@ -27,7 +44,7 @@ def gateway_routes(spec: GatewaySpec, live: Mapping[str, Sequence[int]]) -> list
 def render_gateway(
     stack: str,
     spec: GatewaySpec,
-    live: Mapping[str, Sequence[int]],
+    live: Mapping[str, Sequence[str | int]],
     prefix: str,
     renderer: Renderer | None = None,
 ) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hxp import promtext
+from hxp.endpoints import LOOPBACK, address_of, netloc, reach_health
 from hxp.errors import InputError
 from hxp.graph import DependencyGraph
 from hxp.metric_names import KV_USAGE, KV_USAGE_V0, REQUEST_SUCCESS, WAITING
@@ -232,6 +233,12 @@ class InstanceChecks:
     port: int | None  # the port the gateway routes to (its `http` port, else its first)
     timeout: float
     probes: tuple[Probe, ...]
+    address: str = LOOPBACK  # its host's address (hxp.endpoints)
+
+    @property
+    def server(self) -> str | None:
+        """`address:port` as the gateway routes to it; None without a port."""
+        return None if self.port is None else netloc(self.address, self.port)
 
 
 def sweep_instances(
@@ -275,7 +282,7 @@ def plan_checks(
     for inst in sweep_instances(stack, observed, expanded):
         seen = observed.get(inst.name) if observed is not None else None
         present = observed is None or inst.host in blind or (seen is not None and seen.running)
-        health = inst.health
+        health = reach_health(inst.health, inst.host_spec)  # loopback: the unit's host
         probes: list[Probe] = []
         if present and health is not None:
             first = Layer.LIVENESS if inst.kind == "model" else Layer.HTTP
@@ -291,13 +298,11 @@ def plan_checks(
                 probes.append(CommandProbe(Layer.COMMAND, tuple(health.command)))
         if present and isinstance(inst.spec, ModelSpec):
             port = dict(inst.ports)["http"]
-            address = "127.0.0.1"
+            address = address_of(inst.host_spec)
             if health is not None and health.http is not None:
                 address = urlsplit(health.http.url).hostname or address
-            if ":" in address:
-                address = f"[{address}]"
             probes.append(
-                ModelProbe(f"http://{address}:{port}", inst.spec.served_name or inst.unit)
+                ModelProbe(f"http://{netloc(address, port)}", inst.spec.served_name or inst.unit)
             )
         out.append(
             InstanceChecks(
@@ -308,6 +313,7 @@ def plan_checks(
                 port=inst.route_port,
                 timeout=health.timeout if health is not None else 2.0,
                 probes=tuple(probes),
+                address=address_of(inst.host_spec),
             )
         )
     return out
@@ -691,6 +697,7 @@ class InstanceHealth:
     ejected: bool = False  # taken out of the gateway's upstream by a sweep
     data: tuple[tuple[str, float], ...] = ()
     layers: tuple[LayerResult, ...] = ()
+    server: str | None = None  # `address:port` the gateway routes to (hxp.endpoints)
 
     @property
     def damped(self) -> Damped:
@@ -774,7 +781,7 @@ class Replica:
     """A replica as routing sees it."""
 
     instance: str
-    port: int
+    port: str | int  # the server the gateway routes to (`address:port`; a bare port: local)
     status: Status  # damped
     ejected: bool  # taken out by an earlier sweep
 
@@ -784,8 +791,8 @@ class RouteDecision:
     """How a sweep changes one routed unit's upstream, and what it refused to do."""
 
     unit: str
-    before: tuple[int, ...]
-    after: tuple[int, ...]
+    before: tuple[str | int, ...]
+    after: tuple[str | int, ...]
     removed: tuple[str, ...] = ()
     restored: tuple[str, ...] = ()
     alert: str = ""
@@ -795,7 +802,7 @@ class RouteDecision:
         return set(self.before) != set(self.after)
 
 
-def plan_route(unit: str, live: Sequence[int], replicas: Sequence[Replica]) -> RouteDecision:
+def plan_route(unit: str, live: Sequence[str | int], replicas: Sequence[Replica]) -> RouteDecision:
     """Take unhealthy replicas out of the upstream and put back the ones a sweep took out that
     are healthy (or degraded: still serving) again. Never leaves the upstream without a
     replica that may serve: when every one in it is unhealthy, nothing is removed and the
@@ -956,6 +963,7 @@ def evaluate_sweep(
                 pending=state.pending,
                 count=state.count,
                 port=c.port,
+                server=c.server,
                 ejected=before.ejected if before is not None else False,
                 data=_data_of(layers, before),
                 layers=tuple(layers),

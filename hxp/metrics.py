@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hxp import promtext
+from hxp.endpoints import address_of
 from hxp.errors import FailureClass
 from hxp.metric_names import (
     CHANGED,
@@ -942,7 +943,7 @@ def replica_targets(stack: Stack, running: set[str] | None = None) -> tuple[list
             if running is None:
                 live = live[:1]  # slot 0, as declared
             for inst in live or [replica[0]]:
-                address = stack.hosts[inst.host].address or "127.0.0.1"
+                address = address_of(inst.host_spec)
                 target = targets_of(stack, [(inst.name, model, address, dict(inst.ports)["http"])])
                 targets.extend(target)
                 if not live:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 
 from hxp import __version__
+from hxp.endpoints import host_address as host_address  # re-exported: its old home
+from hxp.endpoints import netloc
 from hxp.errors import Issue, StackValidationError
 from hxp.metric_names import (
     E2E,
@@ -104,11 +106,6 @@ class ScrapeJob:
     presence_metric: str | None = None
 
 
-def host_address(stack: Stack, host: str) -> str:
-    """Where other machines reach `host`: its address, or loopback for a local host."""
-    return stack.hosts[host].address or "127.0.0.1"
-
-
 def _unit_labels(stack: Stack, inst: UnitInstance) -> dict[str, str]:
     labels = {
         "stack": stack.stack,
@@ -128,7 +125,7 @@ def scrape_jobs(stack: Stack) -> list[ScrapeJob]:
     for name in sorted(stack.models):
         targets = tuple(
             ScrapeTarget(
-                f"{host_address(stack, i.host)}:{dict(i.ports)['http']}", _unit_labels(stack, i)
+                netloc(host_address(stack, i.host), dict(i.ports)["http"]), _unit_labels(stack, i)
             )
             for i in all_slots(stack, name)
         )
@@ -138,7 +135,7 @@ def scrape_jobs(stack: Stack) -> list[ScrapeJob]:
             continue
         targets = tuple(
             ScrapeTarget(
-                f"{host_address(stack, i.host)}:{dict(i.ports)[METRICS_PORT]}",
+                netloc(host_address(stack, i.host), dict(i.ports)[METRICS_PORT]),
                 _unit_labels(stack, i),
             )
             for i in all_slots(stack, name)
@@ -159,7 +156,7 @@ def scrape_jobs(stack: Stack) -> list[ScrapeJob]:
                 "replica": component,
                 "kind": "monitoring",
             }
-            target = ScrapeTarget(f"{host_address(stack, spec.host)}:{spec.port}", labels)
+            target = ScrapeTarget(netloc(host_address(stack, spec.host), spec.port), labels)
             jobs.append(
                 ScrapeJob(
                     SELF_JOBS[component],
@@ -219,7 +216,7 @@ def prometheus_config(stack: Stack) -> dict[str, Any]:
         am = mon.alertmanager
         config["alerting"] = {
             "alertmanagers": [
-                {"static_configs": [{"targets": [f"{host_address(stack, am.host)}:{am.port}"]}]}
+                {"static_configs": [{"targets": [netloc(host_address(stack, am.host), am.port)]}]}
             ]
         }
     scrape: list[dict[str, Any]] = []
@@ -721,7 +718,7 @@ def monitoring_stack_name(stack: Stack) -> str:
 
 
 def _listen(stack: Stack, host: str, port: int) -> str:
-    return f"{host_address(stack, host)}:{port}"
+    return netloc(host_address(stack, host), port)
 
 
 def monitoring_units(
@@ -745,7 +742,7 @@ def monitoring_units(
                     )
                 ]
             )
-        ready = f"http://{host_address(stack, host)}:{port}/-/ready"
+        ready = f"http://{netloc(host_address(stack, host), port)}/-/ready"
         return {
             "host": host,
             "command": argv,
@@ -815,7 +812,7 @@ def component_urls(stack: Stack) -> dict[str, str]:
     for component in COMPONENTS:
         spec = getattr(mon, component)
         if spec is not None:
-            out[component] = f"http://{host_address(stack, spec.host)}:{spec.port}"
+            out[component] = f"http://{netloc(host_address(stack, spec.host), spec.port)}"
     return out
 
 

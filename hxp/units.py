@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from hxp.endpoints import listen_address
 from hxp.spec import HealthSpec, HostSpec, HttpCheck, ModelSpec, ServiceSpec, Stack, UnitSpec
 from hxp.startup import model_start_period
 from hxp.vllm import VllmLaunch, container_cache_env, replica_gpus, vllm_launch
@@ -169,7 +170,7 @@ def _model_instance(
 ) -> UnitInstance:
     port = model.port + i + slot * model.replicas
     launch = (
-        simulator_launch(model, name, port)
+        simulator_launch(model, name, port, listen_address(stack.hosts[model.host]))
         if model.engine == "simulator"
         else (vllm_launch(model, name, port))
     )
@@ -210,11 +211,14 @@ def _model_instance(
     )
 
 
-def simulator_launch(model: ModelSpec, name: str, port: int) -> VllmLaunch:
-    """hxp-vllm-sim in place of vLLM: same port, served name and version (a development double)."""
+def simulator_launch(
+    model: ModelSpec, name: str, port: int, listen: str = "127.0.0.1"
+) -> VllmLaunch:
+    """hxp-vllm-sim in place of vLLM: same port, served name and version (a development double).
+    It listens on loopback on a local host, on every interface on a host reached by address."""
     args = [
         "--host",
-        "127.0.0.1",
+        listen,
         "--port",
         str(port),
         "--model",

@@ -95,6 +95,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from hxp.backends import observe_all
     from hxp.config import unit_config_hash
+    from hxp.endpoints import address_of, endpoint, netloc
     from hxp.units import expand_units
     from hxp_cli.status import model_rows, print_models, row_dict
 
@@ -113,13 +114,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             config = "current" if obs.config_hash == want else "drift"
             rev, detail = str(obs.revision or "-"), obs.detail
         all_good &= state == "running" and config == "current"
-        rows.append((inst.name, inst.host, state, config, rev, detail))
+        found = endpoint(inst)  # where the gateway and probes reach it
+        where = netloc(*found) if found is not None else address_of(inst.host_spec)
+        rows.append((inst.name, inst.host, state, config, rev, detail, where))
     extra = sorted(set(seen) - {i.name for i in expand_units(stack)})
     for name in extra:
-        rows.append((name, seen[name].host, "orphan", "-", str(seen[name].revision or "-"), ""))
+        host = seen[name].host
+        where = address_of(stack.hosts[host]) if host in stack.hosts else "-"
+        rows.append((name, host, "orphan", "-", str(seen[name].revision or "-"), "", where))
     models, notes = model_rows(stack, state_dir(args), expand_units(stack), seen)
     if args.json:
-        keys = ("instance", "host", "state", "config", "revision", "detail")
+        keys = ("instance", "host", "state", "config", "revision", "detail", "endpoint")
         out: list[dict[str, Any]] = [dict(zip(keys, r, strict=True)) for r in rows]
         by_name = {m.instance: row_dict(m) for m in models}
         for row in out:
@@ -127,9 +132,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 row["model"] = by_name[row["instance"]]
         print(json.dumps(out, indent=2))
     else:
-        print(f"{'instance':<24} {'host':<12} {'state':<8} {'config':<8} {'rev':>4}  detail")
+        print(
+            f"{'instance':<24} {'host':<12} {'endpoint':<21} {'state':<8} {'config':<8} "
+            f"{'rev':>4}  detail"
+        )
         for r in rows:
-            print(f"{r[0]:<24} {r[1]:<12} {r[2]:<8} {r[3]:<8} {r[4]:>4}  {r[5]}")
+            print(f"{r[0]:<24} {r[1]:<12} {r[6]:<21} {r[2]:<8} {r[3]:<8} {r[4]:>4}  {r[5]}")
         print_models(models, notes)
     return 0 if all_good and not extra else 1
 

@@ -29,6 +29,7 @@ from hxp.backends.base import (
     Update,
     observe_one,
 )
+from hxp.endpoints import reach_health
 from hxp.errors import BackendError, FailureClass, GpuAllocationError, HxpError
 from hxp.gpu_alloc import host_key
 from hxp.health import ReadinessGate
@@ -53,8 +54,8 @@ from tasks.instances import (
     retire_slot,
     retry_transient,
     route_add,
-    route_port,
     route_remove,
+    route_server,
     route_swap,
     routed,
     routed_now,
@@ -525,15 +526,15 @@ def replace_refusals(ctx: RunContext, actions: list[Action]) -> dict[str, str]:
 
 
 @task(name="gateway", task_run_name="gateway-{ctx.stack.stack}", cache_policy=NO_CACHE)
-def sync_gateway(ctx: RunContext) -> dict[str, list[int]]:
+def sync_gateway(ctx: RunContext) -> dict[str, list[str]]:
     """Point the gateway at the routed instances that run now (starting nginx if needed)."""
     if ctx.stack.gateway is None:
         return {}
     seen = observe_all(ctx.stack, ctx.state_dir)
-    live: dict[str, list[int]] = {}
+    live: dict[str, list[str]] = {}
     for unit in ctx.stack.gateway.routes:
         live[unit] = sorted(
-            route_port(i)
+            route_server(i)
             for i in all_slots(ctx.stack, unit)
             if i.name in seen and seen[i.name].running
         )
@@ -559,7 +560,9 @@ def verify_units(ctx: RunContext, outcomes: list[UnitOutcome]) -> UnitOutcome | 
                 reason = f"{instance} stopped after it was ready ({obs.detail if obs else 'gone'})"
                 failure = FailureClass.CRASHED
             elif inst.health is not None:
-                result = asyncio.run(probe(inst.health))
+                checks = reach_health(inst.health, inst.host_spec)
+                assert checks is not None
+                result = asyncio.run(probe(checks, inst.host_spec))
                 if not result.ok:
                     reason = f"{instance} was ready, then {result.check} failed: {result.reason}"
             if reason:

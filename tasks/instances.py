@@ -21,6 +21,7 @@ from prefect.runtime import task_run
 
 from hxp.backends import backend_for
 from hxp.backends.base import Backend, Remove, Stop, UnitRef, observe_one
+from hxp.endpoints import base_url, reach_health, server
 from hxp.errors import (
     DeployError,
     FailureClass,
@@ -187,7 +188,9 @@ def gate(backend: Backend, unit: UnitInstance) -> ReadinessGate | None:
         seen = observe_one(backend, unit)
         return seen is not None and seen.running
 
-    ready = asyncio.run(wait_ready(unit.health, running))
+    checks = reach_health(unit.health, unit.host_spec)
+    assert checks is not None
+    ready = asyncio.run(wait_ready(checks, running, unit.host_spec))
     if ready.verdict == "ready" and unit.kind == "model":
         _model_api_gate(ready, unit)
     return ready
@@ -198,9 +201,9 @@ def _model_api_gate(ready: ReadinessGate, unit: UnitInstance) -> None:
     assert isinstance(unit.spec, ModelSpec)
     assert unit.health is not None
     served = unit.spec.served_name or unit.unit
-    port = dict(unit.ports)["http"]
+    base = base_url(unit, dict(unit.ports)["http"])
     for attempt in range(unit.health.retries):
-        result = asyncio.run(probe_model_api(port, served, max(unit.health.timeout, 5.0)))
+        result = asyncio.run(probe_model_api(base, served, max(unit.health.timeout, 5.0)))
         if result.ok:
             return
         if attempt + 1 < unit.health.retries:
@@ -270,16 +273,21 @@ def route_port(inst: UnitInstance) -> int:
     return port
 
 
+def route_server(inst: UnitInstance) -> str:
+    """Where the gateway sends a routed unit's traffic: its host's `address:port`."""
+    return server(inst)
+
+
 def route_add(ctx: RunContext, unit: str, *instances: UnitInstance) -> None:
     """Put instances behind the unit's route (nothing for a unit the gateway does not route)."""
     if routed(ctx.stack, unit):
-        ctx.gateway().add(unit, *(route_port(i) for i in instances))
+        ctx.gateway().add(unit, *(route_server(i) for i in instances))
 
 
 def route_remove(ctx: RunContext, unit: str, *instances: UnitInstance) -> None:
     """Take instances out of the unit's route (nothing for a unit the gateway does not route)."""
     if routed(ctx.stack, unit):
-        ctx.gateway().remove(unit, *(route_port(i) for i in instances))
+        ctx.gateway().remove(unit, *(route_server(i) for i in instances))
 
 
 def route_swap(
@@ -290,8 +298,8 @@ def route_swap(
     if routed(ctx.stack, unit):
         ctx.gateway().swap(
             unit,
-            route_port(old) if old is not None else None,
-            route_port(new) if new is not None else None,
+            route_server(old) if old is not None else None,
+            route_server(new) if new is not None else None,
         )
 
 
@@ -299,7 +307,7 @@ def routed_now(ctx: RunContext, unit: str, inst: UnitInstance) -> bool:
     """Whether the gateway sends the unit's traffic to `inst` now."""
     if not routed(ctx.stack, unit):
         return False
-    return route_port(inst) in ctx.gateway().live().get(unit, [])
+    return route_server(inst) in ctx.gateway().servers().get(unit, [])
 
 
 # --------------------------------------------------------------------------- state and steps
@@ -461,6 +469,7 @@ __all__ = [
     "route_add",
     "route_port",
     "route_remove",
+    "route_server",
     "route_swap",
     "routed",
     "routed_now",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hxp.backends.supervisor import alive, start_ticks
 from hxp.errors import BackendError
-from hxp.gateway import render_gateway
+from hxp.gateway import Server, as_server, render_gateway, server_port
 from hxp.spec import GatewaySpec
 
 NGINX_TIMEOUT = 30
@@ -79,13 +79,19 @@ class NginxGateway:
 
     # ------------------------------------------------------------ state
 
-    def live(self) -> dict[str, list[int]]:
-        """The upstream servers (ports) per routed unit, as last applied."""
+    def servers(self) -> dict[str, list[Server]]:
+        """The upstream servers (`address:port`) per routed unit, as last applied (a map
+        written before addresses held bare ports: those are on this machine)."""
         try:
-            data: dict[str, list[int]] = json.loads(self.upstreams_file.read_text())
+            data: dict[str, list[str | int]] = json.loads(self.upstreams_file.read_text())
         except (OSError, ValueError):
             return {}
-        return data
+        return {unit: [as_server(s) for s in servers] for unit, servers in data.items()}
+
+    def live(self) -> dict[str, list[int]]:
+        """The ports of `servers()` per routed unit (enough where every unit is on one
+        machine; `servers()` says which host each is on)."""
+        return {unit: [server_port(s) for s in ss] for unit, ss in self.servers().items()}
 
     def _pid(self) -> int | None:
         try:
@@ -121,46 +127,49 @@ class NginxGateway:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def apply(self, live: Mapping[str, Sequence[int]]) -> None:
-        """Point every route at `live` ports (the whole map): write, `nginx -t`, then start or
-        reload."""
+    def apply(self, live: Mapping[str, Sequence[Server | int]]) -> None:
+        """Point every route at the `live` servers (the whole map; `address:port`, a bare port
+        is one on this machine): write, `nginx -t`, then start or reload."""
         with self._locked():
-            self._write(live)
+            self._write({u: [as_server(s) for s in ss] for u, ss in live.items()})
 
-    def add(self, unit: str, *ports: int) -> list[int]:
-        """Put `ports` behind the unit's route (those already there stay); the unit's ports."""
-        return self._change(unit, add=ports, remove=())
+    def add(self, unit: str, *servers: Server | int) -> list[Server]:
+        """Put `servers` behind the unit's route (those already there stay); the unit's
+        servers. A server is `address:port` (hxp.endpoints.server); a bare port is local."""
+        return self._change(unit, add=servers, remove=())
 
-    def remove(self, unit: str, *ports: int) -> list[int]:
-        """Take `ports` out of the unit's route; the unit's ports."""
-        return self._change(unit, add=(), remove=ports)
+    def remove(self, unit: str, *servers: Server | int) -> list[Server]:
+        """Take `servers` out of the unit's route; the unit's servers."""
+        return self._change(unit, add=(), remove=servers)
 
-    def swap(self, unit: str, old: int | None, new: int | None) -> list[int]:
-        """Replace port `old` by `new` in the unit's route in one write (either may be None);
-        the unit's ports."""
+    def swap(self, unit: str, old: Server | int | None, new: Server | int | None) -> list[Server]:
+        """Replace server `old` by `new` in the unit's route in one write (either may be
+        None); the unit's servers."""
         return self._change(
             unit, add=() if new is None else (new,), remove=() if old is None else (old,)
         )
 
-    def _change(self, unit: str, add: Iterable[int], remove: Iterable[int]) -> list[int]:
-        """Read the live map, edit the unit's ports, write it back: all under the lock. Nothing
-        is written when the ports stay the same."""
-        drop = set(remove)
+    def _change(
+        self, unit: str, add: Iterable[Server | int], remove: Iterable[Server | int]
+    ) -> list[Server]:
+        """Read the live map, edit the unit's servers, write it back: all under the lock.
+        Nothing is written when the servers stay the same."""
+        drop = {as_server(s) for s in remove}
         with self._locked():
-            before = self.live().get(unit, [])
-            ports = [p for p in before if p not in drop]
-            ports += [p for p in dict.fromkeys(add) if p not in ports]
-            if ports != before:
-                self._set_upstream(unit, ports)
-            return ports
+            before = self.servers().get(unit, [])
+            servers = [s for s in before if s not in drop]
+            servers += [s for s in dict.fromkeys(map(as_server, add)) if s not in servers]
+            if servers != before:
+                self._set_upstream(unit, servers)
+            return servers
 
-    def _set_upstream(self, unit: str, ports: Sequence[int]) -> None:
-        """Write the unit's ports into the live map (the caller holds the lock)."""
-        live = self.live()
-        live[unit] = list(ports)
+    def _set_upstream(self, unit: str, servers: Sequence[Server]) -> None:
+        """Write the unit's servers into the live map (the caller holds the lock)."""
+        live = self.servers()
+        live[unit] = list(servers)
         self._write(live)
 
-    def _write(self, live: Mapping[str, Sequence[int]]) -> None:
+    def _write(self, live: Mapping[str, Sequence[Server]]) -> None:
         """Render, `nginx -t` a temporary copy of this write's own, then start or reload (the
         caller holds the lock)."""
         for sub in ("logs", "tmp"):

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from hxp import promtext
+from hxp.endpoints import LOOPBACK, base_url
 from hxp.health import (
     CommandProbe,
     HttpProbe,
@@ -77,9 +78,28 @@ async def probe_tcp(check: TcpCheck, timeout: float) -> ProbeResult:
     return ProbeResult(True, name, "connected", time.monotonic() - start)
 
 
-async def probe_command(argv: list[str], timeout: float) -> ProbeResult:
+async def probe_command(
+    argv: list[str], timeout: float, host: HostSpec | None = None
+) -> ProbeResult:
+    """The command on the unit's host: here for a local runner, else through the host's runner
+    (ssh, docker exec) in a thread."""
     name = f"command {argv[0]}"
     start = time.monotonic()
+    if host is not None and host.runner != "local":
+        from hxp.backends.runners import runner_for
+        from hxp.errors import BackendError
+
+        try:
+            ran = await asyncio.to_thread(runner_for(host).run, argv, check=False, timeout=timeout)
+        except BackendError as exc:
+            return ProbeResult(False, name, str(exc), time.monotonic() - start)
+        latency = time.monotonic() - start
+        if ran.returncode != 0:
+            tail = ran.error_text.strip().splitlines()[-1:] or [""]
+            return ProbeResult(
+                False, name, f"exit code {ran.returncode} {tail[0]}".strip(), latency
+            )
+        return ProbeResult(True, name, "exit code 0", latency)
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
@@ -99,15 +119,17 @@ async def probe_command(argv: list[str], timeout: float) -> ProbeResult:
     return ProbeResult(True, name, "exit code 0", latency)
 
 
-async def probe(health: HealthSpec) -> ProbeResult:
-    """Run every check the spec declares; the first failure is the result."""
+async def probe(health: HealthSpec, host: HostSpec | None = None) -> ProbeResult:
+    """Run every check the spec declares (HTTP and TCP as written: hxp.endpoints.reach_health
+    points them at the host; the command on `host` through its runner); the first failure is
+    the result."""
     results: list[ProbeResult] = []
     if health.http is not None:
         results.append(await probe_http(health.http, health.timeout))
     if health.tcp is not None:
         results.append(await probe_tcp(health.tcp, health.timeout))
     if health.command is not None:
-        results.append(await probe_command(list(health.command), health.timeout))
+        results.append(await probe_command(list(health.command), health.timeout, host))
     failed = [r for r in results if not r.ok]
     if failed:
         return failed[0]
@@ -120,7 +142,10 @@ FIRST_PAUSE = 0.05
 
 
 async def _stay_ready(
-    health: HealthSpec, gate: ReadinessGate, is_running: Callable[[], bool]
+    health: HealthSpec,
+    gate: ReadinessGate,
+    is_running: Callable[[], bool],
+    host: HostSpec | None = None,
 ) -> ReadinessGate:
     """Keep checking for `min_ready` after the first success; any failure fails the gate."""
     ready_at = time.monotonic()
@@ -129,7 +154,7 @@ async def _stay_ready(
         if not is_running():
             gate.give_up(f"ready, then stopped running after {time.monotonic() - ready_at:.1f}s")
             return gate
-        result = await probe(health)
+        result = await probe(health, host)
         if not result.ok:
             gate.give_up(
                 f"ready, then failed after {time.monotonic() - ready_at:.1f}s: {result.reason}"
@@ -138,17 +163,20 @@ async def _stay_ready(
     return gate
 
 
-async def wait_ready(health: HealthSpec, is_running: Callable[[], bool]) -> ReadinessGate:
-    """Probe until the gate says ready or failed (or its deadline passes)."""
+async def wait_ready(
+    health: HealthSpec, is_running: Callable[[], bool], host: HostSpec | None = None
+) -> ReadinessGate:
+    """Probe until the gate says ready or failed (or its deadline passes); `command` checks
+    run on `host` (through its runner), HTTP and TCP ones where `health` says."""
     gate = ReadinessGate(health)
     start = time.monotonic()
     pause = FIRST_PAUSE
     while True:
-        result = await probe(health)
+        result = await probe(health, host)
         elapsed = time.monotonic() - start
         verdict = gate.observe(result, elapsed, running=is_running())
         if verdict is Verdict.READY and health.min_ready > 0:
-            return await _stay_ready(health, gate, is_running)
+            return await _stay_ready(health, gate, is_running, host)
         if verdict is not Verdict.PENDING:
             return gate
         if elapsed > gate.deadline:
@@ -159,10 +187,10 @@ async def wait_ready(health: HealthSpec, is_running: Callable[[], bool]) -> Read
         pause *= 2
 
 
-async def probe_model_api(port: int, served_name: str, timeout: float) -> ProbeResult:
-    """A model is ready when `/v1/models` lists its served name and a one-token completion
-    succeeds (vLLM's /health alone only says the engine is alive)."""
-    base = f"http://127.0.0.1:{port}"
+async def probe_model_api(base: str, served_name: str, timeout: float) -> ProbeResult:
+    """A model (at `base`, `http://address:port`: hxp.endpoints.base_url) is ready when
+    `/v1/models` lists its served name and a one-token completion succeeds (vLLM's /health
+    alone only says the engine is alive)."""
     start = time.monotonic()
     try:
         async with httpx.AsyncClient(timeout=timeout) as client:
@@ -213,12 +241,11 @@ async def wait_drained(unit: UnitInstance, timeout: float) -> str:
     if unit.kind != "model":
         await asyncio.sleep(min(SERVICE_DRAIN_GRACE, timeout))
         return f"grace {min(SERVICE_DRAIN_GRACE, timeout):.1f}s (no drain metric for a service)"
-    port = unit.route_port
-    assert port is not None
+    metrics = f"{base_url(unit)}/metrics"  # on the unit's host
     async with httpx.AsyncClient(timeout=2.0) as client:
         while (elapsed := time.monotonic() - start) < timeout:
             try:
-                page = await client.get(f"http://127.0.0.1:{port}/metrics")
+                page = await client.get(metrics)
                 busy = _running_requests(page.text) if page.is_success else 0.0
             except httpx.HTTPError:
                 return f"gone after {elapsed:.1f}s"
@@ -315,7 +342,7 @@ async def http_exchange(
     `timeout`), EOFError or ValueError (a garbled answer)."""
     parts = urlsplit(url)
     tls = parts.scheme == "https"
-    host = parts.hostname or "127.0.0.1"
+    host = parts.hostname or LOOPBACK
     port = parts.port or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     head = (

@@ -184,26 +184,26 @@ def reroute(
         return [], ["the gateway is not running: upstreams left alone"]
     units = {u.unit: u for u in report.units}
 
-    def decide(live: Mapping[str, Sequence[int]]) -> list[RouteDecision]:
+    def decide(live: Mapping[str, Sequence[str]]) -> list[RouteDecision]:
         out = []
         for unit in sorted(stack.gateway.routes if stack.gateway else ()):
             if unit not in units:
                 continue
             replicas = [
-                Replica(i.instance, i.port, i.status, i.ejected)
+                Replica(i.instance, i.server, i.status, i.ejected)
                 for i in units[unit].replicas
-                if i.port is not None
+                if i.server is not None
             ]
             out.append(plan_route(unit, live.get(unit, []), replicas))
         return out
 
-    decisions = decide(gateway.live())
+    decisions = decide(gateway.servers())
     notes = [f"ALERT {d.unit}: {d.alert}" for d in decisions if d.alert]
     store = Store(state_dir)
     if any(d.changed for d in decisions):
         try:
             with stack_lock(state_dir, stack.stack, "health sweep", wait=False):
-                decisions = decide(gateway.live())  # again, under the lock
+                decisions = decide(gateway.servers())  # again, under the lock
                 for d in decisions:
                     if d.changed:  # in before out: the upstream is never left empty
                         gateway.add(d.unit, *(p for p in d.after if p not in d.before))
@@ -220,7 +220,7 @@ def reroute(
         i.instance
         for d in decisions
         for i in units[d.unit].replicas
-        if i.ejected and i.port in d.after and i.instance not in d.removed
+        if i.ejected and i.server in d.after and i.instance not in d.removed
     ]
     store.set_ejected(stack.stack, back, False)
     return decisions, notes

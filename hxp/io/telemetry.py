@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from hxp import metric_names as names
+from hxp.endpoints import host_address, netloc
 from hxp.spec import Stack
 from hxp.store import DeployRecord, Revision, Store
 
@@ -411,8 +412,7 @@ def pushgateway_url(stack: Stack, override: str | None = None) -> str | None:
     pg = stack.monitoring.pushgateway if stack.monitoring is not None else None
     if pg is None:
         return None
-    address = stack.hosts[pg.host].address or "127.0.0.1"
-    return f"http://{f'[{address}]' if ':' in address else address}:{pg.port}"
+    return f"http://{netloc(host_address(stack, pg.host), pg.port)}"
 
 
 def push_group(
