@@ -44,6 +44,7 @@ def model_rows(
     stack: Any, state: Path, instances: list[Any], seen: dict[str, Any]
 ) -> tuple[list[ModelRow], list[str]]:
     """One row per model instance of `instances` (expanded units), and notes for the reader."""
+    from hxp.endpoints import server
     from hxp.io.upstreams import live_upstreams
     from hxp.store import Store
 
@@ -67,7 +68,7 @@ def model_rows(
         routed = stack.gateway is not None and inst.unit in stack.gateway.routes
         gateway = "-"
         if routed:
-            gateway = "in" if inst.route_port in live.get(inst.unit, ()) else "out"
+            gateway = "in" if server(inst) in live.get(inst.unit, ()) else "out"
         obs = seen.get(inst.name)
         record = swept.get(inst.name)
         if obs is None or not obs.running:
