@@ -194,20 +194,38 @@ async def probe_model_api(port: int, served_name: str, timeout: float) -> ProbeR
     )
 
 
-def _running_requests(text: str) -> float:
-    """vllm:num_requests_running + vllm:num_requests_waiting from a /metrics page."""
+def _running_requests(text: str) -> float | None:
+    """vllm:num_requests_running + vllm:num_requests_waiting from a /metrics page; None when
+    the page has neither (vLLM with --disable-log-stats, or no metrics page at all): unknown,
+    never "drained"."""
     values = promtext.sample_values(text, (RUNNING, WAITING))
+    if RUNNING not in values:
+        return None
     return sum(v for name in (RUNNING, WAITING) for v in values.get(name, ()))
 
 
 SERVICE_DRAIN_GRACE = 1.0
 
 
+class DrainResult(str):
+    """How a drain ended, in words (a str, as before), plus `cut`: requests still running when
+    the cap was reached (they are cut by the stop), None when unknown or not applicable."""
+
+    cut: int | None
+
+    def __new__(cls, text: str, cut: int | None = None) -> DrainResult:
+        made = super().__new__(cls, text)
+        made.cut = cut
+        return made
+
+
 async def wait_drained(unit: UnitInstance, timeout: float) -> str:
     """Wait until an instance taken out of the gateway has finished its requests.
 
     Models report `vllm:num_requests_running`/`_waiting` on /metrics: wait for 0 (or the
-    cap). Other services give no such signal: they get a short grace period.
+    cap; then the result says how many requests are left to be cut). A model whose page lacks
+    them (--disable-log-stats) gives no signal: it is waited for the whole cap, and the result
+    says so. Other services give no such signal: they get a short grace period.
     """
     start = time.monotonic()
     if unit.kind != "model":
@@ -215,17 +233,27 @@ async def wait_drained(unit: UnitInstance, timeout: float) -> str:
         return f"grace {min(SERVICE_DRAIN_GRACE, timeout):.1f}s (no drain metric for a service)"
     port = unit.route_port
     assert port is not None
+    busy: float | None = None
     async with httpx.AsyncClient(timeout=2.0) as client:
         while (elapsed := time.monotonic() - start) < timeout:
             try:
                 page = await client.get(f"http://127.0.0.1:{port}/metrics")
-                busy = _running_requests(page.text) if page.is_success else 0.0
+                busy = _running_requests(page.text) if page.is_success else None
             except httpx.HTTPError:
-                return f"gone after {elapsed:.1f}s"
+                return DrainResult(f"gone after {elapsed:.1f}s", 0)
             if busy == 0:
-                return f"drained in {elapsed:.1f}s"
+                return DrainResult(f"drained in {elapsed:.1f}s", 0)
             await asyncio.sleep(0.1)
-    return f"still busy after the {timeout:.0f}s drain cap; stopping it anyway"
+    if busy is None:
+        return DrainResult(
+            f"no {RUNNING} on its /metrics (--disable-log-stats?): in-flight requests unknown, "
+            f"waited the whole {timeout:.0f}s drain cap"
+        )
+    return DrainResult(
+        f"{busy:.0f} request(s) still in flight after the {timeout:.0f}s drain cap: "
+        "cut by the stop",
+        int(busy),
+    )
 
 
 # ================================================================ health sweeps
