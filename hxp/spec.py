@@ -790,6 +790,16 @@ class Stack(_Model):
             for routed in self.gateway.routes:
                 if routed not in self.services and routed not in self.models:
                     problems.append(f"gateway.routes.{routed}: unknown unit {routed!r}")
+                elif routed in self.models and any(
+                    a.split("=", 1)[0] == "--disable-log-stats"
+                    for a in self.models[routed].vllm.extra_args
+                ):
+                    problems.append(
+                        f"models.{routed}.vllm.extra_args: --disable-log-stats removes "
+                        "vllm:num_requests_running, which the drain of a routed model waits "
+                        "on before its stop (and the health sweep reads): drop the flag, or "
+                        f"take {routed!r} out of gateway.routes"
+                    )
         if problems:
             raise ValueError("\n".join(problems))
         return self
