@@ -354,6 +354,11 @@ class HealthSpec(_Model):
         default=0.0,
         description="after its first passed check, the unit must stay up and healthy this long",
     )
+    stall_window: Duration = Field(
+        default=60.0,
+        description="models: requests running while no token is generated this long means a "
+        "stalled engine (unhealthy, out of the gateway, restarted by the supervisor)",
+    )
 
     @model_validator(mode="after")
     def _one_check(self) -> HealthSpec:
@@ -361,6 +366,8 @@ class HealthSpec(_Model):
             raise ValueError("health needs at least one of http, tcp, command")
         if self.timeout <= 0 or self.interval <= 0:
             raise ValueError("health interval and timeout must be positive")
+        if self.stall_window <= 0:
+            raise ValueError("health stall_window must be positive")
         return self
 
 

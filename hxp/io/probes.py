@@ -32,6 +32,7 @@ from hxp.health import (
     failed,
     http_result,
     parse_vllm_metrics,
+    progress_result,
     readiness_result,
     saturation_result,
     synthetic_result,
@@ -514,6 +515,7 @@ async def check_model(
     else:
         ready = readiness_result(instance, models[0], models[1], probe.served_name, models[2], now)
     values: dict[str, float] = {}
+    metrics_ok = not isinstance(metrics, _NoAnswer) and metrics[0] == 200
     if isinstance(metrics, _NoAnswer):
         saturation = LayerResult(
             instance, Layer.SATURATION, Status.UNKNOWN, f"/metrics: {metrics.why}", timeout, now
@@ -530,12 +532,20 @@ async def check_model(
     else:
         values = parse_vllm_metrics(metrics[1].decode("utf-8", "replace"))
         saturation = saturation_result(instance, values, settings, metrics[2], now)
+    if metrics_ok:
+        progress = progress_result(
+            instance, values, previous, probe.stall_window, saturation.latency, now
+        )
+    else:
+        progress = LayerResult(
+            instance, Layer.PROGRESS, Status.UNKNOWN, saturation.reason, saturation.latency, now
+        )
     total = values.get(REQUEST_SUCCESS)
     if ready.status is not Status.HEALTHY:
         synthetic = LayerResult(
             instance, Layer.SYNTHETIC, Status.UNKNOWN, "skipped: the model is not ready", 0.0, now
         )
-        return [ready, saturation, synthetic]
+        return [ready, saturation, progress, synthetic]
     skip = synthetic_skip(previous, total, now, settings.synthetic_window)
     if skip is not None:
         assert total is not None
@@ -548,7 +558,7 @@ async def check_model(
             now,
             (("success_at", now), ("success_total", total)),
         )
-        return [ready, saturation, synthetic]
+        return [ready, saturation, progress, synthetic]
     request = {"model": probe.served_name, "prompt": "ping", "max_tokens": 1, "temperature": 0}
     done = await _get(f"{base}/v1/completions", timeout, limit, json.dumps(request).encode())
     now = time.time()
@@ -569,7 +579,7 @@ async def check_model(
             synthetic.at,
             (("success_at", now), ("success_total", total + own)),
         )
-    return [ready, saturation, synthetic]
+    return [ready, saturation, progress, synthetic]
 
 
 async def run_checks(
