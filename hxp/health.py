@@ -465,7 +465,8 @@ def backend_result(instance: str, seen: ObservedUnit | None, at: float) -> Layer
 
 # The only /metrics families the sweep reads (how each combines across label sets).
 _HIGHEST = {KV_USAGE, KV_USAGE_V0}  # the others add up
-_FAMILIES = frozenset({WAITING, KV_USAGE, KV_USAGE_V0, REQUEST_SUCCESS, RUNNING, GENERATION_TOKENS})
+_FAMILIES = frozenset({WAITING, KV_USAGE, KV_USAGE_V0, REQUEST_SUCCESS})
+_PROGRESS = (RUNNING, GENERATION_TOKENS)
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
@@ -480,6 +481,17 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
     if KV_USAGE not in out and KV_USAGE_V0 in out:
         out[KV_USAGE] = out[KV_USAGE_V0]
     out.pop(KV_USAGE_V0, None)
+    return out
+
+
+def parse_progress_metrics(text: str) -> dict[str, float]:
+    """vllm:num_requests_running and vllm:generation_tokens_total from a /metrics page, each
+    summed over its label sets (the progress layer's reading)."""
+    out: dict[str, float] = {}
+    for name, values in promtext.sample_values(text, _PROGRESS).items():
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            out[name] = sum(finite)
     return out
 
 

@@ -31,6 +31,7 @@ from hxp.health import (
     command_result,
     failed,
     http_result,
+    parse_progress_metrics,
     parse_vllm_metrics,
     progress_result,
     readiness_result,
@@ -515,7 +516,7 @@ async def check_model(
     else:
         ready = readiness_result(instance, models[0], models[1], probe.served_name, models[2], now)
     values: dict[str, float] = {}
-    metrics_ok = not isinstance(metrics, _NoAnswer) and metrics[0] == 200
+    reading: dict[str, float] | None = None  # the progress layer's; None: no page
     if isinstance(metrics, _NoAnswer):
         saturation = LayerResult(
             instance, Layer.SATURATION, Status.UNKNOWN, f"/metrics: {metrics.why}", timeout, now
@@ -530,11 +531,13 @@ async def check_model(
             now,
         )
     else:
-        values = parse_vllm_metrics(metrics[1].decode("utf-8", "replace"))
+        page = metrics[1].decode("utf-8", "replace")
+        values = parse_vllm_metrics(page)
+        reading = parse_progress_metrics(page)
         saturation = saturation_result(instance, values, settings, metrics[2], now)
-    if metrics_ok:
+    if reading is not None:
         progress = progress_result(
-            instance, values, previous, probe.stall_window, saturation.latency, now
+            instance, reading, previous, probe.stall_window, saturation.latency, now
         )
     else:
         progress = LayerResult(
