@@ -514,8 +514,7 @@ class SimMetrics:
         return out
 
     def finished(self, stats: FinishedStats) -> None:
-        self.success[stats.finish_reason].inc()
-        self.generation_tokens.inc(stats.generation_tokens)
+        self.success[stats.finish_reason].inc()  # generation_tokens: counted per token (run)
         self.h_e2e.observe(stats.e2e)
         self.h_queue.observe(stats.queued)
         self.h_prefill.observe(stats.prefill)
@@ -714,7 +713,9 @@ class SimEngine:
             if fail:
                 reason = "error"
                 return reason
+            # vLLM counts generated tokens at every engine step, not when a request ends.
             generated = 1
+            m.generation_tokens.inc()
             if on_token is not None:
                 await on_token(job, 0)
                 for i in range(1, len(job.tokens)):
@@ -723,14 +724,17 @@ class SimEngine:
                     m.h_itl.observe(now - last)
                     last = now
                     generated += 1
+                    m.generation_tokens.inc()
                     await on_token(job, i)
             elif len(job.tokens) > 1:
-                await self._step(self.itl_s * (len(job.tokens) - 1))
+                for _ in range(1, len(job.tokens)):
+                    await self._step(self.itl_s)
+                    generated += 1
+                    m.generation_tokens.inc()
                 last = time.monotonic()
                 mean = (last - first) / (len(job.tokens) - 1)
                 for _ in range(len(job.tokens) - 1):
                     m.h_itl.observe(mean)
-                generated = len(job.tokens)
             return reason
         except EngineAborted:
             reason = "abort"
