@@ -536,8 +536,9 @@ def progress_result(
 
     Nothing running (idle) or a counter that moved (however full the queue) is progress. The
     counter is known to have stood still since the reading before the one that last saw it
-    move (it moved at some moment in between): a stall is seen at the first sweep at least
-    `window` after that reading, so within the window plus one sweep interval. Its readings
+    move (it moved at some moment in between): a stall is seen at the first sweep that finds
+    the counter unchanged at least `window` after that reading, so within the window plus one
+    sweep interval (when sweeps come at least once a window). Its readings
     are carried from sweep to sweep in the layer's data (`progress_*`, and `stalled` 1/0,
     which the supervisor reads)."""
     layer = Layer.PROGRESS
@@ -547,12 +548,15 @@ def progress_result(
         return LayerResult(instance, layer, Status.UNKNOWN, why, latency, at, (("stalled", 0.0),))
     last_at, last_tokens = previous.get("progress_at"), previous.get("progress_tokens")
     moved_at = previous.get("progress_moved")
+    moving = True
     if running <= 0 or last_at is None or last_tokens is None or moved_at is None:
         moved_at = at  # idle, or a first reading
-    elif tokens != last_tokens:  # moved (or restarted: a new counter)
+    elif tokens != last_tokens:  # moved since the last reading (or restarted: a new counter)
         moved_at = last_at
+    else:
+        moving = False
     still = at - moved_at
-    stalled = running > 0 and still >= window
+    stalled = not moving and running > 0 and still >= window
     data = (
         ("progress_at", at),
         ("progress_moved", moved_at),

@@ -526,10 +526,11 @@ def supervise_pass(ctx: RunContext, policy: CrashPolicy) -> SupervisorReport:
             continue
         seen = observed.get(name)
         now = time.time()
-        # Stalled as the last sweep saw it, after the instance entered its current state (a
-        # sweep before its restart says nothing about the new process).
+        # Stalled as the last sweep saw it, unless a crash was counted since that sweep (this
+        # verdict was acted on already: it says nothing about the restarted process).
         swept = health.get(name)
-        stall = swept is not None and stalled(swept) and swept.checked_at > record.since
+        acted = max(record.crashes, default=0.0)
+        stall = swept is not None and stalled(swept) and swept.checked_at > acted
         decision = supervise(record, seen, now, policy, stalled=stall)
         backend = ctx.backend(inst.host)
         match decision.kind:

@@ -36,10 +36,11 @@ Behaviour copied from vLLM, and the choices where the double differs:
 - `--error-rate`: that fraction of generation requests fails after prefill with vLLM's 500
   answer and counts as finished_reason="error"; `--preempt-rate`: that fraction is preempted
   once and pays its prefill twice. Both draw from `--seed`, so runs repeat.
-- Metrics are recorded per request event, not per engine step as vLLM does; ITL observations of
-  a non-streamed request are its mean interval. Not simulated: LoRA, speculative decoding, KV
-  connectors, multi-modal inputs, `vllm:cache_config_info`, the instrumentator's `http_*`
-  families, logprobs, stop strings, tools.
+- Metrics are recorded per request event, not per engine step as vLLM does, except
+  `vllm:generation_tokens_total`, which grows with every token (a stall detector reads it);
+  ITL observations of a non-streamed request are its mean interval. Not simulated: LoRA,
+  speculative decoding, KV connectors, multi-modal inputs, `vllm:cache_config_info`, the
+  instrumentator's `http_*` families, logprobs, stop strings, tools.
 """
 
 from __future__ import annotations

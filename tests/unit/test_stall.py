@@ -46,6 +46,11 @@ def test_saturated_but_moving_is_never_stalled() -> None:
     assert {r.status for r in results} == {Status.HEALTHY}
 
 
+def test_sweeps_slower_than_the_window_see_moving_tokens_as_progress() -> None:
+    results = sweeps((t, 3, t * 10) for t in range(0, 900, 90))
+    assert {r.status for r in results} == {Status.HEALTHY}
+
+
 def test_idle_is_never_stalled() -> None:
     results = sweeps((t, 0, 500) for t in range(0, 600, 5))
     assert {r.status for r in results} == {Status.HEALTHY}
