@@ -533,6 +533,8 @@ def unit_config_hash(stack: Stack, unit: str) -> str:
     for name, default in HASH_NEUTRAL_DEFAULTS.items():
         if name in fields and fields[name] == default:
             del fields[name]
+    if isinstance(fields.get("health"), dict):  # read by the health sweep only: no restart
+        fields["health"].pop("stall_window", None)
     payload = {
         "unit": fields,
         "host": stack.hosts[spec.host].model_dump(mode="json"),

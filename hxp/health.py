@@ -14,7 +14,14 @@ from hxp import promtext
 from hxp.endpoints import LOOPBACK, address_of, netloc, reach_health
 from hxp.errors import InputError
 from hxp.graph import DependencyGraph
-from hxp.metric_names import KV_USAGE, KV_USAGE_V0, REQUEST_SUCCESS, WAITING
+from hxp.metric_names import (
+    GENERATION_TOKENS,
+    KV_USAGE,
+    KV_USAGE_V0,
+    REQUEST_SUCCESS,
+    RUNNING,
+    WAITING,
+)
 from hxp.plan import ObservedUnit
 from hxp.spec import HealthSpec, ModelSpec, Stack
 from hxp.units import UnitInstance, expand_units, slot_instances
@@ -128,6 +135,7 @@ class Layer(StrEnum):
     READINESS = "readiness"  # /v1/models lists the served name
     SYNTHETIC = "synthetic"  # a one-token completion, unless real traffic succeeded lately
     SATURATION = "saturation"  # vllm:num_requests_waiting, vllm:kv_cache_usage_perc
+    PROGRESS = "progress"  # requests running while vllm:generation_tokens_total stands still
 
 
 @dataclass(frozen=True)
@@ -211,12 +219,18 @@ class CommandProbe:
     argv: tuple[str, ...]
 
 
+#: A model whose requests run while its generated-token counter stands still this long is
+#: stalled (the default of a model's `health.stall_window`).
+STALL_WINDOW_DEFAULT = 60.0
+
+
 @dataclass(frozen=True)
 class ModelProbe:
-    """The model layers behind liveness: readiness, saturation and synthetic."""
+    """The model layers behind liveness: readiness, saturation, progress and synthetic."""
 
     base_url: str
     served_name: str
+    stall_window: float = STALL_WINDOW_DEFAULT
 
 
 Probe = HttpProbe | TcpProbe | CommandProbe | ModelProbe
@@ -301,8 +315,11 @@ def plan_checks(
             address = address_of(inst.host_spec)
             if health is not None and health.http is not None:
                 address = urlsplit(health.http.url).hostname or address
+            window = health.stall_window if health is not None else STALL_WINDOW_DEFAULT
             probes.append(
-                ModelProbe(f"http://{netloc(address, port)}", inst.spec.served_name or inst.unit)
+                ModelProbe(
+                    f"http://{netloc(address, port)}", inst.spec.served_name or inst.unit, window
+                )
             )
         out.append(
             InstanceChecks(
@@ -457,6 +474,7 @@ def backend_result(instance: str, seen: ObservedUnit | None, at: float) -> Layer
 # The only /metrics families the sweep reads (how each combines across label sets).
 _HIGHEST = {KV_USAGE, KV_USAGE_V0}  # the others add up
 _FAMILIES = frozenset({WAITING, KV_USAGE, KV_USAGE_V0, REQUEST_SUCCESS})
+_PROGRESS = (RUNNING, GENERATION_TOKENS)
 
 
 def parse_vllm_metrics(text: str) -> dict[str, float]:
@@ -471,6 +489,17 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
     if KV_USAGE not in out and KV_USAGE_V0 in out:
         out[KV_USAGE] = out[KV_USAGE_V0]
     out.pop(KV_USAGE_V0, None)
+    return out
+
+
+def parse_progress_metrics(text: str) -> dict[str, float]:
+    """vllm:num_requests_running and vllm:generation_tokens_total from a /metrics page, each
+    summed over its label sets (the progress layer's reading)."""
+    out: dict[str, float] = {}
+    for name, values in promtext.sample_values(text, _PROGRESS).items():
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            out[name] = sum(finite)
     return out
 
 
@@ -500,6 +529,63 @@ def saturation_result(
     if problems:
         return LayerResult(instance, layer, Status.DEGRADED, "; ".join(problems), latency, at)
     return LayerResult(instance, layer, Status.HEALTHY, ", ".join(facts), latency, at)
+
+
+def progress_result(
+    instance: str,
+    metrics: Mapping[str, float],
+    previous: Mapping[str, float],
+    window: float,
+    latency: float,
+    at: float,
+) -> LayerResult:
+    """Forward progress: requests running while vllm:generation_tokens_total has not moved
+    for `window` seconds is a stalled engine (unhealthy: vLLM's /health still answers 200).
+
+    Nothing running (idle) or a counter that moved (however full the queue) is progress. The
+    counter is known to have stood still since the reading before the one that last saw it
+    move (it moved at some moment in between): a stall is seen at the first sweep that finds
+    the counter unchanged at least `window` after that reading, so within the window plus one
+    sweep interval (when sweeps come at least once a window). Its readings
+    are carried from sweep to sweep in the layer's data (`progress_*`, and `stalled` 1/0,
+    which the supervisor reads)."""
+    layer = Layer.PROGRESS
+    running, tokens = metrics.get(RUNNING), metrics.get(GENERATION_TOKENS)
+    if running is None or tokens is None:
+        why = f"/metrics has no {RUNNING} or {GENERATION_TOKENS}"
+        return LayerResult(instance, layer, Status.UNKNOWN, why, latency, at, (("stalled", 0.0),))
+    last_at, last_tokens = previous.get("progress_at"), previous.get("progress_tokens")
+    moved_at = previous.get("progress_moved")
+    moving = True
+    if running <= 0 or last_at is None or last_tokens is None or moved_at is None:
+        moved_at = at  # idle, or a first reading
+    elif tokens != last_tokens:  # moved since the last reading (or restarted: a new counter)
+        moved_at = last_at
+    else:
+        moving = False
+    still = at - moved_at
+    stalled = not moving and running > 0 and still >= window
+    data = (
+        ("progress_at", at),
+        ("progress_moved", moved_at),
+        ("progress_tokens", tokens),
+        ("stalled", 1.0 if stalled else 0.0),
+    )
+    if stalled:
+        why = (
+            f"stalled: {running:.0f} request(s) running, {GENERATION_TOKENS} stuck at "
+            f"{tokens:.0f} for {still:.0f}s (window {window:g}s)"
+        )
+        return LayerResult(instance, layer, Status.UNHEALTHY, why, latency, at, data)
+    if running <= 0:
+        return LayerResult(instance, layer, Status.HEALTHY, "idle", latency, at, data)
+    why = f"{running:.0f} running, {GENERATION_TOKENS} at {tokens:.0f}"
+    return LayerResult(instance, layer, Status.HEALTHY, why, latency, at, data)
+
+
+def stalled(health: InstanceHealth) -> bool:
+    """Whether an instance's last sweep found it stalled (its progress layer unhealthy)."""
+    return health.status is Status.UNHEALTHY and dict(health.data).get("stalled") == 1.0
 
 
 def readiness_result(

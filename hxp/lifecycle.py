@@ -258,12 +258,15 @@ def supervise(
     observed: ObservedUnit | None,
     now: float,
     policy: CrashPolicy,
+    stalled: bool = False,
 ) -> SupervisorDecision:
     """Decide what a supervisor pass does with one instance the store says should serve.
 
-    A crash is a `running`/`degraded` instance that is not running, or one whose backend
-    restarted it by itself (its restart counter went up). Crashes older than the window are
-    forgotten; reaching `max_crashes` in the window gives up (crash loop).
+    A crash is a `running`/`degraded` instance that is not running, one whose backend
+    restarted it by itself (its restart counter went up), or one that runs but is `stalled`
+    (the health sweep saw requests running and no token generated for its stall window: the
+    caller stops it). Crashes older than the window are forgotten; reaching `max_crashes` in
+    the window gives up (crash loop).
     """
     recent = tuple(t for t in stored.crashes if now - t <= policy.window)
     seen_restarts = observed.restarts if observed is not None else None
@@ -274,7 +277,7 @@ def supervise(
         else:  # the counter went back: started afresh, and each restart since is a crash
             new_crashes = seen_restarts
     baseline = seen_restarts if seen_restarts is not None else stored.restarts_seen
-    up = observed is not None and observed.exists and observed.running
+    up = observed is not None and observed.exists and observed.running and not stalled
     serving = stored.state in (State.RUNNING, State.DEGRADED)
     if serving and not up:
         new_crashes = max(new_crashes, 1)
@@ -293,6 +296,8 @@ def supervise(
         return SupervisorDecision("ok", "", recent, stored.next_restart, baseline)
     crashes = (*recent, *([now] * new_crashes))
     detail = observed.detail if observed is not None else "gone"
+    if stalled:
+        detail = "stalled: requests running, no token generated for its stall window"
     if len(crashes) >= policy.max_crashes:
         return SupervisorDecision(
             "give-up",

@@ -375,8 +375,10 @@ def k8s_pod_plan(unit: UnitInstance) -> K8sPodPlan:
             )
         cache_claim = f"{unit.stack}-{unit.unit}-{K8S_CACHE_CLAIM}"
     supported = _SHUTDOWN_TIMEOUT.present_in(parse_version(spec.vllm.version))
-    flag_given = any(a.split("=", 1)[0] == "--shutdown-timeout" for a in spec.vllm.extra_args)
-    given = _extra_shutdown_timeout(spec.vllm.extra_args) if supported else None
+    # The launch already carries the flag (hxp.vllm.shutdown_args) unless the operator gave it.
+    args = list(spec.vllm.extra_args) + list(unit.container_args)
+    flag_given = any(a.split("=", 1)[0] == "--shutdown-timeout" for a in args)
+    given = _extra_shutdown_timeout(args) if supported else None
     shutdown = (given if given is not None else stop) if supported else None
     drain = shutdown if shutdown is not None else stop
     return K8sPodPlan(

@@ -354,6 +354,11 @@ class HealthSpec(_Model):
         default=0.0,
         description="after its first passed check, the unit must stay up and healthy this long",
     )
+    stall_window: Duration = Field(
+        default=60.0,
+        description="models: requests running while no token is generated this long means a "
+        "stalled engine (unhealthy, out of the gateway, restarted by the supervisor)",
+    )
 
     @model_validator(mode="after")
     def _one_check(self) -> HealthSpec:
@@ -361,6 +366,8 @@ class HealthSpec(_Model):
             raise ValueError("health needs at least one of http, tcp, command")
         if self.timeout <= 0 or self.interval <= 0:
             raise ValueError("health interval and timeout must be positive")
+        if self.stall_window <= 0:
+            raise ValueError("health stall_window must be positive")
         return self
 
 
@@ -800,6 +807,16 @@ class Stack(_Model):
             for routed in self.gateway.routes:
                 if routed not in self.services and routed not in self.models:
                     problems.append(f"gateway.routes.{routed}: unknown unit {routed!r}")
+                elif routed in self.models and any(
+                    a.split("=", 1)[0] == "--disable-log-stats"
+                    for a in self.models[routed].vllm.extra_args
+                ):
+                    problems.append(
+                        f"models.{routed}.vllm.extra_args: --disable-log-stats removes "
+                        "vllm:num_requests_running, which the drain of a routed model waits "
+                        "on before its stop (and the health sweep reads): drop the flag, or "
+                        f"take {routed!r} out of gateway.routes"
+                    )
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from hxp.endpoints import listen_address
 from hxp.spec import HealthSpec, HostSpec, HttpCheck, ModelSpec, ServiceSpec, Stack, UnitSpec
 from hxp.startup import model_start_period
-from hxp.vllm import VllmLaunch, container_cache_env, replica_gpus, vllm_launch
+from hxp.vllm import VllmLaunch, container_cache_env, replica_gpus, shutdown_args, vllm_launch
 from hxp.vllm import vllm_args as vllm_args  # re-exported: its old home
 
 UnitKind = Literal["service", "model"]
@@ -230,6 +230,7 @@ def simulator_launch(
     ]
     if model.vllm.max_model_len is not None:
         args += ["--max-model-len", str(model.vllm.max_model_len)]
+    args += list(shutdown_args(model, model.simulator_args))  # before: the operator's win
     args += list(model.simulator_args)
     return VllmLaunch(
         host_argv=(model.python, "-m", "hxp.sim.vllm", *args),

@@ -19,7 +19,9 @@ naming `models.<name>.vllm.extra_args` and what to use instead.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -250,6 +252,7 @@ def vllm_launch(model: ModelSpec, name: str, port: int, field_path: str = "") ->
     check_extra_args(model, field_path or f"models.{name}")
     version = parse_version(model.vllm.version)
     flags = engine_flags(model, name, port)
+    flags += list(shutdown_args(model, flags))
     if has_serve_cli(version):
         return VllmLaunch(
             host_argv=(vllm_program(model.python), "serve", model.model, *flags),
@@ -262,6 +265,20 @@ def vllm_launch(model: ModelSpec, name: str, port: int, field_path: str = "") ->
         container_entrypoint=None,
         container_args=with_model,
     )
+
+
+def shutdown_args(model: ModelSpec, args: Sequence[str]) -> tuple[str, ...]:
+    """`--shutdown-timeout N` to append to a replica's arguments: from vLLM 0.18.0 (FLAG_TABLE)
+    vLLM aborts in-flight requests on SIGTERM unless given a timeout (default 0). hxp drains a
+    routed replica before SIGTERM; this lets what the drain cap left running finish within the
+    unit's stop_timeout, the same size the Kubernetes render gives it. Nothing before 0.18.0,
+    nor when the operator's `args` already carry the flag."""
+    change = next(f for f in FLAG_TABLE if f.flag == "--shutdown-timeout")
+    if not change.present_in(parse_version(model.vllm.version)):
+        return ()
+    if any(a.split("=", 1)[0] == "--shutdown-timeout" for a in args):
+        return ()
+    return ("--shutdown-timeout", str(max(math.ceil(model.stop_timeout), 1)))
 
 
 def vllm_args(model: ModelSpec, name: str, port: int) -> list[str]:
@@ -301,6 +318,7 @@ __all__ = [
     "engine_flags",
     "parse_version",
     "replica_gpus",
+    "shutdown_args",
     "vllm_args",
     "vllm_launch",
     "vllm_program",

@@ -33,7 +33,7 @@ from hxp.errors import (
 from hxp.health import ReadinessGate
 from hxp.io import lifecycle as rec
 from hxp.io.gateway import NginxGateway
-from hxp.io.probes import probe_model_api, wait_drained, wait_ready
+from hxp.io.probes import DrainResult, probe_model_api, wait_drained, wait_ready
 from hxp.lifecycle import State
 from hxp.plan import Action, ActionKind, ObservedUnit, StepKind
 from hxp.spec import HealthSpec, ModelSpec, Stack
@@ -375,6 +375,18 @@ def drain_all(instances: Sequence[UnitInstance], cap: float) -> list[str]:
     return asyncio.run(drain()) if instances else []
 
 
+def report_drain(ctx: RunContext, unit: str, instance: str, drained: str) -> None:
+    """Say it when a drain did not end with nothing in flight: requests the stop cuts (the
+    cap was reached) or an unknown count (no drain metric): a warning and a `drain-cut` or
+    `drain-unknown` event of the run."""
+    cut = getattr(drained, "cut", 0)
+    if cut == 0 or not isinstance(drained, DrainResult):
+        return
+    kind = "drain-unknown" if cut is None else "drain-cut"
+    get_run_logger().warning("%s: %s", instance, drained)
+    ctx.event(kind, f"{instance}: {drained}", unit)
+
+
 def stop_instances(
     ctx: RunContext,
     backend: Backend,
@@ -413,6 +425,8 @@ def stop_instances(
     # service finishes its in-flight requests on SIGTERM within its stop_timeout.
     waits = [i for i in draining if drain and (routed(ctx.stack, unit) or i.kind == "model")]
     drained = dict(zip([i.name for i in waits], drain_all(waits, cap), strict=True))
+    for name, result in drained.items():
+        report_drain(ctx, unit, name, result)
     for inst in draining:
         drained.setdefault(inst.name, "no gateway traffic to drain" if drain else "not drained")
     for inst in live:
@@ -441,6 +455,7 @@ def retire_slot(
     if state_of(store, stack, old.name) in (State.RUNNING, State.DEGRADED):
         rec.record(store, stack, unit, old.name, State.DRAINING, why)
     drained = drain_all([old], cap)[0]
+    report_drain(ctx, unit, old.name, drained)
     rec.record_path(store, stack, unit, old.name, State.STOPPING, why)
     apply_step(ctx, backend, unit, old.name, Remove(UnitRef.of(old)), "remove", retryable=False)
     store.release(stack, old.name)  # its GPU reservations, if any
@@ -464,6 +479,7 @@ __all__ = [
     "final_attempt",
     "gate",
     "prepare",
+    "report_drain",
     "retire_slot",
     "retry_transient",
     "route_add",

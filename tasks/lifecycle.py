@@ -35,6 +35,7 @@ from hxp.backends.base import (
 )
 from hxp.config import unit_config_hash
 from hxp.errors import BackendError, LifecycleError
+from hxp.health import stalled
 from hxp.io import lifecycle as rec
 from hxp.lifecycle import (
     CrashPolicy,
@@ -518,13 +519,19 @@ def supervise_pass(ctx: RunContext, policy: CrashPolicy) -> SupervisorReport:
     report = SupervisorReport(stack)
     observed = observe_all(ctx.stack, ctx.state_dir)
     instances = {i.name: i for u in ctx.stack.units() for i in all_slots(ctx.stack, u)}
+    health = store.health_state(stack)[0]
     for name, record in sorted(store.lifecycle(stack).items()):
         inst = instances.get(name)
         if inst is None:
             continue
         seen = observed.get(name)
         now = time.time()
-        decision = supervise(record, seen, now, policy)
+        # Stalled as the last sweep saw it, unless a crash was counted since that sweep (this
+        # verdict was acted on already: it says nothing about the restarted process).
+        swept = health.get(name)
+        acted = max(record.crashes, default=0.0)
+        stall = swept is not None and stalled(swept) and swept.checked_at > acted
+        decision = supervise(record, seen, now, policy, stalled=stall)
         backend = ctx.backend(inst.host)
         match decision.kind:
             case "ok":
@@ -547,11 +554,14 @@ def supervise_pass(ctx: RunContext, policy: CrashPolicy) -> SupervisorReport:
                     "hxp.supervisor.crash", stack, inst.unit, name, {"reason": decision.reason}
                 )
                 rec.count_error(store, stack, inst.unit, BackendError(decision.reason, unit=name))
-                up = seen is not None and seen.running
+                up = seen is not None and seen.running and not stall
                 if up:  # restarted by its backend: still serving, only counted
                     store.note_crashes(stack, name, decision.crashes, decision.restarts_seen)
                     continue
                 route_remove(ctx, inst.unit, inst)
+                if stall:  # it runs, but makes no progress: stopped, then restarted as a crash
+                    with contextlib.suppress(BackendError):
+                        backend.apply(Stop(UnitRef.of(inst), float(inst.spec.stop_timeout)))
                 rec.record(
                     store,
                     stack,

@@ -32,7 +32,9 @@ from hxp.health import (
     command_result,
     failed,
     http_result,
+    parse_progress_metrics,
     parse_vllm_metrics,
+    progress_result,
     readiness_result,
     saturation_result,
     synthetic_result,
@@ -222,37 +224,65 @@ async def probe_model_api(base: str, served_name: str, timeout: float) -> ProbeR
     )
 
 
-def _running_requests(text: str) -> float:
-    """vllm:num_requests_running + vllm:num_requests_waiting from a /metrics page."""
+def _running_requests(text: str) -> float | None:
+    """vllm:num_requests_running + vllm:num_requests_waiting from a /metrics page; None when
+    the page has neither (vLLM with --disable-log-stats, or no metrics page at all): unknown,
+    never "drained"."""
     values = promtext.sample_values(text, (RUNNING, WAITING))
+    if RUNNING not in values:
+        return None
     return sum(v for name in (RUNNING, WAITING) for v in values.get(name, ()))
 
 
 SERVICE_DRAIN_GRACE = 1.0
 
 
+class DrainResult(str):
+    """How a drain ended, in words (a str, as before), plus `cut`: requests still running when
+    the cap was reached (they are cut by the stop), None when unknown or not applicable."""
+
+    cut: int | None
+
+    def __new__(cls, text: str, cut: int | None = None) -> DrainResult:
+        made = super().__new__(cls, text)
+        made.cut = cut
+        return made
+
+
 async def wait_drained(unit: UnitInstance, timeout: float) -> str:
     """Wait until an instance taken out of the gateway has finished its requests.
 
     Models report `vllm:num_requests_running`/`_waiting` on /metrics: wait for 0 (or the
-    cap). Other services give no such signal: they get a short grace period.
+    cap; then the result says how many requests are left to be cut). A model whose page lacks
+    them (--disable-log-stats) gives no signal: it is waited for the whole cap, and the result
+    says so. Other services give no such signal: they get a short grace period.
     """
     start = time.monotonic()
     if unit.kind != "model":
         await asyncio.sleep(min(SERVICE_DRAIN_GRACE, timeout))
         return f"grace {min(SERVICE_DRAIN_GRACE, timeout):.1f}s (no drain metric for a service)"
     metrics = f"{base_url(unit)}/metrics"  # on the unit's host
+    busy: float | None = None
     async with httpx.AsyncClient(timeout=2.0) as client:
         while (elapsed := time.monotonic() - start) < timeout:
             try:
                 page = await client.get(metrics)
-                busy = _running_requests(page.text) if page.is_success else 0.0
+                busy = _running_requests(page.text) if page.is_success else None
             except httpx.HTTPError:
-                return f"gone after {elapsed:.1f}s"
+                return DrainResult(f"gone after {elapsed:.1f}s", 0)
             if busy == 0:
-                return f"drained in {elapsed:.1f}s"
+                return DrainResult(f"drained in {elapsed:.1f}s", 0)
             await asyncio.sleep(0.1)
-    return f"still busy after the {timeout:.0f}s drain cap; stopping it anyway"
+    if busy is None:
+        return DrainResult(
+            f"no {RUNNING} on its /metrics (--disable-log-stats?): in-flight requests unknown, "
+            f"waited the whole {timeout:.0f}s drain cap"
+        )
+    return DrainResult(
+        f"{busy:.0f} request(s) still in flight after the {timeout:.0f}s drain cap: "
+        "cut by the stop",
+        int(busy),
+    )
 
 
 # ================================================================ health sweeps
@@ -513,6 +543,7 @@ async def check_model(
     else:
         ready = readiness_result(instance, models[0], models[1], probe.served_name, models[2], now)
     values: dict[str, float] = {}
+    reading: dict[str, float] | None = None  # the progress layer's; None: no page
     if isinstance(metrics, _NoAnswer):
         saturation = LayerResult(
             instance, Layer.SATURATION, Status.UNKNOWN, f"/metrics: {metrics.why}", timeout, now
@@ -527,14 +558,24 @@ async def check_model(
             now,
         )
     else:
-        values = parse_vllm_metrics(metrics[1].decode("utf-8", "replace"))
+        page = metrics[1].decode("utf-8", "replace")
+        values = parse_vllm_metrics(page)
+        reading = parse_progress_metrics(page)
         saturation = saturation_result(instance, values, settings, metrics[2], now)
+    if reading is not None:
+        progress = progress_result(
+            instance, reading, previous, probe.stall_window, saturation.latency, now
+        )
+    else:
+        progress = LayerResult(
+            instance, Layer.PROGRESS, Status.UNKNOWN, saturation.reason, saturation.latency, now
+        )
     total = values.get(REQUEST_SUCCESS)
     if ready.status is not Status.HEALTHY:
         synthetic = LayerResult(
             instance, Layer.SYNTHETIC, Status.UNKNOWN, "skipped: the model is not ready", 0.0, now
         )
-        return [ready, saturation, synthetic]
+        return [ready, saturation, progress, synthetic]
     skip = synthetic_skip(previous, total, now, settings.synthetic_window)
     if skip is not None:
         assert total is not None
@@ -547,7 +588,7 @@ async def check_model(
             now,
             (("success_at", now), ("success_total", total)),
         )
-        return [ready, saturation, synthetic]
+        return [ready, saturation, progress, synthetic]
     request = {"model": probe.served_name, "prompt": "ping", "max_tokens": 1, "temperature": 0}
     done = await _get(f"{base}/v1/completions", timeout, limit, json.dumps(request).encode())
     now = time.time()
@@ -568,7 +609,7 @@ async def check_model(
             synthetic.at,
             (("success_at", now), ("success_total", total + own)),
         )
-    return [ready, saturation, synthetic]
+    return [ready, saturation, progress, synthetic]
 
 
 async def run_checks(

@@ -17,10 +17,20 @@ Behaviour copied from vLLM, and the choices where the double differs:
   /health to 503 N seconds after start. Only /health changes in these modes: completions,
   /metrics and /version keep answering, so a test can tell a health check from a traffic check.
 - `--crash-after N`: the process exits with code 1, N seconds after start, whatever it is doing.
-- SIGTERM/SIGINT: stop listening, close idle keep-alive connections, let in-flight requests
-  finish (up to `--shutdown-timeout`, then they are cut), exit 0. vLLM's default shutdown
-  timeout is 0 (abort in-flight requests); the double drains by default because the blue-green
-  code relies on it. A signal during the start-up delay exits 0 at once.
+- SIGTERM/SIGINT, as the vLLM version in `--version` does it (vLLM 0.18.0's
+  entrypoints/launcher.py and v1/engine/core.py `_handle_shutdown`): from 0.18.0 the server
+  keeps listening while its engine shuts down; with `--shutdown-timeout` 0 (vLLM's default)
+  every running and waiting request is aborted at once: a stream ends with a chunk whose
+  finish_reason is "abort", a non-streamed request answers 200 with finish_reason "abort" (what
+  vLLM's abort outputs become). A new request meanwhile is rejected the same way (vLLM's
+  `_reject_add_in_shutdown`). With a timeout N > 0 running requests may finish for N seconds;
+  past N the engine is killed and their connections are cut. Then the double stops listening and
+  exits 0. Before 0.18.0 the engine stops before the HTTP server: listening stops at once and
+  every in-flight connection is cut (`--shutdown-timeout` is ignored; vLLM had no such flag). A
+  signal during the start-up delay exits 0 at once.
+- `--stall-after N`: N seconds after start the engine stops making progress (the stalled
+  engines of vLLM issues #39863 and #51663): running requests get no more tokens, new ones
+  queue behind them, while /health still answers 200 and /metrics keeps answering.
 - Scheduling: at most `--max-concurrency` requests run (vLLM's max_num_seqs) and their prompt
   plus output must fit in the KV cache; the rest wait, first come first served. The KV cache is
   sized by hxp.sim.capacity (the calculator for `--model-config`, or `--kv-cache-tokens`) and
@@ -37,10 +47,12 @@ Behaviour copied from vLLM, and the choices where the double differs:
   header as vLLM's does. /ping (GET, POST) answers as /health; /load reports
   {"server_load": N}, N counting in-flight generation requests with
   `--enable-server-load-tracking` and 0 without.
-- Metrics are recorded per request event, not per engine step as vLLM does; ITL observations of
-  a non-streamed request are its mean interval. Not simulated: LoRA, speculative decoding, KV
-  connectors, multi-modal inputs, the instrumentator's `http_*` families, logprobs, stop
-  strings, tools; `vllm:cache_config_info` carries the labels of `CACHE_CONFIG_LABELS` only.
+- Metrics are recorded per request event, not per engine step as vLLM does, except
+  `vllm:generation_tokens_total`, which grows with every token (a stall detector reads it);
+  ITL observations of a non-streamed request are its mean interval. Not simulated: LoRA,
+  speculative decoding, KV connectors, multi-modal inputs, the instrumentator's `http_*`
+  families, logprobs, stop strings, tools; `vllm:cache_config_info` carries the labels of
+  `CACHE_CONFIG_LABELS` only.
 """
 
 from __future__ import annotations
@@ -62,7 +74,7 @@ import uuid
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Literal, cast
@@ -217,7 +229,8 @@ class SimConfig:
     never_ready: bool = False
     crash_after: float | None = None
     fail_health_after: float | None = None
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = 0.0
+    stall_after: float | None = None
     keep_alive_timeout: float = 5.0
     seed: int = 0
     # Capacity model (hxp.sim.capacity): engine-wide token budget and the start-up KV lines.
@@ -291,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=float,
         default=d.shutdown_timeout,
-        help="on SIGTERM, seconds to let in-flight requests finish (default %(default)s)",
+        help="on SIGTERM, seconds to let in-flight requests finish, as vLLM >= 0.18 does; "
+        "0 aborts them (vLLM's default, %(default)s); ignored for --version before 0.18",
     )
+    add("--stall-after", type=float, default=None, help="engine stops making progress after N s")
     add("--keep-alive-timeout", type=float, default=d.keep_alive_timeout, help="idle seconds")
     add("--seed", type=int, default=d.seed, help="seed of the error and preemption draws")
     add(
@@ -344,6 +359,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         (ns.crash_after is None or ns.crash_after >= 0, "--crash-after must be >= 0"),
         (ns.fail_health_after is None or ns.fail_health_after >= 0, "bad --fail-health-after"),
         (ns.shutdown_timeout >= 0, "--shutdown-timeout must be >= 0"),
+        (ns.stall_after is None or ns.stall_after >= 0, "--stall-after must be >= 0"),
         (ns.keep_alive_timeout > 0, "--keep-alive-timeout must be > 0"),
         (
             re.match(r"\d+\.\d+", ns.version) is not None,
@@ -373,6 +389,7 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         crash_after=ns.crash_after,
         fail_health_after=ns.fail_health_after,
         shutdown_timeout=ns.shutdown_timeout,
+        stall_after=ns.stall_after,
         keep_alive_timeout=ns.keep_alive_timeout,
         seed=ns.seed,
         engine_tokens_per_second=ns.engine_tokens_per_second,
@@ -626,8 +643,7 @@ class SimMetrics:
         family.labels(self.model_name, request_type).observe(seconds)
 
     def finished(self, stats: FinishedStats) -> None:
-        self.success[stats.finish_reason].inc()
-        self.generation_tokens.inc(stats.generation_tokens)
+        self.success[stats.finish_reason].inc()  # generation_tokens: counted per token (run)
         self.h_e2e.observe(stats.e2e)
         self.h_queue.observe(stats.queued)
         self.h_prefill.observe(stats.prefill)
@@ -678,6 +694,14 @@ class RequestAborted(Exception):
     """The client went away while its request was running."""
 
 
+class EngineAborted(Exception):
+    """The engine aborted the request (shutdown): it finishes with reason "abort"."""
+
+
+#: How often a stalled engine looks whether it has been told to abort.
+STALL_POLL_S = 0.05
+
+
 class SimEngine:
     """A FIFO scheduler with vLLM's gauges: slots (max_num_seqs) and KV-cache tokens."""
 
@@ -693,6 +717,43 @@ class SimEngine:
         self.prefill_s = config.latency_ms / 1000.0 * config.slow_factor
         tps = config.tokens_per_second
         self.itl_s = config.slow_factor / tps if tps > 0 else 0.0
+        self.started = time.monotonic()
+        self.shutting_down = False  # new requests are rejected (aborted) at admission
+        self.aborting = False  # running requests are aborted at their next step
+
+    def begin_shutdown(self, abort: bool) -> None:
+        """vLLM >= 0.18 on SIGTERM: reject new requests; with `abort`, abort all others."""
+        self.shutting_down = True
+        if abort:
+            self.abort_all()
+
+    def abort_all(self) -> None:
+        """Abort every running and waiting request (vLLM's finish_requests(None, ABORTED))."""
+        self.aborting = True
+        while self._queue:
+            _, future = self._queue.popleft()
+            if not future.done():
+                future.set_exception(EngineAborted())
+        self._publish()
+
+    @property
+    def busy(self) -> int:
+        """Requests running or waiting."""
+        return self.running + len(self._queue)
+
+    def stalled(self) -> bool:
+        after = self.config.stall_after
+        return after is not None and time.monotonic() - self.started >= after
+
+    async def _step(self, seconds: float) -> None:
+        """An engine step of `seconds`; EngineAborted once aborted; a stalled engine never
+        finishes a step (until aborted)."""
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+        while self.stalled() and not self.aborting:
+            await asyncio.sleep(STALL_POLL_S)
+        if self.aborting:
+            raise EngineAborted()
 
     async def _prefill_budget(self, tokens: int) -> None:
         """Prefill `tokens` out of the engine's token budget, shared fairly (in 10 ms steps)
@@ -746,6 +807,8 @@ class SimEngine:
         self._publish()
 
     async def _admit(self, need: int) -> None:
+        if self.shutting_down or self.aborting:
+            raise EngineAborted()
         if not self._queue and self._fits(need):
             self._take(need)
             self._publish()
@@ -778,7 +841,10 @@ class SimEngine:
         arrival = time.monotonic()
         # Whole 16-token blocks, as vLLM's KV-cache manager allocates them.
         need = -(-(job.prompt_tokens + len(job.tokens)) // PREFIX_BLOCK) * PREFIX_BLOCK
-        await self._admit(need)
+        try:
+            await self._admit(need)
+        except EngineAborted:
+            return "abort"
         scheduled = time.monotonic()
         first = last = scheduled
         generated = preemptions = cached = 0
@@ -788,12 +854,12 @@ class SimEngine:
             m.prefix_queries.inc(job.prompt_tokens)
             m.prefix_hits.inc(cached)
             m.prompt_cached_device.inc(cached)
-            await asyncio.sleep(self.prefill_s)
+            await self._step(self.prefill_s)
             await self._prefill_budget(job.prompt_tokens - cached)
             if self.config.preempt_rate > 0 and self._rng.random() < self.config.preempt_rate:
                 preemptions = 1
                 m.preemptions.inc()
-                await asyncio.sleep(self.prefill_s)
+                await self._step(self.prefill_s)
             m.prompt_tokens.inc(job.prompt_tokens)
             m.prompt_computed.inc(job.prompt_tokens - cached)
             m.prompt_local_hit.inc(cached)
@@ -804,25 +870,31 @@ class SimEngine:
             if fail:
                 reason = "error"
                 return reason
+            # vLLM counts generated tokens at every engine step, not when a request ends.
             generated = 1
+            m.generation_tokens.inc()
             if on_token is not None:
                 await on_token(job, 0)
                 for i in range(1, len(job.tokens)):
-                    if self.itl_s or self.config.engine_tokens_per_second:
-                        await asyncio.sleep(self._interval())
+                    await self._step(self._interval())
                     now = time.monotonic()
                     m.h_itl.observe(now - last)
                     last = now
                     generated += 1
+                    m.generation_tokens.inc()
                     await on_token(job, i)
             elif len(job.tokens) > 1:
-                if self.itl_s or self.config.engine_tokens_per_second:
-                    await asyncio.sleep(self._interval() * (len(job.tokens) - 1))
+                for _ in range(1, len(job.tokens)):
+                    await self._step(self._interval())
+                    generated += 1
+                    m.generation_tokens.inc()
                 last = time.monotonic()
                 mean = (last - first) / (len(job.tokens) - 1)
                 for _ in range(len(job.tokens) - 1):
                     m.h_itl.observe(mean)
-                generated = len(job.tokens)
+            return reason
+        except EngineAborted:
+            reason = "abort"
             return reason
         except (ConnectionError, RequestAborted, asyncio.CancelledError):
             reason = "abort"
@@ -1293,12 +1365,30 @@ class SimServer:
     # lifecycle
 
     def request_shutdown(self) -> None:
-        """Begin a graceful stop (the SIGTERM path); call from the server's own loop."""
+        """Begin a stop (the SIGTERM path); call from the server's own loop."""
         if self._shutdown is not None and not self._shutdown.is_set():
-            log.info("shutdown requested: draining %d in-flight request(s)", self._busy())
-            for conn in self._conns:
-                conn.close_after = True
             self._shutdown.set()
+
+    def _engine_stops_first(self) -> bool:
+        """Whether the imitated vLLM predates 0.18.0, whose engine stops before its server."""
+        match = re.match(r"(\d+)\.(\d+)", self.config.version)
+        return match is not None and (int(match[1]), int(match[2])) < (0, 18)
+
+    async def _engine_shutdown(self) -> None:
+        """vLLM >= 0.18: the engine rejects new requests, aborts (timeout 0) or lets the
+        running ones finish for the timeout; past it, it is killed (connections cut below)."""
+        timeout = self.config.shutdown_timeout
+        busy = self.engine.busy
+        if timeout == 0:
+            log.info("shutdown requested (timeout=0): aborting %d request(s)", busy)
+        else:
+            log.info("shutdown requested: draining %d in-flight request(s) (timeout=%gs)",
+                     busy, timeout)  # fmt: skip
+        self.engine.begin_shutdown(abort=timeout == 0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout if timeout > 0 else ENGINE_EXIT_S):
+                while self.engine.busy or self._busy():
+                    await asyncio.sleep(0.01)
 
     def stop_threadsafe(self) -> None:
         """Begin a graceful stop from another thread (tests that run the server in a thread)."""
@@ -1313,7 +1403,7 @@ class SimServer:
         loop = self._loop = asyncio.get_running_loop()
         self._shutdown = asyncio.Event()
         self._idle = asyncio.Event()
-        self._started = time.monotonic()
+        self._started = self.engine.started = time.monotonic()
         try:
             # Bound but not listening (start_serving=False) until "loaded", as vLLM does.
             server = await asyncio.start_server(
@@ -1351,25 +1441,24 @@ class SimServer:
         log.info("listening on http://%s:%d (ready)", self.config.host, self.port)
         self.listening.set()
         await self._shutdown.wait()
+        if self._engine_stops_first():
+            log.info("shutdown requested: the engine stops first, cutting %d request(s)",
+                     self._busy())  # fmt: skip
+        else:
+            await self._engine_shutdown()  # still listening meanwhile, as vLLM is
         self._draining = True
         server.close()
         for conn in list(self._conns):
             if not conn.busy:
                 conn.close()
-        if self._conns:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.shutdown_timeout):
-                    while self._conns:
-                        self._idle.clear()
-                        await self._idle.wait()
-        if self._conns:
-            log.warning("shutdown timeout: cutting %d connection(s)", len(self._conns))
-            for conn in list(self._conns):
-                conn.writer.transport.abort()
+        if self._busy():
+            log.warning("shutdown: cutting %d connection(s)", self._busy())
+        for conn in list(self._conns):
+            conn.writer.transport.abort()
         log.info("stopped")
         return 0
 
-    def _healthy(self) -> bool:
+    def _healthy(self) -> bool:  # a stalled engine still answers 200, as vLLM's does
         if self.config.never_ready:
             return False
         after = self.config.fail_health_after
@@ -1526,6 +1615,12 @@ class SimServer:
         self._parent_stats(gen)
         if "error" in reasons:
             raise _internal_error()
+        if "abort" in reasons:  # what vLLM answers for an aborted request: no tokens kept
+            jobs = tuple(
+                replace(job, tokens=(), finish_reason="abort") if why == "abort" else job
+                for job, why in zip(gen.jobs, reasons, strict=True)
+            )
+            gen = replace(gen, jobs=jobs)
         await conn.send_json(req, 200, completion_body(gen, rid, created, self.config.version))
 
     def _parent_stats(self, gen: GenerationRequest) -> None:
@@ -1579,12 +1674,24 @@ class SimServer:
 
         try:
             async with asyncio.TaskGroup() as group:
-                for job in gen.jobs:
+                runs = [
                     group.create_task(self.engine.run(job, fail=fail, on_token=on_token))
+                    for job in gen.jobs
+                ]
         except* (ConnectionError, RequestAborted):
             raise RequestAborted("client went away") from None
         finally:
             self._parent_stats(gen)
+        aborted = [job for job, run in zip(gen.jobs, runs, strict=True) if run.result() == "abort"]
+        if aborted and not started:
+            started.append(await conn.start_stream(req, "text/event-stream; charset=utf-8"))
+        for job in aborted:  # vLLM's last chunk of an aborted request
+            common = {"logprobs": None, "finish_reason": "abort", "stop_reason": None}
+            if gen.chat:
+                choice = {"index": job.index, "delta": {"content": ""}, **common}
+            else:
+                choice = {"index": job.index, "text": "", **common}
+            await conn.send_part(event([choice]), started[0])
         if not started:
             raise _internal_error()
         if gen.include_usage:
@@ -1593,6 +1700,10 @@ class SimServer:
             await conn.send_part(event([], _usage(prompt_tokens, completion_tokens)), started[0])
         await conn.send_part(b"data: [DONE]\n\n", started[0])
         await conn.end_stream(started[0])
+
+
+#: How long an aborting engine (shutdown timeout 0) may take to send its abort outputs.
+ENGINE_EXIT_S = 2.0
 
 
 def _internal_error() -> ApiError:

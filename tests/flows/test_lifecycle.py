@@ -482,6 +482,8 @@ class LoadUntil:
             return "truncated body"
         if b'"choices"' not in body:
             return "no completion in the body"
+        if b'"finish_reason":"abort"' in body:  # vLLM >= 0.18 answers an aborted request so
+            return "finish_reason abort"
         return None
 
     async def _run(self) -> None:

@@ -28,6 +28,14 @@ class LoadResult:
         return self.sent / self.seconds if self.seconds else 0.0
 
 
+def _aborted(response: httpx.Response) -> bool:
+    try:
+        choices = response.json().get("choices") or []
+    except ValueError:
+        return False
+    return any(c.get("finish_reason") == "abort" for c in choices if isinstance(c, dict))
+
+
 async def run_load(url: str, model: str, total: int, concurrency: int = 32) -> LoadResult:
     """POST `total` one-token completions to `url` with `concurrency` in flight."""
     result = LoadResult()
@@ -52,7 +60,12 @@ async def run_load(url: str, model: str, total: int, concurrency: int = 32) -> L
                     result.failed += 1
                     result.errors[type(exc).__name__] += 1
                     continue
-                if response.status_code == 200:
+                if response.status_code == 200 and _aborted(response):
+                    # vLLM answers a request it aborted (a shutdown) with 200 and
+                    # finish_reason "abort": a lost request, not a served one.
+                    result.failed += 1
+                    result.errors["finish_reason abort"] += 1
+                elif response.status_code == 200:
                     result.ok += 1
                     result.served_by[response.json().get("model", "?")] += 1
                 else:

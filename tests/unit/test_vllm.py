@@ -231,3 +231,31 @@ def test_replicas_get_consecutive_slices_of_the_listed_gpus() -> None:
     assert replica_gpus(m, 0) == (4, 5)
     assert replica_gpus(m, 1) == (6, 7)
     assert replica_gpus(model(gpus="auto"), 0) is None
+
+
+def _launch_args(version: str, engine: str = "vllm", **vllm: object) -> list[str]:
+    from hxp.spec import Stack
+    from hxp.units import expand_units
+
+    stack = Stack.model_validate({
+        "stack": "s", "hosts": {"local": {"backend": "process"}},
+        "models": {"chat": {"host": "local", "model": "org/chat", "engine": engine, "gpus": [0],
+                            "port": 8000, "stop_timeout": "25s",
+                            "vllm": {"version": version, **vllm}}},
+    })  # fmt: skip
+    (inst,) = expand_units(stack)
+    return list(inst.argv)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "simulator"])
+def test_launch_passes_shutdown_timeout_sized_to_stop_timeout_from_0_18(engine: str) -> None:
+    """vLLM 0.18.0 added --shutdown-timeout (default 0: abort in-flight requests on SIGTERM);
+    every launch from 0.18.0 carries the unit's stop_timeout, none before."""
+    args = _launch_args("0.18.0", engine)
+    assert args[args.index("--shutdown-timeout") + 1] == "25"
+    assert "--shutdown-timeout" not in _launch_args("0.17.1", engine)
+
+
+def test_launch_keeps_the_operators_shutdown_timeout() -> None:
+    args = _launch_args("0.33.0", extra_args=["--shutdown-timeout=3"])
+    assert [a for a in args if a.startswith("--shutdown-timeout")] == ["--shutdown-timeout=3"]
