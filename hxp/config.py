@@ -533,6 +533,10 @@ def unit_config_hash(stack: Stack, unit: str) -> str:
     for name, default in HASH_NEUTRAL_DEFAULTS.items():
         if name in fields and fields[name] == default:
             del fields[name]
+    # The autoscaler's settings change no process, and the replica count it owns must not
+    # make every replica look changed (hxp.autoscale: apply keeps the autoscaler's count).
+    if fields.pop("autoscale", None) is not None:
+        fields.pop("replicas", None)
     payload = {
         "unit": fields,
         "host": stack.hosts[spec.host].model_dump(mode="json"),

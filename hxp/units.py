@@ -167,7 +167,7 @@ def _service_instance(
 def _model_instance(
     stack: Stack, name: str, model: ModelSpec, i: int, slot: int = 0
 ) -> UnitInstance:
-    port = model.port + i + slot * model.replicas
+    port = model.port + i + slot * model.replica_span()
     launch = (
         simulator_launch(model, name, port)
         if model.engine == "simulator"
@@ -190,7 +190,7 @@ def _model_instance(
         unit=name,
         kind="model",
         replica=i,
-        replicas=model.replicas,
+        replicas=model.replica_span(),
         host=model.host,
         host_spec=stack.hosts[model.host],
         spec=model,
