@@ -17,7 +17,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.deploy import apply_config
 from hxp.autoscale import counted_config
+from hxp.config import EffectiveConfig
 from hxp.store import Store
 from tasks.autoscale import act, autoscaled, decide_model, read_signals
 from tasks.deploy import state_dir_of
@@ -28,6 +30,11 @@ def _run_name() -> str:
     files = flow_run.parameters.get("stack_files") or ["stack.yaml"]
     first = files if isinstance(files, str) else files[0]
     return f"autoscale-{Path(first).stem}"
+
+
+def _deploy(effective: EffectiveConfig, units: list[str], state: str) -> dict[str, Any]:
+    """A scale out: the deploy engine for the model (it reads the autoscaler's new count)."""
+    return apply_config(effective, units, state)
 
 
 @flow(name="autoscale", flow_run_name=_run_name)
@@ -60,7 +67,7 @@ def autoscale(
     rows: list[dict[str, Any]] = []
     for model in models:
         decision = decide_model(stack, state, model, reading.samples[model], time.time())
-        outcome = "dry run" if dry_run else act(loaded, state, decision)
+        outcome = "dry run" if dry_run else act(loaded, state, decision, _deploy)
         log = logger.warning if decision.action in ("stale", "blocked") else logger.info
         log("%s [%s]", decision.line(), outcome)
         rows.append({**decision.to_dict(), "outcome": outcome})

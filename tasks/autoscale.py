@@ -2,8 +2,8 @@
 model's signal through the metrics aggregation, the GPUs free for more replicas, and the
 action carried out through the existing machinery.
 
-- scale out: the new count is written to the store first, then the deploy engine
-  (flows.deploy.apply_config, which reads that count) starts the new replicas: GPUs placed
+- scale out: the new count is written to the store first, then the deploy engine (the flow
+  hands in flows.deploy.apply_config, which reads that count) starts the new replicas: GPUs placed
   under the host's lock, gated like any replica, put behind the gateway once ready;
 - scale in: under the stack's lock, the highest-numbered replicas leave the gateway, drain
   (tasks.instances.stop_instances), stop, are removed, give their GPUs back and are forgotten.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,14 +160,19 @@ def decide_model(stack: Stack, state_dir: str, model: str, sample: Sample, now: 
     return decide(model, auto, state, sample, now, room)
 
 
-def act(effective: EffectiveConfig, state_dir: str, decision: Decision) -> str:
-    """Carry a decision out and record it (store row, event, metric); what happened."""
+#: The deploy engine as the flow hands it in: (effective config, units, state dir) -> summary.
+Deploy = Callable[[EffectiveConfig, list[str], str], dict[str, Any]]
+
+
+def act(effective: EffectiveConfig, state_dir: str, decision: Decision, deploy: Deploy) -> str:
+    """Carry a decision out and record it (store row, event, metric); what happened. A scale
+    up runs `deploy` (the deploy engine) for the model."""
     stack = effective.stack
     store = Store(state_dir)
     outcome = "no change"
     new = decision.state
     if decision.action == "scale_up":
-        outcome = _scale_up(effective, state_dir, decision)
+        outcome = _scale_up(effective, state_dir, decision, deploy)
     elif decision.action == "scale_down":
         outcome = _scale_down(counted_stack(stack, store), state_dir, decision)
     if outcome.startswith("failed"):
@@ -201,10 +207,11 @@ def act(effective: EffectiveConfig, state_dir: str, decision: Decision) -> str:
     return outcome
 
 
-def _scale_up(effective: EffectiveConfig, state_dir: str, decision: Decision) -> str:
-    """The new count in the store, then the deploy engine starts the missing replicas."""
-    from flows.deploy import apply_config  # the deploy engine (a flow module: imported late)
-
+def _scale_up(
+    effective: EffectiveConfig, state_dir: str, decision: Decision, deploy: Deploy
+) -> str:
+    """The new count in the store, then the deploy engine (`deploy`: flows.deploy.apply_config
+    of the model, handed in by the flow) starts the missing replicas."""
     stack = effective.stack
     store = Store(state_dir)
     kept = store.autoscale_states(stack.stack).get(decision.model, {})
@@ -217,7 +224,7 @@ def _scale_up(effective: EffectiveConfig, state_dir: str, decision: Decision) ->
         decision.state.last_action_at,
     )
     try:
-        result = apply_config(effective, [decision.model], state_dir, kind="deploy")
+        result = deploy(effective, [decision.model], state_dir)
     except Exception as exc:
         store.save_autoscale_state(
             stack.stack,
@@ -275,6 +282,7 @@ def _remove(ctx: RunContext, backend: Any, inst: UnitInstance) -> None:
 
 
 __all__ = [
+    "Deploy",
     "Reading",
     "act",
     "autoscaled",
