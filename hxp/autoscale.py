@@ -12,7 +12,10 @@ Rules (docs/configuration.md#autoscale):
   signal asks for (at least one more, at most `max_replicas`), and only as far as the GPUs the
   calculator and the reservations say are free;
 - scale down one replica at a time, only after the signal, spread over one replica fewer,
-  held below `scale_down_below` x `threshold` for `scale_down_after`;
+  held below `scale_down_below` x `threshold` for `scale_down_after` (a queue target of a
+  model with `vllm.max_num_seqs`: and the requests in flight, spread over one replica fewer,
+  within `scale_down_below` of its slots; an empty queue alone says nothing of how near
+  saturation the replicas run);
 - no action within `cooldown` of the last one; a count outside [min, max] is brought back at
   once (still within the GPUs free).
 """
@@ -45,6 +48,11 @@ class Sample:
     at: float
     replicas: int
     problem: str = ""
+    # Requests in the model now (running + waiting, all replicas) and the slots of one
+    # replica (vLLM's max_num_seqs, when the stack sets it): a queue target scales down only
+    # when one replica fewer would still not queue (an empty queue alone says nothing).
+    in_flight: float | None = None
+    slots: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,12 +139,18 @@ def _wanted_up(spec: AutoscaleSpec, value: float, current: int) -> int:
     return min(spec.max_replicas, max(current + 1, wanted))
 
 
-def _low_enough(spec: AutoscaleSpec, value: float, current: int) -> bool:
-    """Whether one replica fewer would still keep the signal under the scale-down line."""
+def _low_enough(spec: AutoscaleSpec, sample: Sample, value: float, current: int) -> bool:
+    """Whether one replica fewer would still keep the signal under the scale-down line (for a
+    queue target with known slots: and the requests in flight would fit their slots)."""
     if current <= 1:
         return value < spec.scale_down_below * spec.threshold
-    spread = value if spec.target == "ttft_p95" else value * current / (current - 1)
-    return spread < spec.scale_down_below * spec.threshold
+    fewer = current - 1
+    spread = value if spec.target == "ttft_p95" else value * current / fewer
+    if spread >= spec.scale_down_below * spec.threshold:
+        return False
+    if spec.target == "queue_per_replica" and sample.slots and sample.in_flight is not None:
+        return sample.in_flight / fewer <= spec.scale_down_below * sample.slots
+    return True
 
 
 def decide(
@@ -161,7 +175,7 @@ def decide(
         return out("stale", current, f"not acting on stale metrics: {why}", reset)
     value = sample.value
     above = value > spec.threshold
-    low = _low_enough(spec, value, current)
+    low = _low_enough(spec, sample, value, current)
     new = replace(
         state,
         above_since=(state.above_since if state.above_since is not None else now)

@@ -226,6 +226,8 @@ def simulator_launch(model: ModelSpec, name: str, port: int) -> VllmLaunch:
     ]
     if model.vllm.max_model_len is not None:
         args += ["--max-model-len", str(model.vllm.max_model_len)]
+    if model.vllm.max_num_seqs is not None:  # the double's slots, as vLLM's max_num_seqs
+        args += ["--max-concurrency", str(model.vllm.max_num_seqs)]
     args += list(model.simulator_args)
     return VllmLaunch(
         host_argv=(model.python, "-m", "hxp.sim.vllm", *args),

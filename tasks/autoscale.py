@@ -106,7 +106,10 @@ def _sample(
         fig.up,
         fig.windows == fig.up and fig.up > 0,
     )
-    return Sample(value, at, fig.up)
+    in_flight = None if fig.waiting is None else fig.waiting + (fig.running or 0.0)
+    return Sample(
+        value, at, fig.up, in_flight=in_flight, slots=stack.models[model].vllm.max_num_seqs
+    )
 
 
 def room_for(stack: Stack, state_dir: str, model: str, current: int) -> Room:

@@ -103,6 +103,17 @@ def test_a_stale_sample_says_so_and_restarts_the_hysteresis() -> None:
     assert "m-1 (connection refused)" in d.reason
 
 
+def test_a_queue_target_with_known_slots_scales_down_only_when_one_fewer_would_not_queue() -> None:
+    old = ScaleState(3, None, 900.0)
+    # no queue, but 3 x 4 slots busy: on two replicas 6 each > half of 4 slots -> hold
+    busy = Sample(0.0, 999.0, 3, in_flight=12.0, slots=4)
+    assert decide("m", SPEC, old, busy, 1000.0, FREE).action == "hold"
+    quiet = Sample(0.0, 999.0, 3, in_flight=3.0, slots=4)
+    assert decide("m", SPEC, old, quiet, 1000.0, FREE).action == "scale_down"
+    unknown = Sample(0.0, 999.0, 3, in_flight=12.0)  # slots unknown: the queue alone decides
+    assert decide("m", SPEC, old, unknown, 1000.0, FREE).action == "scale_down"
+
+
 def test_no_gpu_room_blocks_and_says_why() -> None:
     room = Room(0, "GPU 0: taken by s/other")
     d = decide("m", SPEC, ScaleState(2, 900.0), Sample(9.0, 999.0, 2), 1000.0, room)
