@@ -9,7 +9,8 @@ Rules (docs/configuration.md#autoscale):
 - a sample older than two intervals, or one the aggregation could not compute (replicas not
   answering), is never acted on; the hysteresis timers start over after it;
 - scale up only after the signal held above `threshold` for `scale_up_after`, to the count the
-  signal asks for (at least one more, at most `max_replicas`), and only as far as the GPUs the
+  signal asks for (at least one more, at most `max_replicas`; a queue target with known slots:
+  at least enough slots for the requests in flight), and only as far as the GPUs the
   calculator and the reservations say are free;
 - scale down one replica at a time, only after the signal, spread over one replica fewer,
   held below `scale_down_below` x `threshold` for `scale_down_after` (a queue target of a
@@ -133,9 +134,13 @@ def signal_value(
     return 0.0 if ttft_p95 is None else ttft_p95
 
 
-def _wanted_up(spec: AutoscaleSpec, value: float, current: int) -> int:
-    """The count the signal asks for: as many replicas as bring it to the threshold."""
+def _wanted_up(spec: AutoscaleSpec, sample: Sample, value: float, current: int) -> int:
+    """The count the signal asks for: as many replicas as bring it to the threshold; for a
+    queue target with known slots, at least as many as hold the requests in flight (the queue
+    at the current count understates what fewer replicas leave waiting)."""
     wanted = math.ceil(current * value / spec.threshold)
+    if spec.target == "queue_per_replica" and sample.slots and sample.in_flight is not None:
+        wanted = max(wanted, math.ceil(sample.in_flight / sample.slots))
     return min(spec.max_replicas, max(current + 1, wanted))
 
 
@@ -202,7 +207,7 @@ def decide(
             )
         if cooling:
             return out("hold", current, _cooling(spec, state, now), new)
-        target = _wanted_up(spec, value, current)
+        target = _wanted_up(spec, sample, value, current)
         why = f"{signal_name(spec)} {value:.3g} > {spec.threshold:g} for {held:.1f}s"
         return _act(model, spec, current, target, value, new, now, room, why)
     if low and current > spec.min_replicas:

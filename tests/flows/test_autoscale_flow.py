@@ -21,9 +21,17 @@ from tests.support.stacks import free_port, free_range, tear_down_fleet
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
-SCALE_UP_AFTER = 2.0
-INTERVAL = 1.0
-SCALE_DOWN_AFTER = 3.0
+# Compressed, yet longer than one pass takes on a busy CI machine (a scrape, an aggregation
+# and a decision in a Prefect flow run: 1-3 s there).
+SCALE_UP_AFTER = 4.0
+INTERVAL = 2.0
+SCALE_DOWN_AFTER = 6.0
+TIMES = {
+    "interval": f"{INTERVAL}s",
+    "scale_up_after": f"{SCALE_UP_AFTER}s",
+    "scale_down_after": f"{SCALE_DOWN_AFTER}s",
+    "cooldown": "4s",
+}
 
 
 def deploy(path: Path, state: Path) -> dict:  # type: ignore[type-arg]
@@ -38,7 +46,13 @@ def fleet(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     def make(stack: str, **kw: object) -> tuple[Path, Path, str]:
         base, gateway = free_range(8), free_port()
-        path = autoscale_fleet(tmp_path / f"{stack}.yaml", stack, base, gateway, **kw)  # type: ignore[arg-type]
+        path = autoscale_fleet(
+            tmp_path / f"{stack}.yaml",
+            stack,
+            base,
+            gateway,
+            **{**TIMES, **kw},  # type: ignore[arg-type]
+        )
         state = tmp_path / f"state-{stack}"
         made.append((path, state, stack))
         return path, state, f"http://127.0.0.1:{gateway}"
@@ -123,7 +137,7 @@ def test_gpus_for_two_replicas_stop_it_at_two_and_it_says_why(fleet, monkeypatch
     path, state, url = fleet("asg", gpus=2)
     deploy(path, state)
     scaler = Autoscaler(path, state, "asg", INTERVAL).start()
-    load = BackgroundLoad(url, "chat", 1200, concurrency=12).start()
+    load = BackgroundLoad(url, "chat", 1200, concurrency=16).start()
     two = wait_for(lambda: len(live_ports(state, "asg", path)) == 2, timeout=120)
     assert two is not None, (scaler.passes[-3:], scaler.errors)
     blocked = wait_for(lambda: bool(scaler.actions("blocked")), timeout=30)

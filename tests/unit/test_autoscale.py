@@ -114,6 +114,16 @@ def test_a_queue_target_with_known_slots_scales_down_only_when_one_fewer_would_n
     assert decide("m", SPEC, old, unknown, 1000.0, FREE).action == "scale_down"
 
 
+def test_a_queue_target_with_known_slots_scales_up_to_hold_what_is_in_flight() -> None:
+    spec = SPEC.model_copy(update={"max_replicas": 5})
+    state = ScaleState(1, 900.0)
+    # 4 slots busy and 5 waiting (just above the threshold 4): the queue alone asks for 2,
+    # the 9 requests in flight need 3 replicas of 4 slots
+    sample = Sample(5.0, 999.0, 1, in_flight=9.0, slots=4)
+    assert decide("m", spec, state, sample, 1000.0, FREE).desired == 3
+    assert decide("m", spec, state, Sample(5.0, 999.0, 1), 1000.0, FREE).desired == 2
+
+
 def test_no_gpu_room_blocks_and_says_why() -> None:
     room = Room(0, "GPU 0: taken by s/other")
     d = decide("m", SPEC, ScaleState(2, 900.0), Sample(9.0, 999.0, 2), 1000.0, room)
