@@ -3,9 +3,10 @@ behind the gateway, against `scale_up_after` plus a replica's measured start tim
 
 Setup (tests.support.autoscale_lab): one routed hxp-vllm-sim model (the development double of
 vLLM; 4 slots, 250 ms prefill per request) behind the real nginx gateway, autoscale min 1 /
-max 3 on waiting requests per replica (threshold 2), the autoscale flow every `--interval`
-seconds on a local Prefect server (heartbeats off, as CLI runs), closed-loop load of 12
-requests in flight (three times one replica's slots) from tests.support.loadgen.
+max 3 on waiting requests per replica (threshold 1), the autoscale flow every `--interval`
+seconds on a local Prefect server (heartbeats off, as CLI runs), closed-loop load of 16
+clients (4 x one replica's slots; about 3 x reach the replicas at once, each request being a
+new gateway connection) from tests.support.loadgen.
 
 Measured: load step -> the gateway routes to 3 replicas. A replica's start time: the wall time
 of the scale-up deploy the autoscaler ran (plan, placement, start, readiness gate, gateway),
@@ -46,7 +47,13 @@ def main() -> None:
 
         from flows.deploy import deploy_stack
         from hxp.store import Store
-        from tests.support.autoscale_lab import Autoscaler, autoscale_fleet, live_ports, wait_for
+        from tests.support.autoscale_lab import (
+            SLOTS,
+            Autoscaler,
+            autoscale_fleet,
+            live_ports,
+            wait_for,
+        )
         from tests.support.loadgen import BackgroundLoad
 
         base, gateway = free_range(8), free_port()
@@ -66,7 +73,7 @@ def main() -> None:
             for _ in range(3):  # baselines in place: rates from the first loaded pass
                 scaler.once()
             scaler.start()
-            load = BackgroundLoad(f"http://127.0.0.1:{gateway}", "chat", 100_000, 12)
+            load = BackgroundLoad(f"http://127.0.0.1:{gateway}", "chat", 100_000, 4 * SLOTS)
             step = time.monotonic()
             load.start()
             took = wait_for(lambda: len(live_ports(state, "asbench", path)) == 3, 300)

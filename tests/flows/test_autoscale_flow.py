@@ -15,7 +15,7 @@ import pytest
 
 from hxp.backends.process import ProcessBackend
 from hxp.store import Store
-from tests.support.autoscale_lab import Autoscaler, autoscale_fleet, live_ports, wait_for
+from tests.support.autoscale_lab import SLOTS, Autoscaler, autoscale_fleet, live_ports, wait_for
 from tests.support.loadgen import BackgroundLoad
 from tests.support.stacks import free_port, free_range, tear_down_fleet
 
@@ -26,6 +26,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 SCALE_UP_AFTER = 4.0
 INTERVAL = 2.0
 SCALE_DOWN_AFTER = 6.0
+# Clients in flight: 4 x one replica's slots from a closed loop on a busy machine keeps about
+# 3 x its slots in flight at the replicas (each request is a new gateway connection).
+LOAD = 4 * SLOTS
 TIMES = {
     "interval": f"{INTERVAL}s",
     "scale_up_after": f"{SCALE_UP_AFTER}s",
@@ -82,7 +85,7 @@ def test_load_step_scales_to_three_and_back_to_one_without_a_failed_request(flee
     # The load step: three times one replica's slots, closed loop.
     scaler.start()
     step = time.monotonic()
-    load = BackgroundLoad(url, "chat", 1500, concurrency=12).start()
+    load = BackgroundLoad(url, "chat", 1500, concurrency=LOAD).start()
     reached = wait_for(lambda: len(live_ports(state, "as", path)) == 3, timeout=120)
     assert reached is not None, (scaler.passes[-3:], scaler.errors)
     ups = scaler.actions("scale_up")
@@ -137,7 +140,7 @@ def test_gpus_for_two_replicas_stop_it_at_two_and_it_says_why(fleet, monkeypatch
     path, state, url = fleet("asg", gpus=2)
     deploy(path, state)
     scaler = Autoscaler(path, state, "asg", INTERVAL).start()
-    load = BackgroundLoad(url, "chat", 1200, concurrency=16).start()
+    load = BackgroundLoad(url, "chat", 1200, concurrency=LOAD).start()
     two = wait_for(lambda: len(live_ports(state, "asg", path)) == 2, timeout=120)
     assert two is not None, (scaler.passes[-3:], scaler.errors)
     blocked = wait_for(lambda: bool(scaler.actions("blocked")), timeout=30)

@@ -34,7 +34,7 @@ def autoscale_fleet(
     scale_up_after: str = "2s",
     scale_down_after: str = "3s",
     cooldown: str = "2s",
-    threshold: float = 2.0,
+    threshold: float = 1.0,
 ) -> Path:
     """Write the stack: model `chat`, min 1 / max `max_replicas`, queue-per-replica target.
     With `gpus`, the host declares that many 80 GiB GPUs and each replica claims one."""
