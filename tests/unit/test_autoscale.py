@@ -299,3 +299,25 @@ def test_room_counts_only_gpus_the_calculator_passes_and_nobody_holds() -> None:
     assert (
         replicas_that_fit(model, 0, devices, held, "s", ["m-1"], "models.m", "local").more is None
     )
+
+
+def test_hxp_autoscale_parses_once_and_json() -> None:
+    from hxp_cli import build_parser
+
+    args = build_parser().parse_args(["autoscale", "-f", "s.yaml", "--once", "--json"])
+    assert (args.once, args.json, args.dry_run, args.interval) == (True, True, False, None)
+    assert args.func.__name__ == "cmd_autoscale"
+
+
+def test_a_bad_autoscale_field_is_exit_2_naming_it(tmp_path: Any, capsys: Any) -> None:
+    from hxp_cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "stack: s\nhosts: {h: {backend: process}}\nmodels:\n  m:\n    host: h\n"
+        "    model: org/m\n    autoscale: {max_replicas: 2, target: queue, threshold: 1}\n"
+    )
+    assert main(["autoscale", "-f", str(path), "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "models.m.autoscale.target" in err
+    assert "Traceback" not in err
