@@ -321,3 +321,21 @@ def test_a_bad_autoscale_field_is_exit_2_naming_it(tmp_path: Any, capsys: Any) -
     err = capsys.readouterr().err
     assert "models.m.autoscale.target" in err
     assert "Traceback" not in err
+
+
+def test_the_exporter_serves_decisions_and_the_chosen_count_from_the_store(tmp_path: Any) -> None:
+    from prometheus_client import generate_latest
+
+    from hxp.io.telemetry import store_registry
+    from hxp.store import Store
+
+    store = Store(tmp_path)
+    store.save_autoscale_state("s", "m", 3, None, None, 100.0)
+    for action in ("hold", "hold", "scale_up"):
+        store.add_autoscale_decision("s", "m", action, 1, 3, 9.0, "why")
+    text = generate_latest(store_registry(tmp_path, ["s"])).decode()
+    assert 'hxp_autoscale_decisions_total{action="hold",model="m",stack="s"} 2.0' in text
+    assert 'hxp_autoscale_decisions_total{action="scale_up",model="m",stack="s"} 1.0' in text
+    assert 'hxp_autoscale_replicas{model="m",stack="s"} 3.0' in text
+    assert store.autoscale_counts("s") == {"m": 3}
+    assert [r["reason"] for r in store.autoscale_decisions("s", "m")] == ["why"] * 3
