@@ -14,7 +14,7 @@ from its deploy record. The last line's ratio is measured / (scale_up_after + re
 the issue's target is 1.2 (the decision may wait up to an interval for the next pass, and a
 pass scrapes and aggregates before it acts).
 
-Run: .venv/bin/python bench/autoscale.py [--scale-up-after 5] [--interval 1]
+Run: .venv/bin/python bench/autoscale.py [--scale-up-after 5] [--interval 2]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale-up-after", type=float, default=5.0)
-    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--interval", type=float, default=2.0)
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hxp-asbench-"))
     path = tmp / "stack.yaml"
