@@ -17,6 +17,7 @@ from prefect.utilities.annotations import quote
 
 from flows.records import RecordKeeper, close_interrupted, deploy_record
 from flows.scheduling import run_ready_set
+from hxp.autoscale import counted_config
 from hxp.config import (
     ConfigSnapshot,
     Document,
@@ -445,6 +446,9 @@ def apply_config(
             stack.unit(unit)
     state = state_dir_of(state_dir)
     store = Store(state)
+    # An autoscaled model runs the autoscaler's count, not the stack's `replicas` (hxp.autoscale).
+    effective = counted_config(effective, store.autoscale_counts(stack.stack))
+    stack = effective.stack
     run_id = str(flow_run.id) if flow_run.id else None
     holder = f"deploy flow run {flow_run.name or run_id or 'ad hoc'}"
     with run_lock(state, stack.stack, holder, wait=wait_for_lock, on_wait=logger.info):

@@ -1,5 +1,5 @@
 """Entrypoints of the flows that run every few seconds (health sweep, metrics aggregation,
-supervisor pass), with the flow heartbeat off.
+supervisor pass, autoscaler pass), with the flow heartbeat off.
 
 The heartbeat costs each flow run about a second and Prefect lets only code turn it off (the
 environment variable cannot say "none"; docs/prefect.md). A worker imports a deployment's
@@ -15,6 +15,7 @@ import os
 from prefect.context import SettingsContext, get_settings_context
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
+from flows.autoscale import autoscale
 from flows.health import health_sweep
 from flows.lifecycle import supervise_stack
 from flows.metrics import aggregate_metrics
@@ -38,4 +39,4 @@ def heartbeat_off() -> None:
 if os.environ.get("HXP_FLOW_HEARTBEAT", "off") == "off":
     heartbeat_off()
 
-__all__ = ["aggregate_metrics", "health_sweep", "heartbeat_off", "supervise_stack"]
+__all__ = ["aggregate_metrics", "autoscale", "health_sweep", "heartbeat_off", "supervise_stack"]

@@ -535,6 +535,10 @@ def unit_config_hash(stack: Stack, unit: str) -> str:
             del fields[name]
     if isinstance(fields.get("health"), dict):  # read by the health sweep only: no restart
         fields["health"].pop("stall_window", None)
+    # The autoscaler's settings change no process, and the replica count it owns must not
+    # make every replica look changed (hxp.autoscale: apply keeps the autoscaler's count).
+    if fields.pop("autoscale", None) is not None:
+        fields.pop("replicas", None)
     payload = {
         "unit": fields,
         "host": stack.hosts[spec.host].model_dump(mode="json"),

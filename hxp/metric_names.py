@@ -468,6 +468,15 @@ HXP_AGGREGATED_AT = Family(
     "When the last metrics aggregation of the stack finished (Unix time): alert when it stops.",
     ("stack",),
 )  # fmt: skip
+HXP_AUTOSCALE_DECISIONS = Family(
+    "hxp_autoscale_decisions_total", "counter",
+    "Autoscaler decisions by action (scale_up, scale_down, hold, stale, blocked).",
+    ("stack", "model", "action"),
+)  # fmt: skip
+HXP_AUTOSCALE_REPLICAS = Family(
+    "hxp_autoscale_replicas", "gauge",
+    "The replica count the autoscaler chose for a model.", ("stack", "model"),
+)  # fmt: skip
 
 HXP: tuple[Family, ...] = (
     HXP_DEPLOYS,
@@ -480,6 +489,8 @@ HXP: tuple[Family, ...] = (
     HXP_AGGREGATION_SECONDS,
     HXP_ERRORS,
     HXP_AGGREGATED_AT,
+    HXP_AUTOSCALE_DECISIONS,
+    HXP_AUTOSCALE_REPLICAS,
 )
 
 

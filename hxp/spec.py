@@ -492,6 +492,52 @@ class VllmSpec(_Model):
     extra_args: list[Arg] = Field(default_factory=list, max_length=256)
 
 
+class AutoscaleSpec(_Model):
+    """A model's replica count chosen by the autoscaler (hxp.autoscale) within bounds."""
+
+    min_replicas: Annotated[int, Field(ge=1, le=64, strict=True)] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=64, strict=True)]
+    target: Literal["queue_per_replica", "kv_cache_usage", "ttft_p95"] = Field(
+        description="the signal: waiting requests per replica, mean KV-cache use (0-1), or "
+        "time to first token p95 (seconds)"
+    )
+    threshold: Annotated[float, Field(gt=0)] = Field(
+        description="scale up above it; scale down below `scale_down_below` x threshold"
+    )
+    scale_down_below: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.5,
+        description="fraction of `threshold` the signal, spread over one replica fewer, must "
+        "stay under for a scale down",
+    )
+    scale_up_after: Duration = Field(
+        default=60.0, description="how long the signal must hold above before a scale up"
+    )
+    scale_down_after: Duration = Field(
+        default=300.0, description="how long the signal must hold below before a scale down"
+    )
+    cooldown: Duration = Field(default=120.0, description="no action this long after any")
+    interval: Duration = Field(
+        default=15.0,
+        description="how often the autoscaler reads metrics; a sample older than twice this "
+        "is stale and never acted on",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        if self.target == "kv_cache_usage" and self.threshold > 1:
+            raise ValueError(f"threshold: KV-cache use is 0-1, got {self.threshold}")
+        for name in ("scale_up_after", "scale_down_after", "cooldown"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.interval <= 0:
+            raise ValueError("interval must be positive")
+        return self
+
+
 class ModelSpec(_UnitSpec):
     """A vLLM model server."""
 
@@ -526,6 +572,25 @@ class ModelSpec(_UnitSpec):
         description="engine: simulator: GPUs each replica claims as vLLM would (placed, "
         "reserved and checked by the GPU calculator; the simulator never uses them); 0: none",
     )
+
+    autoscale: AutoscaleSpec | None = Field(
+        default=None,
+        description="let the autoscaler choose the replica count within [min, max]; "
+        "`replicas` then only sets the first count (docs/configuration.md#autoscale)",
+    )
+
+    @model_validator(mode="after")
+    def _autoscale_gpus(self) -> ModelSpec:
+        if self.autoscale is not None and self.gpus != "auto":
+            raise ValueError("autoscale: needs `gpus: auto` (listed GPUs fix the replica count)")
+        return self
+
+    def replica_span(self) -> int:
+        """How many replica indexes the model's names and ports cover: its replicas, or for an
+        autoscaled model its max_replicas (names and ports stay put as the count changes)."""
+        if self.autoscale is not None:
+            return max(self.autoscale.max_replicas, self.replicas)
+        return self.replicas
 
     def tensor_parallel(self) -> int:
         """TP as declared; `auto` falls back to the listed GPUs per replica, else 1.
@@ -887,7 +952,7 @@ class Stack(_Model):
                 yield "services", name, svc.host, port, svc.replicas * slots
         for name, model in sorted(self.models.items()):
             slots = 2 if name in routed else 1
-            yield "models", name, model.host, model.port, model.replicas * slots
+            yield "models", name, model.host, model.port, model.replica_span() * slots
         if self.gateway is not None:
             for unit, port in sorted(self.gateway.routes.items()):
                 yield "gateway", unit, self.gateway.host, port, 1

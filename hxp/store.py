@@ -144,6 +144,28 @@ CREATE TABLE IF NOT EXISTS kv_calibrations (
     PRIMARY KEY (model, revision, vllm_version, gpu_name, tensor_parallel_size, max_model_len,
                  gpu_memory_utilization)
 );
+CREATE TABLE IF NOT EXISTS autoscale_state (
+    stack TEXT NOT NULL,
+    model TEXT NOT NULL,
+    replicas INTEGER NOT NULL,
+    above_since REAL,
+    below_since REAL,
+    last_action_at REAL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (stack, model)
+);
+CREATE TABLE IF NOT EXISTS autoscale_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    stack TEXT NOT NULL,
+    model TEXT NOT NULL,
+    action TEXT NOT NULL,
+    current INTEGER NOT NULL,
+    desired INTEGER NOT NULL,
+    value REAL,
+    reason TEXT NOT NULL,
+    outcome TEXT NOT NULL DEFAULT '',
+    at REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS revisions_unit ON revisions (stack, unit, revision);
 CREATE INDEX IF NOT EXISTS events_stack ON events (stack, at);
 """
@@ -805,6 +827,67 @@ class Store:
             measured_at=row["measured_at"],
             instance=row["instance"],
         )
+
+    # ---------------------------------------------------------------- autoscaler
+
+    def autoscale_states(self, stack: str) -> dict[str, dict[str, Any]]:
+        """model -> the autoscaler's kept state (replicas, above_since, below_since,
+        last_action_at, updated_at)."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM autoscale_state WHERE stack = ?", (stack,)).fetchall()
+        cols = ("replicas", "above_since", "below_since", "last_action_at", "updated_at")
+        return {r["model"]: {k: r[k] for k in cols} for r in rows}
+
+    def autoscale_counts(self, stack: str) -> dict[str, int]:
+        """model -> the replica count the autoscaler chose last."""
+        return {m: int(v["replicas"]) for m, v in self.autoscale_states(stack).items()}
+
+    def save_autoscale_state(
+        self,
+        stack: str,
+        model: str,
+        replicas: int,
+        above_since: float | None,
+        below_since: float | None,
+        last_action_at: float | None,
+    ) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO autoscale_state (stack, model, replicas, above_since, below_since,"
+                " last_action_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (stack, model) DO UPDATE SET replicas = excluded.replicas,"
+                " above_since = excluded.above_since, below_since = excluded.below_since,"
+                " last_action_at = excluded.last_action_at, updated_at = excluded.updated_at",
+                (stack, model, replicas, above_since, below_since, last_action_at, time.time()),
+            )
+
+    def add_autoscale_decision(
+        self,
+        stack: str,
+        model: str,
+        action: str,
+        current: int,
+        desired: int,
+        value: float | None,
+        reason: str,
+        outcome: str = "",
+    ) -> int:
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO autoscale_decisions (stack, model, action, current, desired, value,"
+                " reason, outcome, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (stack, model, action, current, desired, value, reason, outcome, time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def autoscale_decisions(self, stack: str, model: str | None = None) -> list[dict[str, Any]]:
+        query = "SELECT * FROM autoscale_decisions WHERE stack = ?"
+        args: tuple[Any, ...] = (stack,)
+        if model is not None:
+            query += " AND model = ?"
+            args = (stack, model)
+        with self._connect() as db:
+            return [dict(r) for r in db.execute(query + " ORDER BY id", args).fetchall()]
 
 
 def _lifecycle(row: sqlite3.Row) -> LifecycleRecord:

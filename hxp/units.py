@@ -168,7 +168,7 @@ def _service_instance(
 def _model_instance(
     stack: Stack, name: str, model: ModelSpec, i: int, slot: int = 0
 ) -> UnitInstance:
-    port = model.port + i + slot * model.replicas
+    port = model.port + i + slot * model.replica_span()
     launch = (
         simulator_launch(model, name, port, listen_address(stack.hosts[model.host]))
         if model.engine == "simulator"
@@ -191,7 +191,7 @@ def _model_instance(
         unit=name,
         kind="model",
         replica=i,
-        replicas=model.replicas,
+        replicas=model.replica_span(),
         host=model.host,
         host_spec=stack.hosts[model.host],
         spec=model,
@@ -231,6 +231,8 @@ def simulator_launch(
     if model.vllm.max_model_len is not None:
         args += ["--max-model-len", str(model.vllm.max_model_len)]
     args += list(shutdown_args(model, model.simulator_args))  # before: the operator's win
+    if model.vllm.max_num_seqs is not None:  # the double's slots, as vLLM's max_num_seqs
+        args += ["--max-concurrency", str(model.vllm.max_num_seqs)]
     args += list(model.simulator_args)
     return VllmLaunch(
         host_argv=(model.python, "-m", "hxp.sim.vllm", *args),

@@ -68,6 +68,8 @@ ERRORS = _counter_of(names.HXP_ERRORS)
 
 HEALTH_VALUE = {"healthy": 1.0, "degraded": 0.5, "unhealthy": 0.0, "unknown": -1.0}
 AGGREGATED_AT = _gauge_of(names.HXP_AGGREGATED_AT)
+AUTOSCALE_DECISIONS = _counter_of(names.HXP_AUTOSCALE_DECISIONS)
+AUTOSCALE_REPLICAS = _gauge_of(names.HXP_AUTOSCALE_REPLICAS)
 
 # ---------------------------------------------------------------------------------------------
 # Everything below derives the series from the store, so `hxp exporter` and the Pushgateway
@@ -280,6 +282,19 @@ class StoreCollector(Collector):
         if "aggregate-metrics" in self.groups:
             yield from self._aggregations(store, stacks)
         yield from self._errors(store, stacks)
+        yield from self._autoscale(store, stacks)
+
+    def _autoscale(self, store: Store, stacks: Sequence[str]) -> Iterator[Metric]:
+        decisions: dict[tuple[str, ...], list[float]] = {}
+        name, doc, labels = _shape(AUTOSCALE_REPLICAS)
+        replicas = GaugeMetricFamily(name, doc, labels=list(labels))
+        for stack in stacks:
+            for row in store.autoscale_decisions(stack):
+                _count(decisions, (stack, row["model"], row["action"]), row["at"])
+            for model, count in sorted(store.autoscale_counts(stack).items()):
+                replicas.add_metric([stack, model], float(count))
+        yield _counter(AUTOSCALE_DECISIONS, decisions)
+        yield replicas
 
     def _deploys(self, store: Store, stacks: Sequence[str]) -> Iterator[Metric]:
         runs: dict[tuple[str, ...], list[float]] = {}  # labels -> [count, created]
