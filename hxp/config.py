@@ -520,6 +520,9 @@ def config_hash(stack: Stack) -> str:
 #: the unit hash, so upgrading hxp does not make every deployed unit look changed (and
 #: blue-green replace a whole fleet). Set to anything else, it counts like any field.
 HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {"simulator_gpus": 0}
+#: Unit fields that say how a deploy treats the unit, not what runs: never in the unit hash
+#: (changing a unit's bake period alone restarts nothing).
+DEPLOY_POLICY_FIELDS = ("bake",)
 
 
 def unit_config_hash(stack: Stack, unit: str) -> str:
@@ -529,6 +532,8 @@ def unit_config_hash(stack: Stack, unit: str) -> str:
     for name, default in HASH_NEUTRAL_DEFAULTS.items():
         if name in fields and fields[name] == default:
             del fields[name]
+    for name in DEPLOY_POLICY_FIELDS:
+        fields.pop(name, None)
     payload = {
         "unit": fields,
         "host": stack.hosts[spec.host].model_dump(mode="json"),

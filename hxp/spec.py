@@ -406,6 +406,11 @@ class _UnitSpec(_Model):
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     restart: RestartPolicy = "on-failure"
     stop_timeout: Duration = 10.0
+    bake: Duration | None = Field(
+        default=None,
+        description="how long a deploy watches this unit's new instances after the final "
+        "verification before it commits (overrides deploy.bake); 0: no bake",
+    )
 
     @model_validator(mode="after")
     def _unique_lists(self) -> _UnitSpec:
@@ -640,6 +645,17 @@ class GatewaySpec(_Model):
     bind: Annotated[str, AfterValidator(_check_address)] = "127.0.0.1"
 
 
+class DeploySpec(_Model):
+    """How a deploy of the stack proceeds (not part of any unit's config)."""
+
+    bake: Duration | None = Field(
+        default=None,
+        description="how long a deploy watches every changed instance after the final "
+        "verification before it commits; default per unit: services max(2 x health interval, "
+        "5s), models max(2 x health interval, 30s); 0: no bake",
+    )
+
+
 class MonitoringSpec(_Model):
     prometheus: PrometheusSpec | None = None
     alertmanager: AlertmanagerSpec | None = None
@@ -750,6 +766,7 @@ class Stack(_Model):
     monitoring: MonitoringSpec | None = None
     metrics: MetricsSpec | None = None
     gateway: GatewaySpec | None = None
+    deploy: DeploySpec | None = None
     templates_dir: AbsPath | None = Field(
         default=None, description="directory whose templates override the built-in ones"
     )

@@ -56,7 +56,7 @@ def stack_file(
     ports = {"db": free_port(), "api": free_port()}
     path = tmp_path / "stack.yaml"
     path.write_text(
-        f"stack: {name}\nhosts:\n  box: {{backend: docker}}\nservices:"
+        f"stack: {name}\nhosts:\n  box: {{backend: docker}}\ndeploy: {{bake: 500ms}}\nservices:"
         + server("db", python_image, ports["db"])
         + server("api", python_image, ports["api"], depends_on="db")
         + "\n"

@@ -39,6 +39,7 @@ def stack_data(
         "version": 2,
         "stack": stack,
         "hosts": {HOST: {"backend": "systemd", "runner": "docker-exec", "container": container}},
+        "deploy": {"bake": "500ms"},
         "services": {
             "web": {
                 "host": HOST,
