@@ -5,6 +5,7 @@ Prefect server."""
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 from pathlib import Path
@@ -16,11 +17,10 @@ from hxp.backends.base import Remove, UnitRef
 from hxp.backends.process import ProcessBackend
 from hxp.store import Store
 from hxp_cli import main
+from tests.support.crash_after_serving import crash_after_serving
 from tests.support.stacks import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
-
-CRASHER = Path(__file__).resolve().parents[1] / "support" / "crash_after_serving.py"
 
 
 def stack(tmp: Path, port: int) -> tuple[Path, Path]:
@@ -48,7 +48,8 @@ def stack(tmp: Path, port: int) -> tuple[Path, Path]:
         )
     )
     v2 = tmp / "v2.yaml"
-    v2.write_text(f'services:\n  api:\n    command: [{py}, "{CRASHER}", "{port}", "2"]\n')
+    command = json.dumps(crash_after_serving(py, port, 2.0))
+    v2.write_text(f"services:\n  api:\n    command: {command}\n")
     return base, v2
 
 
