@@ -447,6 +447,14 @@ class ReloadSpec(_Model):
         return self
 
 
+def _omit_unset_bake(data: Any) -> Any:
+    """A unit's dump leaves `bake` out when unset (deploy policy, added later: never part of
+    the unit's config hash, and no dump of an existing unit changes)."""
+    if isinstance(data, dict) and data.get("bake") is None:
+        data.pop("bake", None)
+    return data
+
+
 class ServiceSpec(_UnitSpec):
     """A supporting service: database, cache, gateway, exporter."""
 
@@ -466,7 +474,7 @@ class ServiceSpec(_UnitSpec):
                 data.pop("config_files", None)
             if data.get("reload") is None:
                 data.pop("reload", None)
-        return data
+        return _omit_unset_bake(data)
 
 
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
@@ -514,6 +522,10 @@ class ModelSpec(_UnitSpec):
         description="engine: simulator: GPUs each replica claims as vLLM would (placed, "
         "reserved and checked by the GPU calculator; the simulator never uses them); 0: none",
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> Any:
+        return _omit_unset_bake(handler(self))
 
     def tensor_parallel(self) -> int:
         """TP as declared; `auto` falls back to the listed GPUs per replica, else 1.

@@ -3,8 +3,9 @@ unit's bake window (hxp.bake) before the deploy commits.
 
 Every changed instance is watched at once, each until its own window ends: the backend is
 asked whether it still runs (and whether it restarted by itself) about twice a second, its
-checks run every health interval, and a model's served name must still answer a one-token
-completion (a model that stops answering has stalled). The first failure ends the watch; the
+checks run every health interval (a check fails after `health.retries` failures in a row, as
+the supervisor counts), and a model's served name must still answer a one-token completion (a
+model that stops answering has stalled). The first failure ends the watch; the
 deploy rolls back like any other failure.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -20,8 +23,9 @@ from prefect.cache_policies import NO_CACHE
 from hxp.backends.base import UnitRef
 from hxp.bake import BakeFailure, bake_pause, bake_seconds
 from hxp.errors import FailureClass
+from hxp.health import ProbeResult
 from hxp.io.probes import probe, probe_model_api
-from hxp.spec import ModelSpec
+from hxp.spec import HealthSpec, ModelSpec
 from hxp.units import UnitInstance, all_slots
 from tasks.instances import LOG_LINES, RunContext, UnitOutcome
 
@@ -76,20 +80,34 @@ def _look(ctx: RunContext, watched: list[_Watched], elapsed: float) -> BakeFailu
             continue
         interval = w.inst.health.interval if w.inst.health is not None else w.window
         w.next_check = max(elapsed, 1e-6) + interval
-        if w.inst.health is not None:
-            result = asyncio.run(probe(w.inst.health))
-            if not result.ok:
-                why = f"{result.check} failed: {result.reason}"
-                return BakeFailure(name, elapsed, "check", why)
-        if isinstance(w.inst.spec, ModelSpec) and w.inst.health is not None:
+        health = w.inst.health
+        if health is None:
+            continue
+        result = _checked(health, partial(probe, health))
+        if not result.ok:
+            why = f"{result.check} failed {health.retries} time(s) in a row: {result.reason}"
+            return BakeFailure(name, elapsed, "check", why)
+        if isinstance(w.inst.spec, ModelSpec):
             served = w.inst.spec.served_name or w.inst.unit
             port = dict(w.inst.ports)["http"]
-            answer = asyncio.run(probe_model_api(port, served, max(w.inst.health.timeout, 5.0)))
+            timeout = max(health.timeout, 5.0)
+            answer = _checked(health, partial(probe_model_api, port, served, timeout))
             if not answer.ok:
-                return BakeFailure(
-                    name, elapsed, "stalled", f"{answer.check} stalled: {answer.reason}"
-                )
+                why = f"{answer.check} stalled: {answer.reason}"
+                return BakeFailure(name, elapsed, "stalled", why)
     return None
+
+
+def _checked(health: HealthSpec, check: Callable[[], Awaitable[ProbeResult]]) -> ProbeResult:
+    """A check as the supervisor counts it: failed only after `health.retries` failures in a
+    row (a moment apart), so one slow answer on a busy host fails nothing."""
+    result = asyncio.run(check())
+    for _ in range(health.retries - 1):
+        if result.ok:
+            break
+        time.sleep(min(health.interval, 0.5))
+        result = asyncio.run(check())
+    return result
 
 
 @task(name="bake", task_run_name="bake-{ctx.stack.stack}", cache_policy=NO_CACHE)
