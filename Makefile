@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/graph_scale.py
 	$(BIN)/python bench/deploy.py
 	$(BIN)/python bench/lifecycle.py
+	$(BIN)/python bench/rollback.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

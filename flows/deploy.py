@@ -33,6 +33,7 @@ from hxp.plan import Action, ActionKind, Plan, StepKind, plan_stack
 from hxp.spec import Stack
 from hxp.store import Store
 from hxp.units import expand_units
+from tasks.bake import bake_units
 from tasks.deploy import (
     apply_unit,
     commit_unit,
@@ -218,9 +219,18 @@ def _apply_graph(ctx: RunContext, plan: Plan) -> tuple[list[UnitOutcome], UnitOu
 # The parameters are typed Any for Prefect: it builds a JSON schema of every flow's parameters
 # when the module is imported, and the Stack's took 0.2-0.3 s of every CLI command (this
 # subflow is only ever called in-process, never from a deployment's form).
-@flow(name="rollback-deploy", flow_run_name="rollback-{ctx.stack.stack}-deploy-{ctx.deploy_id}")
+@flow(
+    name="rollback-deploy",
+    flow_run_name="rollback-{ctx.stack.stack}-deploy-{ctx.deploy_id}",
+    task_runner=ThreadPoolTaskRunner(MAX_PARALLEL_UNITS),
+)
 def rollback_deploy(ctx: Any, outcomes: Any, previous: Any) -> list[str]:
-    """Compensate a failed deploy: in reverse dependency order, restore every unit it changed.
+    """Compensate a failed deploy: restore every unit it changed, in reverse dependency order
+    on the apply's ready-set scheduler: a unit is restored once every changed unit that
+    depends on it is restored; independent units side by side. A unit whose restore fails
+    holds back the units it depends on (they are reported), the others are still restored,
+    and the first error is raised once nothing else can run. The lines come in reverse
+    dependency order (each unit's own in the order they were done).
 
     ctx: RunContext; outcomes: list[UnitOutcome]; previous: Stack | None."""
     return _rollback_units(ctx, outcomes, previous)
@@ -230,10 +240,22 @@ def _rollback_units(
     ctx: RunContext, outcomes: list[UnitOutcome], previous: Stack | None
 ) -> list[str]:
     by_unit = {o.unit: o for o in outcomes if o.applied}
+    graph = DependencyGraph(ctx.stack.dependencies())
+    run = run_ready_set(
+        graph.inverted().scheduler(set(by_unit)),
+        # quote(): Prefect would otherwise walk the context and outcomes looking for futures.
+        lambda unit: rollback_unit.submit(quote(ctx), quote(by_unit[unit]), quote(previous)),
+        stop_on_failure=False,
+    )
+    done = dict(run.done)
     lines: list[str] = []
-    for unit in DependencyGraph(ctx.stack.dependencies()).reverse_order():
-        if unit in by_unit:
-            lines.extend(rollback_unit(ctx, by_unit[unit], previous))
+    for unit in graph.reverse_order():
+        lines.extend(done.get(unit, []))
+    if run.failed:
+        unit, error = run.failed[0]
+        for held in run.skipped:
+            get_run_logger().error("%s: not rolled back: %s's rollback failed first", held, unit)
+        raise error
     return lines
 
 
@@ -283,6 +305,7 @@ def deploy_stack(
     state_dir: str | None = None,
     wait_for_lock: bool = True,
     dispatch: bool = False,
+    bake: bool = True,
 ) -> dict[str, Any]:
     """Deploy a stack: apply what changed in dependency order, gate each unit, roll back on failure.
 
@@ -294,12 +317,15 @@ def deploy_stack(
         wait_for_lock: Wait for another deploy of the same stack to finish (else fail fast).
         dispatch: Multi-host: hand each host's units to the worker of the host's `work_pool`
             (a `deploy-stack/host-<pool>` run there) and wait; off deploys in this process.
+        bake: Watch every changed instance for its bake window (`deploy.bake`) after the
+            final verification before committing; off commits at once (the operator accepts
+            that a revision which fails moments after its checks pass stays).
     """
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     effective = load_stack(files, list(overrides or []))
     if dispatch:
-        return _dispatch(effective.stack, files, list(overrides or []), units, wait_for_lock)
-    return apply_config(effective, units, state_dir, wait_for_lock)
+        return _dispatch(effective.stack, files, list(overrides or []), units, wait_for_lock, bake)
+    return apply_config(effective, units, state_dir, wait_for_lock, bake=bake)
 
 
 def _host_deployment(pool: str) -> str:
@@ -356,6 +382,7 @@ def _dispatch(
     overrides: list[str],
     units: list[str] | None,
     wait_for_lock: bool,
+    bake: bool = True,
 ) -> dict[str, Any]:
     """Deploy host by host: each ready wave's units go, grouped by host, to the host's worker.
 
@@ -390,6 +417,7 @@ def _dispatch(
                     "overrides": overrides,
                     "units": sorted(part),
                     "wait_for_lock": wait_for_lock,
+                    "bake": bake,
                 },
             )
             for host, part in sorted(by_host.items())
@@ -431,11 +459,14 @@ def apply_config(
     state_dir: str | None = None,
     wait_for_lock: bool = True,
     kind: str = "deploy",
+    *,
+    bake: bool = True,
 ) -> dict[str, Any]:
     """The deploy engine (called inside a flow run): under the stack's lock, roll back what an
     interrupted run left, plan `effective` against what runs, and apply the plan under a new
     deploy record of `kind` (`deploy`, `rollback`): in dependency order, gated, verified and
     committed, or rolled back. Only `units` (their dependencies must already run) when given.
+    `bake`: watch the changed instances for their bake window before committing.
     The run's summary: `stack`, `deploy_id`, `changed`, `status`, `units`, `plan`; a failure
     raises DeployError with the summary (the record closed `failed`)."""
     logger = get_run_logger()
@@ -466,14 +497,18 @@ def apply_config(
         with deploy_record(
             store, stack, state, kind, effective.content_hash, plan.to_dict(), on_error=unexpected
         ) as record:
-            return _apply_plan(effective, record, plan, previous)
+            return _apply_plan(effective, record, plan, previous, bake)
 
 
 def _apply_plan(
-    effective: EffectiveConfig, record: RecordKeeper, plan: Plan, previous: Stack | None
+    effective: EffectiveConfig,
+    record: RecordKeeper,
+    plan: Plan,
+    previous: Stack | None,
+    bake: bool = True,
 ) -> dict[str, Any]:
     """Everything after the deploy record is begun (under the stack's lock): apply, gate,
-    verify, commit, or roll back and fail with a summary."""
+    verify, bake, commit, or roll back and fail with a summary."""
     logger = get_run_logger()
     stack = effective.stack
     state = record.state_dir
@@ -506,9 +541,12 @@ def _apply_plan(
     outcomes, failure = _apply_graph(ctx, plan)
     if failure is None and outcomes:
         failure = verify_units(ctx, outcomes)
+        if failure is None and bake:
+            failure = bake_units(ctx, outcomes)
         if failure is not None:
             outcomes = [o for o in outcomes if o.unit != failure.unit]
     if failure is not None:
+        baking = failure.failure is FailureClass.BAKE
         logger.error("unit %s failed: %s; rolling back", failure.unit, failure.reason)
         rollback = rollback_deploy(ctx, [*outcomes, failure], previous)
         summary = _summary(stack.stack, failure, rollback)
@@ -522,9 +560,10 @@ def _apply_plan(
                 "rollback": rollback,
                 "seconds": round(failure.seconds, 3),
                 "units": {o.unit: round(o.seconds, 3) for o in outcomes},
+                **({"phase": "bake"} if baking else {}),
             },
             summary=summary,
-            what="failed and was rolled back",
+            what=("failed during bake" if baking else "failed") + " and was rolled back",
         )
         raise DeployError(summary)
     for action in plan.actions:
@@ -582,6 +621,7 @@ def deploy_service(
     image: str | None = None,
     revision: str | None = None,
     version: str | None = None,
+    bake: bool = True,
 ) -> dict[str, Any]:
     """Deploy one service or model of a stack (its dependencies must already be running).
 
@@ -594,6 +634,7 @@ def deploy_service(
         image: A release's container image for the unit (CI: the `hxp.ci.release` payload).
         revision: A release's model revision (models only).
         version: The release's version, given to the unit as `HXP_RELEASE_VERSION`.
+        bake: Watch the unit's new instances for its bake window before committing.
     """
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     extra = list(overrides or [])
@@ -601,7 +642,7 @@ def deploy_service(
         stack = load_stack(files, extra).stack
         extra = [*release_overrides(stack, service, image, revision, version), *extra]
     effective = load_stack(files, extra)
-    return apply_config(effective, [service], state_dir, wait_for_lock)
+    return apply_config(effective, [service], state_dir, wait_for_lock, bake=bake)
 
 
 def release_overrides(

@@ -524,6 +524,9 @@ HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {
     "pin_kv_cache_memory": True,
     "hf_config": None,
 }
+#: Unit fields that say how a deploy treats the unit, not what runs: never in the unit hash
+#: (changing a unit's bake period alone restarts nothing).
+DEPLOY_POLICY_FIELDS = ("bake",)
 
 
 def unit_config_hash(stack: Stack, unit: str) -> str:
@@ -539,6 +542,8 @@ def unit_config_hash(stack: Stack, unit: str) -> str:
     # make every replica look changed (hxp.autoscale: apply keeps the autoscaler's count).
     if fields.pop("autoscale", None) is not None:
         fields.pop("replicas", None)
+    for name in DEPLOY_POLICY_FIELDS:
+        fields.pop(name, None)
     payload = {
         "unit": fields,
         "host": stack.hosts[spec.host].model_dump(mode="json"),

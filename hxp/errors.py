@@ -231,6 +231,7 @@ class FailureClass(StrEnum):
     READINESS = "readiness"  # an instance never became ready
     VERIFY = "verify"  # ready, then a check failed before the commit
     CRASHED = "crashed"  # an instance stopped (not running when gated or verified)
+    BAKE = "bake"  # verified, then crashed, restarted, failed a check or stalled in the bake
     APPLY = "apply"  # a backend action failed
     SECRET = "secret"  # noqa: S105 - a secret could not be resolved (a class, no secret)
     RESOURCES = "resources"  # no GPUs for it

@@ -413,6 +413,11 @@ class _UnitSpec(_Model):
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     restart: RestartPolicy = "on-failure"
     stop_timeout: Duration = 10.0
+    bake: Duration | None = Field(
+        default=None,
+        description="how long a deploy watches this unit's new instances after the final "
+        "verification before it commits (overrides deploy.bake); 0: no bake",
+    )
 
     @model_validator(mode="after")
     def _unique_lists(self) -> _UnitSpec:
@@ -449,6 +454,14 @@ class ReloadSpec(_Model):
         return self
 
 
+def _omit_unset_bake(data: Any) -> Any:
+    """A unit's dump leaves `bake` out when unset (deploy policy, added later: never part of
+    the unit's config hash, and no dump of an existing unit changes)."""
+    if isinstance(data, dict) and data.get("bake") is None:
+        data.pop("bake", None)
+    return data
+
+
 class ServiceSpec(_UnitSpec):
     """A supporting service: database, cache, gateway, exporter."""
 
@@ -468,7 +481,7 @@ class ServiceSpec(_UnitSpec):
                 data.pop("config_files", None)
             if data.get("reload") is None:
                 data.pop("reload", None)
-        return data
+        return _omit_unset_bake(data)
 
 
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
@@ -591,6 +604,10 @@ class ModelSpec(_UnitSpec):
         if self.autoscale is not None:
             return max(self.autoscale.max_replicas, self.replicas)
         return self.replicas
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: Any) -> Any:
+        return _omit_unset_bake(handler(self))
 
     def tensor_parallel(self) -> int:
         """TP as declared; `auto` falls back to the listed GPUs per replica, else 1.
@@ -722,6 +739,17 @@ class GatewaySpec(_Model):
     bind: Annotated[str, AfterValidator(_check_address)] = "127.0.0.1"
 
 
+class DeploySpec(_Model):
+    """How a deploy of the stack proceeds (not part of any unit's config)."""
+
+    bake: Duration | None = Field(
+        default=None,
+        description="how long a deploy watches every changed instance after the final "
+        "verification before it commits; default per unit: services max(2 x health interval, "
+        "5s), models max(2 x health interval, 30s); 0: no bake",
+    )
+
+
 class MonitoringSpec(_Model):
     prometheus: PrometheusSpec | None = None
     alertmanager: AlertmanagerSpec | None = None
@@ -832,6 +860,7 @@ class Stack(_Model):
     monitoring: MonitoringSpec | None = None
     metrics: MetricsSpec | None = None
     gateway: GatewaySpec | None = None
+    deploy: DeploySpec | None = None
     templates_dir: AbsPath | None = Field(
         default=None, description="directory whose templates override the built-in ones"
     )

@@ -76,6 +76,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         units=args.units or None,
         state_dir=str(state_dir(args)),
         wait_for_lock=not args.no_wait,
+        bake=not args.no_bake,
     )
     print_result(result)
     return 0
@@ -200,9 +201,13 @@ def cmd_history(args: argparse.Namespace) -> int:
         "              finished"
     )
     for d in store.deploys(stack, args.limit):
+        result = d.result or {}
+        note = ""
+        if d.status == "failed" and result.get("phase") == "bake":
+            note = f"  failed during bake: {result.get('failed_unit', '?')}"
         print(
             f"{d.id:>4}  {d.kind:<8} {d.status:<11} {(d.config_hash or '-')[:12]:<12} "
-            f"{(d.actor or '-'):<10} {when(d.started_at)}  {when(d.finished_at)}"
+            f"{(d.actor or '-'):<10} {when(d.started_at)}  {when(d.finished_at)}{note}"
         )
     return 0
 
@@ -230,6 +235,13 @@ def register_apply(sub: Any) -> None:
     )
     p.add_argument(
         "--no-wait", action="store_true", help="fail at once if another run holds the stack's lock"
+    )
+    p.add_argument(
+        "--no-bake",
+        action="store_true",
+        help="commit right after the final verification, without watching the changed "
+        "instances for their bake window (deploy.bake): a revision that fails moments later "
+        "stays (the supervisor still restarts it)",
     )
     p.set_defaults(func=cmd_apply)
 

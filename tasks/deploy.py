@@ -650,7 +650,9 @@ def rollback_unit(ctx: RunContext, outcome: UnitOutcome, previous: Stack | None)
                 restored = old.get(instance) or new.get(instance)
                 if restored is not None:
                     lifecycle.rebaseline(store, backend, restored)
-                seen = backend.observe(ctx.stack.stack).get(instance)
+                    seen = observe_one(backend, restored)  # the cheapest look (one instance)
+                else:
+                    seen = backend.observe(ctx.stack.stack).get(instance)
                 rev = seen.revision if seen else None
                 done.append(f"{instance}: restored revision {rev}, healthy")
     if outcome.revision is not None:

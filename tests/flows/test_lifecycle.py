@@ -206,7 +206,7 @@ def test_each_unit_starts_the_moment_its_own_dependencies_are_ready(tmp_path: Pa
         "http.server.SimpleHTTPRequestHandler).serve_forever()"
     )
     units = {"slow": ("3", []), "a": ("0", []), "b": ("0", ["a"])}
-    text = "stack: dag\nhosts:\n  local: {backend: process}\nservices:\n"
+    text = "stack: dag\nhosts:\n  local: {backend: process}\ndeploy: {bake: 500ms}\nservices:\n"
     for unit, (delay, deps) in units.items():
         text += textwrap.indent(
             textwrap.dedent(
@@ -254,6 +254,7 @@ def service_stack(tmp: Path, name: str, command: str, restart: str) -> tuple[Pat
             stack: {name}
             hosts:
               local: {{backend: process}}
+            deploy: {{bake: 500ms}}
             services:
               svc:
                 host: local
@@ -643,6 +644,7 @@ def test_a_config_file_change_is_reloaded_without_a_restart(tmp_path: Path, monk
                 stack: hot
                 hosts:
                   local: {{backend: process}}
+                deploy: {{bake: 500ms}}
                 services:
                   web:
                     host: local

@@ -223,6 +223,7 @@ stack: pair
 hosts:
   a: {{backend: process, work_pool: hxp-host-a}}
   b: {{backend: process, work_pool: hxp-host-b}}
+deploy: {{bake: 500ms}}
 services:
   db:
     host: a

@@ -3,6 +3,7 @@ flow rolls back by itself. Real containers on a private engine, real Prefect tes
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import uuid
@@ -20,6 +21,7 @@ from hxp.errors import DeployError
 from hxp.plan import ObservedUnit
 from hxp.spec import HostSpec
 from hxp.store import Store
+from tests.support.crash_after_serving import crash_after_serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -56,7 +58,7 @@ def stack_file(
     ports = {"db": free_port(), "api": free_port()}
     path = tmp_path / "stack.yaml"
     path.write_text(
-        f"stack: {name}\nhosts:\n  box: {{backend: docker}}\nservices:"
+        f"stack: {name}\nhosts:\n  box: {{backend: docker}}\ndeploy: {{bake: 500ms}}\nservices:"
         + server("db", python_image, ports["db"])
         + server("api", python_image, ports["api"], depends_on="db")
         + "\n"
@@ -154,3 +156,42 @@ def test_an_update_to_a_missing_image_fails_and_leaves_the_old_version_running(
     assert httpx.get(f"http://127.0.0.1:{ports['api']}/").status_code == 200
     [failed, *_] = Store(state).deploys(stack)
     assert failed.status == "failed"
+
+
+def test_a_revision_that_crashes_after_serving_fails_during_bake_and_rolls_back(
+    docker_engine: str, python_image: str, tmp_path: Path
+) -> None:
+    """Default settings (no bake, no min_ready): the new container serves, passes its check,
+    exits 1 two seconds later (Docker restarts it: the restart count says so); the deploy
+    fails during its bake and the previous container is back and healthy."""
+    name = f"d{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    path = tmp_path / "stack.yaml"
+    path.write_text(
+        f"stack: {name}\nhosts:\n  box: {{backend: docker}}\nservices:"
+        + server("api", python_image, port).replace("interval: 300ms", "interval: 1s")
+        + "\n"
+    )
+    crash = json.dumps(crash_after_serving("python3", port, 2.0))
+    state = tmp_path / "state"
+    backend = DockerBackend("box", HostSpec(backend="docker"), state)
+    try:
+        assert deploy(path, state)["changed"] is True
+        before = healthy_units(backend, name)
+        with pytest.raises(DeployError, match="failed during bake") as info:
+            deploy(path, state, overrides=[f"services.api.command={crash}"])
+        assert "api: restored revision 1, healthy" in str(info.value)
+        record = Store(state).deploys(name)[0]
+        assert record.status == "failed"
+        assert record.result is not None
+        assert record.result["phase"] == "bake"
+        after = healthy_units(backend, name)
+        assert after["api"].config_hash == before["api"].config_hash
+        good = Store(state).last_good(name, "api")
+        assert good is not None
+        assert good.revision == 1
+        assert httpx.get(f"http://127.0.0.1:{port}/").status_code == 200
+    finally:
+        client = docker.DockerClient(base_url=docker_engine)
+        for c in client.containers.list(all=True, filters={"label": f"{LABEL_STACK}={name}"}):
+            c.remove(force=True)

@@ -18,6 +18,7 @@ from hxp.backends.systemd import BACKUP_ROOT, UNIT_DIR, SystemdBackend, parse_ma
 from hxp.errors import DeployError
 from hxp.spec import Stack
 from hxp.units import UnitInstance, expand_units
+from tests.support.crash_after_serving import crash_after_serving
 from tests.support.render_data import stack_from_data
 from tests.support.waiting import wait_for
 
@@ -39,6 +40,7 @@ def stack_data(
         "version": 2,
         "stack": stack,
         "hosts": {HOST: {"backend": "systemd", "runner": "docker-exec", "container": container}},
+        "deploy": {"bake": "500ms"},
         "services": {
             "web": {
                 "host": HOST,
@@ -219,5 +221,47 @@ def test_deploy_flow_check_apply_rollback(
         assert after.revision == 1
         assert serves(port)
         assert in_container(systemd_container, "ls", f"{BACKUP_ROOT}/{name}/web").strip() == ""
+    finally:
+        backend.apply(Remove(UnitRef(name, "web", "web")))
+
+
+def test_a_revision_that_crashes_after_serving_fails_during_bake_and_rolls_back(
+    systemd_container: str, prefect_server: str, tmp_path: Path
+) -> None:
+    """Default settings (no bake, no min_ready): the new unit serves, passes its check, exits 1
+    two seconds later (systemd restarts it: NRestarts says so); the deploy fails during its
+    bake and the previous version runs and serves again."""
+    from flows.deploy import deploy_stack
+    from hxp.store import Store
+
+    port = free_port()
+    name = "bake"
+    stack_file = tmp_path / "stack.yaml"
+    state = tmp_path / "state"
+
+    def write(command: list[str] | None = None) -> str:
+        data = stack_data(systemd_container, port, name, "one", command)
+        del data["deploy"]  # the default bake window
+        data["services"]["web"]["health"]["interval"] = "1s"
+        stack_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        return str(stack_file)
+
+    v1 = stack_from_data(stack_data(systemd_container, port, name, "one"))
+    backend = backend_for(HOST, v1.hosts[HOST], state)
+    try:
+        assert deploy_stack(write(), state_dir=str(state))["changed"] is True
+        good_hash = backend.observe(name)["web"].config_hash
+        with pytest.raises(DeployError, match="failed during bake") as failed:
+            deploy_stack(write(crash_after_serving("python3", port, 2.0)), state_dir=str(state))
+        assert "web: restored revision 1, healthy" in str(failed.value)
+        record = Store(state).deploys(name)[0]
+        assert record.status == "failed"
+        assert record.result is not None
+        assert record.result["phase"] == "bake"
+        after = backend.observe(name)["web"]
+        assert after.running
+        assert after.config_hash == good_hash
+        assert after.revision == 1
+        assert serves(port)
     finally:
         backend.apply(Remove(UnitRef(name, "web", "web")))

@@ -20,6 +20,7 @@ STACK = """\
 stack: agentdemo
 hosts:
   a: {{backend: process, work_pool: {pool}, address: {address}}}
+deploy: {{bake: 500ms}}
 services:
   web:
     host: a

@@ -114,6 +114,7 @@ def stack_data(
         "version": 2,
         "stack": name,
         "hosts": {"local": {"backend": "process"}, HOST: host},
+        "deploy": {"bake": "500ms"},
         "services": {
             # db is not restarted by its backend: after a crash only the supervisor starts it.
             "db": service(ports["db"], image, restart="no"),

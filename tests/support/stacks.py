@@ -47,6 +47,12 @@ def free_range(n: int) -> int:
     raise RuntimeError("no free port range between 20000 and 32000")
 
 
+#: The bake window of the stacks these helpers write: short, since the tests that use them do
+#: not test the bake (tests/flows/test_bake.py does, with the defaults); every deploy still
+#: watches its changed instances this long before committing.
+SHORT_BAKE = "500ms"
+
+
 def web_stack(tmp: Path, name: str = "t", extra: str = "") -> tuple[Path, dict[str, int]]:
     """db <- cache <- api, each a Python HTTP server with an HTTP readiness check."""
     ports = {"db": free_port(), "cache": free_port(), "api": free_port()}
@@ -57,6 +63,7 @@ def web_stack(tmp: Path, name: str = "t", extra: str = "") -> tuple[Path, dict[s
         stack: {name}
         hosts:
           local: {{backend: process}}
+        deploy: {{bake: {SHORT_BAKE}}}
         services:
           db:
             host: local
@@ -129,6 +136,7 @@ def sim_fleet(
         f"stack: {stack}",
         "hosts:",
         f"  local: {host}",
+        f"deploy: {{bake: {SHORT_BAKE}}}",
         "models:",
         "  chat:",
         "    host: local",
