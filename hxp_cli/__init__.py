@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from hxp import __version__
 from hxp.errors import HxpError, InputError
-from hxp_cli import config, deploy, fit, lifecycle, monitoring, server
+from hxp_cli import chaos, config, deploy, fit, lifecycle, monitoring, server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         lifecycle.register_lifecycle,
         lifecycle.register_supervise,
         lifecycle.register_states,
+        chaos.register_chaos,
     ):
         register(sub)
     return parser
