@@ -32,7 +32,7 @@ from hxp.chaos import (
 )
 from hxp.config import load_config, unit_config_hash
 from hxp.errors import HxpError, InputError
-from hxp.io.chaos import answers, process_census
+from hxp.io.chaos import answers, observed, process_census, process_hash, remove_process_stack
 from hxp.spec import Stack
 from hxp.store import Store
 from hxp.units import expand_units
@@ -229,10 +229,7 @@ class Campaign:
         return result
 
     def _hash_of(self, unit: str) -> str | None:
-        from hxp.backends.process import ProcessBackend
-
-        seen = ProcessBackend(self.state).observe(self.name).get(unit)
-        return seen.config_hash if seen else None
+        return process_hash(self.state, self.name, unit)
 
     def _rolled_back(self, before: int) -> bool:
         rows = self._rows_since(before)
@@ -274,10 +271,9 @@ class Campaign:
         rows: list[Any],
         good_file: Path,
     ) -> Observation:
-        from hxp.backends import observe_all
         from hxp.plan import plan_stack
 
-        seen = observe_all(stack, self.state)
+        seen = observed(stack, self.state)
         census = process_census(self.state, self.name)
         instances = expand_units(stack)
         names = {i.name for i in instances}
@@ -336,12 +332,7 @@ class Campaign:
     # ------------------------------------------------------------------ the campaign
 
     def teardown(self) -> None:
-        from hxp.backends.base import Remove, UnitRef
-        from hxp.backends.process import ProcessBackend
-
-        backend = ProcessBackend(self.state)
-        for name in backend.observe(self.name):
-            backend.apply(Remove(UnitRef(self.name, name, name)))
+        remove_process_stack(self.state, self.name)
 
 
 def run_campaign(

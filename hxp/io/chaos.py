@@ -9,7 +9,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hxp.backends import observe_all
+from hxp.backends.base import Remove, UnitRef
+from hxp.backends.process import ProcessBackend
 from hxp.io.probes import probe
+from hxp.plan import ObservedUnit
+from hxp.spec import Stack
 from hxp.units import UnitInstance
 
 
@@ -79,3 +84,21 @@ def answers(inst: UnitInstance) -> bool:
     if inst.health is None:
         return True
     return asyncio.run(probe(inst.health)).ok
+
+
+def observed(stack: Stack, state_dir: str | Path) -> dict[str, ObservedUnit]:
+    """What the stack's backends observe (the campaign's view, as `hxp status` has it)."""
+    return observe_all(stack, state_dir)
+
+
+def process_hash(state_dir: str | Path, stack: str, instance: str) -> str | None:
+    """The config hash of what the process backend runs for `instance`, if anything."""
+    seen = ProcessBackend(state_dir).observe(stack).get(instance)
+    return seen.config_hash if seen else None
+
+
+def remove_process_stack(state_dir: str | Path, stack: str) -> None:
+    """Remove every process-backend instance of `stack` (the campaign's teardown)."""
+    backend = ProcessBackend(state_dir)
+    for name in backend.observe(stack):
+        backend.apply(Remove(UnitRef(stack, name, name)))
