@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--replay", metavar="SEED:RUN")
     parser.add_argument("--out", type=Path, help="the results as JSON (default: none)")
+    parser.add_argument("--minutes", type=float, help="start no run after this many minutes")
     args = parser.parse_args()
     from hxp.chaos import generated_stack, inconsistent_fraction, parse_replay, render_table
     from tests.support.stacks import free_range
@@ -60,8 +61,9 @@ def main() -> None:
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             campaign = Campaign(stack_file, tmp / "state")
             try:
+                stop_at = time.monotonic() + args.minutes * 60 if args.minutes else None
                 results = run_campaign(
-                    campaign, seed, args.runs, only, log=lambda s: print(s, flush=True)
+                    campaign, seed, args.runs, only, lambda s: print(s, flush=True), stop_at
                 )
             finally:
                 campaign.teardown()
@@ -77,7 +79,11 @@ def main() -> None:
         f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
         f"load average at start {load[0]:.1f}, now {os.getloadavg()[0]:.1f}; wall {wall:.0f}s"
     )
-    print(render_table(results, f"Seed {seed}, process backend, {len(results)} runs.\n"))
+    print(
+        render_table(
+            results, f"Seed {seed}, process backend, {len(results)} of {args.runs} runs made.\n"
+        )
+    )
     print(f"BENCH chaos ratio={inconsistent_fraction(results) / 0.001:.2f} target=1.0")
 
 

@@ -32,7 +32,14 @@ from hxp.chaos import (
 )
 from hxp.config import load_config, unit_config_hash
 from hxp.errors import HxpError, InputError
-from hxp.io.chaos import answers, observed, process_census, process_hash, remove_process_stack
+from hxp.io.chaos import (
+    answers,
+    gateway_routes,
+    observed,
+    process_census,
+    process_hash,
+    remove_process_stack,
+)
 from hxp.spec import Stack
 from hxp.store import Store
 from hxp.units import expand_units
@@ -278,6 +285,8 @@ class Campaign:
         instances = expand_units(stack)
         names = {i.name for i in instances}
         out: list[InstanceSeen] = []
+        should_route: set[str] = set()
+        routes = stack.gateway.routes if stack.gateway is not None else {}
         for inst in instances:
             obs = seen.get(inst.name)
             good = self.store.last_good(self.name, inst.unit)
@@ -292,6 +301,8 @@ class Campaign:
                     processes=len(census.units.get(inst.name, [])),
                 )
             )
+            if inst.unit in routes and out[-1].answers and inst.route_port is not None:
+                should_route.add(f"{inst.unit}:{inst.route_port}")
         leftovers = [f"instance {n} (not in the stack)" for n in sorted(set(seen) - names)]
         for inst_name, pids in sorted(census.supervisors.items()):
             if inst_name not in names or len(pids) > 1:
@@ -325,6 +336,8 @@ class Campaign:
             plan_changes=changes,
             history=[r.status for r in rows],
             unfinished=len(self.store.unfinished_deploys(self.name)),
+            routed=gateway_routes(stack, self.state),
+            should_route=frozenset(should_route) if stack.gateway is not None else None,
             reserved=frozenset(reserved),
             gpu_models=frozenset(gpu_models),
         )
@@ -341,11 +354,16 @@ def run_campaign(
     runs: int,
     only: int | None = None,
     log: Callable[[str], None] = print,
+    stop_at: float | None = None,
 ) -> list[RunResult]:
-    """Runs 0..runs-1 of campaign `seed` (only run `only` when replaying)."""
+    """Runs 0..runs-1 of campaign `seed` (only run `only` when replaying); no run starts after
+    `stop_at` (time.monotonic()), so a time-boxed campaign reports the runs it made."""
     campaign.setup()
     results: list[RunResult] = []
     for run in [only] if only is not None else range(runs):
+        if stop_at is not None and time.monotonic() > stop_at:
+            log(f"time is up after {len(results)} run(s)")
+            break
         plan = campaign.plan(seed, run)
         try:
             result = campaign.run(plan)

@@ -102,3 +102,13 @@ def remove_process_stack(state_dir: str | Path, stack: str) -> None:
     backend = ProcessBackend(state_dir)
     for name in backend.observe(stack):
         backend.apply(Remove(UnitRef(stack, name, name)))
+
+
+def gateway_routes(stack: Stack, state_dir: str | Path) -> frozenset[str] | None:
+    """What the stack's gateway routes now, as `unit:port` (None: the stack has no gateway)."""
+    if stack.gateway is None:
+        return None
+    from hxp.io.gateway import NginxGateway
+
+    live = NginxGateway(state_dir, stack.stack, stack.gateway).live()
+    return frozenset(f"{unit}:{port}" for unit, ports in live.items() for port in ports)
