@@ -7,6 +7,7 @@ hxp.io.chaos_unit as the campaign goes, so run it on a test stack, never on one 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         raise InputError(
             f"--backend {args.backend}: not done yet; the campaign runs on the process backend"
         )
+    if not args.debug:  # one line per run: the deploys' own failure logs are expected ones
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     use_prefect(args)
     from flows.chaos import Campaign, run_campaign, write_artifact
 
