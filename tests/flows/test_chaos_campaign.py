@@ -54,3 +54,45 @@ def test_a_seeded_campaign_ends_consistent(
     ]
     assert len(results) == RUNS
     assert not bad, f"seed {seed}:\n" + "\n".join(bad)
+
+
+def test_hxp_chaos_replays_one_run_and_names_its_violation(tmp_path: Path) -> None:
+    """`hxp chaos --replay SEED:RUN` repeats that run alone: a crash-after-serving run (its
+    known violation until the bake window lands) exits 1 and names its replay key; a
+    never-ready run exits 0; --out writes the results."""
+    import json
+
+    from hxp.chaos import faults_for, plan_run
+    from tests.support.orchestrator import hxp_process
+
+    base = free_range(3)
+    stack = tmp_path / "stack.yaml"
+    spec = generated_stack("clichaos", range(base, base + 3), sys.executable)
+    stack.write_text(yaml.safe_dump(spec))
+    deps = {"u0": [], "u1": ["u0"], "u2": ["u0", "u1"]}
+    assert {u: s["depends_on"] for u, s in spec["services"].items()} == deps  # type: ignore[attr-defined]
+
+    def key(fault: Fault) -> str:
+        run = next(
+            r for r in range(500) if plan_run(3, r, faults_for("process"), deps).fault is fault
+        )
+        return f"3:{run}"
+
+    state = tmp_path / "state"
+    ready = key(Fault.NEVER_READY)
+    proc = hxp_process(
+        "chaos", "-f", str(stack), "--replay", ready, "--out", str(tmp_path / "r.json"), state=state
+    )
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out
+    assert f"run {ready:>10} never-ready" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["replay"], r["consistent"]) for r in data["runs"]] == [(ready, True)]
+    if bake_window_exists():
+        return
+    crash = key(Fault.CRASH_AFTER_SERVING)
+    proc = hxp_process("chaos", "-f", str(stack), "--replay", crash, state=state)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 1, out
+    assert f"`--replay {crash}` crash-after-serving" in out
+    assert "exit code [0], expected 1" in out
