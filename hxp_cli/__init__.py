@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from hxp import __version__
 from hxp.errors import HxpError, InputError
-from hxp_cli import autoscale, config, deploy, fit, lifecycle, monitoring, server
+from hxp_cli import autoscale, chaos, config, deploy, fit, lifecycle, monitoring, server
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         lifecycle.register_supervise,
         lifecycle.register_states,
         autoscale.register_autoscale,
+        chaos.register_chaos,
     ):
         register(sub)
     return parser

@@ -98,6 +98,41 @@ def _holder_text(stack: str) -> str:
     return f"{data.get('holder')} (on {data.get('machine')}, pid {data.get('pid')}, since {since})"
 
 
+def _pid_dead(pid: int) -> bool:
+    """Whether a process of this machine is gone (a zombie counts as gone: it holds nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2 :].startswith("Z")
+
+
+def free_if_holder_died(stack: str) -> bool:
+    """Free the stack's slot when the run recorded as its holder was on this machine and has
+    died (SIGKILL, power cut of the process): its lease would otherwise keep the slot until
+    the server's repossessor runs, which not every server does. True when it freed the slot."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.variables import Variable
+
+    try:
+        data: Any = Variable.get(holder_variable(stack), default=None)
+    except Exception:  # an unreadable record frees nothing
+        return False
+    if not isinstance(data, dict) or data.get("machine") != socket.gethostname():
+        return False
+    pid = data.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid() or not _pid_dead(pid):
+        return False
+    with get_client(sync_client=True) as client:
+        client.update_global_concurrency_limit(
+            limit_name(stack), GlobalConcurrencyLimitUpdate(active_slots=0)
+        )
+    with suppress(Exception):
+        Variable.unset(holder_variable(stack))
+    return True
+
+
 def _flow_run_holder() -> Any:
     """The lease's holder: the flow run this process runs, when it runs one."""
     from prefect.client.schemas.objects import ConcurrencyLeaseHolder
@@ -131,7 +166,8 @@ def prefect_stack_lock(
     announced = False
     held = ExitStack()
     while True:
-        budget = FIRST_TRY if not announced else max(deadline - time.monotonic(), 0.1)
+        # Short tries after the first: a holder that dies meanwhile is noticed and freed.
+        budget = FIRST_TRY if not announced else min(max(deadline - time.monotonic(), 0.1), 15.0)
         try:
             held.enter_context(
                 concurrency(
@@ -147,6 +183,10 @@ def prefect_stack_lock(
         except TimeoutError:
             if not _held(name) and time.monotonic() < deadline:
                 continue  # a slow server, not a holder: try again, nothing to say
+            if free_if_holder_died(stack):
+                if on_wait is not None:
+                    on_wait(f"the lock of stack {stack!r} was held by a run that died: freed")
+                continue
             who = _holder_text(stack)
             if not wait or time.monotonic() > deadline:
                 raise LockedError(f"stack {stack!r} is locked by {who}") from None
@@ -188,4 +228,11 @@ def run_lock(
             yield
 
 
-__all__ = ["LEASE_SECONDS", "holder_variable", "limit_name", "prefect_stack_lock", "run_lock"]
+__all__ = [
+    "LEASE_SECONDS",
+    "free_if_holder_died",
+    "holder_variable",
+    "limit_name",
+    "prefect_stack_lock",
+    "run_lock",
+]

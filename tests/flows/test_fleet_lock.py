@@ -100,3 +100,41 @@ def test_two_orchestrators_deploying_one_stack_through_one_server_are_serialized
         for state in states:
             down = hxp_process("down", "-f", str(path), state=state)
             down.communicate(timeout=120)
+
+
+def test_a_holder_killed_on_this_machine_frees_the_lock_for_the_next_run(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    """SIGKILL leaves the slot's lease behind (a server without the repossessor keeps it for
+    good): the next run sees its recorded holder is dead on this machine and frees it."""
+    import os
+    import signal
+    import subprocess
+
+    ready = tmp_path / "held"
+    code = textwrap.dedent(
+        f"""
+        import pathlib, time
+        from hxp.io.fleet_lock import prefect_stack_lock
+        with prefect_stack_lock("dead", "the killed run"):
+            pathlib.Path({str(ready)!r}).write_text("x")
+            time.sleep(600)
+        """
+    )
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None, "the holder exited before it held the lock"
+            assert time.monotonic() < deadline, "the holder never took the lock"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    said: list[str] = []
+    started = time.monotonic()
+    with prefect_stack_lock("dead", "next", timeout=60, on_wait=said.append):
+        took = time.monotonic() - started
+    assert took < FIRST_TRY + 20, took  # not the lease's expiry, not forever
+    assert said == ["the lock of stack 'dead' was held by a run that died: freed"]

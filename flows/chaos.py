@@ -1,0 +1,410 @@
+"""The fault campaign driver behind `hxp chaos` and bench/chaos.py (not itself a flow: each
+apply it makes is a deploy-stack flow run). Per run (hxp.chaos.plan_run) it writes the new
+revision's stack file, applies it (in this process, or as `hxp apply` processes where the
+orchestrator is to be killed or two applies race), observes the outcome and checks the
+invariants of hxp.chaos.violations; the last good stack file carries over to the next run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hxp.chaos import (
+    FAULTS,
+    Fault,
+    InstanceSeen,
+    Observation,
+    RunPlan,
+    RunResult,
+    faults_for,
+    new_revision,
+    plan_run,
+    violations,
+)
+from hxp.config import load_config, unit_config_hash
+from hxp.errors import HxpError, InputError
+from hxp.io.chaos import (
+    answers,
+    gateway_routes,
+    observed,
+    process_census,
+    process_hash,
+    remove_process_stack,
+)
+from hxp.spec import Stack
+from hxp.store import Store
+from hxp.units import expand_units
+
+ROOT = Path(__file__).resolve().parents[1]
+KILL_WAIT_SECONDS = 60.0
+
+
+def check_port(stack: Stack, unit: str) -> int | None:
+    """The port a service's health check probes (its fault revisions serve there)."""
+    health = stack.unit(unit).health
+    if health is None:
+        return None
+    if health.tcp is not None:
+        return int(health.tcp.port)
+    if health.http is not None:
+        from urllib.parse import urlsplit
+
+        return urlsplit(str(health.http.url)).port
+    return None
+
+
+class Campaign:
+    """Runs of one campaign on one stack file and state directory."""
+
+    def __init__(
+        self,
+        stack_file: Path,
+        state_dir: Path,
+        backend: str = "process",
+        log: Callable[[str], None] = print,
+    ) -> None:
+        if backend != "process":
+            raise InputError(
+                f"--backend {backend}: the campaign injects faults on the process backend only "
+                "so far (docker and systemd are not done yet)"
+            )
+        self.state = state_dir
+        self.work = state_dir / "chaos"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log = log
+        raw = yaml.safe_load(stack_file.read_text())
+        if not isinstance(raw, dict):
+            raise InputError(f"{stack_file}: not a stack mapping")
+        self.good: dict[str, Any] = raw
+        stack = self._load(self._write("good", raw))
+        for name, host in stack.hosts.items():
+            if host.backend != backend:
+                raise InputError(
+                    f"{stack_file}: host {name} uses backend {host.backend}, not {backend}"
+                )
+        self.name = stack.stack
+        self.ports = {u: check_port(stack, u) for u in stack.services}
+        targets = {u: p for u, p in self.ports.items() if p is not None}
+        if not targets:
+            raise InputError(f"{stack_file}: no service with an http or tcp health check")
+        self.deps = {u: [d for d in stack.unit(u).depends_on if d in targets] for u in targets}
+        self.faults = faults_for(backend)
+        self.store = Store(state_dir)
+
+    # ------------------------------------------------------------------ files and applies
+
+    def _write(self, name: str, raw: dict[str, Any]) -> Path:
+        path = self.work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    @staticmethod
+    def _load(path: Path) -> Stack:
+        return load_config([path], {}).stack
+
+    def _apply_here(self, path: Path) -> int:
+        from flows.deploy import deploy_stack
+
+        try:
+            deploy_stack(str(path), state_dir=str(self.state))
+        except HxpError as exc:
+            return exc.exit_code
+        return 0
+
+    def _apply_process(self, path: Path, tag: str) -> subprocess.Popen[bytes]:
+        from prefect.settings import PREFECT_API_URL
+
+        env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+        out = (self.work / f"{tag}.log").open("wb")
+        argv = [sys.executable, "-m", "hxp_cli", "apply", "-f", str(path)]
+        return subprocess.Popen(
+            [*argv, "--state-dir", str(self.state)],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _last_id(self) -> int:
+        rows = self.store.deploys(self.name, 1)
+        return rows[0].id if rows else 0
+
+    def _rows_since(self, before: int) -> list[Any]:
+        return sorted(
+            (d for d in self.store.deploys(self.name, 100) if d.id > before), key=lambda d: d.id
+        )
+
+    def _wait(self, done: Callable[[], bool], proc: subprocess.Popen[bytes]) -> bool:
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        while time.monotonic() < deadline and proc.poll() is None:
+            if done():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def _kill(self, proc: subprocess.Popen[bytes]) -> int | None:
+        if proc.poll() is not None:
+            return proc.returncode
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
+
+    def setup(self) -> None:
+        """Deploy the stack as given: the first good revision every run starts from."""
+        code = self._apply_here(self.work / "good.yaml")
+        if code != 0:
+            raise HxpError(f"the stack's own first apply failed (exit {code}): nothing to test")
+
+    # ------------------------------------------------------------------ one run
+
+    def plan(self, seed: int, run: int) -> RunPlan:
+        return plan_run(seed, run, self.faults, self.deps)
+
+    def run(self, plan: RunPlan) -> RunResult:
+        result = RunResult(plan)
+        spec = FAULTS[plan.fault]
+        python = sys.executable
+        port = self.ports[plan.unit]
+        assert port is not None
+        before = self._last_id()
+        good_file = self._write("good", self.good)
+        candidate = new_revision(self.good, plan.unit, plan.fault, plan.version, python, port)
+        if plan.partner is not None:
+            candidate = new_revision(
+                candidate, plan.partner, Fault.NONE, plan.version, python, port
+            )
+        cand_file = self._write(f"run-{plan.run}", candidate)
+        cand_stack = self._load(cand_file)
+        codes: list[int | None] = []
+        recovery: int | None = None
+        final = candidate
+        started = time.perf_counter()
+        if plan.fault is Fault.CONCURRENT_APPLIES:
+            other = new_revision(self.good, plan.unit, Fault.NONE, plan.version + "b", python, port)
+            other_file = self._write(f"run-{plan.run}b", other)
+            procs = [
+                self._apply_process(cand_file, f"run-{plan.run}"),
+                self._apply_process(other_file, f"run-{plan.run}b"),
+            ]
+            codes = [p.wait() for p in procs]
+            rows = self._rows_since(before)
+            later = load_config([other_file], {}).content_hash
+            if rows and rows[-1].config_hash == later:
+                final, cand_stack = other, self._load(other_file)
+        elif spec.exit_code is None:
+            proc = self._apply_process(cand_file, f"run-{plan.run}")
+            if plan.fault is Fault.KILL_DURING_APPLY:
+                want = unit_config_hash(cand_stack, plan.unit)
+                seen = self._wait(lambda: self._hash_of(plan.unit) == want, proc)
+            else:
+                seen = self._wait(lambda: self._rolled_back(before), proc)
+            codes = [self._kill(proc)]
+            if not seen:
+                result.error = "the moment to kill the orchestrator never came"
+            recovery = self._apply_here(good_file)
+            final = self.good
+        else:
+            codes = [self._apply_here(cand_file)]
+            if spec.outcome == "previous":
+                final = self.good
+        result.apply_seconds = time.perf_counter() - started
+        rows = self._rows_since(before)
+        result.rollback_seconds = self._rollback_seconds(rows)
+        # What runs now is what the store calls good: the last good file follows the outcome
+        # (a fault committed against expectation is the next run's baseline, and reported).
+        committed = all(c == 0 for c in codes) and recovery is None
+        expected_stack = cand_stack if spec.outcome == "new" else self._load(good_file)
+        if committed:
+            self.good = final if spec.outcome == "new" else candidate
+        observed_file = self._write("good", self.good)
+        result.violations = violations(
+            spec,
+            self.observe(
+                self._load(observed_file), codes, recovery, expected_stack, rows, observed_file
+            ),
+        )
+        return result
+
+    def _hash_of(self, unit: str) -> str | None:
+        return process_hash(self.state, self.name, unit)
+
+    def _rolled_back(self, before: int) -> bool:
+        rows = self._rows_since(before)
+        return any(
+            e["kind"] == "rolled-back" for r in rows for e in self.store.events(self.name, r.id)
+        )
+
+    def _rollback_seconds(self, rows: list[Any]) -> float | None:
+        for row in rows:
+            events = self.store.events(self.name, row.id)
+            failed = [e["at"] for e in events if e["kind"] == "unit-failed"]
+            restored = [e["at"] for e in events if e["kind"] == "rolled-back"]
+            if failed and restored:
+                return float(max(restored) - min(failed))
+        return None
+
+    def repair(self, plan: RunPlan) -> bool:
+        """After a violation: a clean revision of the run's unit(s), so that one run's fault
+        (a crash-looping committed revision) does not spill into the next runs' verdicts."""
+        python = sys.executable
+        clean = self.good
+        for unit in filter(None, (plan.unit, plan.partner)):
+            port = self.ports[unit]
+            assert port is not None
+            clean = new_revision(clean, unit, Fault.NONE, plan.version + "-repair", python, port)
+        if self._apply_here(self._write(f"run-{plan.run}-repair", clean)) != 0:
+            return False
+        self.good = clean
+        return True
+
+    # ------------------------------------------------------------------ invariants
+
+    def observe(
+        self,
+        stack: Stack,
+        codes: list[int | None],
+        recovery: int | None,
+        expected: Stack,
+        rows: list[Any],
+        good_file: Path,
+    ) -> Observation:
+        from hxp.plan import plan_stack
+
+        seen = observed(stack, self.state)
+        census = process_census(self.state, self.name)
+        instances = expand_units(stack)
+        names = {i.name for i in instances}
+        out: list[InstanceSeen] = []
+        should_route: set[str] = set()
+        routes = stack.gateway.routes if stack.gateway is not None else {}
+        for inst in instances:
+            obs = seen.get(inst.name)
+            good = self.store.last_good(self.name, inst.unit)
+            running = bool(obs and obs.running)
+            out.append(
+                InstanceSeen(
+                    name=inst.name,
+                    running=running,
+                    config_hash=obs.config_hash if obs else None,
+                    good_hash=good.config_hash if good else None,
+                    answers=running and answers(inst),
+                    processes=len(census.units.get(inst.name, [])),
+                )
+            )
+            if inst.unit in routes and out[-1].answers and inst.route_port is not None:
+                should_route.add(f"{inst.unit}:{inst.route_port}")
+        leftovers = [f"instance {n} (not in the stack)" for n in sorted(set(seen) - names)]
+        for inst_name, pids in sorted(census.supervisors.items()):
+            if inst_name not in names or len(pids) > 1:
+                leftovers.append(f"{len(pids)} supervisor(s) of {inst_name}: pids {pids}")
+        leftovers += [
+            f"process {pid} of {n}"
+            for n, pids in sorted(census.units.items())
+            if n not in names
+            for pid in pids
+        ]
+        leftovers += census.orphans
+        content = load_config([good_file], {}).content_hash
+        plan = plan_stack(stack, seen, content)
+        changes = [f"{a.instance}: {a.kind.value} ({a.reason})" for a in plan.actions]
+        expected_hash = {u: unit_config_hash(expected, u) for u in expected.services}
+        reserved = {
+            r.instance for r in self.store.reservations() if getattr(r, "stack", "") == self.name
+        }
+        gpu_models = {
+            i.name
+            for i in instances
+            if i.gpus and seen.get(i.name) is not None and seen[i.name].running
+        }
+        return Observation(
+            exit_codes=tuple(codes),
+            recovery_exit=recovery,
+            expected_hash=expected_hash,
+            instances=out,
+            unit_of={i.name: i.unit for i in instances},
+            leftovers=leftovers,
+            plan_changes=changes,
+            history=[r.status for r in rows],
+            unfinished=len(self.store.unfinished_deploys(self.name)),
+            routed=gateway_routes(stack, self.state),
+            should_route=frozenset(should_route) if stack.gateway is not None else None,
+            reserved=frozenset(reserved),
+            gpu_models=frozenset(gpu_models),
+        )
+
+    # ------------------------------------------------------------------ the campaign
+
+    def teardown(self) -> None:
+        remove_process_stack(self.state, self.name)
+
+
+def run_campaign(
+    campaign: Campaign,
+    seed: int,
+    runs: int,
+    only: int | None = None,
+    log: Callable[[str], None] = print,
+    stop_at: float | None = None,
+) -> list[RunResult]:
+    """Runs 0..runs-1 of campaign `seed` (only run `only` when replaying); no run starts after
+    `stop_at` (time.monotonic()), so a time-boxed campaign reports the runs it made."""
+    campaign.setup()
+    results: list[RunResult] = []
+    for run in [only] if only is not None else range(runs):
+        if stop_at is not None and time.monotonic() > stop_at:
+            log(f"time is up after {len(results)} run(s)")
+            break
+        plan = campaign.plan(seed, run)
+        try:
+            result = campaign.run(plan)
+        except Exception as exc:  # the campaign could not run it: report, go on
+            result = RunResult(plan, error=f"{type(exc).__name__}: {exc}")
+        results.append(result)
+        if not result.consistent and not campaign.repair(plan):
+            log(f"run {plan.key}: the repair apply failed too; later runs may inherit it")
+        mark = "ok" if result.consistent else "VIOLATION"
+        detail = (
+            ""
+            if result.consistent
+            else " -- " + "; ".join(result.violations + ([result.error] if result.error else []))
+        )
+        log(
+            f"run {plan.key:>10} {plan.fault.value:<24} {plan.unit:<8} "
+            f"{result.apply_seconds or 0:6.2f}s {mark}{detail}"
+        )
+    return results
+
+
+def write_artifact(path: Path, seed: int, backend: str, results: list[RunResult]) -> None:
+    from hxp.chaos import summary_rows
+
+    data = {
+        "seed": seed,
+        "backend": backend,
+        "summary": summary_rows(results),
+        "runs": [
+            {
+                "replay": r.plan.key,
+                "fault": r.plan.fault.value,
+                "unit": r.plan.unit,
+                "partner": r.plan.partner,
+                "consistent": r.consistent,
+                "violations": r.violations,
+                "error": r.error,
+                "apply_s": r.apply_seconds,
+                "rollback_s": r.rollback_seconds,
+            }
+            for r in results
+        ],
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")

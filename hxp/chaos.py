@@ -1,0 +1,434 @@
+"""A seeded fault campaign against `hxp apply`, the pure parts: which fault each run injects and
+where, what each fault must end in, the invariants a run is checked against, and the table of
+results. hxp.io.chaos observes; flows/chaos.py drives the runs; `hxp chaos` is the command.
+
+A run is named by its replay key `SEED:RUN`: run RUN of the campaign with seed SEED draws its
+fault and its target from its own generator (seeded by the key), so `--replay SEED:RUN` repeats
+that one run, on the same stack, without the runs before it.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Fault(StrEnum):
+    NONE = "no-fault"
+    SLOW_START = "slow-start"
+    IMMEDIATE_EXIT = "immediate-exit"
+    MISSING_EXECUTABLE = "missing-executable"
+    CRASH_AFTER_SERVING = "crash-after-serving"
+    CRASH_BEFORE_LISTENING = "crash-before-listening"
+    NEVER_READY = "never-ready"
+    KILL_DURING_APPLY = "kill-during-apply"
+    KILL_DURING_ROLLBACK = "kill-during-rollback"
+    CONCURRENT_APPLIES = "concurrent-applies"
+    DOCKER_RESTART = "docker-restart"
+    STATE_DISK_FULL = "state-disk-full"
+    NGINX_KILLED = "nginx-killed"
+    STALLED_MODEL = "stalled-model"
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """What one fault does and what the deploy must end in.
+
+    `exit_code`: the expected exit code of the faulty apply (None: the orchestrator is killed,
+    so the exit code is the signal's; the next apply of the last good stack must exit 0).
+    `outcome`: `new` (the new revision is committed) or `previous` (the previous one is back).
+    `history`: the expected final states of the history rows the run adds, oldest first.
+    """
+
+    fault: Fault
+    exit_code: int | None
+    outcome: str
+    history: tuple[str, ...]
+    backends: frozenset[str]
+    about: str
+
+
+_ALL = frozenset({"process", "docker", "systemd"})
+
+FAULTS: dict[Fault, FaultSpec] = {
+    f.fault: f
+    for f in (
+        FaultSpec(Fault.NONE, 0, "new", ("succeeded",), _ALL, "an env change; must commit"),
+        FaultSpec(
+            Fault.SLOW_START,
+            0,
+            "new",
+            ("succeeded",),
+            _ALL,
+            "listens after 1 s, inside its start_period; must commit",
+        ),
+        FaultSpec(Fault.IMMEDIATE_EXIT, 1, "previous", ("failed",), _ALL, "exits 3 at once"),
+        FaultSpec(
+            Fault.MISSING_EXECUTABLE,
+            1,
+            "previous",
+            ("failed",),
+            _ALL,
+            "its command does not exist",
+        ),
+        FaultSpec(
+            Fault.CRASH_AFTER_SERVING,
+            1,
+            "previous",
+            ("failed",),
+            _ALL,
+            "serves, passes its check, exits 5 after 1.5 s",
+        ),
+        FaultSpec(
+            Fault.CRASH_BEFORE_LISTENING,
+            1,
+            "previous",
+            ("failed",),
+            _ALL,
+            "exits 4 after 0.3 s without listening",
+        ),
+        FaultSpec(Fault.NEVER_READY, 1, "previous", ("failed",), _ALL, "runs, never listens"),
+        FaultSpec(
+            Fault.KILL_DURING_APPLY,
+            None,
+            "previous",
+            ("interrupted", "succeeded"),
+            _ALL,
+            "the orchestrator is SIGKILLed while a new revision starts; the next apply of the "
+            "last good stack must put it back",
+        ),
+        FaultSpec(
+            Fault.KILL_DURING_ROLLBACK,
+            None,
+            "previous",
+            ("interrupted", "succeeded"),
+            _ALL,
+            "two units change, the dependent one fails; the orchestrator is SIGKILLed once the "
+            "rollback has restored one of them; the next apply of the last good stack must "
+            "finish it",
+        ),
+        FaultSpec(
+            Fault.CONCURRENT_APPLIES,
+            0,
+            "new",
+            ("succeeded", "succeeded"),
+            _ALL,
+            "two applies of two new revisions at once: both succeed, one after the other; the "
+            "later one's revision runs",
+        ),
+    )
+}
+
+#: Faults named by the issue that this campaign does not inject yet (see docs/reliability.md).
+NOT_YET: tuple[Fault, ...] = (
+    Fault.DOCKER_RESTART,
+    Fault.STATE_DISK_FULL,
+    Fault.NGINX_KILLED,
+    Fault.STALLED_MODEL,
+)
+
+
+def faults_for(backend: str) -> list[Fault]:
+    return [f for f, spec in FAULTS.items() if backend in spec.backends]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run: its replay key, its fault, the unit it changes (and for a fault that needs two
+    changed units, the second, a dependency of the first), and its version tag."""
+
+    seed: int
+    run: int
+    fault: Fault
+    unit: str
+    partner: str | None
+    version: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.seed}:{self.run}"
+
+
+def parse_replay(text: str) -> tuple[int, int]:
+    """`SEED:RUN` -> (seed, run); ValueError naming the expected form."""
+    seed, sep, run = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        out = int(seed), int(run)
+    except ValueError:
+        raise ValueError(f"--replay {text!r}: expected SEED:RUN, e.g. 42:7") from None
+    if out[1] < 0:
+        raise ValueError(f"--replay {text!r}: RUN must be 0 or more")
+    return out
+
+
+def plan_run(
+    seed: int, run: int, faults: Sequence[Fault], dependencies: Mapping[str, Sequence[str]]
+) -> RunPlan:
+    """Run `run` of campaign `seed`: its own generator picks a fault and a unit (for a fault
+    that needs a changed dependency too, a unit that has one)."""
+    if not faults:
+        raise ValueError("no fault to inject")
+    units = sorted(dependencies)
+    if not units:
+        raise ValueError("the stack has no unit to inject a fault into")
+    rng = random.Random(f"hxp-chaos:{seed}:{run}")  # noqa: S311 - a replayable draw
+    fault = rng.choice(list(faults))
+    partner = None
+    if fault is Fault.KILL_DURING_ROLLBACK:
+        with_deps = [u for u in units if dependencies[u]]
+        if not with_deps:
+            fault = Fault.KILL_DURING_APPLY
+        else:
+            unit = rng.choice(with_deps)
+            partner = rng.choice(sorted(dependencies[unit]))
+            return RunPlan(seed, run, fault, unit, partner, f"{seed}-{run}")
+    unit = rng.choice(units)
+    return RunPlan(seed, run, fault, unit, partner, f"{seed}-{run}")
+
+
+def plan_campaign(
+    seed: int,
+    runs: int,
+    faults: Sequence[Fault],
+    dependencies: Mapping[str, Sequence[str]],
+) -> list[RunPlan]:
+    return [plan_run(seed, run, faults, dependencies) for run in range(runs)]
+
+
+# ================================================================ invariants
+
+
+@dataclass(frozen=True)
+class InstanceSeen:
+    """One instance of the stack after a run, as the campaign observed it."""
+
+    name: str
+    running: bool
+    config_hash: str | None
+    good_hash: str | None  # the config hash of the unit's last revision the store calls good
+    answers: bool  # one probe of its health check passed
+    processes: int  # processes (or containers) running it
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the invariants look at after one run."""
+
+    exit_codes: tuple[int | None, ...]  # of the faulty apply(s); None: killed
+    recovery_exit: int | None  # the apply of the last good stack after a kill, if any
+    expected_hash: Mapping[str, str]  # unit -> the config hash the run must end with
+    instances: Sequence[InstanceSeen]
+    unit_of: Mapping[str, str]  # instance -> unit
+    leftovers: Sequence[str]  # processes/containers that belong to no instance of the stack
+    plan_changes: Sequence[str]  # what `plan` of the good stack would still change
+    history: Sequence[str]  # final states of the history rows the run added, oldest first
+    unfinished: int  # history rows still `running`
+    routed: frozenset[str] | None = None  # what the gateway routes (None: no gateway)
+    should_route: frozenset[str] | None = None  # the healthy routed instances
+    reserved: frozenset[str] = frozenset()  # instances holding GPU reservations
+    gpu_models: frozenset[str] = frozenset()  # running model instances that claim GPUs
+
+
+def violations(spec: FaultSpec, seen: Observation) -> list[str]:
+    """Every invariant `seen` breaks, each as one line."""
+    out: list[str] = []
+    if spec.exit_code is not None and any(c != spec.exit_code for c in seen.exit_codes):
+        out.append(f"exit code {list(seen.exit_codes)}, expected {spec.exit_code}")
+    if spec.exit_code is None:
+        if any(c is not None and c >= 0 for c in seen.exit_codes):
+            out.append(f"the orchestrator was to be killed but exited {list(seen.exit_codes)}")
+        if seen.recovery_exit != 0:
+            out.append(f"the next apply of the last good stack exited {seen.recovery_exit}")
+    for inst in seen.instances:
+        unit = seen.unit_of.get(inst.name, inst.name)
+        want = seen.expected_hash.get(unit)
+        if not inst.running:
+            out.append(f"{inst.name}: not running")
+        if inst.good_hash is None:
+            out.append(f"{inst.name}: the store has no good revision")
+        elif inst.config_hash != inst.good_hash:
+            out.append(
+                f"{inst.name}: runs {str(inst.config_hash)[:12]}, the store's good revision is "
+                f"{inst.good_hash[:12]}"
+            )
+        if want is not None and inst.config_hash != want:
+            which = "new" if spec.outcome == "new" else "previous"
+            out.append(f"{inst.name}: does not run the {which} revision ({spec.fault} expects it)")
+        if inst.running and not inst.answers:
+            out.append(f"{inst.name}: does not answer its check")
+        if inst.processes != 1:
+            out.append(f"{inst.name}: {inst.processes} processes, expected exactly 1")
+    out.extend(f"left over: {what}" for what in seen.leftovers)
+    out.extend(f"plan not empty: {change}" for change in seen.plan_changes)
+    if tuple(seen.history) != spec.history:
+        out.append(f"history rows {list(seen.history)}, expected {list(spec.history)}")
+    if seen.unfinished:
+        out.append(f"{seen.unfinished} history row(s) still running")
+    if seen.routed is not None and seen.routed != seen.should_route:
+        out.append(
+            f"the gateway routes {sorted(seen.routed)}, the healthy routed instances are "
+            f"{sorted(seen.should_route or ())}"
+        )
+    if seen.reserved != seen.gpu_models:
+        out.append(
+            f"GPU reservations held by {sorted(seen.reserved)}, running GPU models are "
+            f"{sorted(seen.gpu_models)}"
+        )
+    return out
+
+
+# ================================================================ results
+
+
+@dataclass
+class RunResult:
+    plan: RunPlan
+    violations: list[str] = field(default_factory=list)
+    apply_seconds: float | None = None
+    rollback_seconds: float | None = None
+    error: str | None = None  # the campaign itself could not run or observe this run
+
+    @property
+    def consistent(self) -> bool:
+        return not self.violations and self.error is None
+
+
+def _median(values: Sequence[float]) -> str:
+    return f"{statistics.median(values):.2f}" if values else "-"
+
+
+def summary_rows(results: Sequence[RunResult]) -> list[dict[str, object]]:
+    """One row per fault (in FAULTS order), then `all`."""
+    rows: list[dict[str, object]] = []
+    groups = [(f.value, [r for r in results if r.plan.fault is f]) for f in FAULTS]
+    groups.append(("all", list(results)))
+    for name, group in groups:
+        if not group:
+            continue
+        ok = sum(r.consistent for r in group)
+        rows.append(
+            {
+                "fault": name,
+                "runs": len(group),
+                "consistent": ok,
+                "rate": ok / len(group),
+                "median_apply_s": _median([r.apply_seconds for r in group if r.apply_seconds]),
+                "median_rollback_s": _median(
+                    [r.rollback_seconds for r in group if r.rollback_seconds]
+                ),
+            }
+        )
+    return rows
+
+
+def inconsistent_fraction(results: Sequence[RunResult]) -> float:
+    return sum(not r.consistent for r in results) / len(results) if results else 0.0
+
+
+def render_table(results: Sequence[RunResult], header: str = "") -> str:
+    """The results as Markdown: the table per fault, then every violation with its replay key."""
+    lines = [header] if header else []
+    lines += [
+        "| fault | runs | consistent | rate | median apply s | median rollback s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary_rows(results):
+        lines.append(
+            f"| {row['fault']} | {row['runs']} | {row['consistent']} | "
+            f"{float(row['rate']):.1%} | {row['median_apply_s']} | {row['median_rollback_s']} |"  # type: ignore[arg-type]
+        )
+    bad = [r for r in results if not r.consistent]
+    lines.append("")
+    if not bad:
+        lines.append("No violations.")
+    for r in bad:
+        what = "; ".join(r.violations + ([r.error] if r.error else []))
+        lines.append(
+            f"- `--replay {r.plan.key}` {r.plan.fault} on {r.plan.unit}"
+            f"{f' (+{r.plan.partner})' if r.plan.partner else ''}: {what}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ================================================================ stacks and revisions
+
+
+def unit_program(python: str, port: int, fault: str = "none", delay: float = 1.0) -> list[str]:
+    """The argv of hxp.io.chaos_unit serving `port` (with `fault`)."""
+    argv = [python, "-m", "hxp.io.chaos_unit", "--port", str(port)]
+    if fault != "none":
+        argv += ["--fault", fault, "--delay", f"{delay:g}"]
+    return argv
+
+
+#: The new revision's command for each unit fault (None: the unit's own command).
+UNIT_FAULTS: dict[Fault, tuple[str, float] | None] = {
+    Fault.NONE: None,
+    Fault.SLOW_START: ("slow", 1.0),
+    Fault.IMMEDIATE_EXIT: ("immediate-exit", 0.0),
+    Fault.CRASH_AFTER_SERVING: ("crash-after", 1.5),
+    Fault.CRASH_BEFORE_LISTENING: ("crash-before", 0.3),
+    Fault.NEVER_READY: ("never-ready", 0.0),
+    Fault.KILL_DURING_APPLY: ("slow", 3.0),  # a window to kill the orchestrator in
+    Fault.KILL_DURING_ROLLBACK: ("immediate-exit", 0.0),
+    Fault.CONCURRENT_APPLIES: None,
+}
+
+MISSING = "/nonexistent/hxp-chaos-missing"
+
+
+def generated_stack(name: str, ports: Sequence[int], python: str) -> dict[str, object]:
+    """A small stack for campaigns: len(ports) services of hxp.io.chaos_unit on the process
+    backend, each depending on the one or two before it, with fast checks (a never-ready
+    revision fails in about 3 s)."""
+    services: dict[str, object] = {}
+    for i, port in enumerate(ports):
+        deps = [f"u{j}" for j in range(max(0, i - 2), i)] if i else []
+        services[f"u{i}"] = {
+            "host": "local",
+            "command": unit_program(python, port),
+            "ports": {"http": port},
+            "depends_on": deps[-1:] if i % 2 else deps,
+            "env": {"HXP_CHAOS_VERSION": "0"},
+            "stop_timeout": "2s",
+            "health": {
+                "http": {"url": f"http://127.0.0.1:{port}/"},
+                "interval": "300ms",
+                "timeout": "500ms",
+                "retries": 2,
+                "start_period": "2s",
+            },
+        }
+    return {"stack": name, "hosts": {"local": {"backend": "process"}}, "services": services}
+
+
+def new_revision(
+    good: Mapping[str, object],
+    unit: str,
+    fault: Fault,
+    version: str,
+    python: str,
+    port: int,
+) -> dict[str, object]:
+    """The stack `good` with a new revision of service `unit` that carries `fault`."""
+    import copy
+
+    out = copy.deepcopy(dict(good))
+    services = out["services"]
+    assert isinstance(services, dict)
+    svc = services[unit]
+    svc["env"] = {**svc.get("env", {}), "HXP_CHAOS_VERSION": version}
+    if fault is Fault.MISSING_EXECUTABLE:
+        svc["command"] = [MISSING]
+        return out
+    how = UNIT_FAULTS.get(fault)
+    if how is not None:
+        svc["command"] = unit_program(python, port, *how)
+    elif svc.get("command") and "hxp.io.chaos_unit" in svc["command"]:
+        svc["command"] = unit_program(python, port)
+    return out

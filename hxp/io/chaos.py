@@ -1,0 +1,114 @@
+"""What a fault campaign (hxp.chaos) observes on this machine beyond the backends' own view:
+the processes that run a stack's process-backend instances, counted from /proc, and one probe
+of an instance's health check."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hxp.backends import observe_all
+from hxp.backends.base import Remove, UnitRef
+from hxp.backends.process import ProcessBackend
+from hxp.io.probes import probe
+from hxp.plan import ObservedUnit
+from hxp.spec import Stack
+from hxp.units import UnitInstance
+
+
+@dataclass
+class ProcessCensus:
+    """Per instance directory of a stack: its live supervisors and the processes they run (a
+    unit's own children are not counted), and processes that belong to no live supervisor."""
+
+    supervisors: dict[str, list[int]] = field(default_factory=dict)
+    units: dict[str, list[int]] = field(default_factory=dict)
+    orphans: list[str] = field(default_factory=list)
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) from /proc/PID/stat."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
+def _instance_under(path: str, root: str) -> str | None:
+    path = path.removesuffix(" (deleted)")
+    if not path.startswith(root + "/"):
+        return None
+    return path[len(root) + 1 :].split("/", 1)[0]
+
+
+def process_census(state_dir: str | Path, stack: str) -> ProcessCensus:
+    root = str((Path(state_dir) / "process" / stack).resolve())
+    census = ProcessCensus()
+    procs: dict[int, tuple[int, str | None, str | None]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        stat = _stat(pid)
+        if stat is None or stat[0] in ("Z", "X"):
+            continue
+        log = _link(f"/proc/{pid}/fd/2")
+        sup = _instance_under(log, root) if log.endswith("/supervisor.log") else None
+        procs[pid] = (stat[1], sup, _instance_under(_link(f"/proc/{pid}/cwd"), root))
+    sup_of = {pid: inst for pid, (_, inst, _) in procs.items() if inst is not None}
+    for pid, inst in sup_of.items():
+        census.supervisors.setdefault(inst, []).append(pid)
+    for pid, (ppid, sup, cwd_inst) in procs.items():
+        if sup is not None:
+            continue
+        if ppid in sup_of:
+            census.units.setdefault(sup_of[ppid], []).append(pid)
+        elif cwd_inst is not None and procs.get(ppid, (0, None, None))[2] != cwd_inst:
+            census.orphans.append(f"pid {pid} of {cwd_inst}, its supervisor gone")
+    return census
+
+
+def answers(inst: UnitInstance) -> bool:
+    """One probe of the instance's health check passes (no check: nothing to answer)."""
+    if inst.health is None:
+        return True
+    return asyncio.run(probe(inst.health)).ok
+
+
+def observed(stack: Stack, state_dir: str | Path) -> dict[str, ObservedUnit]:
+    """What the stack's backends observe (the campaign's view, as `hxp status` has it)."""
+    return observe_all(stack, state_dir)
+
+
+def process_hash(state_dir: str | Path, stack: str, instance: str) -> str | None:
+    """The config hash of what the process backend runs for `instance`, if anything."""
+    seen = ProcessBackend(state_dir).observe(stack).get(instance)
+    return seen.config_hash if seen else None
+
+
+def remove_process_stack(state_dir: str | Path, stack: str) -> None:
+    """Remove every process-backend instance of `stack` (the campaign's teardown)."""
+    backend = ProcessBackend(state_dir)
+    for name in backend.observe(stack):
+        backend.apply(Remove(UnitRef(stack, name, name)))
+
+
+def gateway_routes(stack: Stack, state_dir: str | Path) -> frozenset[str] | None:
+    """What the stack's gateway routes now, as `unit:port` (None: the stack has no gateway)."""
+    if stack.gateway is None:
+        return None
+    from hxp.io.gateway import NginxGateway
+
+    live = NginxGateway(state_dir, stack.stack, stack.gateway).live()
+    return frozenset(f"{unit}:{port}" for unit, ports in live.items() for port in ports)

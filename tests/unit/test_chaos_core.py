@@ -1,0 +1,160 @@
+"""The fault campaign's pure parts: replayable draws, invariants, the result table."""
+
+from __future__ import annotations
+
+import pytest
+
+from hxp.chaos import (
+    FAULTS,
+    Fault,
+    InstanceSeen,
+    Observation,
+    RunPlan,
+    RunResult,
+    faults_for,
+    generated_stack,
+    new_revision,
+    parse_replay,
+    plan_campaign,
+    plan_run,
+    render_table,
+    summary_rows,
+    violations,
+)
+
+DEPS = {"a": [], "b": ["a"], "c": ["b"]}
+
+
+def test_a_run_is_the_same_alone_as_inside_its_campaign() -> None:
+    campaign = plan_campaign(7, 40, faults_for("process"), DEPS)
+    for run in (0, 13, 39):
+        assert plan_run(7, run, faults_for("process"), DEPS) == campaign[run]
+    assert campaign != plan_campaign(8, 40, faults_for("process"), DEPS)
+    assert {p.fault for p in campaign} > {Fault.NONE, Fault.NEVER_READY}
+
+
+def test_a_rollback_kill_changes_a_unit_and_one_of_its_dependencies() -> None:
+    plans = plan_campaign(1, 200, [Fault.KILL_DURING_ROLLBACK], DEPS)
+    assert all(p.partner in DEPS[p.unit] for p in plans)
+    # no dependencies at all: nothing to roll back in order, it becomes a kill during apply
+    alone = plan_run(1, 0, [Fault.KILL_DURING_ROLLBACK], {"a": []})
+    assert (alone.fault, alone.partner) == (Fault.KILL_DURING_APPLY, None)
+
+
+@pytest.mark.parametrize("text", ["7", "x:1", "7:", "7:-1"])
+def test_a_bad_replay_key_is_named(text: str) -> None:
+    with pytest.raises(ValueError, match="--replay"):
+        parse_replay(text)
+    assert parse_replay("42:7") == (42, 7)
+
+
+def good_observation(**changes: object) -> Observation:
+    base: dict[str, object] = {
+        "exit_codes": (1,),
+        "recovery_exit": None,
+        "expected_hash": {"a": "h1"},
+        "instances": [InstanceSeen("a", True, "h1", "h1", True, 1)],
+        "unit_of": {"a": "a"},
+        "leftovers": [],
+        "plan_changes": [],
+        "history": ["failed"],
+        "unfinished": 0,
+    }
+    base.update(changes)
+    return Observation(**base)  # type: ignore[arg-type]
+
+
+def test_a_consistent_failed_run_breaks_no_invariant() -> None:
+    assert violations(FAULTS[Fault.NEVER_READY], good_observation()) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"exit_codes": (0,)}, "exit code [0], expected 1"),
+        (
+            {"instances": [InstanceSeen("a", True, "h2", "h1", True, 1)]},
+            "a: runs h2, the store's good revision is h1",
+        ),
+        ({"instances": [InstanceSeen("a", True, "h1", "h1", False, 1)]}, "a: does not answer"),
+        ({"instances": [InstanceSeen("a", True, "h1", "h1", True, 2)]}, "a: 2 processes"),
+        ({"instances": [InstanceSeen("a", False, "h1", "h1", False, 0)]}, "a: not running"),
+        ({"leftovers": ["pid 9 of x"]}, "left over: pid 9 of x"),
+        ({"plan_changes": ["a: start"]}, "plan not empty: a: start"),
+        ({"history": ["failed", "failed"]}, "history rows ['failed', 'failed']"),
+        ({"unfinished": 1}, "1 history row(s) still running"),
+        ({"routed": frozenset({"a"}), "should_route": frozenset()}, "the gateway routes ['a']"),
+        ({"reserved": frozenset({"m-0"})}, "GPU reservations held by ['m-0']"),
+    ],
+)
+def test_each_broken_invariant_is_reported(changes: dict[str, object], expected: str) -> None:
+    found = violations(FAULTS[Fault.NEVER_READY], good_observation(**changes))
+    assert any(expected in line for line in found), found
+
+
+def test_a_kill_needs_a_killed_orchestrator_and_a_clean_recovery() -> None:
+    spec = FAULTS[Fault.KILL_DURING_APPLY]
+    ok = good_observation(exit_codes=(None,), recovery_exit=0, history=["interrupted", "succeeded"])
+    assert violations(spec, ok) == []
+    late = good_observation(exit_codes=(1,), recovery_exit=1, history=["failed", "failed"])
+    found = violations(spec, late)
+    assert "the orchestrator was to be killed but exited [1]" in found
+    assert "the next apply of the last good stack exited 1" in found
+
+
+def test_the_table_counts_runs_per_fault_and_names_each_violation() -> None:
+    ok = RunResult(RunPlan(5, 0, Fault.NONE, "a", None, "5-0"), [], 2.0)
+    ok2 = RunResult(RunPlan(5, 1, Fault.NONE, "b", None, "5-1"), [], 4.0)
+    bad = RunResult(RunPlan(5, 2, Fault.NEVER_READY, "a", None, "5-2"), ["a: not running"], 3, 1)
+    rows = {r["fault"]: r for r in summary_rows([ok, ok2, bad])}
+    assert rows["no-fault"]["runs"] == 2
+    assert rows["no-fault"]["median_apply_s"] == "3.00"
+    assert rows["never-ready"]["rate"] == 0.0
+    assert rows["all"]["consistent"] == 2
+    text = render_table([ok, ok2, bad])
+    assert "`--replay 5:2` never-ready on a: a: not running" in text
+    assert "| never-ready | 1 | 0 | 0.0% | 3.00 | 1.00 |" in text
+
+
+def test_a_fault_revision_changes_only_its_unit() -> None:
+    stack = generated_stack("s", [20001, 20002, 20003], "/usr/bin/python3")
+    bad = new_revision(stack, "u1", Fault.NEVER_READY, "9", "/usr/bin/python3", 20002)
+    services = bad["services"]
+    assert isinstance(services, dict)
+    assert services["u1"]["command"][-4:] == ["--fault", "never-ready", "--delay", "0"]
+    assert services["u1"]["env"]["HXP_CHAOS_VERSION"] == "9"
+    assert services["u0"] == stack["services"]["u0"]  # type: ignore[index]
+    missing = new_revision(stack, "u2", Fault.MISSING_EXECUTABLE, "9", "/x", 20003)
+    assert missing["services"]["u2"]["command"] == ["/nonexistent/hxp-chaos-missing"]  # type: ignore[index]
+    # a clean revision after a fault one serves plainly again
+    clean = new_revision(bad, "u1", Fault.NONE, "10", "/usr/bin/python3", 20002)
+    assert "--fault" not in clean["services"]["u1"]["command"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--replay", "nine"], "--replay 'nine': expected SEED:RUN"),
+        (["--runs", "0"], "--runs 0: must be 1 or more"),
+        (["--backend", "docker"], "--backend docker: not done yet"),
+    ],
+)
+def test_hxp_chaos_refuses_bad_input_with_exit_2(
+    tmp_path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:  # type: ignore[no-untyped-def]
+    from hxp_cli import main
+
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(
+        "stack: s\nhosts: {local: {backend: process}}\nservices: {a: {host: local, command: [x]}}\n"
+    )
+    assert main(["chaos", "-f", str(stack), "--state-dir", str(tmp_path / "st"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "st").exists()  # nothing started, nothing written
+
+
+def test_hxp_chaos_names_a_missing_stack_file(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from hxp_cli import main
+
+    assert main(["chaos", "-f", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
