@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from hxp.backends.base import UnitRef
 from hxp.bake import BakeFailure, bake_pause, bake_seconds
+from hxp.endpoints import base_url, reach_health
 from hxp.errors import FailureClass
 from hxp.health import ProbeResult
 from hxp.io.probes import probe, probe_model_api
@@ -83,15 +84,17 @@ def _look(ctx: RunContext, watched: list[_Watched], elapsed: float) -> BakeFailu
         health = w.inst.health
         if health is None:
             continue
-        result = _checked(health, partial(probe, health))
+        checks = reach_health(health, w.inst.host_spec)  # on the unit's host, as verify does
+        assert checks is not None
+        result = _checked(health, partial(probe, checks, w.inst.host_spec))
         if not result.ok:
             why = f"{result.check} failed {health.retries} time(s) in a row: {result.reason}"
             return BakeFailure(name, elapsed, "check", why)
         if isinstance(w.inst.spec, ModelSpec):
             served = w.inst.spec.served_name or w.inst.unit
-            port = dict(w.inst.ports)["http"]
             timeout = max(health.timeout, 5.0)
-            answer = _checked(health, partial(probe_model_api, port, served, timeout))
+            base = base_url(w.inst, dict(w.inst.ports)["http"])
+            answer = _checked(health, partial(probe_model_api, base, served, timeout))
             if not answer.ok:
                 why = f"{answer.check} stalled: {answer.reason}"
                 return BakeFailure(name, elapsed, "stalled", why)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.stacks import SHORT_BAKE
+
 #: Slots (max_num_seqs) of one replica and the prefill time of one request: one replica
 #: serves about SLOTS / PREFILL_S requests per second.
 SLOTS = 4
@@ -45,6 +47,7 @@ def autoscale_fleet(
     args = ["--latency-ms", str(PREFILL_MS), "--tokens-per-second", "2000"]
     lines = [
         f"stack: {stack}",
+        f"deploy: {{bake: {SHORT_BAKE}}}",  # the tests time scale-ups, not the bake window
         "hosts:",
         f"  local: {host}",
         "models:",
