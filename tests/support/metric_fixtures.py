@@ -32,6 +32,7 @@ def render_fixture(version: str) -> str:
         metrics.h_ttft.observe(0.031)
         for _ in range(generated - 1):
             metrics.h_itl.observe(0.012)
+        metrics.generation_tokens.inc(generated)  # the engine counts each token as it runs
         metrics.finished(
             FinishedStats("stop", 0.3, 0.001, 0.03, 0.27, 0.3, prompt, 0, generated, 0, 64)
         )
