@@ -24,7 +24,9 @@ deploy: {{bake: 500ms}}
 services:
   web:
     host: a
-    command: [{py}, -m, http.server, "{port}", --bind, 127.0.0.1]
+    # Listens on every interface of its host: the orchestrator reaches it at the host's address
+    # (hxp.endpoints.reach_health), as would a gateway on another host.
+    command: [{py}, -m, http.server, "{port}", --bind, 0.0.0.0]
     ports: {{http: {port}}}
     health: {{http: {{url: "http://127.0.0.1:{port}/"}}, interval: 500ms, retries: 3}}
 """
@@ -79,7 +81,7 @@ def test_the_worker_on_the_agent_host_runs_its_units_there(
         print(log.read_text(errors="replace")[-3000:])
         raise
     assert [(p["host"], sorted(p["units"])) for p in result["dispatched"]] == [("a", ["web"])]
-    # The unit listens on the agent host's loopback: reachable over SSH there, not here.
+    # The unit runs on the agent host: reachable over SSH there, not on this machine's loopback.
     runner = SshRunner(
         host.address, "root", identity_file=state.client_key, known_hosts=state.known_hosts
     )
