@@ -10,14 +10,13 @@ the flow's markdown artifact with its reason.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
 
 from flows.deploy import apply_config
+from flows.naming import stack_run_name
 from hxp.autoscale import counted_config
 from hxp.config import EffectiveConfig
 from hxp.store import Store
@@ -25,11 +24,7 @@ from tasks.autoscale import act, autoscaled, decide_model, read_signals
 from tasks.deploy import state_dir_of
 from tasks.stack import load_stack
 
-
-def _run_name() -> str:
-    files = flow_run.parameters.get("stack_files") or ["stack.yaml"]
-    first = files if isinstance(files, str) else files[0]
-    return f"autoscale-{Path(first).stem}"
+_run_name = stack_run_name("autoscale")
 
 
 def _deploy(effective: EffectiveConfig, units: list[str], state: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.naming import stack_run_name
 from flows.records import RecordKeeper, close_interrupted, deploy_record
 from flows.scheduling import run_ready_set
 from hxp.autoscale import counted_config
@@ -23,9 +24,8 @@ from hxp.config import (
     Document,
     EffectiveConfig,
     build_config,
-    load_config_cached,
 )
-from hxp.errors import DeployError, FailureClass, HxpError, InputError
+from hxp.errors import DeployError, FailureClass, InputError
 from hxp.graph import DependencyGraph
 from hxp.io.calibration import annotate_plan
 from hxp.io.fleet_lock import run_lock
@@ -52,17 +52,7 @@ from tasks.stack import load_stack
 MAX_PARALLEL_UNITS = 8
 
 
-def _run_name() -> str:
-    """`deploy-<stack>` (plus the units when only some are deployed)."""
-    params = flow_run.parameters
-    files = params.get("stack_files") or ["stack.yaml"]
-    files = [files] if isinstance(files, str) else list(files)
-    units = params.get("units") or ([params["service"]] if params.get("service") else [])
-    try:
-        name = load_config_cached(files, {}, list(params.get("overrides") or [])).stack.stack
-    except HxpError:
-        name = files[0].rsplit("/", 1)[-1]
-    return f"deploy-{name}" + (f"-{'+'.join(units)}" if units else "")
+_run_name = stack_run_name("deploy")
 
 
 def _finish_interrupted(store: Store, stack: Stack, state: str) -> list[str]:

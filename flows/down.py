@@ -17,9 +17,10 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.naming import stack_run_name
 from flows.scheduling import run_ready_set
-from hxp.config import Document, build_config, load_config
-from hxp.errors import HxpError, LifecycleError
+from hxp.config import Document, build_config
+from hxp.errors import LifecycleError
 from hxp.graph import DependencyGraph
 from hxp.io.fleet_lock import run_lock
 from hxp.io.monitoring import find_binaries
@@ -40,19 +41,6 @@ from tasks.stack import load_stack
 
 #: Units stopped side by side at most (each mostly waits on its drain).
 MAX_PARALLEL_UNITS = 32
-
-
-def _run_name() -> str:
-    """`down-<stack>` (`down-<stack>-monitoring` for the monitoring units)."""
-    params = flow_run.parameters
-    files = params.get("stack_files") or ["stack.yaml"]
-    files = [files] if isinstance(files, str) else list(files)
-    try:
-        name = load_config(files, {}, list(params.get("overrides") or [])).stack.stack
-    except HxpError:
-        name = files[0].rsplit("/", 1)[-1]
-    suffix = "-monitoring" if flow_run.flow_name == "down-monitoring" else ""
-    return f"down-{name}{suffix}"
 
 
 def _take_down(
@@ -116,7 +104,7 @@ def _holder() -> str:
 
 @flow(
     name="down-stack",
-    flow_run_name=_run_name,
+    flow_run_name=stack_run_name("down"),
     task_runner=ThreadPoolTaskRunner(MAX_PARALLEL_UNITS),
 )
 def down_stack(
@@ -151,7 +139,7 @@ def monitoring_units(stack: Stack, state_dir: str) -> Stack:
     return build_config([Document(f"monitoring of stack {stack.stack}", data)]).stack
 
 
-@flow(name="down-monitoring", flow_run_name=_run_name)
+@flow(name="down-monitoring", flow_run_name=stack_run_name("down", "-monitoring"))
 def down_monitoring(
     stack_files: list[str] | str,
     overrides: list[str] | None = None,

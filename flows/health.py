@@ -10,17 +10,15 @@ the tests and the benchmark do); see docs/operations.md. `hxp health` runs the s
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.events import emit_event
-from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
+from flows.naming import stack_run_name
 from hxp.health import Status, SweepReport, SweepSettings, health_markdown, health_rows
 from hxp.io.sweep import load_stack_cached, record_metrics
 from hxp.io.telemetry import pushgateway_url as pushgateway_of
@@ -32,18 +30,7 @@ from tasks.health import (
     reroute_gateway,
 )
 
-_STACK_LINE = re.compile(r"^stack:\s*['\"]?([a-z0-9-]+)", re.MULTILINE)
-
-
-def _run_name() -> str:
-    """`health-<stack>`, read from the first stack file's `stack:` line (no full parse)."""
-    files = flow_run.parameters.get("stack_files") or ["stack.yaml"]
-    first = files if isinstance(files, str) else files[0]
-    try:
-        found = _STACK_LINE.search(Path(first).read_text(errors="replace"))
-    except OSError:
-        found = None
-    return f"health-{found.group(1) if found else Path(first).stem}"
+_run_name = stack_run_name("health")
 
 
 def resource(stack: str, unit: str) -> dict[str, str]:

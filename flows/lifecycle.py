@@ -25,10 +25,11 @@ from prefect.utilities.annotations import quote
 
 from flows.deploy import apply_config
 from flows.monitoring import deploy_monitoring
+from flows.naming import stack_run_name
 from flows.records import RecordKeeper, deploy_record
 from flows.scheduling import GraphRun, run_ready_set
-from hxp.config import EffectiveConfig, load_config, unit_config_hash
-from hxp.errors import HxpError, LifecycleError, LockedError
+from hxp.config import EffectiveConfig, unit_config_hash
+from hxp.errors import LifecycleError, LockedError
 from hxp.graph import DependencyGraph
 from hxp.io import lifecycle as rec
 from hxp.io.fleet_lock import run_lock as stack_lock  # this machine, and across with a server
@@ -57,18 +58,7 @@ from tasks.stack import load_stack
 MAX_PARALLEL_UNITS = 32
 
 
-def _run_name() -> str:
-    """`<action>-<stack>` (plus the units when only some are named)."""
-    params = flow_run.parameters
-    files = params.get("stack_files") or ["stack.yaml"]
-    files = [files] if isinstance(files, str) else list(files)
-    units = params.get("units") or ([params["service"]] if params.get("service") else [])
-    try:
-        name = load_config(files, {}, list(params.get("overrides") or [])).stack.stack
-    except HxpError:
-        name = files[0].rsplit("/", 1)[-1]
-    action = (flow_run.flow_name or "lifecycle").removesuffix("-stack").removesuffix("-service")
-    return f"{action}-{name}" + (f"-{'+'.join(units)}" if units else "")
+_run_name = stack_run_name()
 
 
 def _load(stack_files: list[str] | str, overrides: list[str] | None) -> EffectiveConfig:

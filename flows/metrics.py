@@ -9,13 +9,12 @@ scrape the store keeps per target.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.runtime import flow_run
 
+from flows.naming import stack_run_name
 from hxp.io.telemetry import pushgateway_url
 from hxp.metrics import Scrape, replica_targets, summarize, wanted_families
 from hxp.spec import MetricsSpec
@@ -23,11 +22,7 @@ from tasks.deploy import state_dir_of
 from tasks.metrics import Scrapes, aggregate_scrapes, observe_models, push_metrics, scrape_metrics
 from tasks.stack import load_stack
 
-
-def _run_name() -> str:
-    files = flow_run.parameters.get("stack_files") or ["stack.yaml"]
-    first = files if isinstance(files, str) else files[0]
-    return f"aggregate-metrics-{Path(first).stem}"
+_run_name = stack_run_name("aggregate-metrics")
 
 
 @flow(name="aggregate-metrics", flow_run_name=_run_name)

@@ -12,12 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.deploy import apply_config
-from hxp.config import Document, build_config, load_config
-from hxp.errors import HxpError
+from flows.naming import stack_run_name
+from hxp.config import Document, build_config
 from hxp.io.monitoring import find_binaries
 from hxp.monitoring import MonitoringPaths, component_urls, monitoring_stack_data
 from tasks.deploy import state_dir_of
@@ -32,16 +31,7 @@ from tasks.monitoring import (
 )
 from tasks.stack import load_stack
 
-
-def _run_name() -> str:
-    params = flow_run.parameters
-    files = params.get("stack_files") or ["stack.yaml"]
-    files = [files] if isinstance(files, str) else list(files)
-    try:
-        name = load_config(files, {}, list(params.get("overrides") or [])).stack.stack
-    except HxpError:
-        name = files[0].rsplit("/", 1)[-1]
-    return f"monitoring-{name}"
+_run_name = stack_run_name("monitoring")
 
 
 @flow(name="deploy-monitoring", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(4))
