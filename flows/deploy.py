@@ -11,11 +11,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
-from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.naming import stack_run_name
+from flows.naming import run_holder, stack_run_name
 from flows.records import RecordKeeper, close_interrupted, deploy_record
 from flows.scheduling import run_ready_set
 from hxp.autoscale import counted_config
@@ -470,8 +469,7 @@ def apply_config(
     # An autoscaled model runs the autoscaler's count, not the stack's `replicas` (hxp.autoscale).
     effective = counted_config(effective, store.autoscale_counts(stack.stack))
     stack = effective.stack
-    run_id = str(flow_run.id) if flow_run.id else None
-    holder = f"deploy flow run {flow_run.name or run_id or 'ad hoc'}"
+    holder = run_holder("deploy")
     with run_lock(state, stack.stack, holder, wait=wait_for_lock, on_wait=logger.info):
         for line in _finish_interrupted(store, stack, state):
             logger.warning(line)
@@ -744,7 +742,7 @@ def finish_interrupted(
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     stack = load_stack(files, list(overrides or [])).stack
     state = state_dir_of(state_dir)
-    holder = f"reconcile flow run {flow_run.name or 'ad hoc'}"
+    holder = run_holder("reconcile")
     with run_lock(state, stack.stack, holder, wait=wait_for_lock, on_wait=logger.info):
         lines = _finish_interrupted(Store(state), stack, state)
     for line in lines:

@@ -13,12 +13,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
-from flows.naming import stack_run_name
-from flows.scheduling import run_ready_set
+from flows.lifecycle import stop_in_reverse
+from flows.naming import run_holder, stack_run_name
 from hxp.config import Document, build_config
 from hxp.errors import LifecycleError
 from hxp.graph import DependencyGraph
@@ -34,7 +33,6 @@ from tasks.lifecycle import (
     lifecycle_context,
     reconcile_stack,
     stop_gateway,
-    stop_unit,
 )
 from tasks.monitoring import monitoring_root
 from tasks.stack import load_stack
@@ -52,11 +50,8 @@ def _take_down(
     graph = DependencyGraph(stack.dependencies())
     with run_lock(ctx.state_dir, stack.stack, holder, wait=wait, on_wait=logger.info):
         reconcile_stack(quote(ctx))
-        run = run_ready_set(
-            graph.inverted().scheduler(sorted(stack.units())),
-            lambda u: stop_unit.submit(quote(ctx), u, drain, drain_timeout),
-            stop_on_failure=False,  # a unit that would not stop is removed all the same
-        )
+        # A unit that would not stop is removed all the same, below.
+        run = stop_in_reverse(ctx, sorted(stack.units()), drain, drain_timeout)
         stopped = {u: r.done for u, r in run.done if isinstance(r, UnitResult)}
         not_stopped = {u: f"{type(e).__name__}: {e}" for u, e in run.failed}
         # Whatever the backends still hold goes, dependents first; instances of units the
@@ -98,10 +93,6 @@ def _take_down(
     }
 
 
-def _holder() -> str:
-    return f"down flow run {flow_run.name or flow_run.id or 'ad hoc'}"
-
-
 @flow(
     name="down-stack",
     flow_run_name=stack_run_name("down"),
@@ -129,7 +120,7 @@ def down_stack(
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     stack = load_stack(files, list(overrides or [])).stack
     ctx = lifecycle_context(stack, state_dir_of(state_dir))
-    return _take_down(ctx, drain, drain_timeout, _holder(), wait_for_lock)
+    return _take_down(ctx, drain, drain_timeout, run_holder("down"), wait_for_lock)
 
 
 def monitoring_units(stack: Stack, state_dir: str) -> Stack:
@@ -158,7 +149,7 @@ def down_monitoring(
     stack = load_stack(files, list(overrides or [])).stack
     state = state_dir_of(state_dir)
     ctx = lifecycle_context(monitoring_units(stack, state), state)
-    return _take_down(ctx, False, None, _holder(), wait_for_lock)
+    return _take_down(ctx, False, None, run_holder("down"), wait_for_lock)
 
 
 __all__ = ["down_monitoring", "down_stack", "monitoring_units"]

@@ -19,13 +19,12 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from flows.deploy import apply_config
 from flows.monitoring import deploy_monitoring
-from flows.naming import stack_run_name
+from flows.naming import run_holder, stack_run_name
 from flows.records import RecordKeeper, deploy_record
 from flows.scheduling import GraphRun, run_ready_set
 from hxp.config import EffectiveConfig, unit_config_hash
@@ -72,10 +71,6 @@ def _selected(stack: Stack, units: list[str] | None) -> list[str]:
     for unit in units:
         stack.unit(unit)  # UnknownUnitError names the unit and what the stack has
     return sorted(set(units))
-
-
-def _holder(action: str) -> str:
-    return f"{action} flow run {flow_run.name or flow_run.id or 'ad hoc'}"
 
 
 def _summarise(run: GraphRun[Any], action: str) -> dict[str, Any]:
@@ -171,7 +166,7 @@ def start_stack(
     state = state_dir_of(state_dir)
     ctx = lifecycle_context(stack, state)
     log = get_run_logger().info
-    with stack_lock(state, stack.stack, _holder("start"), wait=wait_for_lock, on_wait=log):
+    with stack_lock(state, stack.stack, run_holder("start"), wait=wait_for_lock, on_wait=log):
         reconciled = reconcile_stack(quote(ctx))
         summary = _start(ctx, _selected(stack, units))
     return _finish(ctx, summary, reconciled)
@@ -180,16 +175,24 @@ def start_stack(
 # --------------------------------------------------------------------------- stop
 
 
+def stop_in_reverse(
+    ctx: RunContext, units: list[str], drain: bool, drain_timeout: float | None
+) -> GraphRun[Any]:
+    """Stop `units` of `ctx.stack` (draining each first) in reverse dependency order: a unit
+    once every unit that depends on it has stopped, independent units side by side. A unit
+    that would not stop does not keep the others running (it is in the run's `failed`)."""
+    graph = DependencyGraph(ctx.stack.dependencies()).inverted()
+    return run_ready_set(
+        graph.scheduler(units),
+        lambda u: stop_unit.submit(quote(ctx), u, drain, drain_timeout),
+        stop_on_failure=False,
+    )
+
+
 def _stop(
     ctx: RunContext, units: list[str], drain: bool, drain_timeout: float | None
 ) -> dict[str, Any]:
-    graph = DependencyGraph(ctx.stack.dependencies()).inverted()
-    run = run_ready_set(
-        graph.scheduler(units),
-        lambda u: stop_unit.submit(quote(ctx), u, drain, drain_timeout),
-        stop_on_failure=False,  # a unit that would not stop does not keep the others running
-    )
-    return _summarise(run, "stop")
+    return _summarise(stop_in_reverse(ctx, units, drain, drain_timeout), "stop")
 
 
 @flow(
@@ -223,7 +226,7 @@ def stop_stack(
     state = state_dir_of(state_dir)
     ctx = lifecycle_context(stack, state)
     log = get_run_logger().info
-    with stack_lock(state, stack.stack, _holder("stop"), wait=wait_for_lock, on_wait=log):
+    with stack_lock(state, stack.stack, run_holder("stop"), wait=wait_for_lock, on_wait=log):
         reconciled = reconcile_stack(quote(ctx))
         summary = _stop(ctx, _selected(stack, units), drain, drain_timeout)
         if not units and summary["ok"]:
@@ -288,7 +291,7 @@ def restart_stack(
     ctx = lifecycle_context(stack, state)
     chosen = _selected(stack, units)
     log = get_run_logger().info
-    with stack_lock(state, stack.stack, _holder("restart"), wait=wait_for_lock, on_wait=log):
+    with stack_lock(state, stack.stack, run_holder("restart"), wait=wait_for_lock, on_wait=log):
         reconciled = reconcile_stack(quote(ctx))
         if rolling:
             policy = RollingPolicy(max(1, max_unavailable), max(0, max_fail), surge)
@@ -395,7 +398,7 @@ def supervise_stack(
     ctx = lifecycle_context(stack, state)
     policy = CrashPolicy(max_crashes, crash_window, backoff, backoff_max)
     try:
-        with file_lock(state, stack.stack, _holder("supervise"), wait=False):
+        with file_lock(state, stack.stack, run_holder("supervise"), wait=False):
             reconciled = reconcile_stack(quote(ctx))
             report = supervise_pass(ctx, policy)
     except LockedError as exc:  # a deploy or restart is under way: it owns the units now
@@ -550,7 +553,7 @@ def reload_stack(
     # Planned and recorded under the lock: a deploy that ran while this run waited for it
     # changed what the plan starts from, and would have closed a record begun before the
     # lock as an interrupted deploy.
-    with stack_lock(state, stack.stack, _holder("reload"), on_wait=logger.info):
+    with stack_lock(state, stack.stack, run_holder("reload"), on_wait=logger.info):
         snapshot = store.latest_snapshot(stack.stack)
         if snapshot is None:
             raise LifecycleError(f"stack {stack.stack!r} was never deployed: run `hxp apply` first")

@@ -46,3 +46,8 @@ def stack_run_name(action: str | None = None, suffix: str = "") -> Callable[[], 
         return f"{verb}-{run_stack_name()}{suffix}" + (f"-{'+'.join(units)}" if units else "")
 
     return name
+
+
+def run_holder(action: str) -> str:
+    """Who holds a stack's lock, as a waiting run says it: `<action> flow run <name>`."""
+    return f"{action} flow run {flow_run.name or flow_run.id or 'ad hoc'}"

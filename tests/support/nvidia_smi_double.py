@@ -46,6 +46,27 @@ NO_DRIVER = (
 UNITS = {"utilization.gpu": " %", "utilization.memory": " %", "power.draw": " W"}
 
 
+#: The fields of the real H200's idle query (tests/data/nvidia_smi/query_gpu_idle.csv), the
+#: ones this double answers for `--query-gpu`.
+CAPTURED_GPU_FIELDS = (
+    "index",
+    "uuid",
+    "name",
+    "pci.bus_id",
+    "driver_version",
+    "memory.total",
+    "memory.reserved",
+    "memory.used",
+    "memory.free",
+    "utilization.gpu",
+    "utilization.memory",
+    "temperature.gpu",
+    "power.draw",
+    "ecc.errors.uncorrected.volatile.total",
+    "clocks_throttle_reasons.active",
+)
+
+
 def h200(index: int = 0, uuid: str = H200_UUID, **extra: Any) -> dict[str, Any]:
     """One GPU as the real H200 of the fixtures reported it (idle)."""
     gpu = {
@@ -141,23 +162,7 @@ def run(argv: list[str], config: dict[str, Any]) -> tuple[str, int]:
     gpus = sorted(config.get("gpus", []), key=lambda g: int(g["index"]))
     procs = config.get("processes", [])
     if kind == "--query-gpu":
-        known = {
-            "index",
-            "uuid",
-            "name",
-            "pci.bus_id",
-            "driver_version",
-            "memory.total",
-            "memory.reserved",
-            "memory.used",
-            "memory.free",
-            "utilization.gpu",
-            "utilization.memory",
-            "temperature.gpu",
-            "power.draw",
-            "ecc.errors.uncorrected.volatile.total",
-            "clocks_throttle_reasons.active",
-        } - unknown
+        known = set(CAPTURED_GPU_FIELDS) - unknown
         rows = []
         for g in gpus:
             mine = [int(p["used_memory_mib"]) for p in procs if p["gpu_uuid"] == g["uuid"]]

@@ -26,27 +26,11 @@ from hxp.nvidia_smi import (
 )
 from hxp.spec import GpuSpec, HostSpec
 from tests.support import nvidia_smi_double
-from tests.support.nvidia_smi_double import H200_UUID, h200
+from tests.support.nvidia_smi_double import CAPTURED_GPU_FIELDS, H200_UUID, h200
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "nvidia_smi"
 MIB = 2**20
-IDLE_FIELDS = [
-    "index",
-    "uuid",
-    "name",
-    "pci.bus_id",
-    "driver_version",
-    "memory.total",
-    "memory.reserved",
-    "memory.used",
-    "memory.free",
-    "utilization.gpu",
-    "utilization.memory",
-    "temperature.gpu",
-    "power.draw",
-    "ecc.errors.uncorrected.volatile.total",
-    "clocks_throttle_reasons.active",
-]
+IDLE_FIELDS = list(CAPTURED_GPU_FIELDS)
 BUSY_FIELDS = ["index", "uuid", "memory.total", "memory.reserved", "memory.used", "memory.free"]
 BUSY_APP_FIELDS = ["pid", "process_name", "gpu_uuid", "gpu_bus_id", "used_memory"]
 HEADER_FIELDS = ["index", "uuid", "name", *GPU_FIELDS[3:7]]
