@@ -122,7 +122,8 @@ def main() -> None:
         from prefect.utilities.annotations import quote
 
         from flows.deploy import deploy_stack
-        from flows.lifecycle import MAX_PARALLEL_UNITS, start_stack, stop_stack
+        from flows.lifecycle import start_stack, stop_stack
+        from flows.scheduling import MAX_PARALLEL_UNITS
         from hxp.backends.base import Remove, UnitRef
         from hxp.backends.process import ProcessBackend
         from hxp.config import load_config

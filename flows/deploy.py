@@ -16,7 +16,7 @@ from prefect.utilities.annotations import quote
 
 from flows.naming import run_holder, stack_run_name
 from flows.records import RecordKeeper, close_interrupted, deploy_record
-from flows.scheduling import run_ready_set
+from flows.scheduling import MAX_PARALLEL_UNITS, run_ready_set
 from hxp.autoscale import counted_config
 from hxp.config import (
     ConfigSnapshot,
@@ -47,9 +47,6 @@ from tasks.deploy import (
 )
 from tasks.instances import RunContext, UnitDeployError, UnitOutcome
 from tasks.stack import load_stack
-
-MAX_PARALLEL_UNITS = 8
-
 
 _run_name = stack_run_name("deploy")
 

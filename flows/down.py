@@ -18,6 +18,7 @@ from prefect.utilities.annotations import quote
 
 from flows.lifecycle import stop_in_reverse
 from flows.naming import run_holder, stack_run_name
+from flows.scheduling import MAX_PARALLEL_UNITS
 from hxp.config import Document, build_config
 from hxp.errors import LifecycleError
 from hxp.graph import DependencyGraph
@@ -36,9 +37,6 @@ from tasks.lifecycle import (
 )
 from tasks.monitoring import monitoring_root
 from tasks.stack import load_stack
-
-#: Units stopped side by side at most (each mostly waits on its drain).
-MAX_PARALLEL_UNITS = 32
 
 
 def _take_down(

@@ -26,7 +26,7 @@ from flows.deploy import apply_config
 from flows.monitoring import deploy_monitoring
 from flows.naming import run_holder, stack_run_name
 from flows.records import RecordKeeper, deploy_record
-from flows.scheduling import GraphRun, run_ready_set
+from flows.scheduling import MAX_PARALLEL_UNITS, GraphRun, run_ready_set
 from hxp.config import EffectiveConfig, unit_config_hash
 from hxp.errors import LifecycleError, LockedError
 from hxp.graph import DependencyGraph
@@ -52,10 +52,6 @@ from tasks.lifecycle import (
     supervise_pass,
 )
 from tasks.stack import load_stack
-
-#: Units started or stopped side by side at most (each mostly waits on its gate or drain).
-MAX_PARALLEL_UNITS = 32
-
 
 _run_name = stack_run_name()
 

@@ -17,6 +17,10 @@ from hxp.graph import ReadyScheduler
 
 T = TypeVar("T")
 
+#: Units deployed, started, stopped or rolled back side by side at most, per flow run: each
+#: mostly waits on its readiness gate, drain or SSH round trips, not on this machine's CPU.
+MAX_PARALLEL_UNITS = 32
+
 
 @dataclass
 class GraphRun(Generic[T]):

@@ -497,7 +497,7 @@ def test_create_adds_the_user_installs_and_starts() -> None:
     assert PREVIOUS not in host.files
     assert host.systemctl() == [
         ["daemon-reload"],
-        ["enable", "--", "hxp-demo-web.service"],
+        ["enable", "--no-reload", "--", "hxp-demo-web.service"],
         ["reset-failed", "--", "hxp-demo-web.service"],
         ["restart", "--", "hxp-demo-web.service"],
     ]
@@ -531,10 +531,10 @@ def test_commit_drops_the_kept_file_and_remove_deletes_everything() -> None:
     backend.apply(Update(web("three"), "h3", 3))
     backend.apply(Remove(REF))
     assert host.files == {}
-    assert ["disable", "--now", "--", "hxp-demo-web.service"] in host.systemctl()
+    assert ["disable", "--now", "--no-reload", "--", "hxp-demo-web.service"] in host.systemctl()
     host.commands.clear()
     backend.apply(Remove(REF))  # removing what is gone is fine, and does not try to disable
-    assert ["disable", "--now", "--", "hxp-demo-web.service"] not in host.systemctl()
+    assert ["disable", "--now", "--no-reload", "--", "hxp-demo-web.service"] not in host.systemctl()
 
 
 def test_start_needs_an_installed_unit_and_stop_passes_through() -> None:
@@ -754,3 +754,59 @@ def test_a_unit_that_drops_its_secrets_loses_its_env_file() -> None:
     backend.apply(Update(web(), "h2", 2))
     assert ENV_FILE not in host.files
     assert "EnvironmentFile" not in host.files[UNIT]
+
+
+def test_units_created_side_by_side_share_their_daemon_reloads() -> None:
+    """Each create's reload starts after its file was written; concurrent creates share them."""
+    import threading
+    import time
+
+    from hxp.backends.systemd import ReloadBatch
+
+    batch = ReloadBatch()
+    written: list[int] = []
+    covered: dict[int, int] = {}  # create -> how many files the reload it got had seen
+    early: list[int] = []  # creates that returned before any reload had seen their file
+    lock = threading.Lock()
+
+    def slow_reload() -> None:
+        with lock:
+            seen = len(written)
+        time.sleep(0.05)  # PID 1 re-reading every unit
+        with lock:
+            for i in written[:seen]:
+                covered.setdefault(i, seen)
+
+    def create(i: int) -> None:
+        with lock:
+            written.append(i)
+        batch.reload(slow_reload)
+        with lock:
+            if i not in covered:
+                early.append(i)
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert early == []
+    assert sorted(covered) == list(range(20))
+    assert 1 <= batch.reloads <= 4, batch.reloads
+
+
+def test_a_failed_reload_is_retried_by_a_waiting_create() -> None:
+    from hxp.backends.systemd import ReloadBatch
+
+    batch = ReloadBatch()
+    calls: list[str] = []
+
+    def broken() -> None:
+        calls.append("broken")
+        raise BackendError("daemon-reload timed out")
+
+    with pytest.raises(BackendError, match="timed out"):
+        batch.reload(broken)
+    batch.reload(lambda: calls.append("ok"))
+    assert calls == ["broken", "ok"]
+    assert batch.reloads == 1
