@@ -20,6 +20,7 @@ from functools import partial
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from hxp.backends import observe_all
 from hxp.backends.base import UnitRef
 from hxp.bake import BakeFailure, bake_pause, bake_seconds
 from hxp.endpoints import base_url, reach_health
@@ -57,13 +58,15 @@ def _watched(ctx: RunContext, outcomes: list[UnitOutcome]) -> list[_Watched]:
 
 
 def _look(ctx: RunContext, watched: list[_Watched], elapsed: float) -> BakeFailure | None:
-    """One look at every instance still inside its window."""
-    hosts = {w.outcome.host for w in watched}
-    seen = {h: ctx.backend(h).observe(ctx.stack.stack) for h in sorted(hosts)}
+    """One look at every instance still inside its window: each host observed once, the due
+    checks side by side (30 instances checked over SSH one after another took longer than
+    the window); the first failure in `watched` order is the one reported."""
+    seen = observe_all(ctx.stack, ctx.state_dir, hosts={w.outcome.host for w in watched})
+    due: list[_Watched] = []
     for w in watched:
         if elapsed >= w.window and w.next_check > 0:
             continue  # its window has passed (and it was looked at inside it)
-        obs = seen[w.outcome.host].get(w.inst.name)
+        obs = seen.get(w.inst.name)
         name = w.inst.name
         if obs is None or not obs.running:
             detail = obs.detail if obs is not None else "gone"
@@ -81,35 +84,49 @@ def _look(ctx: RunContext, watched: list[_Watched], elapsed: float) -> BakeFailu
             continue
         interval = w.inst.health.interval if w.inst.health is not None else w.window
         w.next_check = max(elapsed, 1e-6) + interval
-        health = w.inst.health
-        if health is None:
-            continue
-        checks = reach_health(health, w.inst.host_spec)  # on the unit's host, as verify does
-        assert checks is not None
-        result = _checked(health, partial(probe, checks, w.inst.host_spec))
-        if not result.ok:
-            why = f"{result.check} failed {health.retries} time(s) in a row: {result.reason}"
-            return BakeFailure(name, elapsed, "check", why)
-        if isinstance(w.inst.spec, ModelSpec):
-            served = w.inst.spec.served_name or w.inst.unit
-            timeout = max(health.timeout, 5.0)
-            base = base_url(w.inst, dict(w.inst.ports)["http"])
-            answer = _checked(health, partial(probe_model_api, base, served, timeout))
-            if not answer.ok:
-                why = f"{answer.check} stalled: {answer.reason}"
-                return BakeFailure(name, elapsed, "stalled", why)
+        if w.inst.health is not None:
+            due.append(w)
+    if not due:
+        return None
+
+    async def check_all() -> list[BakeFailure | None]:
+        return list(await asyncio.gather(*(_check(w, elapsed) for w in due)))
+
+    return next((f for f in asyncio.run(check_all()) if f is not None), None)
+
+
+async def _check(w: _Watched, elapsed: float) -> BakeFailure | None:
+    """The instance's checks (on its host, as verify runs them); a model also answers a
+    completion, else it stalled."""
+    health = w.inst.health
+    assert health is not None
+    checks = reach_health(health, w.inst.host_spec)
+    assert checks is not None
+    result = await _checked(health, partial(probe, checks, w.inst.host_spec))
+    if not result.ok:
+        why = f"{result.check} failed {health.retries} time(s) in a row: {result.reason}"
+        return BakeFailure(w.inst.name, elapsed, "check", why)
+    if isinstance(w.inst.spec, ModelSpec):
+        served = w.inst.spec.served_name or w.inst.unit
+        timeout = max(health.timeout, 5.0)
+        base = base_url(w.inst, dict(w.inst.ports)["http"])
+        answer = await _checked(health, partial(probe_model_api, base, served, timeout))
+        if not answer.ok:
+            return BakeFailure(
+                w.inst.name, elapsed, "stalled", f"{answer.check} stalled: {answer.reason}"
+            )
     return None
 
 
-def _checked(health: HealthSpec, check: Callable[[], Awaitable[ProbeResult]]) -> ProbeResult:
+async def _checked(health: HealthSpec, check: Callable[[], Awaitable[ProbeResult]]) -> ProbeResult:
     """A check as the supervisor counts it: failed only after `health.retries` failures in a
     row (a moment apart), so one slow answer on a busy host fails nothing."""
-    result = asyncio.run(check())
+    result = await check()
     for _ in range(health.retries - 1):
         if result.ok:
             break
-        time.sleep(min(health.interval, 0.5))
-        result = asyncio.run(check())
+        await asyncio.sleep(min(health.interval, 0.5))
+        result = await check()
     return result
 
 

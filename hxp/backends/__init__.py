@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hxp.backends.base import Backend
@@ -40,20 +42,35 @@ def stack_backends(stack: Stack, state_dir: str | Path) -> dict[str, Backend]:
     return out
 
 
-def observe_all(stack: Stack, state_dir: str | Path) -> dict[str, ObservedUnit]:
-    """Every instance of the stack any of its hosts runs, tagged with its host."""
+def observe_all(
+    stack: Stack, state_dir: str | Path, hosts: Iterable[str] | None = None
+) -> dict[str, ObservedUnit]:
+    """Every instance of the stack any of its hosts (or only `hosts`) runs, tagged with its
+    host. Hosts are asked side by side (each answer is SSH or Docker round trips); a host
+    whose backend fails raises, as the first failing host in name order."""
     from hxp.units import expand_units
 
     owners = {u.name: u.host for u in expand_units(stack)}
-    seen: dict[str, ObservedUnit] = {}
+    wanted = None if hosts is None else set(hosts)
+    chosen: dict[str, Backend] = {}
     visited: set[tuple[str, str, str]] = set()
     for name, backend in stack_backends(stack, state_dir).items():
+        if wanted is not None and name not in wanted:
+            continue
         host = stack.hosts[name]
         key = (host.backend, host.address or "local", host.container or "")
         if key in visited:
             continue
         visited.add(key)
-        for instance, unit in backend.observe(stack.stack).items():
+        chosen[name] = backend
+    if len(chosen) > 1:
+        with ThreadPoolExecutor(max_workers=min(16, len(chosen))) as pool:
+            answers = list(pool.map(lambda b: b.observe(stack.stack), chosen.values()))
+    else:
+        answers = [b.observe(stack.stack) for b in chosen.values()]
+    seen: dict[str, ObservedUnit] = {}
+    for name, answer in zip(chosen, answers, strict=True):
+        for instance, unit in answer.items():
             owner = unit.host or owners.get(instance, name)
             seen[instance] = ObservedUnit(**{**unit.__dict__, "host": owner})
     return seen
