@@ -169,7 +169,11 @@ def test_a_revision_that_crashes_after_serving_fails_during_bake_and_rolls_back(
     path = tmp_path / "stack.yaml"
     path.write_text(
         f"stack: {name}\nhosts:\n  box: {{backend: docker}}\nservices:"
-        + server("api", python_image, port).replace("interval: 300ms", "interval: 1s")
+        # A start period: on a loaded machine the container may take seconds to serve (and
+        # the restored one too); the crash comes 2 s after the first answer whatever the load.
+        + server("api", python_image, port).replace(
+            "interval: 300ms", "interval: 1s\n      start_period: 30s"
+        )
         + "\n"
     )
     crash = json.dumps(crash_after_serving("python3", port, 2.0))

@@ -243,6 +243,7 @@ def test_a_revision_that_crashes_after_serving_fails_during_bake_and_rolls_back(
         data = stack_data(systemd_container, port, name, "one", command)
         del data["deploy"]  # the default bake window
         data["services"]["web"]["health"]["interval"] = "1s"
+        data["services"]["web"]["health"]["start_period"] = "30s"  # a loaded machine is slow
         stack_file.write_text(yaml.safe_dump(data, sort_keys=False))
         return str(stack_file)
 
