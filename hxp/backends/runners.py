@@ -16,6 +16,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -105,6 +106,11 @@ class CommandRunner:
         """Whether a non-zero exit means the host was unreachable, not that the command failed."""
         return False
 
+    def session(self) -> AbstractContextManager[object]:
+        """Held while one command runs: how many may run at once on this host (no limit
+        here)."""
+        return nullcontext()
+
     def run(
         self,
         argv: list[str],
@@ -117,14 +123,15 @@ class CommandRunner:
         local = self.command(argv, interactive=input is not None)
         limit = self.timeout if timeout is None else timeout
         try:
-            proc = subprocess.run(
-                local,
-                input=input,
-                stdin=None if input is not None else subprocess.DEVNULL,
-                capture_output=True,
-                timeout=limit,
-                check=False,
-            )
+            with self.session():
+                proc = subprocess.run(
+                    local,
+                    input=input,
+                    stdin=None if input is not None else subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=limit,
+                    check=False,
+                )
         except subprocess.TimeoutExpired:
             raise BackendError(
                 f"{self.description}: `{_tail(shlex.join(argv), 200)}` timed out after {limit:g}s",
@@ -250,6 +257,10 @@ def control_dir_for(state_dir: str | Path) -> Path:
 _CONTROL_DIR_MAX = 104 - 1 - 14 - 17 - 1
 _MASTER_LOCKS: dict[str, threading.Lock] = {}
 _MASTER_LOCKS_GUARD = threading.Lock()
+#: Commands run at once on one SSH host by one process: under OpenSSH's default MaxSessions
+#: (10), leaving room for the master's own session and an operator's.
+MAX_SESSIONS = 8
+_SESSIONS: dict[str, threading.BoundedSemaphore] = {}
 
 
 class SshRunner(CommandRunner):
@@ -317,6 +328,16 @@ class SshRunner(CommandRunner):
         if self.user:
             local += ["-l", self.user]
         return local
+
+    def session(self) -> AbstractContextManager[object]:
+        """One of MAX_SESSIONS slots for this host (per process): sshd refuses a multiplexed
+        connection's 11th session by default (MaxSessions 10) and drops unauthenticated
+        connections beyond 10 (MaxStartups 10:30:100), and a deploy of 30 units runs far more
+        commands than that side by side."""
+        key = str(self.control_path) if self.control_path is not None else self.description
+        with _MASTER_LOCKS_GUARD:
+            slots = _SESSIONS.setdefault(key, threading.BoundedSemaphore(MAX_SESSIONS))
+        return slots
 
     def command(self, argv: list[str], interactive: bool) -> list[str]:
         local = ["ssh", *self.options()]

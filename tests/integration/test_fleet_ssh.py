@@ -162,6 +162,33 @@ def test_without_a_shared_connection_each_command_connects(lab: LabState, tmp_pa
     assert ssh_connections(h) - before == 5
 
 
+def test_many_commands_at_once_stay_within_sshds_default_max_sessions(
+    lab: LabState, tmp_path: Path
+) -> None:
+    """The lab's sshd keeps OpenSSH's default MaxSessions (10 per connection): 40 commands
+    started side by side all succeed over the one shared connection (the runner holds them
+    to MAX_SESSIONS at a time; beyond 10, sshd refuses the session and ssh falls back to a
+    connection of its own per command)."""
+    h = lab.host("dock")
+    before = ssh_connections(h)
+    runner = SshRunner(
+        h.address,
+        "root",
+        identity_file=lab.client_key,
+        known_hosts=lab.known_hosts,
+        control_dir=control_dir_for(tmp_path / "state"),
+    )
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            results = list(
+                pool.map(lambda i: runner.run(["sh", "-c", f"sleep 0.3; echo {i}"]), range(40))
+            )
+        assert [r.text.strip() for r in results] == [str(i) for i in range(40)]
+    finally:
+        runner.close()
+    assert 1 <= ssh_connections(h) - before <= MAX_CONNECTIONS
+
+
 def wrong_known_hosts(lab: LabState, tmp_path: Path, address: str) -> Path:
     """A known_hosts that pins another key for `address` (as after a host was replaced)."""
     key = tmp_path / "other_host_key"

@@ -326,7 +326,6 @@ class FleetLab:
             "UsePAM no",
             "StrictModes no",
             "LogLevel VERBOSE",
-            "MaxSessions 64",
             "MaxStartups 64:30:128",
             "AllowStreamLocalForwarding yes",
             "AllowTcpForwarding yes",
