@@ -153,10 +153,10 @@ class CommandRunner:
 
     def write_file(self, path: str, content: str, mode: int) -> None:
         # A temporary file beside the target, then a rename: readers never see half a file.
+        # One command (one SSH round trip, not three): the paths are arguments, never code.
         tmp = f"{path}.hxp-tmp"
-        self.run(["tee", "--", tmp], input=content.encode("utf-8"))
-        self.run(["chmod", f"{mode:o}", "--", tmp])
-        self.run(["mv", "-f", "--", tmp, path])
+        script = 'cat > "$1" && chmod "$2" -- "$1" && mv -f -- "$1" "$3"'
+        self.run(["sh", "-c", script, "sh", tmp, f"{mode:o}", path], input=content.encode("utf-8"))
 
     def read_file(self, path: str) -> str | None:
         result = self.run(["cat", "--", path], check=False)
