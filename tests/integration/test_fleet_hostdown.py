@@ -384,3 +384,125 @@ def successes(fleet: Fleet, host: str) -> float:
             if line.startswith("vllm:request_success_total")
         )
     return total
+
+
+SCRAPE = 0.5  # seconds: scrape and rule evaluation interval
+DOWN_FOR = 1.0  # the alerts' `for`
+GROUP_WAIT = 0.5
+
+
+def monitoring_files(fleet: Fleet, folder: Path, hook_url: str) -> dict[str, int]:
+    """The drill stack with Prometheus and Alertmanager on this machine (the gateway's host),
+    rendered by hxp.monitoring into `folder`; their ports."""
+    from hxp.monitoring import config_files
+    from tests.support.metrics_env import free_port as port
+
+    ports = {"prometheus": port(), "alertmanager": port()}
+    text = fleet.path.read_text() + "\n".join(
+        [
+            "monitoring:",
+            "  prometheus:",
+            "    host: gw",
+            f"    port: {ports['prometheus']}",
+            f"    scrape_interval: {int(SCRAPE * 1000)}ms",
+            f"    evaluation_interval: {int(SCRAPE * 1000)}ms",
+            "  alertmanager:",
+            "    host: gw",
+            f"    port: {ports['alertmanager']}",
+            f"    group_wait: {int(GROUP_WAIT * 1000)}ms",
+            "    group_interval: 1s",
+            "    repeat_interval: 1h",
+            f'    receivers: [{{name: hook, type: webhook, url: "{hook_url}"}}]',
+            f"  alerts: {{down_for: {int(DOWN_FOR * 1000)}ms, saturation_for: 1s, window: 1m}}",
+            "",
+        ]
+    )
+    monitored = folder / "monitored.yaml"
+    monitored.write_text(text)
+    stack = load_config([monitored], {}).stack
+    for f in config_files(stack, str(folder / "secrets")):
+        target = folder / f.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f.content)
+    return ports
+
+
+def test_host_down_alert_fires_and_inhibits_the_unit_alerts_of_that_host(
+    clean: Fleet, tmp_path: Path
+) -> None:
+    from tests.support.metrics_env import binary, managed_process
+    from tests.support.monitoring import webhook_receiver
+
+    fleet = clean
+    with webhook_receiver() as hook:
+        ports = monitoring_files(fleet, tmp_path, hook.url)
+        prom = f"http://127.0.0.1:{ports['prometheus']}"
+        am = f"http://127.0.0.1:{ports['alertmanager']}"
+        prometheus = [
+            binary("prometheus"),
+            f"--config.file={tmp_path / 'prometheus' / 'prometheus.yml'}",
+            f"--web.listen-address=127.0.0.1:{ports['prometheus']}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        ]
+        alertmanager = [
+            binary("prometheus-alertmanager"),
+            f"--config.file={tmp_path / 'alertmanager' / 'alertmanager.yml'}",
+            f"--storage.path={tmp_path / 'am'}",
+            f"--web.listen-address=127.0.0.1:{ports['alertmanager']}",
+            "--cluster.listen-address=",
+        ]
+        with (
+            managed_process(alertmanager, f"{am}/-/ready", tmp_path / "alertmanager.log"),
+            managed_process(prometheus, f"{prom}/-/ready", tmp_path / "prometheus.log"),
+        ):
+
+            def targets_up() -> int:
+                conn = http.client.HTTPConnection("127.0.0.1", ports["prometheus"], timeout=2)
+                conn.request("GET", "/api/v1/targets")
+                active = json.loads(conn.getresponse().read())["data"]["activeTargets"]
+                return sum(1 for t in active if t["health"] == "up" and t["labels"]["host"] == "m1")
+
+            deadline = time.monotonic() + 30
+            while targets_up() < 2:
+                assert time.monotonic() < deadline, "m1's targets never came up"
+                time.sleep(0.2)
+            link(fleet.lab, "m1", False)
+            dead_at = time.monotonic()
+            while not hook.has("HxpHostDown", "firing", host="m1", stack="drill"):
+                assert time.monotonic() - dead_at < 30, hook.alerts()
+                time.sleep(0.1)
+            fired = time.monotonic() - dead_at
+
+            def alerts() -> list[dict[str, Any]]:
+                conn = http.client.HTTPConnection("127.0.0.1", ports["alertmanager"], timeout=2)
+                conn.request("GET", "/api/v2/alerts")
+                found: list[dict[str, Any]] = json.loads(conn.getresponse().read())
+                return found
+
+            deadline = time.monotonic() + 15
+            while True:
+                unit_down = [
+                    a
+                    for a in alerts()
+                    if a["labels"]["alertname"] == "HxpUnitDown" and a["labels"]["host"] == "m1"
+                ]
+                if len(unit_down) == 2:
+                    break
+                assert time.monotonic() < deadline, alerts()
+                time.sleep(0.2)
+            # the unit alerts of the dead host are held back while HxpHostDown fires
+            assert all(a["status"]["state"] == "suppressed" for a in unit_down), unit_down
+            assert all(a["status"]["inhibitedBy"] for a in unit_down), unit_down
+            assert not hook.has("HxpUnitDown", "firing", host="m1")
+            assert not hook.has("HxpHostDown", "firing", host="m2")
+            link(fleet.lab, "m1", True)
+            back_at = time.monotonic()
+            while not hook.has("HxpHostDown", "resolved", host="m1"):
+                assert time.monotonic() - back_at < 30, hook.alerts()
+                time.sleep(0.1)
+    # Prometheus needs up == 0 from a scrape (at most one interval, plus a scrape timeout),
+    # a rule evaluation, `for`, another evaluation, then Alertmanager's group_wait.
+    bound = 2 * SCRAPE + SCRAPE + DOWN_FOR + GROUP_WAIT
+    print(f"\nHxpHostDown at the webhook {fired:.2f}s after m1's link went down "
+          f"(two scrape intervals + for + group_wait = {bound:.1f}s)")  # fmt: skip
+    assert fired < bound + 4.0  # slack for a loaded 2-core machine
