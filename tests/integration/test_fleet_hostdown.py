@@ -23,6 +23,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -206,7 +207,11 @@ def test_an_unreachable_host_leaves_the_gateway_in_one_sweep_and_returns_in_one(
     assert down.seconds < SWEEP_BOUND, down.seconds
     hosts = down.to_dict()["hosts"]
     assert hosts["m1"]["state"] == "unreachable"
-    assert hosts["m1"]["reason"].startswith(f"no answer within {HOST_TIMEOUT:g}s (ssh port 22)")
+    # no answer, or no route once the bridge's neighbour entry for m1 has failed
+    assert re.match(
+        rf"(no answer within {HOST_TIMEOUT:g}s|no route to host) \(ssh port 22\)",
+        hosts["m1"]["reason"],
+    ), hosts["m1"]
     assert hosts["m2"]["state"] == "reachable"
     # one host-level verdict, and its replicas out of the gateway in this one sweep
     assert [h.instances for h in down.unreachable] == [("chat-0", "chat-1")]
@@ -271,8 +276,10 @@ def test_a_deploy_that_touches_the_dead_host_changes_nothing_anywhere(
     )
     assert done.returncode == 1, done.stdout + done.stderr
     address = fleet.state.host("m1").address
-    assert f"error: host m1 ({address}) unreachable: no answer within 2s (ssh port 22)" in (
-        done.stderr
+    assert re.search(
+        rf"error: host m1 \({re.escape(address)}\) unreachable: "
+        r"(no answer within 2s|no route to host) \(ssh port 22\)",
+        done.stderr,
     ), done.stderr
     assert "Traceback" not in done.stderr
     link(fleet.lab, "m1", True)
