@@ -100,18 +100,25 @@ def _stop_group(pid: int) -> None:
 
 
 def down() -> int:
-    from hxp.io.prefect_server import stop_server
+    from hxp.io.prefect_server import server_status, stop_server
 
     pidfile = STATE / "worker-here.pid"
     if pidfile.exists():
         _stop_group(int(pidfile.read_text()))
         pidfile.unlink()
     path = STATE / "fleet-demo.yaml"
-    if path.exists():  # what the worker here deployed: the Docker and systemd units
+    running = server_status(STATE) if STATE.exists() else None
+    if path.exists() and running is not None:
+        # What the worker here deployed (the Docker and systemd units), its flow run on the
+        # demo's server (else `hxp down` would start a server of its own in that state dir).
         subprocess.run(
             [sys.executable, "-m", "hxp_cli", "down", "-f", str(path)],
             cwd=ROOT,
-            env={**os.environ, "HXP_STATE_DIR": str(STATE / "here")},
+            env={
+                **os.environ,
+                "HXP_STATE_DIR": str(STATE / "here"),
+                "PREFECT_API_URL": running["url"],
+            },
             timeout=300,
             check=False,
         )

@@ -79,3 +79,19 @@ def test_fleet_demo_up_serves_and_down_removes_everything(tmp_path: Path) -> Non
         ["pgrep", "-f", "worker start --pool hxl-demo-"], capture_output=True, text=True
     )
     assert leftover.stdout.strip() == ""
+    assert started_under(state) == []  # no Prefect server (or anything) left behind
+
+
+def started_under(state: Path) -> list[int]:
+    """Processes whose HXP_STATE_DIR lies under `state`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(e.startswith(f"HXP_STATE_DIR={state}".encode()) for e in env):
+            found.append(int(proc.name))
+    return found
