@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-down test lint unit bench clean
+.PHONY: demo demo-down fleet-demo fleet-demo-down test lint unit bench clean
 
 # The demo keeps its store, process state and Prefect server in the checkout.
 DEMO_ENV := HXP_STATE_DIR=$(CURDIR)/.hxp-state
@@ -40,6 +40,16 @@ demo-down: $(STAMP)
 	$(DEMO_ENV) $(BIN)/hxp monitoring -f $(DEMO) --down
 	$(DEMO_ENV) $(BIN)/hxp down -f $(DEMO)
 	$(DEMO_ENV) $(BIN)/hxp server stop
+
+## fleet-demo: three fleet-lab hosts (network namespaces; root only) deployed through the local
+## Prefect server, URLs printed; fleet-demo-down removes all of it
+FLEET_DEMO_ENV := HXP_STATE_DIR=$(CURDIR)/.hxp-fleet-demo
+
+fleet-demo: $(STAMP)
+	$(FLEET_DEMO_ENV) $(BIN)/python scripts/fleet_demo.py up
+
+fleet-demo-down: $(STAMP)
+	$(FLEET_DEMO_ENV) $(BIN)/python scripts/fleet_demo.py down
 
 ## test: lint, type-check the core, run every test (slow real-service tests included)
 test: $(STAMP) lint

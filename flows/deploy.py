@@ -28,6 +28,7 @@ from hxp.errors import DeployError, FailureClass, InputError
 from hxp.graph import DependencyGraph
 from hxp.io.calibration import annotate_plan
 from hxp.io.fleet_lock import run_lock
+from hxp.io.reach import preflight
 from hxp.plan import Action, ActionKind, Plan, StepKind, plan_stack
 from hxp.spec import Stack
 from hxp.store import Store
@@ -377,6 +378,11 @@ def _dispatch(
     """
     logger = get_run_logger()
     wanted = set(units) if units else set(stack.units())
+    # Every host of every part answers before any part starts: a dead host fails the deploy
+    # here, before anything changed on the others (hxp.io.reach).
+    checked = preflight(stack, sorted(wanted))
+    if checked:
+        logger.info("hosts answer: %s", ", ".join(checked))
     pools: dict[str, str] = {}
     for unit in sorted(wanted):
         host = stack.unit(unit).host
@@ -461,6 +467,11 @@ def apply_config(
     if only:
         for unit in only:
             stack.unit(unit)
+    # Before anything else: every host this deploy must reach answers (a deploy that would
+    # reach a dead host fails here, before it changed anything anywhere; hxp.io.reach).
+    checked = preflight(stack, sorted(only) if only else None)
+    if checked:
+        logger.info("hosts answer: %s", ", ".join(checked))
     state = state_dir_of(state_dir)
     store = Store(state)
     # An autoscaled model runs the autoscaler's count, not the stack's `replicas` (hxp.autoscale).

@@ -87,6 +87,7 @@ async def health_sweep(
     synthetic_window: float = 300.0,
     concurrency: int = 200,
     observe: bool = True,
+    host_timeout: float = 2.0,
     reroute: bool = True,
     pushgateway_url: str | None = None,
 ) -> dict[str, Any]:
@@ -102,6 +103,8 @@ async def health_sweep(
             one-token completion.
         concurrency: Network calls in flight at once.
         observe: Ask the backends (the backend layer); off checks the endpoints only.
+        host_timeout: Seconds each addressed host's reachability connect (its sshd) may take;
+            a host that does not answer and whose every probe fails is `unreachable`.
         reroute: Take unhealthy replicas out of the gateway and put recovered ones back.
         pushgateway_url: Push hxp_unit_health here; default the stack's monitoring.pushgateway.
     """
@@ -112,6 +115,7 @@ async def health_sweep(
         synthetic_window=synthetic_window,
         concurrency=concurrency,
         observe=observe,
+        host_timeout=host_timeout,
     )
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     # Parsed in the flow, not in a task: the parse is cached by content, and a task run
@@ -139,6 +143,16 @@ async def health_sweep(
         log("%s: %s -> %s (%s): %s", t.unit, t.before or "new", t.after, t.event, t.reason)
     for note in report.notes:
         logger.warning(note)
+    for h in report.unreachable:
+        emit_event(
+            event="hxp.health.host-unreachable",
+            resource={
+                "prefect.resource.id": f"hxp.host.{stack.stack}.{h.host}",
+                "prefect.resource.name": h.host,
+                "hxp.stack": stack.stack,
+            },
+            payload={"address": h.address, "reason": h.reason, "instances": list(h.instances)},
+        )
     await asyncio.gather(
         acreate_table_artifact(
             key=f"health-{stack.stack}",

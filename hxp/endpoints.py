@@ -12,6 +12,7 @@ drains, health sweeps, the synthetic completion, Prometheus targets) goes throug
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from ipaddress import ip_address
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -117,3 +118,24 @@ def listen_address(host: HostSpec) -> str:
     """The address a server hxp launches on `host` listens on: loopback on a local host (as
     before), every interface on a host other machines reach by address."""
     return LOOPBACK if host.address is None else "0.0.0.0"  # noqa: S104 - reached by address
+
+
+def reach_target(host: HostSpec) -> tuple[str, int] | None:
+    """Where the orchestrator checks that `host` answers at all: its sshd (`address`,
+    `ssh_port`). A host with an address is a machine of the fleet, reached over SSH (or run by
+    an agent on it, which the fleet reaches the same way); None for this machine (no address,
+    or a loopback one), which is always reachable."""
+    if host.address is None or is_loopback(host.address):
+        return None
+    return host.address.strip("[]"), host.ssh_port
+
+
+def hosts_touched(stack: Stack, units: Iterable[str] | None = None) -> list[str]:
+    """The hosts a deploy of `units` (all when None) must reach: the hosts those units run on,
+    and the gateway's host when one of them is routed; sorted."""
+    wanted = list(stack.units()) if units is None else list(units)
+    hosts = {stack.unit(u).host for u in wanted}
+    gateway = stack.gateway
+    if gateway is not None and any(u in gateway.routes for u in wanted):
+        hosts.add(gateway.host)
+    return sorted(hosts)

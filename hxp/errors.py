@@ -102,6 +102,17 @@ class DeployError(HxpError):
     """A deploy failed (and was rolled back); the message names the unit and the failed check."""
 
 
+class HostUnreachableError(DeployError):
+    """A host a deploy must reach did not answer its reachability check; nothing was changed.
+    The message is `host <name> (<address>) unreachable: <reason>`."""
+
+    def __init__(self, host: str, address: str, reason: str) -> None:
+        self.host = host
+        self.address = address
+        self.reason = reason
+        super().__init__(f"host {host} ({address}) unreachable: {reason}")
+
+
 class LockedError(HxpError):
     """Another run holds the stack's lock."""
 

@@ -164,6 +164,7 @@ class SweepSettings:
     kv_cache_degraded: float = 0.95  # vllm:kv_cache_usage_perc at or above: degraded
     concurrency: int = 200  # network calls in flight at once
     observe: bool = True  # ask the backends (the backend layer); off: endpoints only
+    host_timeout: float = 2.0  # seconds a host's reachability connect (its sshd) may take
 
     def __post_init__(self) -> None:
         problems = [
@@ -186,6 +187,7 @@ class SweepSettings:
                     "in (0, 1]",
                 ),
                 ("concurrency", self.concurrency, 1 <= self.concurrency <= 10_000, "1-10000"),
+                ("host_timeout", self.host_timeout, 0.05 <= self.host_timeout <= 60, "0.05-60"),
             )
             if not ok
         ]
@@ -918,6 +920,57 @@ def plan_route(unit: str, live: Sequence[str | int], replicas: Sequence[Replica]
     )
 
 
+# ---------------------------------------------------------------- hosts
+
+
+class HostState(StrEnum):
+    """Whether a host of the fleet answers at all (a host-level state, beside the units')."""
+
+    REACHABLE = "reachable"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass(frozen=True)
+class HostHealth:
+    """One addressed host after a sweep: reachable, or unreachable and why."""
+
+    host: str
+    address: str
+    state: HostState
+    reason: str
+    instances: tuple[str, ...] = ()
+
+
+#: The instance data key that marks an instance taken down with its unreachable host: the next
+#: sweep that finds the host answering takes the instance's own verdict at once (no damping).
+HOST_DOWN_KEY = "host_unreachable"
+
+_NETWORK_LAYERS = frozenset(Layer) - {Layer.BACKEND}
+
+
+def unreachable_hosts(
+    checks: Sequence[InstanceChecks],
+    results: Sequence[LayerResult],
+    connect_failed: Mapping[str, str],
+) -> dict[str, str]:
+    """The hosts that are `unreachable`: their reachability connect failed (`connect_failed`:
+    host -> why) AND no network probe of any instance on them got an answer (each is
+    unhealthy, or unknown as a metrics probe that could not tell; a host whose sshd is down but
+    whose units answer is not unreachable). A host with nothing to probe is judged
+    by its connect alone. Returns host -> reason."""
+    on_host: dict[str, set[str]] = {}
+    for c in checks:
+        on_host.setdefault(c.host, set()).add(c.instance)
+    out = {}
+    for host, why in connect_failed.items():
+        mine = on_host.get(host, set())
+        probes = [r for r in results if r.instance in mine and r.layer in _NETWORK_LAYERS]
+        if not any(r.status in (Status.HEALTHY, Status.DEGRADED) for r in probes):
+            answered = f"; {len(probes)} probe(s) failed" if probes else ""
+            out[host] = f"{why}{answered}"
+    return out
+
+
 # ---------------------------------------------------------------- one sweep, end to end
 
 
@@ -933,6 +986,11 @@ class SweepReport:
     routes: list[RouteDecision] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # alerts and steps left out, for people
     seconds: float = 0.0
+    hosts: list[HostHealth] = field(default_factory=list)  # addressed hosts that were checked
+
+    @property
+    def unreachable(self) -> list[HostHealth]:
+        return [h for h in self.hosts if h.state is HostState.UNREACHABLE]
 
     @property
     def instances(self) -> list[InstanceHealth]:
@@ -945,6 +1003,10 @@ class SweepReport:
             "seconds": round(self.seconds, 3),
             "units": {u.unit: {"status": u.status.value, "reason": u.reason} for u in self.units},
             "instances": {i.instance: i.status.value for i in self.instances},
+            "hosts": {
+                h.host: {"address": h.address, "state": h.state.value, "reason": h.reason}
+                for h in self.hosts
+            },
             "transitions": [
                 {
                     "unit": t.unit,
@@ -1005,13 +1067,20 @@ def evaluate_sweep(
     settings: SweepSettings,
     now: float,
     blind: Mapping[str, str] | None = None,
+    reach: Mapping[str, tuple[str, str]] | None = None,
 ) -> SweepReport:
     """Layers -> instances (damped) -> units (replicas, then dependencies) -> transitions.
 
     `blind`: hosts whose backend could not be asked (host -> why): their backend layer is
-    unknown."""
+    unknown. `reach`: the addressed hosts whose reachability was checked, host -> (address,
+    why its connect failed, or "" when it answered). A host that is unreachable
+    (unreachable_hosts) takes every instance on it to unhealthy in this sweep, without flap
+    damping (the host itself said no, and every probe agreed); when it answers again, those
+    instances take their own verdict in that sweep, again without damping."""
     by_instance: dict[str, list[LayerResult]] = {c.instance: [] for c in checks}
     blind = blind or {}
+    reach = reach or {}
+    down = unreachable_hosts(checks, results, {h: why for h, (_, why) in reach.items() if why})
     if observed is not None:
         for c in checks:
             if c.host in blind:
@@ -1031,7 +1100,18 @@ def evaluate_sweep(
         layers = by_instance[c.instance]
         seen, reason = combine_layers(layers)
         before = previous.get(c.instance)
-        state = damp(before.damped if before else None, seen, now, settings.flap_threshold)
+        data = dict(_data_of(layers, before))
+        was_down = data.pop(HOST_DOWN_KEY, 0.0) > 0
+        if c.host in down:
+            seen = Status.UNHEALTHY
+            reason = f"host {c.host} ({reach[c.host][0]}) unreachable: {down[c.host]}"
+            kept = before is not None and before.status is Status.UNHEALTHY
+            state = Damped(Status.UNHEALTHY, before.since if before and kept else now)
+            data[HOST_DOWN_KEY] = 1.0
+        elif was_down:  # its host answers again: no damping on the way back either
+            state = Damped(seen, now)
+        else:
+            state = damp(before.damped if before else None, seen, now, settings.flap_threshold)
         if state.status is not seen:
             reason = (
                 f"still {state.status} ({seen} {state.count}/{settings.flap_threshold} "
@@ -1051,7 +1131,7 @@ def evaluate_sweep(
                 port=c.port,
                 server=c.server,
                 ejected=before.ejected if before is not None else False,
-                data=_data_of(layers, before),
+                data=tuple(sorted(data.items())),
                 layers=tuple(layers),
             )
         )
@@ -1073,12 +1153,26 @@ def evaluate_sweep(
                 unit, kinds[unit], status, reason, since, own[unit][0], tuple(per_unit[unit])
             )
         )
+    on_host: dict[str, list[str]] = {}
+    for c in checks:
+        on_host.setdefault(c.host, []).append(c.instance)
+    hosts = [
+        HostHealth(
+            host,
+            address,
+            HostState.UNREACHABLE if host in down else HostState.REACHABLE,
+            down.get(host, "") or (f"sshd: {why}; its units answer" if why else ""),
+            tuple(on_host.get(host, ())),
+        )
+        for host, (address, why) in sorted(reach.items())
+    ]
     return SweepReport(
         stack=stack.stack,
         at=now,
         status=stack_status(units),
         units=units,
         transitions=transitions(previous_units, units),
+        hosts=hosts,
     )
 
 
@@ -1132,6 +1226,13 @@ def health_markdown(report: SweepReport) -> str:
         ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         + f" ({len(report.instances)} instances, {report.seconds:.2f}s)",
     ]
+    if report.unreachable:
+        lines += ["", "## Unreachable hosts", ""]
+        lines += [
+            f"- `{h.host}` ({h.address}) **unreachable**: {h.reason} "
+            f"({len(h.instances)} instance(s))"
+            for h in report.unreachable
+        ]
     problems = [u for u in report.units if u.status is not Status.HEALTHY]
     if problems:
         lines += ["", "## Not healthy", ""]

@@ -60,6 +60,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         flap_threshold=args.flap_threshold,
         synthetic_window=args.synthetic_window,
         observe=not args.no_observe,
+        host_timeout=args.host_timeout,
     )
     push = pushgateway_url(stack, args.pushgateway) if args.push or args.pushgateway else None
 
@@ -158,6 +159,13 @@ def register_health(sub: Any) -> None:
         help="real traffic this recent skips the synthetic completion (default 300)",
     )
     p.add_argument("--no-observe", action="store_true", help="skip the backend layer")
+    p.add_argument(
+        "--host-timeout",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="each addressed host's reachability connect (its sshd); default 2",
+    )
     p.add_argument(
         "--reroute",
         action="store_true",

@@ -57,6 +57,8 @@ class Probed:
     results: list[LayerResult]
     previous: dict[str, InstanceHealth]
     previous_units: dict[str, UnitRecord]
+    # Addressed hosts checked for reachability: host -> (address, why not, or "" if it answered)
+    reach: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 _LOADED_MAX = 8
@@ -84,11 +86,19 @@ def _expanded(stack: Stack) -> list[UnitInstance]:
     return instances
 
 
-def observe(stack: Stack, state_dir: str | Path, settings: SweepSettings) -> Observation:
+def observe(
+    stack: Stack,
+    state_dir: str | Path,
+    settings: SweepSettings,
+    skip: Mapping[str, str] | None = None,
+) -> Observation:
     """Every instance the stack's backends run; a host whose backend fails is `blind` (its
-    instances get an unknown backend layer) instead of failing the sweep."""
+    instances get an unknown backend layer) instead of failing the sweep. Hosts in `skip`
+    (host -> why: those that did not answer a connect) are not asked at all, and blind: a
+    backend call to a dead host would wait for its own, longer, timeouts."""
     if not settings.observe:
         return Observation(None)
+    skip = skip or {}
     owners = {i.name: i.host for i in _expanded(stack)}
     seen: dict[str, ObservedUnit] = {}
     blind: dict[str, str] = {}
@@ -101,6 +111,9 @@ def observe(stack: Stack, state_dir: str | Path, settings: SweepSettings) -> Obs
                 blind[name] = blind[visited[key]]
             continue
         visited[key] = name
+        if name in skip:
+            blind[name] = f"not asked: {skip[name]}"
+            continue
         try:
             found = backend.observe(stack.stack)
         except BackendError as exc:
@@ -113,7 +126,11 @@ def observe(stack: Stack, state_dir: str | Path, settings: SweepSettings) -> Obs
 
 
 async def probe(
-    stack: Stack, state_dir: str | Path, observation: Observation, settings: SweepSettings
+    stack: Stack,
+    state_dir: str | Path,
+    observation: Observation,
+    settings: SweepSettings,
+    reach: Mapping[str, tuple[str, str]] | None = None,
 ) -> Probed:
     """Plan the checks (hxp.health.plan_checks) and run them all concurrently."""
     from hxp.io.probes import run_checks
@@ -122,15 +139,28 @@ async def probe(
     checks = plan_checks(stack, observation.units, observation.blind, _expanded(stack))
     data = {name: dict(i.data) for name, i in previous.items()}
     results = await run_checks(checks, stack.hosts, data, settings)
-    return Probed(observation, checks, results, previous, previous_units)
+    return Probed(observation, checks, results, previous, previous_units, dict(reach or {}))
+
+
+def reach(stack: Stack, settings: SweepSettings) -> dict[str, tuple[str, str]]:
+    """Connect to the sshd of every addressed host that runs a unit of the stack, at once,
+    each under `settings.host_timeout` (hxp.io.reach): host -> (address, why not or "")."""
+    from hxp.io.reach import reach_hosts
+
+    used = {i.host for i in _expanded(stack)}
+    answers = reach_hosts(stack, used, settings.host_timeout)
+    return {h: (r.address, r.reason) for h, r in answers.items()}
 
 
 async def check(stack: Stack, state_dir: str | Path, settings: SweepSettings) -> Probed:
-    """Observe (the backends' calls block: in a thread), then probe."""
+    """Connect to every addressed host, observe the ones that answered (the backends' calls
+    block: in a thread), then probe every instance."""
     import asyncio
 
-    observation = await asyncio.to_thread(observe, stack, state_dir, settings)
-    return await probe(stack, state_dir, observation, settings)
+    reached = await asyncio.to_thread(reach, stack, settings)
+    dead = {h: why for h, (_, why) in reached.items() if why}
+    observation = await asyncio.to_thread(observe, stack, state_dir, settings, dead)
+    return await probe(stack, state_dir, observation, settings, reached)
 
 
 def settle(
@@ -153,6 +183,7 @@ def settle(
         settings,
         time.time() if now is None else now,
         observation.blind,
+        probed.reach,
     )
     events = [
         (
@@ -163,6 +194,8 @@ def settle(
         for t in report.transitions
     ]
     Store(state_dir).save_health(stack.stack, report.instances, report.units, events)
+    for h in report.unreachable:
+        report.notes.append(f"host {h.host} ({h.address}) unreachable: {h.reason}")
     for host, why in sorted(observation.blind.items()):
         report.notes.append(f"host {host}: backend not observed: {why}")
     return report

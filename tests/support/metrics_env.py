@@ -199,3 +199,8 @@ __all__ = [
     "wait_for_series",
     "wait_until",
 ]
+
+
+# For other test modules: an installed binary (else a skip), and a process run until ready.
+binary = _binary
+managed_process = _process

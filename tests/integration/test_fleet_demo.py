@@ -1,0 +1,97 @@
+"""`make fleet-demo` / `make fleet-demo-down` (scripts/fleet_demo.py): three fleet-lab hosts
+deployed through the local Prefect server; the URLs it prints answer; down removes it all.
+Not as root, it says so and exits 2."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.fleet_lab import lab_available
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "fleet_demo.py"
+
+
+def demo(action: str, state: Path, *prefix: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["HXP_STATE_DIR"] = str(state)
+    return subprocess.run(
+        [*prefix, sys.executable, str(SCRIPT), action],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_not_root_says_so(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        done = demo("up", tmp_path)
+    else:
+        done = demo("up", tmp_path, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    assert done.returncode == 2, done.stderr
+    assert "fleet-demo: needs root" in done.stderr
+    assert "sudo make fleet-demo" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+@pytest.mark.slow
+def test_fleet_demo_up_serves_and_down_removes_everything(tmp_path: Path) -> None:
+    why = lab_available()
+    if why is not None:
+        pytest.skip(why)
+    state = tmp_path / "demo"
+    try:
+        up = demo("up", state)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        gateway = re.search(r"gateway \(chat\)\s+http://([\d.]+):(\d+)/v1/models", up.stdout)
+        web = re.search(r"web \(Docker\)\s+http://([\d.]+):(\d+)/", up.stdout)
+        assert gateway, up.stdout
+        assert web, up.stdout
+        assert re.search(r"Prefect UI\s+http://127\.0\.0\.1:\d+", up.stdout)
+        conn = http.client.HTTPConnection(gateway[1], int(gateway[2]), timeout=5)
+        body = json.dumps({"model": "chat", "prompt": "hi", "max_tokens": 2})
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        assert answer.status == 200
+        assert json.loads(answer.read())["model"] == "chat"
+        conn = http.client.HTTPConnection(web[1], int(web[2]), timeout=5)
+        conn.request("GET", "/")
+        assert conn.getresponse().status in (200, 404)  # busybox httpd answers
+    finally:
+        down = demo("down", state)
+    assert down.returncode == 0, down.stderr[-3000:]
+    assert "Prefect server stopped: True" in down.stdout
+    assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                text=True).stdout.split() if ns.startswith("hxl-demo-")]  # fmt: skip
+    leftover = subprocess.run(
+        ["pgrep", "-f", "worker start --pool hxl-demo-"], capture_output=True, text=True
+    )
+    assert leftover.stdout.strip() == ""
+    assert started_under(state) == []  # no Prefect server (or anything) left behind
+
+
+def started_under(state: Path) -> list[int]:
+    """Processes whose HXP_STATE_DIR lies under `state`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(e.startswith(f"HXP_STATE_DIR={state}".encode()) for e in env):
+            found.append(int(proc.name))
+    return found
