@@ -36,32 +36,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SERVER = (
-    "import socket, sys, time; time.sleep(float(sys.argv[2])); "
-    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
-    "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(64); "
-    "[s.accept()[0].close() for _ in iter(int, 1)]"
-)
+from bench.lifecycle import SERVER, free_ports  # noqa: E402 - the same generated units
+
 SINK = "sink"
-
-
-def free_ports(n: int, seed: int) -> list[int]:
-    """n distinct free ports below the ephemeral range."""
-    import socket
-
-    rng = random.Random(seed)
-    found: list[int] = []
-    while len(found) < n:
-        port = rng.randint(20000, 32000)
-        if port in found:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        found.append(port)
-    return found
 
 
 def unit(port: int, delay: float, deps: list[str], version: str) -> dict[str, Any]:
