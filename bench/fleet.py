@@ -35,21 +35,6 @@ HOSTS = (("dock1", "docker"), ("dock2", "docker"), ("sysd", "systemd"))
 BASE_PORT = 19000
 
 
-def host_entry(state: Any, name: str) -> dict[str, Any]:
-    h = state.host(name)
-    entry: dict[str, Any] = {
-        "backend": "docker" if h.role == "docker" else "systemd",
-        "runner": "ssh",
-        "address": h.address,
-        "ssh_user": "root",
-        "ssh_key": state.client_key,
-        "known_hosts": state.known_hosts,
-    }
-    if h.role == "docker":
-        entry["docker_socket"] = h.docker_socket
-    return entry
-
-
 def make_stack(state: Any, name: str, per_host: int, startup: float) -> dict[str, Any]:
     from tests.support.docker_engine import BUSYBOX_IMAGE
 
@@ -85,7 +70,7 @@ def make_stack(state: Any, name: str, per_host: int, startup: float) -> dict[str
             services[f"{host}-u{i:02d}"] = unit
     return {
         "stack": name,
-        "hosts": {h: host_entry(state, h) for h, _ in HOSTS},
+        "hosts": {h: state.ssh_host_entry(h) for h, _ in HOSTS},
         "services": services,
     }
 

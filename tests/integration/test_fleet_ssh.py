@@ -61,22 +61,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabState]:
         made.down()
 
 
-def host_entry(state: LabState, name: str, **extra: Any) -> dict[str, Any]:
-    h = state.host(name)
-    entry: dict[str, Any] = {
-        "backend": "docker" if h.role == "docker" else "systemd",
-        "runner": "ssh",
-        "address": h.address,
-        "ssh_user": "root",
-        "ssh_key": state.client_key,
-        "known_hosts": state.known_hosts,
-    }
-    if h.role == "docker":
-        entry["docker_socket"] = h.docker_socket
-    entry.update(extra)
-    return entry
-
-
 def thirty_unit_stack(state: LabState, host: str) -> Stack:
     backend = state.host(host).role
     services: dict[str, Any] = {}
@@ -91,7 +75,7 @@ def thirty_unit_stack(state: LabState, host: str) -> Stack:
         {
             "version": 2,
             "stack": f"f{uuid.uuid4().hex[:8]}",
-            "hosts": {host: host_entry(state, host)},
+            "hosts": {host: state.ssh_host_entry(host)},
             "services": services,
         }
     )
@@ -205,7 +189,7 @@ def test_a_host_key_mismatch_is_refused_naming_the_host(
 ) -> None:
     h = lab.host(host)
     pinned = wrong_known_hosts(lab, tmp_path, h.address)
-    entry = host_entry(lab, host, known_hosts=str(pinned))
+    entry = lab.ssh_host_entry(host, known_hosts=str(pinned))
     stack = stack_from_data(
         {
             "version": 2,
@@ -281,7 +265,7 @@ def test_remote_gpu_discovery_over_ssh(lab: LabState, tmp_path: Path) -> None:
     data = {
         "version": 2,
         "stack": "gpus",
-        "hosts": {"sysd": host_entry(lab, "sysd", gpus=declared)},
+        "hosts": {"sysd": lab.ssh_host_entry("sysd", gpus=declared)},
         "services": {"web": {"host": "sysd", "command": ["/bin/sleep", "9"]}},
     }
     stack = stack_from_data(data)

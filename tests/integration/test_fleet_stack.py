@@ -43,28 +43,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FleetLab, La
         made.down()
 
 
-def ssh_host(state: LabState, name: str, pool: str) -> dict[str, Any]:
-    h = state.host(name)
-    entry: dict[str, Any] = {
-        "backend": "docker" if h.role == "docker" else "systemd",
-        "runner": "ssh",
-        "address": h.address,
-        "ssh_user": "root",
-        "ssh_key": state.client_key,
-        "known_hosts": state.known_hosts,
-        "work_pool": pool,
-    }
-    if h.role == "docker":
-        entry["docker_socket"] = h.docker_socket
-    return entry
-
-
 def stack_file(state: LabState, path: Path, version: str, web_command: list[str]) -> Path:
     data = {
         "stack": "three",
         "hosts": {
-            "dock": ssh_host(state, "dock", "hxl-three-here"),
-            "sysd": ssh_host(state, "sysd", "hxl-three-here"),
+            "dock": state.ssh_host_entry("dock", work_pool="hxl-three-here"),
+            "sysd": state.ssh_host_entry("sysd", work_pool="hxl-three-here"),
             "agent": {
                 "backend": "process",
                 "address": state.host("agent").address,

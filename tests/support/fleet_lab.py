@@ -106,6 +106,23 @@ class LabState:
                 return h
         raise KeyError(name)
 
+    def ssh_host_entry(self, name: str, **extra: Any) -> dict[str, Any]:
+        """The stack's `hosts:` entry for lab host `name` (a docker or systemd host) driven
+        over SSH with the lab's key and pinned host keys; `extra` fields added."""
+        h = self.host(name)
+        entry: dict[str, Any] = {
+            "backend": "docker" if h.role == "docker" else "systemd",
+            "runner": "ssh",
+            "address": h.address,
+            "ssh_user": "root",
+            "ssh_key": self.client_key,
+            "known_hosts": self.known_hosts,
+        }
+        if h.role == "docker":
+            entry["docker_socket"] = h.docker_socket
+        entry.update(extra)
+        return entry
+
     def save(self) -> None:
         path = Path(self.directory) / SWEEP_MARKER
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
