@@ -17,7 +17,17 @@ from collections.abc import Sequence
 
 from hxp import __version__
 from hxp.errors import HxpError, InputError
-from hxp_cli import autoscale, chaos, config, deploy, fit, lifecycle, monitoring, server
+from hxp_cli import (
+    autoscale,
+    chaos,
+    config,
+    deploy,
+    fit,
+    lifecycle,
+    monitoring,
+    runner,
+    server,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,10 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.hxp_argv = list(sys.argv[1:] if argv is None else argv)
     debug = args.debug or os.environ.get("HXP_DEBUG") == "1"
     started = time.monotonic()
     try:
         code: int = args.func(args)
+    except runner.Delegated as done:  # the warm runner ran it, with this process's stdio
+        return done.code
     except InputError as exc:
         if debug:
             traceback.print_exc()

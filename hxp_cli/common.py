@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hxp_cli import runner
+
 DEFAULT_FILE = "stack.yaml"
 
 #: Settings contexts use_prefect entered for the rest of the process (kept referenced).
@@ -57,7 +59,7 @@ def load(args: argparse.Namespace) -> Any:
 
     # cached by content: a flow run this command starts reads the same files again
     effective = load_config_cached(files(args), os.environ, args.overrides)
-    for notice in effective.notices:
+    for notice in [] if runner.INSIDE else effective.notices:  # the caller printed them
         print(f"notice: {notice}", file=sys.stderr)
     return effective
 
@@ -93,10 +95,19 @@ def quiet_prefect_tracebacks(debug: bool) -> None:
 
 def use_prefect(args: argparse.Namespace) -> str:
     """Point this process at the one Prefect server its flow runs belong on (never a temporary
-    one: hxp.io.prefect_server.ensure_api) and set up Prefect's logging; the API URL."""
+    one: hxp.io.prefect_server.ensure_api) and set up Prefect's logging; the API URL.
+
+    When the state directory's warm runner runs (hxp_cli.runner), the whole command runs
+    there instead and this raises `runner.Delegated` with its exit code."""
     from hxp.io.prefect_server import ensure_api
 
-    api = ensure_api(state_dir(args))
+    state = state_dir(args)
+    code = runner.delegate(state, getattr(args, "hxp_argv", None) or sys.argv[1:])
+    if code is not None:
+        raise runner.Delegated(code)
+    api = ensure_api(state)
+    if api.source == "local server":
+        runner.ensure_runner(state)  # the next command skips Prefect's imports
     if api.started is not None:
         print(
             f"Started the local Prefect server: {api.started['ui']} "

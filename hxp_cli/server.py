@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from hxp_cli import runner
 from hxp_cli.common import add_stack_args, add_state_arg, load, state_dir
 
 
@@ -15,12 +16,17 @@ def cmd_server(args: argparse.Namespace) -> int:
     if args.action == "start":
         started = start_server(state)
         print(f"Prefect server: {started['ui']} (API {started['url']}, log {started['log']})")
+        runner.ensure_runner(state)  # flow commands then skip Prefect's imports (hxp_cli.runner)
         return 0
     if args.action == "stop":
+        runner.stop_runner(state)
         print("stopped" if stop_server(state) else "no server was running")
         return 0
     record = server_status(state)
     print(f"running: {record['ui']}" if record else "not running")
+    warm = runner.runner_status(state)
+    if record:
+        print(f"warm runner: pid {warm['pid']}" if warm else "warm runner: not running")
     return 0 if record else 1
 
 

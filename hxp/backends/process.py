@@ -40,7 +40,13 @@ from hxp.backends.base import (
     UnitRef,
     Update,
 )
-from hxp.backends.supervisor import SECRETS_FILE, alive, write_env_file, write_json
+from hxp.backends.supervisor import (
+    SECRETS_FILE,
+    alive,
+    current_umask,
+    write_env_file,
+    write_json,
+)
 from hxp.errors import BackendError
 from hxp.io.backups import write_with_backup
 from hxp.plan import ObservedUnit
@@ -81,7 +87,7 @@ class Launcher:
         request = {
             "dir": str(directory.resolve()),
             "cwd": os.getcwd(),
-            "umask": _umask(),
+            "umask": current_umask(),
             "env": dict(os.environ),
         }
         data = (json.dumps(request) + "\n").encode()
@@ -144,15 +150,6 @@ class Launcher:
             server.wait()
         if server.stdout is not None:
             server.stdout.close()
-
-
-def _umask() -> int:
-    """This process's umask, read without setting it (os.umask would, for every thread)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    raise OSError("no Umask line in /proc/self/status")
 
 
 LAUNCHER = Launcher()

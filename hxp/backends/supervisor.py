@@ -53,6 +53,15 @@ def alive(pid: int | None, ticks: int | None) -> bool:
     return pid is not None and ticks is not None and start_ticks(pid) == ticks
 
 
+def current_umask() -> int:
+    """This process's umask, read without setting it (os.umask would, for every thread)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    raise OSError("no Umask line in /proc/self/status")
+
+
 def _write_private(path: str | os.PathLike[str], text: str) -> None:
     """Replace `path` atomically with a file only its owner can read (mode 0600 from the start)."""
     tmp = os.fspath(path) + ".tmp"

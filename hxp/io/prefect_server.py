@@ -178,7 +178,10 @@ def ensure_api(state_dir: Path) -> PrefectApi:
     running = server_status(state_dir)
     started = None
     if running is None or not _healthy(running["url"]):
-        running = started = start_server(state_dir)
+        asked = time.time()
+        running = start_server(state_dir)  # another command may have started it meanwhile
+        if running.get("started_at", 0) >= asked:
+            started = running
     url: str = running["url"]
     os.environ["PREFECT_API_URL"] = url
     refresh_global_settings_context()
