@@ -160,7 +160,8 @@ def test_two_orchestrators_in_two_namespaces_are_serialized_by_the_prefect_serve
     lab: Lab, tmp_path: Path
 ) -> None:
     files = [
-        stack_file(lab, tmp_path / f"v{v}.yaml", "pair", str(v), BAKE_WHILE_RACING) for v in (1, 2)
+        stack_file(lab, tmp_path / f"v{v}.yaml", "racing", str(v), BAKE_WHILE_RACING)
+        for v in (1, 2)
     ]
     states = {"o1": tmp_path / "o1", "o2": tmp_path / "o2"}
     started = time.monotonic()
@@ -175,10 +176,10 @@ def test_two_orchestrators_in_two_namespaces_are_serialized_by_the_prefect_serve
     runs = []
     for host, state_dir in states.items():
         store = Store(state_dir)
-        (record,) = store.deploys("pair")
+        (record,) = store.deploys("racing")
         assert record.status == "succeeded", (host, record)
         assert record.finished_at is not None
-        actions = [e["at"] for e in store.events("pair", record.id) if e["unit"]]
+        actions = [e["at"] for e in store.events("racing", record.id) if e["unit"]]
         assert actions, f"{host}'s deploy recorded no unit action"
         runs.append(Run(host, procs[host].pid, outputs[host], record, actions))
     first, second = sorted(runs, key=lambda r: r.record.started_at)
@@ -189,7 +190,7 @@ def test_two_orchestrators_in_two_namespaces_are_serialized_by_the_prefect_serve
     assert max(first.actions) < min(second.actions), (first.describe(), second.describe())
     assert first.record.finished_at < second.record.started_at
     # the second waited, and said for whom: the first's run, on its machine, with its pid
-    waited = re.search(r"waiting for the lock of stack 'pair', held by (.*)", second.output)
+    waited = re.search(r"waiting for the lock of stack 'racing', held by (.*)", second.output)
     assert waited, second.output
     assert f"pid {first.pid}," in waited.group(1), waited.group(1)
     print(f"  {second.host} said: {waited.group(0).strip()}")
@@ -235,8 +236,8 @@ def test_the_next_apply_after_a_host_returns_reconciles_it_with_no_manual_step(
     lab: Lab, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "state"
-    v1 = stack_file(lab, tmp_path / "v1.yaml", "back", "1")
-    v2 = stack_file(lab, tmp_path / "v2.yaml", "back", "2")
+    v1 = stack_file(lab, tmp_path / "v1.yaml", "rejoin", "1")
+    v2 = stack_file(lab, tmp_path / "v2.yaml", "rejoin", "2")
     try:
         first = hxp(lab.api, state_dir, "apply", "-f", str(v1))
         assert first.returncode == 0, first.stdout + first.stderr
@@ -260,7 +261,7 @@ def test_the_next_apply_after_a_host_returns_reconciles_it_with_no_manual_step(
         took = time.monotonic() - started
         assert again.returncode == 0, again.stdout + again.stderr
         print(f"\nthe apply after d1 came back converged in {took:.1f}s (CLI start included)")
-        newest, *_ = Store(state_dir).deploys("back")
+        newest, *_ = Store(state_dir).deploys("rejoin")
         assert newest.status == "succeeded"
         changed = (newest.result or {}).get("units", {})
         assert sorted(changed) == sorted(f"{h}s{i}" for h in TARGETS for i in range(UNITS_PER_HOST))
