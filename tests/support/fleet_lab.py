@@ -480,33 +480,12 @@ class FleetLab:
         """A `prefect worker start --pool POOL --type process` inside `host`'s namespace, with
         its own HXP_STATE_DIR, reaching `api_url` (on this machine's loopback) through a relay
         on the bridge address; returns the worker's pid (swept with the namespace)."""
-        from urllib.parse import urlsplit
-
         h = state.host(host)
         if h.role != "agent":
             raise LabError(f"lab host {host} has role {h.role}, not agent")
-        api = urlsplit(api_url)
-        relay = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.support.tcp_relay",
-                GATEWAY_ADDRESS,
-                f"{api.hostname}:{api.port}",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-        )
-        (self.directory / f"relay-{relay.pid}.pid").write_text(f"{relay.pid}\n")
-        assert relay.stdout is not None
-        port = int(relay.stdout.readline())
         env = {
             **os.environ,
-            "PREFECT_API_URL": f"http://{GATEWAY_ADDRESS}:{port}{api.path}",
+            "PREFECT_API_URL": self.relay(api_url),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_WORKER_PREFETCH_SECONDS": "1",
@@ -526,6 +505,38 @@ class FleetLab:
                 start_new_session=True,
             )
         return worker.pid
+
+    def relay(self, api_url: str) -> str:
+        """`api_url` (a Prefect API on this machine's loopback) as lab hosts reach it: through
+        a relay listening on the bridge's address, stopped by `down`."""
+        from urllib.parse import urlsplit
+
+        api = urlsplit(api_url)
+        relay = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.support.tcp_relay",
+                GATEWAY_ADDRESS,
+                f"{api.hostname}:{api.port}",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        (self.directory / f"relay-{relay.pid}.pid").write_text(f"{relay.pid}\n")
+        assert relay.stdout is not None
+        port = int(relay.stdout.readline())
+        return f"http://{GATEWAY_ADDRESS}:{port}{api.path}"
+
+    def set_link(self, host: str, up: bool) -> None:
+        """Take lab host `host`'s link down (or bring it back) inside its namespace: the host
+        stops answering as a host whose cable was pulled, its processes still running."""
+        state = "up" if up else "down"
+        _run(["ip", "-n", self.namespace(host), "link", "set", "eth0", state])
 
     def _stop_relays(self) -> list[str]:
         stopped = []
