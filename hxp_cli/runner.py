@@ -33,14 +33,13 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hxp.backends.supervisor import alive, current_umask, start_ticks
+from hxp.backends.supervisor import current_umask, start_ticks
+from hxp.io.prefect_server import runner_record_path, runner_status
 
-RECORD = "runner.json"
 SOCKET = "runner.sock"
 #: how often an idle runner checks that its server still runs
 IDLE_CHECK_S = 5.0
@@ -60,10 +59,6 @@ class Delegated(BaseException):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
-
-
-def record_path(state_dir: Path) -> Path:
-    return state_dir / "prefect" / RECORD
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -89,15 +84,6 @@ def fingerprint() -> str:
     return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:16]
 
 
-def runner_status(state_dir: Path) -> dict[str, Any] | None:
-    """The state directory's runner if it still runs (same pid and start time)."""
-    try:
-        record: dict[str, Any] = json.loads(record_path(state_dir).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if alive(record.get("pid"), record.get("ticks")) else None
-
-
 def start_runner(state_dir: Path) -> int:
     """Start the state directory's runner in the background (it imports Prefect and the flows
     there, then listens); its pid. Commands run in their own process until it listens."""
@@ -121,22 +107,6 @@ def ensure_runner(state_dir: Path) -> None:
     if os.environ.get("HXP_WARM_RUNNER") == "0" or runner_status(state_dir) is not None:
         return
     start_runner(state_dir)
-
-
-def stop_runner(state_dir: Path, grace: float = 5.0) -> bool:
-    """Stop the state directory's runner; True if one ran. Commands it is running go on."""
-    record = runner_status(state_dir)
-    if record is None:
-        return False
-    pid, ticks = record["pid"], record["ticks"]
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive(pid, ticks) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if alive(pid, ticks):
-        os.kill(pid, signal.SIGKILL)
-    record_path(state_dir).unlink(missing_ok=True)
-    return True
 
 
 # --- the caller's side -------------------------------------------------------------------
@@ -281,9 +251,9 @@ def serve(state_dir: Path) -> Job | None:
     listener.settimeout(IDLE_CHECK_S)
     record = {"pid": os.getpid(), "ticks": start_ticks(os.getpid()), "socket": str(path)}
     record["fingerprint"] = mine
-    tmp = record_path(state_dir).with_suffix(".tmp")
+    tmp = runner_record_path(state_dir).with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
-    tmp.replace(record_path(state_dir))
+    tmp.replace(runner_record_path(state_dir))
 
     def stop(_signum: int, _frame: Any) -> None:
         raise SystemExit(0)  # out of accept() at once; the finally below cleans up
@@ -322,7 +292,7 @@ def serve(state_dir: Path) -> Job | None:
         if os.getpid() == record["pid"]:
             listener.close()
             if runner_status(state_dir) == record:
-                record_path(state_dir).unlink(missing_ok=True)
+                runner_record_path(state_dir).unlink(missing_ok=True)
                 path.unlink(missing_ok=True)
 
 

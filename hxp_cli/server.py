@@ -10,7 +10,7 @@ from hxp_cli.common import add_stack_args, add_state_arg, load, state_dir
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from hxp.io.prefect_server import server_status, start_server, stop_server
+    from hxp.io.prefect_server import runner_status, server_status, start_server, stop_server
 
     state = state_dir(args)
     if args.action == "start":
@@ -19,12 +19,11 @@ def cmd_server(args: argparse.Namespace) -> int:
         runner.ensure_runner(state)  # flow commands then skip Prefect's imports (hxp_cli.runner)
         return 0
     if args.action == "stop":
-        runner.stop_runner(state)
         print("stopped" if stop_server(state) else "no server was running")
         return 0
     record = server_status(state)
     print(f"running: {record['ui']}" if record else "not running")
-    warm = runner.runner_status(state)
+    warm = runner_status(state)
     if record:
         print(f"warm runner: pid {warm['pid']}" if warm else "warm runner: not running")
     return 0 if record else 1

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from hxp.backends.supervisor import alive, start_ticks
 from hxp.errors import HxpError
 
@@ -50,6 +48,8 @@ def _free_port() -> int:
 
 
 def _healthy(url: str) -> bool:
+    import httpx  # here: the CLI reads this module's records without paying for httpx
+
     try:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
@@ -128,8 +128,42 @@ def _start(home: Path, port: int | None) -> dict[str, Any]:
     )
 
 
+# The warm runner (hxp_cli.runner) belongs to the local server: it is started with it and
+# stopped with it. Its record lives beside the server's.
+
+
+def runner_record_path(state_dir: Path) -> Path:
+    return state_dir / "prefect" / "runner.json"
+
+
+def runner_status(state_dir: Path) -> dict[str, Any] | None:
+    """The state directory's runner if it still runs (same pid and start time)."""
+    try:
+        record: dict[str, Any] = json.loads(runner_record_path(state_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if alive(record.get("pid"), record.get("ticks")) else None
+
+
+def stop_runner(state_dir: Path, grace: float = 5.0) -> bool:
+    """Stop the state directory's runner; True if one ran. Commands it is running go on."""
+    record = runner_status(state_dir)
+    if record is None:
+        return False
+    pid, ticks = record["pid"], record["ticks"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(pid, ticks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(pid, ticks):
+        os.kill(pid, signal.SIGKILL)
+    runner_record_path(state_dir).unlink(missing_ok=True)
+    return True
+
+
 def stop_server(state_dir: Path, grace: float = 15.0) -> bool:
-    """Stop the server hxp started; True if one was running."""
+    """Stop the server hxp started (and its warm runner); True if one was running."""
+    stop_runner(state_dir)
     record = server_status(state_dir)
     if record is None:
         return False

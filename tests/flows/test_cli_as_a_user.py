@@ -4,10 +4,7 @@ HOME (so no Prefect profile either) and state directory. Every run must land on 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,31 +13,10 @@ import httpx
 import pytest
 
 from tests.support.stacks import web_stack
+from tests.support.user import User
 from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.slow
-
-HXP = Path(sys.executable).parent / "hxp"
-
-
-class User:
-    """A shell of a user who has only installed hxp."""
-
-    def __init__(self, home: Path, state: Path) -> None:
-        keep = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "HXP"))}
-        self.env = {**keep, "HOME": str(home), "HXP_STATE_DIR": str(state)}
-        self.cwd = home
-
-    def hxp(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(HXP), *args],
-            env=self.env,
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
 
 
 @pytest.fixture
