@@ -112,7 +112,7 @@ def test_a_command_that_needs_the_server_starts_it_once_and_says_so(
     assert "temporary server" not in first.stdout + first.stderr
     status = user.hxp("server", "status")
     assert status.returncode == 0, status.stdout
-    ui = status.stdout.split()[-1]
+    ui = status.stdout.split("running: ", 1)[1].split()[0]
     assert _flow_run(f"{ui}/api", "deploy-t") is not None
     again = user.hxp("down", "-f", str(stack))
     assert again.returncode == 0, again.stdout + again.stderr
