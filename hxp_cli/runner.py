@@ -41,6 +41,8 @@ from hxp.backends.supervisor import current_umask, start_ticks
 from hxp.io.prefect_server import runner_record_path, runner_status
 
 SOCKET = "runner.sock"
+#: how long a caller waits for the runner to take its command (it never runs it twice)
+ANSWER_TIMEOUT = 60.0
 #: how often an idle runner checks that its server still runs
 IDLE_CHECK_S = 5.0
 #: the packages whose sources a runner has imported (the fingerprint covers them)
@@ -160,13 +162,18 @@ def delegate(state_dir: Path, argv: list[str]) -> int | None:
         sock.close()
         return None
     try:
-        # The request is out: from here on it must never run twice, so no fallback and no
-        # time limit (a loaded machine can take seconds to fork).
-        sock.settimeout(None)
+        # The request is out: from here on it must never run twice, so no fallback (a loaded
+        # machine can take seconds to fork; a runner that takes a minute is stuck).
+        sock.settimeout(ANSWER_TIMEOUT)
         answer = _recv_message(sock)
     except (OSError, ValueError, ConnectionError):
         sock.close()
-        print("error: the warm runner did not take the command (runner.log)", file=sys.stderr)
+        print(
+            f"error: the warm runner of {state_dir} did not take the command (see "
+            f"{state_dir / 'prefect' / 'runner.log'}); run it with HXP_WARM_RUNNER=0, or "
+            "restart the runner: hxp server stop && hxp server start",
+            file=sys.stderr,
+        )
         return 1
     if "pid" not in answer:  # stale, or a command of the runner's own: it did not run
         sock.close()
