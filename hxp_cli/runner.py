@@ -2,7 +2,7 @@
 
 Importing Prefect and the flows costs a cold `hxp apply` 2-4 s on a 2-CPU machine before any
 flow runs (docs/benchmarks.md, `cli`). `hxp server start` (and the first command that starts
-the local server) therefore also starts `python -m hxp_cli.runner --state-dir DIR`: one process
+the local server) therefore also starts a runner (`ENTRY`, with `--state-dir DIR`): one process
 per state directory that has Prefect and the flows imported, listening on
 `DIR/prefect/runner.sock` (mode 0600, and only the same user is served).
 
@@ -33,6 +33,7 @@ import socket
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,11 @@ IDLE_CHECK_S = 5.0
 PACKAGES = ("hxp", "hxp_cli", "flows", "tasks", "blocks")
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
-ENTRY = "import sys; from hxp_cli.runner import main; sys.exit(main(sys.argv[1:]))"
+#: the runner's process: the CLI's main is handed in (this module never imports the package)
+ENTRY = (
+    "import sys; from hxp_cli import main as hxp; from hxp_cli.runner import main; "
+    "sys.exit(main(sys.argv[1:], hxp))"
+)
 
 #: True inside a command the runner runs (notices were already printed by the caller)
 INSIDE = False
@@ -236,7 +241,6 @@ def _preload() -> None:
     import flows.down
     import flows.lifecycle
     import flows.monitoring  # noqa: F401
-    import hxp_cli  # noqa: F401
 
 
 def serve(state_dir: Path) -> Job | None:
@@ -389,7 +393,7 @@ def _logging_settings(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith("PREFECT_LOGGING_")}
 
 
-def run_job(job: Job) -> int:
+def run_job(job: Job, command: Callable[[list[str]], int]) -> int:
     """In the command's process: become the caller's command and run it."""
     global INSIDE
     INSIDE = True
@@ -409,18 +413,17 @@ def run_job(job: Job) -> int:
         from prefect.logging.configuration import setup_logging
 
         setup_logging(incremental=False)  # e.g. PREFECT_LOGGING_LEVEL set by the caller
-    import hxp_cli
-
-    return hxp_cli.main(job.argv)
+    return command(job.argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str], command: Callable[[list[str]], int]) -> int:
+    """The runner process (ENTRY): `command` is hxp's main, run for each job in a fork."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hxp_cli.runner")
+    parser = argparse.ArgumentParser(prog="hxp-warm-runner")
     parser.add_argument("--state-dir", required=True)
     args = parser.parse_args(argv)
     job = serve(Path(args.state_dir))
     if job is None:
         return 0
-    return run_job(job)
+    return run_job(job, command)

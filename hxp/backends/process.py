@@ -44,6 +44,7 @@ from hxp.backends.supervisor import (
     SECRETS_FILE,
     alive,
     current_umask,
+    terminate,
     write_env_file,
     write_json,
 )
@@ -469,21 +470,11 @@ class ProcessBackend:
             return
         pid, ticks = sup.get("pid"), sup.get("ticks")
         child, child_ticks = sup.get("child_pid"), sup.get("child_ticks")
-        if pid is not None and alive(pid, ticks):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace + 5.0
-            while alive(pid, ticks) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if alive(pid, ticks):
-                os.killpg(pid, signal.SIGKILL)
+        if pid is not None:  # the supervisor stops its child; its whole group if it hangs
+            terminate(pid, ticks, grace + 5.0, kill_group=True, poll=0.02)
         # A supervisor killed from outside may leave its child behind: never a recycled pid.
-        if child is not None and alive(child, child_ticks):
-            os.kill(child, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while alive(child, child_ticks) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if alive(child, child_ticks):
-                os.kill(child, signal.SIGKILL)
+        if child is not None:
+            terminate(child, child_ticks, grace, poll=0.02)
         state = self._supervisor(directory) or sup
         # What the unit owned goes with it: no pid stays recorded, no temporary file is left.
         state.update(state="stopped", child_pid=None, child_ticks=None, pid=None, ticks=None)

@@ -53,6 +53,29 @@ def alive(pid: int | None, ticks: int | None) -> bool:
     return pid is not None and ticks is not None and start_ticks(pid) == ticks
 
 
+def terminate(
+    pid: int,
+    ticks: int | None,
+    grace: float,
+    group: bool = False,
+    kill_group: bool | None = None,
+    poll: float = 0.05,
+) -> None:
+    """SIGTERM `pid` (its process group with `group`), wait up to `grace` seconds while it is
+    still the recorded process (same start time: never a recycled pid), then SIGKILL it (the
+    group with `kill_group`, which defaults to `group`)."""
+    if not alive(pid, ticks):
+        return
+    (os.killpg if group else os.kill)(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(pid, ticks) and time.monotonic() < deadline:
+        time.sleep(poll)
+    if alive(pid, ticks):
+        (os.killpg if (group if kill_group is None else kill_group) else os.kill)(
+            pid, signal.SIGKILL
+        )
+
+
 def current_umask() -> int:
     """This process's umask, read without setting it (os.umask would, for every thread)."""
     with open("/proc/self/status") as status:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hxp.backends.supervisor import alive, start_ticks
+from hxp.backends.supervisor import alive, start_ticks, terminate
 from hxp.errors import HxpError
 
 SERVER_SETTINGS = {
@@ -150,13 +149,7 @@ def stop_runner(state_dir: Path, grace: float = 5.0) -> bool:
     record = runner_status(state_dir)
     if record is None:
         return False
-    pid, ticks = record["pid"], record["ticks"]
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive(pid, ticks) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if alive(pid, ticks):
-        os.kill(pid, signal.SIGKILL)
+    terminate(record["pid"], record["ticks"], grace)
     runner_record_path(state_dir).unlink(missing_ok=True)
     return True
 
@@ -167,13 +160,7 @@ def stop_server(state_dir: Path, grace: float = 15.0) -> bool:
     record = server_status(state_dir)
     if record is None:
         return False
-    pid, ticks = record["pid"], record["ticks"]
-    os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive(pid, ticks) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if alive(pid, ticks):
-        os.killpg(pid, signal.SIGKILL)
+    terminate(record["pid"], record["ticks"], grace, group=True, poll=0.1)
     _record_path(state_dir).unlink(missing_ok=True)
     return True
 
