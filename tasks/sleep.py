@@ -152,16 +152,20 @@ def wake_unit(ctx: RunContext, unit: str) -> SleepResult:
     tries = health.retries if health is not None else 3
     pause = health.interval if health is not None else 2.0
     timeout = max(health.timeout if health is not None else 5.0, 5.0)
+    asleep = store.sleeping(stack)
     for inst in _replicas(ctx, unit):
         current = state_of(store, stack, inst.name)
         if current is not State.SLEEPING:
             result.done[inst.name] = f"not asleep ({current.value}): left as it is"
             continue
+        level = asleep.get(inst.name, {}).get("level", SleepLevel.OFFLOAD_WEIGHTS)
         rec.record(store, stack, unit, inst.name, State.STARTING, "wake requested")
         try:
             api.wake_up(inst)
             if api.is_sleeping(inst):
                 raise SleepCallError(f"{inst.name}: /wake_up answered, but /is_sleeping says true")
+            if level == SleepLevel.DISCARD_ALL:  # the weights are gone: load them again
+                api.reload_weights(inst)
             served = api.serves_completion(inst, tries, pause, timeout)
         except SleepCallError as exc:
             store.clear_sleep(stack, inst.name)

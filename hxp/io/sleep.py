@@ -67,6 +67,30 @@ def wake_up(inst: UnitInstance, timeout: float = CALL_TIMEOUT) -> None:
     asyncio.run(_call("POST", f"{_base(inst)}/wake_up", timeout))
 
 
+def reload_weights(inst: UnitInstance, timeout: float = CALL_TIMEOUT) -> None:
+    """After a wake from level 2 (weights discarded): vLLM's sleep-mode recipe,
+    `POST /collective_rpc {"method": "reload_weights"}` then `POST /reset_prefix_cache` (both
+    development-mode endpoints, vllm/entrypoints/serve/rpc and cache api_router)."""
+    base = _base(inst)
+
+    async def both() -> None:
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                for path, body in (
+                    ("/collective_rpc", {"method": "reload_weights"}),
+                    ("/reset_prefix_cache", None),
+                ):
+                    answer = await client.post(f"{base}{path}", json=body)
+                    if not answer.is_success:
+                        raise SleepCallError(
+                            f"POST {base}{path}: {answer.status_code} {answer.text[:200]}"
+                        )
+        except httpx.HTTPError as exc:
+            raise SleepCallError(f"reload of the weights: {type(exc).__name__}: {exc}") from exc
+
+    asyncio.run(both())
+
+
 def serves_completion(inst: UnitInstance, tries: int, pause: float, timeout: float) -> str:
     """One one-token completion must succeed (up to `tries` attempts, `pause` apart); what
     the last attempt said. SleepCallError when none did."""
@@ -87,6 +111,7 @@ __all__ = [
     "CALL_TIMEOUT",
     "is_sleeping",
     "put_to_sleep",
+    "reload_weights",
     "serves_completion",
     "wake_up",
 ]

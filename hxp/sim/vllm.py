@@ -1405,6 +1405,9 @@ class SimServer:
             self._routes["/sleep"] = ("POST", self._sleep)
             self._routes["/wake_up"] = ("POST", self._wake_up)
             self._routes["/is_sleeping"] = ("GET", self._is_sleeping)
+            self._routes["/collective_rpc"] = ("POST", self._collective_rpc)
+            self._routes["/reset_prefix_cache"] = ("POST", self._reset_prefix_cache)
+        self.weights_discarded = False  # after a level-2 sleep, until reload_weights
 
     # lifecycle
 
@@ -1646,6 +1649,7 @@ class SimServer:
         if mode not in ("abort", "wait"):
             raise ApiError(400, f"mode must be abort or wait, got {mode!r}", "BadRequestError")
         self.sleep_level = int(level)
+        self.weights_discarded = self.weights_discarded or self.sleep_level == 2
         if self.engine.busy:
             log.info("sleep (level %s, mode %s): %d request(s) in flight", level, mode,
                      self.engine.busy)  # fmt: skip
@@ -1668,6 +1672,25 @@ class SimServer:
         self.metrics.set_sleep_level(0)
         await conn.send(req, 200)
 
+    async def _collective_rpc(self, req: HttpRequest, conn: Connection) -> None:
+        """POST /collective_rpc {"method": ...}: only `reload_weights` is modelled (what a
+        wake from level 2 needs); vLLM answers 200 with no body when the workers return None."""
+        method = _json_object(req.body).get("method")
+        if method is None:
+            raise ApiError(400, "Missing 'method' in request body", "BadRequestError")
+        if method != "reload_weights":
+            raise ApiError(400, f"hxp-vllm-sim models no collective_rpc {method!r}",
+                           "BadRequestError")  # fmt: skip
+        if self.sleep_level:
+            raise ApiError(400, "the model is sleeping: wake it up first", "BadRequestError")
+        self.weights_discarded = False
+        log.info("weights reloaded")
+        await conn.send(req, 200)
+
+    async def _reset_prefix_cache(self, req: HttpRequest, conn: Connection) -> None:
+        self.engine.reset_kv_cache()
+        await conn.send(req, 200)
+
     async def _is_sleeping(self, req: HttpRequest, conn: Connection) -> None:
         await conn.send_json(req, 200, {"is_sleeping": self.sleep_level > 0})
 
@@ -1680,6 +1703,14 @@ class SimServer:
                 503,
                 f"the model is sleeping (level {self.sleep_level}): POST /wake_up first",
                 "ServiceUnavailableError",
+            )
+        if self.weights_discarded:
+            # vLLM would answer from discarded weights (garbage); the double fails instead.
+            raise ApiError(
+                500,
+                "the weights were discarded by a level-2 sleep: POST /collective_rpc "
+                '{"method": "reload_weights"} first',
+                "InternalServerError",
             )
 
     async def _completions(self, req: HttpRequest, conn: Connection) -> None:

@@ -202,6 +202,21 @@ def test_a_wake_that_serves_no_completion_stays_out_of_the_gateway(  # type: ign
     assert answer.status_code == 503
 
 
+def test_a_level_2_wake_reloads_the_weights_before_it_serves(two_models) -> None:  # type: ignore[no-untyped-def]
+    """Level 2 discards the weights: the wake reloads them (the simulator fails every
+    completion until then, so without the reload the wake's completion check fails)."""
+    from flows.lifecycle import sleep_model, wake_model
+
+    path, state, chat_url, _ = two_models
+    deploy(path, state)
+    assert sleep_model(str(path), "chat", state_dir=str(state), level=2)["ok"]
+    assert wake_model(str(path), "chat", state_dir=str(state))["ok"]
+    with httpx.Client(timeout=5) as c:
+        answer = c.post(f"{chat_url}/v1/completions", json={"model": "chat", "prompt": "x"})
+    assert answer.status_code == 200
+    assert Store(state).lifecycle(STACK)["chat"].state is State.RUNNING
+
+
 def test_a_model_that_did_not_opt_in_is_refused_with_exit_2(two_models, capsys) -> None:  # type: ignore[no-untyped-def]
     from hxp_cli import main
 

@@ -599,6 +599,12 @@ def test_sleep_refuses_completions_and_wake_up_serves_again(level: str, gauge: s
         assert (woke.status_code, woke.content) == (200, b"")
         assert c.get("/is_sleeping").json() == {"is_sleeping": False}
         assert sleep_state(samples(c.get("/metrics").text))["awake"] == 1
+        if level == "2":  # the weights were discarded: no answer until they are reloaded
+            broken = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+            assert broken.status_code == 500
+            assert "reload_weights" in broken.json()["error"]["message"]
+            assert c.post("/collective_rpc", json={"method": "reload_weights"}).status_code == 200
+            assert c.post("/reset_prefix_cache").status_code == 200
         served = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
         assert served.status_code == 200
 
