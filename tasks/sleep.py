@@ -137,6 +137,8 @@ def sleep_unit(
         result.done[inst.name] = f"asleep ({drained[inst.name]}); {release.explain()}"
     result.ok = not result.failed
     result.seconds = time.monotonic() - started
+    if not result.done and not result.failed:
+        raise LifecycleError(f"{unit}: no running replica to put to sleep")
     return result
 
 

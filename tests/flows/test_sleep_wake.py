@@ -88,7 +88,7 @@ def statuses(answers: list[Answer]) -> dict[int, int]:
     return out
 
 
-def test_sleep_and_wake_under_load(two_models, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_sleep_and_wake_under_load(two_models, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
     from flows.lifecycle import sleep_model, wake_model
     from hxp.health import SweepSettings
     from hxp.io import sleep as sleep_api
@@ -136,6 +136,14 @@ def test_sleep_and_wake_under_load(two_models, monkeypatch: pytest.MonkeyPatch) 
         assert c.get(
             f"http://127.0.0.1:{before['chat'][0].rsplit(':', 1)[1]}/is_sleeping"
         ).json() == {"is_sleeping": True}
+
+    from hxp_cli import main
+
+    assert main(["status", "-f", str(path), "--state-dir", str(state), "--json"]) == 0
+    shown = {row["instance"]: row["model"] for row in json.loads(capsys.readouterr().out)}
+    assert shown["chat"]["health"] == "sleeping"
+    assert shown["code"]["health"] != "sleeping"
+    assert shown["chat"]["gateway"] == "out"
 
     time.sleep(2.0)  # requests to the sleeping model meanwhile: each a fast 503
     # A health sweep neither fails it nor puts it back behind the gateway.
