@@ -777,6 +777,11 @@ class Store:
                     int(held if held is not None else (record.held if record else False)),
                 ),
             )
+            if current is State.SLEEPING and target is not State.SLEEPING:
+                # Awake, stopped or failed: the memory it had freed is no longer free.
+                db.execute(
+                    "DELETE FROM gpu_sleep WHERE stack = ? AND instance = ?", (stack, instance)
+                )
             if current == target:  # first record of an instance that is stopped: no move
                 return None
             change = Transition(stack, unit, instance, current, target, reason, now)
@@ -830,6 +835,7 @@ class Store:
             if row is None:
                 return None
             db.execute("DELETE FROM lifecycle WHERE stack = ? AND instance = ?", (stack, instance))
+            db.execute("DELETE FROM gpu_sleep WHERE stack = ? AND instance = ?", (stack, instance))
             db.execute(
                 "INSERT INTO events (stack, unit, deploy_id, kind, message, at)"
                 " VALUES (?, ?, NULL, 'lifecycle', ?, ?)",

@@ -145,6 +145,13 @@ def test_sleep_and_wake_under_load(two_models, monkeypatch: pytest.MonkeyPatch, 
     assert shown["code"]["health"] != "sleeping"
     assert shown["chat"]["gateway"] == "out"
 
+    # `hxp start` leaves it asleep (only `hxp wake` serves it again).
+    from flows.lifecycle import start_stack
+
+    started = start_stack(str(path), units=["chat"], state_dir=str(state))
+    assert "asleep" in started["units"]["chat"]["instances"]["chat"]
+    assert routes(path, state)["chat"] == []
+
     time.sleep(2.0)  # requests to the sleeping model meanwhile: each a fast 503
     # A health sweep neither fails it nor puts it back behind the gateway.
     report = sweep_stack(load_config([path], {}).stack, state, SweepSettings())

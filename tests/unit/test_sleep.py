@@ -119,3 +119,18 @@ def test_the_store_keeps_what_a_sleeping_replica_freed(tmp_path: Path) -> None:
     assert store.clear_sleep("s", "chat")
     assert not store.clear_sleep("s", "chat")
     assert store.sleeping("s") == {}
+
+
+def test_leaving_sleeping_drops_the_record_of_freed_memory(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    release = sleep_release(stack().models["chat"], SleepLevel.OFFLOAD_WEIGHTS, (0,), {})
+    for state in (State.STARTING, State.RUNNING, State.DRAINING, State.SLEEPING):
+        store.transition("s", "chat", "chat", state, "test")
+    store.record_sleep("s", "chat", "chat", "gpu", release.to_dict())
+    store.transition("s", "chat", "chat", State.SLEEPING, "again")  # no move: kept
+    assert "chat" in store.sleeping("s")
+    store.transition("s", "chat", "chat", State.STOPPING, "stop requested")
+    assert store.sleeping("s") == {}
+    store.record_sleep("s", "chat", "chat", "gpu", release.to_dict())
+    store.forget_lifecycle("s", "chat", "removed")
+    assert store.sleeping("s") == {}
