@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from hxp.backends import observe_all
 from hxp.calibration import calibration_key
-from hxp.errors import LifecycleError, SleepCallError
+from hxp.errors import HxpError, LifecycleError, SleepCallError
 from hxp.gpu_alloc import host_key
 from hxp.io import lifecycle as rec
 from hxp.io import sleep as api
@@ -77,8 +77,11 @@ def _release(ctx: RunContext, inst: UnitInstance, level: SleepLevel) -> SleepRel
         )
     totals: dict[int, int] = {}
     if gpus:
-        found = discover_gpus(inst.host, inst.host_spec, state_dir=ctx.state_dir)
-        totals = {d.index: d.total_bytes for d in found.devices}
+        try:
+            found = discover_gpus(inst.host, inst.host_spec, state_dir=ctx.state_dir)
+            totals = {d.index: d.total_bytes for d in found.devices}
+        except HxpError:  # the host did not answer: the replica sleeps all the same
+            totals = {}
     key_ = calibration_key(inst)
     measured = store.kv_calibration(key_) if key_ is not None else None
     return sleep_release(
