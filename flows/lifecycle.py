@@ -34,6 +34,7 @@ from hxp.io import lifecycle as rec
 from hxp.io.fleet_lock import run_lock as stack_lock  # this machine, and across with a server
 from hxp.io.lock import stack_lock as file_lock
 from hxp.lifecycle import CrashPolicy, ReloadKind, ReloadPlan, RollingPolicy, plan_reload
+from hxp.sleep import sleeping_model
 from hxp.spec import Stack
 from hxp.store import Store
 from tasks.deploy import state_dir_of, sync_gateway
@@ -51,6 +52,7 @@ from tasks.lifecycle import (
     stop_unit,
     supervise_pass,
 )
+from tasks.sleep import SleepResult, sleep_unit, wake_unit
 from tasks.stack import load_stack
 
 _run_name = stack_run_name()
@@ -363,6 +365,86 @@ def restart_service(
     return restart_stack.fn(stack_files, overrides, [service], state_dir, rolling)
 
 
+# --------------------------------------------------------------------------- sleep and wake
+
+
+def _sleep_summary(ctx: RunContext, action: str, result: SleepResult) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "action": action,
+        "ok": result.ok,
+        "units": {
+            result.unit: {"ok": result.ok, "instances": result.done, "seconds": result.seconds}
+        },
+        "failed": {f"{result.unit}/{i}": why for i, why in result.failed.items()},
+        "skipped": [],
+        "sleeping": ctx.store().sleeping(ctx.stack.stack),
+    }
+    return _finish(ctx, summary, [])
+
+
+@flow(name="sleep-model", flow_run_name=stack_run_name("sleep"))
+def sleep_model(
+    stack_files: list[str] | str,
+    model: str,
+    overrides: list[str] | None = None,
+    state_dir: str | None = None,
+    level: int = 1,
+    drain_timeout: float | None = None,
+    wait_for_lock: bool = True,
+) -> dict[str, Any]:
+    """Put a model that opted in (`sleep_mode: true`) to sleep: each replica out of the
+    gateway, drained, then vLLM's `POST /sleep?level=N`; what it frees is recorded beside its
+    GPU reservation.
+
+    Args:
+        stack_files: Stack file(s) in merge order; a later file wins.
+        model: The model to put to sleep.
+        overrides: `path.to.key=value` overrides applied last.
+        state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
+        level: 1 offloads the weights to CPU RAM and discards the KV cache; 2 discards both.
+        drain_timeout: The drain cap in seconds; default the gateway's drain_timeout.
+        wait_for_lock: Wait for another run on the same stack (else fail fast).
+    """
+    stack = _load(stack_files, overrides).stack
+    sleeping_model(stack, model)
+    state = state_dir_of(state_dir)
+    ctx = lifecycle_context(stack, state)
+    log = get_run_logger().info
+    with stack_lock(state, stack.stack, run_holder("sleep"), wait=wait_for_lock, on_wait=log):
+        reconcile_stack(quote(ctx))
+        result = sleep_unit(quote(ctx), model, level, drain_timeout)
+    return _sleep_summary(ctx, "sleep", result)
+
+
+@flow(name="wake-model", flow_run_name=stack_run_name("wake"))
+def wake_model(
+    stack_files: list[str] | str,
+    model: str,
+    overrides: list[str] | None = None,
+    state_dir: str | None = None,
+    wait_for_lock: bool = True,
+) -> dict[str, Any]:
+    """Wake a sleeping model: vLLM's `POST /wake_up`, `/is_sleeping` false, one completion
+    served, and only then each replica back behind the gateway.
+
+    Args:
+        stack_files: Stack file(s) in merge order; a later file wins.
+        model: The model to wake.
+        overrides: `path.to.key=value` overrides applied last.
+        state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
+        wait_for_lock: Wait for another run on the same stack (else fail fast).
+    """
+    stack = _load(stack_files, overrides).stack
+    sleeping_model(stack, model)
+    state = state_dir_of(state_dir)
+    ctx = lifecycle_context(stack, state)
+    log = get_run_logger().info
+    with stack_lock(state, stack.stack, run_holder("wake"), wait=wait_for_lock, on_wait=log):
+        reconcile_stack(quote(ctx))
+        result = wake_unit(quote(ctx), model)
+    return _sleep_summary(ctx, "wake", result)
+
+
 # --------------------------------------------------------------------------- supervise
 
 
@@ -594,9 +676,11 @@ __all__ = [
     "reload_stack",
     "restart_service",
     "restart_stack",
+    "sleep_model",
     "start_service",
     "start_stack",
     "stop_service",
     "stop_stack",
     "supervise_stack",
+    "wake_model",
 ]

@@ -28,9 +28,11 @@ def run_stack_name() -> str:
 
 
 def run_units() -> list[str]:
-    """The units the current run is limited to (`units`, or the one `service`), else []."""
+    """The units the current run is limited to (`units`, or the one `service` or `model`),
+    else []."""
     params = flow_run.parameters
-    return list(params.get("units") or ([params["service"]] if params.get("service") else []))
+    one = params.get("service") or params.get("model")
+    return list(params.get("units") or ([one] if one else []))
 
 
 def stack_run_name(action: str | None = None, suffix: str = "") -> Callable[[], str]:

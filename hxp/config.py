@@ -523,6 +523,7 @@ HASH_NEUTRAL_DEFAULTS: dict[str, Any] = {
     "simulator_gpus": 0,
     "pin_kv_cache_memory": True,
     "hf_config": None,
+    "sleep_mode": False,
 }
 #: Unit fields that say how a deploy treats the unit, not what runs: never in the unit hash
 #: (changing a unit's bake period alone restarts nothing).

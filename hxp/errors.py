@@ -147,6 +147,15 @@ class LifecycleError(HxpError):
         super().__init__(message)
 
 
+class SleepModeError(InputError):
+    """`hxp sleep` / `hxp wake` on a model that did not opt in (names the field to set)."""
+
+
+class SleepCallError(BackendError):
+    """A replica's sleep-mode endpoint (/sleep, /wake_up, /is_sleeping) refused or did not
+    answer, or a woken replica served no completion."""
+
+
 class IllegalTransitionError(LifecycleError):
     """A unit was asked to move between two lifecycle states the state machine does not join."""
 

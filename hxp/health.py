@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -288,11 +288,14 @@ def plan_checks(
     observed: Mapping[str, ObservedUnit] | None,
     blind: Mapping[str, str] | None = None,
     expanded: Sequence[UnitInstance] | None = None,
+    asleep: Collection[str] = (),
 ) -> list[InstanceChecks]:
     """What to probe on each instance. An instance its backend does not see running gets no
     network probes (its backend layer says why); a docker unit's health command runs inside
     its container (Docker's HEALTHCHECK), so it reaches the sweep through the backend layer.
-    Instances on a `blind` host (its backend could not be asked) are probed all the same."""
+    Instances on a `blind` host (its backend could not be asked) are probed all the same.
+    A model replica `asleep` (`hxp sleep`) gets its liveness check only: vLLM's /health
+    answers while it sleeps, while a completion would fail on purpose."""
     out: list[InstanceChecks] = []
     blind = blind or {}
     for inst in sweep_instances(stack, observed, expanded):
@@ -312,7 +315,7 @@ def plan_checks(
                 probes.append(TcpProbe(Layer.TCP, health.tcp.host, health.tcp.port))
             if health.command is not None and inst.host_spec.backend != "docker":
                 probes.append(CommandProbe(Layer.COMMAND, tuple(health.command)))
-        if present and isinstance(inst.spec, ModelSpec):
+        if present and isinstance(inst.spec, ModelSpec) and inst.name not in asleep:
             port = dict(inst.ports)["http"]
             address = address_of(inst.host_spec)
             if health is not None and health.http is not None:

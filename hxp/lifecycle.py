@@ -30,6 +30,9 @@ class State(StrEnum):
     DRAINING = "draining"
     STOPPING = "stopping"
     FAILED = "failed"
+    # Deliberately asleep (`hxp sleep`): the process runs, out of the gateway, its GPU memory
+    # freed (hxp.sleep). Last: the shortest paths between the other states never pass here.
+    SLEEPING = "sleeping"
 
 
 STATES: tuple[State, ...] = tuple(State)
@@ -43,9 +46,11 @@ TRANSITIONS: Mapping[State, frozenset[State]] = {
     State.STARTING: frozenset({State.RUNNING, State.DEGRADED, State.FAILED, State.STOPPING}),
     State.RUNNING: frozenset({State.DEGRADED, State.DRAINING, State.FAILED}),
     State.DEGRADED: frozenset({State.RUNNING, State.DRAINING, State.FAILED}),
-    State.DRAINING: frozenset({State.STOPPING, State.RUNNING, State.FAILED}),
+    State.DRAINING: frozenset({State.STOPPING, State.RUNNING, State.FAILED, State.SLEEPING}),
     State.STOPPING: frozenset({State.STOPPED, State.FAILED}),
     State.FAILED: frozenset({State.STARTING, State.STOPPING, State.STOPPED}),
+    # A wake goes through `starting` (gated on a completion before the gateway takes it back).
+    State.SLEEPING: frozenset({State.STARTING, State.STOPPING, State.FAILED}),
 }
 
 #: The state of an instance the store has no record of.
@@ -179,6 +184,8 @@ def reconcile(
             return None
         return Reconciliation(instance, (), "no longer exists on its host", forget=True)
     up = observed.running
+    if up and current is State.SLEEPING:
+        return None  # asleep on purpose: neither failed nor back to serving
     if up:
         want = State.DEGRADED if health in ("unhealthy", "degraded") else State.RUNNING
         if current in (State.RUNNING, State.DEGRADED):
@@ -212,6 +219,12 @@ def reconcile(
     if current is State.STARTING:
         return Reconciliation(
             instance, (State.FAILED,), f"an interrupted start: not running ({observed.detail})"
+        )
+    if current is State.SLEEPING:
+        return Reconciliation(
+            instance,
+            tuple(path_between(current, State.STOPPED)),
+            f"was asleep, observed stopped ({observed.detail})",
         )
     return Reconciliation(
         instance,

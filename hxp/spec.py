@@ -586,6 +586,13 @@ class ModelSpec(_UnitSpec):
         "reserved and checked by the GPU calculator; the simulator never uses them); 0: none",
     )
 
+    sleep_mode: bool = Field(
+        default=False,
+        description="allow `hxp sleep` / `hxp wake`: starts vLLM with --enable-sleep-mode and "
+        "VLLM_SERVER_DEV_MODE=1 (which also exposes vLLM's other development endpoints; "
+        "docs/operations.md#sleep-mode)",
+    )
+
     autoscale: AutoscaleSpec | None = Field(
         default=None,
         description="let the autoscaler choose the replica count within [min, max]; "

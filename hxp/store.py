@@ -75,6 +75,16 @@ CREATE TABLE IF NOT EXISTS gpu_reservations (
     reserved_at REAL NOT NULL,
     PRIMARY KEY (host, gpu_index)
 );
+CREATE TABLE IF NOT EXISTS gpu_sleep (
+    stack TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    host TEXT NOT NULL,
+    level INTEGER NOT NULL,
+    release TEXT NOT NULL,  -- hxp.sleep.SleepRelease.to_dict()
+    since REAL NOT NULL,
+    PRIMARY KEY (stack, instance)
+);
 CREATE TABLE IF NOT EXISTS health_instances (
     stack TEXT NOT NULL,
     instance TEXT NOT NULL,
@@ -505,6 +515,40 @@ class Store:
             rows = db.execute(query + " ORDER BY host, gpu_index", args).fetchall()
         return [_reservation(r) for r in rows]
 
+    def record_sleep(
+        self, stack: str, unit: str, instance: str, host: str, release: dict[str, Any]
+    ) -> None:
+        """Beside its reservation: the instance sleeps, and what it freed (hxp.sleep)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO gpu_sleep VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (stack, instance, unit, host, int(release["level"]), json.dumps(release),
+                 time.time()),
+            )  # fmt: skip
+
+    def clear_sleep(self, stack: str, instance: str) -> bool:
+        """The instance is awake (or gone): its memory is its own again. True if it slept."""
+        with self.transaction() as db:
+            gone = db.execute(
+                "DELETE FROM gpu_sleep WHERE stack = ? AND instance = ?", (stack, instance)
+            )
+            return gone.rowcount > 0
+
+    def sleeping(self, stack: str) -> dict[str, dict[str, Any]]:
+        """The stack's sleeping instances: unit, host, level, since and what each freed."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM gpu_sleep WHERE stack = ?", (stack,)).fetchall()
+        return {
+            r["instance"]: {
+                "unit": r["unit"],
+                "host": r["host"],
+                "level": r["level"],
+                "since": r["since"],
+                **json.loads(r["release"]),
+            }
+            for r in rows
+        }
+
     # ---------------------------------------------------------------- metrics aggregation
 
     def stacks(self) -> list[str]:
@@ -733,6 +777,11 @@ class Store:
                     int(held if held is not None else (record.held if record else False)),
                 ),
             )
+            if current is State.SLEEPING and target is not State.SLEEPING:
+                # Awake, stopped or failed: the memory it had freed is no longer free.
+                db.execute(
+                    "DELETE FROM gpu_sleep WHERE stack = ? AND instance = ?", (stack, instance)
+                )
             if current == target:  # first record of an instance that is stopped: no move
                 return None
             change = Transition(stack, unit, instance, current, target, reason, now)
@@ -786,6 +835,7 @@ class Store:
             if row is None:
                 return None
             db.execute("DELETE FROM lifecycle WHERE stack = ? AND instance = ?", (stack, instance))
+            db.execute("DELETE FROM gpu_sleep WHERE stack = ? AND instance = ?", (stack, instance))
             db.execute(
                 "INSERT INTO events (stack, unit, deploy_id, kind, message, at)"
                 " VALUES (?, ?, NULL, 'lifecycle', ?, ?)",

@@ -14,7 +14,15 @@ from urllib.parse import urlsplit, urlunsplit
 from hxp.endpoints import listen_address
 from hxp.spec import HealthSpec, HostSpec, HttpCheck, ModelSpec, ServiceSpec, Stack, UnitSpec
 from hxp.startup import model_start_period
-from hxp.vllm import VllmLaunch, container_cache_env, replica_gpus, shutdown_args, vllm_launch
+from hxp.vllm import (
+    VllmLaunch,
+    container_cache_env,
+    replica_gpus,
+    shutdown_args,
+    sleep_mode_args,
+    sleep_mode_env,
+    vllm_launch,
+)
 from hxp.vllm import vllm_args as vllm_args  # re-exported: its old home
 
 UnitKind = Literal["service", "model"]
@@ -175,7 +183,7 @@ def _model_instance(
         else (vllm_launch(model, name, port))
     )
     gpus = replica_gpus(model, i)
-    env = dict(model.env)
+    env = {**sleep_mode_env(model), **model.env}  # the operator's own value wins
     health = _replica_health(
         model.health, {model.port: port}, {"replica": str(i), "port.http": str(port)}
     ) or HealthSpec(
@@ -233,6 +241,7 @@ def simulator_launch(
     args += list(shutdown_args(model, model.simulator_args))  # before: the operator's win
     if model.vllm.max_num_seqs is not None:  # the double's slots, as vLLM's max_num_seqs
         args += ["--max-concurrency", str(model.vllm.max_num_seqs)]
+    args += list(sleep_mode_args(model, model.simulator_args))
     args += list(model.simulator_args)
     return VllmLaunch(
         host_argv=(model.python, "-m", "hxp.sim.vllm", *args),

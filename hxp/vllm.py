@@ -141,6 +141,48 @@ FLAG_TABLE: tuple[FlagChange, ...] = (
     ),
 )
 _FLAGS = {f.flag: f for f in FLAG_TABLE}
+
+# Sleep mode (models.<name>.sleep_mode). `--enable-sleep-mode` came with vLLM PR #11743 ("[Core]
+# Support fully transparent sleep mode", merged January 2025, first released in 0.7.0). The HTTP
+# endpoints (POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping -> {"is_sleeping": bool})
+# are registered only when VLLM_SERVER_DEV_MODE is set (vllm/entrypoints/serve/sleep/
+# api_router.py, attach_router; before that file, the same routes sat in
+# vllm/entrypoints/openai/api_server.py under `if envs.VLLM_SERVER_DEV_MODE`).
+SLEEP_MODE_FLAG = "--enable-sleep-mode"
+SLEEP_MODE_SINCE: VersionTuple = (0, 7, 0)
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
+
+
+def sleep_mode_args(model: ModelSpec, args: Sequence[str] = ()) -> tuple[str, ...]:
+    """`--enable-sleep-mode` for a model that opts in (`sleep_mode: true`), unless `args`
+    already carry it; nothing otherwise."""
+    if not model.sleep_mode or SLEEP_MODE_FLAG in args:
+        return ()
+    return (SLEEP_MODE_FLAG,)
+
+
+def sleep_mode_env(model: ModelSpec) -> dict[str, str]:
+    """VLLM_SERVER_DEV_MODE=1 for a model that opts in: vLLM registers /sleep, /wake_up and
+    /is_sleeping only in development mode. Nothing for any other model."""
+    return {DEV_MODE_ENV: "1"} if model.sleep_mode else {}
+
+
+def check_sleep_mode(model: ModelSpec, field_path: str) -> None:
+    """Refuse `sleep_mode: true` on a vLLM older than the flag."""
+    if not model.sleep_mode or model.engine == "simulator":
+        return
+    if parse_version(model.vllm.version) < SLEEP_MODE_SINCE:
+        raise StackValidationError(
+            [
+                Issue(
+                    f"sleep mode needs vLLM {format_version(SLEEP_MODE_SINCE)} or later "
+                    f"(--enable-sleep-mode, vLLM PR #11743); pinned: {model.vllm.version}",
+                    f"{field_path}.sleep_mode",
+                )
+            ]
+        )
+
+
 _VERSION_RE = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")
 
 
@@ -250,9 +292,11 @@ class VllmLaunch:
 def vllm_launch(model: ModelSpec, name: str, port: int, field_path: str = "") -> VllmLaunch:
     """The launch of one replica of `model` (unit `name`) listening on `port`."""
     check_extra_args(model, field_path or f"models.{name}")
+    check_sleep_mode(model, field_path or f"models.{name}")
     version = parse_version(model.vllm.version)
     flags = engine_flags(model, name, port)
     flags += list(shutdown_args(model, flags))
+    flags += list(sleep_mode_args(model, flags))
     if has_serve_cli(version):
         return VllmLaunch(
             host_argv=(vllm_program(model.python), "serve", model.model, *flags),
@@ -309,16 +353,22 @@ def container_cache_env(env: dict[str, str]) -> dict[str, str]:
 
 __all__ = [
     "CONTAINER_CACHE_DIR",
+    "DEV_MODE_ENV",
     "FLAG_TABLE",
     "IMAGE_ENTRYPOINTS",
+    "SLEEP_MODE_FLAG",
+    "SLEEP_MODE_SINCE",
     "FlagChange",
     "VllmLaunch",
     "check_extra_args",
+    "check_sleep_mode",
     "container_cache_env",
     "engine_flags",
     "parse_version",
     "replica_gpus",
     "shutdown_args",
+    "sleep_mode_args",
+    "sleep_mode_env",
     "vllm_args",
     "vllm_launch",
     "vllm_program",

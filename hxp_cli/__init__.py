@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         fit.register_fit,
         monitoring.register_health,
         lifecycle.register_lifecycle,
+        lifecycle.register_sleep,
         lifecycle.register_supervise,
         lifecycle.register_states,
         autoscale.register_autoscale,

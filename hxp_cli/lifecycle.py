@@ -1,4 +1,5 @@
-"""`hxp start|stop|restart`, `supervise`, `states`: the lifecycle flows and the recorded states."""
+"""`hxp start|stop|restart`, `sleep|wake`, `supervise`, `states`: the lifecycle flows and the
+recorded states."""
 
 from __future__ import annotations
 
@@ -52,6 +53,31 @@ def cmd_lifecycle(args: argparse.Namespace) -> int:
         )
     print_lifecycle(result)
     print(f"{result['action'].capitalize()} of stack {result['stack']} succeeded.")
+    return 0
+
+
+def cmd_sleep(args: argparse.Namespace) -> int:
+    """hxp sleep | wake MODEL: the sleep-model and wake-model flows."""
+    from hxp.sleep import sleeping_model
+
+    stack = load(args).stack
+    sleeping_model(stack, args.model)  # not opted in: exit 2 naming the field, nothing done
+    use_prefect(args)
+    from flows.lifecycle import sleep_model, wake_model
+
+    common: dict[str, Any] = {
+        "overrides": args.overrides,
+        "state_dir": str(state_dir(args)),
+        "wait_for_lock": not args.no_wait,
+    }
+    if args.command == "sleep":
+        result = sleep_model(
+            files(args), args.model, level=args.level, drain_timeout=args.drain_timeout, **common
+        )
+    else:
+        result = wake_model(files(args), args.model, **common)
+    print_lifecycle(result)
+    print(f"{result['action'].capitalize()} of {args.model} in stack {result['stack']} succeeded.")
     return 0
 
 
@@ -122,6 +148,28 @@ def register_lifecycle(sub: Any) -> None:
             p.add_argument("--max-fail", type=int, default=0, metavar="N")
             p.add_argument("--no-surge", action="store_true", help="always restart in place")
         p.set_defaults(func=cmd_lifecycle)
+
+
+def register_sleep(sub: Any) -> None:
+    for name, text in (
+        ("sleep", "free a model's GPU memory, out of the gateway first (a sleep-model run)"),
+        ("wake", "wake a sleeping model; back in the gateway once it serves (wake-model)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        add_stack_args(p)
+        add_state_arg(p)
+        p.add_argument("model", metavar="MODEL", help="a model with sleep_mode: true")
+        p.add_argument("--no-wait", action="store_true", help="fail if the stack is locked")
+        if name == "sleep":
+            p.add_argument(
+                "--level",
+                type=int,
+                choices=(1, 2),
+                default=1,
+                help="1: weights to CPU RAM, KV cache discarded (default); 2: both discarded",
+            )
+            p.add_argument("--drain-timeout", type=float, metavar="S", help="cap of the drain")
+        p.set_defaults(func=cmd_sleep)
 
 
 def register_supervise(sub: Any) -> None:

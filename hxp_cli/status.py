@@ -19,7 +19,8 @@ class ModelRow:
     kv_tokens: int | None  # predicted per replica (hxp.resources); None: no prediction
     concurrency: float | None  # requests of max_model_len at once
     gateway: str  # "in", "out" (routed unit, not in the upstream now), "-" (not routed)
-    health: str  # the last sweep's status; "not swept" before any; "down" if not running
+    health: str  # the last sweep's status; "not swept" before any; "down" if not running;
+    # "sleeping" while `hxp sleep` holds it
 
 
 def _predictions(stack: Any, notes: list[str]) -> dict[str, tuple[int, float]]:
@@ -59,6 +60,7 @@ def model_rows(
         if r.stack == stack.stack:
             reserved.setdefault(r.instance, []).append(r.gpu_index)
     swept, _units = store.health_state(stack.stack)
+    asleep = store.sleeping(stack.stack)
     live = live_upstreams(state, stack.stack)
     rows = []
     for inst in models:
@@ -73,6 +75,17 @@ def model_rows(
         record = swept.get(inst.name)
         if obs is None or not obs.running:
             health = "down"
+        elif inst.name in asleep:
+            health = "sleeping"
+            freed = asleep[inst.name].get("freed_bytes_per_gpu")
+            notes.append(
+                f"{inst.name}: asleep at level {asleep[inst.name]['level']} (hxp wake), "
+                + (
+                    f"{freed / 2**30:.2f} GiB freed per GPU"
+                    if freed is not None
+                    else "freed memory unknown"
+                )
+            )
         elif record is None:
             health = "not swept"
         else:

@@ -531,12 +531,16 @@ def sync_gateway(ctx: RunContext) -> dict[str, list[str]]:
     if ctx.stack.gateway is None:
         return {}
     seen = observe_all(ctx.stack, ctx.state_dir)
+    # A replica asleep (`hxp sleep`) runs, but serves nothing until `hxp wake` puts it back.
+    asleep = {
+        n for n, r in ctx.store().lifecycle(ctx.stack.stack).items() if r.state is State.SLEEPING
+    }
     live: dict[str, list[str]] = {}
     for unit in ctx.stack.gateway.routes:
         live[unit] = sorted(
             route_server(i)
             for i in all_slots(ctx.stack, unit)
-            if i.name in seen and seen[i.name].running
+            if i.name in seen and seen[i.name].running and i.name not in asleep
         )
     ctx.gateway().apply(live)
     return live

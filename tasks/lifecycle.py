@@ -158,8 +158,10 @@ def _start_instance(
     stack = ctx.stack.stack
     if observed is None or not observed.exists:
         raise fail(ctx, inst.unit, inst.name, "is not deployed on its host (run `hxp apply` first)")
-    store.clear_supervision(stack, inst.name)
     current = state_of(store, stack, inst.name)
+    if observed.running and current is State.SLEEPING:
+        return "asleep: left asleep (`hxp wake` serves it again)"
+    store.clear_supervision(stack, inst.name)
     if observed.running and current in (State.RUNNING, State.DEGRADED):
         route_add(ctx, inst.unit, inst)
         return "already running"

@@ -231,13 +231,44 @@ class NginxGateway:
         raise BackendError("gateway started but wrote no pid file")
 
     def _wait_reloaded(self, pid: int, before: set[int]) -> None:
-        """nginx answers a reload asynchronously; wait until the new workers are up."""
+        """nginx answers a reload asynchronously; wait until the new workers are up and the
+        old ones no longer accept connections (they finish the requests they hold, but until
+        they close their listening sockets, ~0.1 s here, a new request may still reach a
+        server the reload took out of the route)."""
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             now = set(self._workers(pid))
-            if now - before:
+            if now - before and not self._still_listening(before & now):
                 return
             time.sleep(0.02)
+
+    @staticmethod
+    def _still_listening(workers: set[int]) -> bool:
+        """Whether any of `workers` still holds a listening TCP socket (from /proc)."""
+        if not workers:
+            return False
+        listening: set[str] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                lines = Path(table).read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                    listening.add(f"socket:[{fields[9]}]")
+        for worker in workers:
+            try:
+                fds = list(Path(f"/proc/{worker}/fd").iterdir())
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(fd) in listening:
+                        return True
+                except OSError:
+                    continue
+        return False
 
     @staticmethod
     def _workers(pid: int) -> list[int]:

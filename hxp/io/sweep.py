@@ -31,6 +31,7 @@ from hxp.health import (
     plan_checks,
     plan_route,
 )
+from hxp.lifecycle import State
 from hxp.plan import ObservedUnit
 from hxp.spec import Stack
 from hxp.store import Store
@@ -135,11 +136,20 @@ async def probe(
     """Plan the checks (hxp.health.plan_checks) and run them all concurrently."""
     from hxp.io.probes import run_checks
 
-    previous, previous_units = Store(state_dir).health_state(stack.stack)
-    checks = plan_checks(stack, observation.units, observation.blind, _expanded(stack))
+    store = Store(state_dir)
+    previous, previous_units = store.health_state(stack.stack)
+    checks = plan_checks(
+        stack, observation.units, observation.blind, _expanded(stack), asleep_of(store, stack)
+    )
     data = {name: dict(i.data) for name, i in previous.items()}
     results = await run_checks(checks, stack.hosts, data, settings)
     return Probed(observation, checks, results, previous, previous_units, dict(reach or {}))
+
+
+def asleep_of(store: Store, stack: Stack) -> set[str]:
+    """The stack's instances recorded asleep (`hxp sleep`): not failed, and not the sweep's
+    to put back behind the gateway."""
+    return {n for n, r in store.lifecycle(stack.stack).items() if r.state is State.SLEEPING}
 
 
 def reach(stack: Stack, settings: SweepSettings) -> dict[str, tuple[str, str]]:
@@ -216,6 +226,8 @@ def reroute(
     if not gateway.running:
         return [], ["the gateway is not running: upstreams left alone"]
     units = {u.unit: u for u in report.units}
+    store = Store(state_dir)
+    asleep = asleep_of(store, stack)
 
     def decide(live: Mapping[str, Sequence[str]]) -> list[RouteDecision]:
         out = []
@@ -225,14 +237,13 @@ def reroute(
             replicas = [
                 Replica(i.instance, i.server, i.status, i.ejected)
                 for i in units[unit].replicas
-                if i.server is not None
+                if i.server is not None and i.instance not in asleep
             ]
             out.append(plan_route(unit, live.get(unit, []), replicas))
         return out
 
     decisions = decide(gateway.servers())
     notes = [f"ALERT {d.unit}: {d.alert}" for d in decisions if d.alert]
-    store = Store(state_dir)
     if any(d.changed for d in decisions):
         try:
             with stack_lock(state_dir, stack.stack, "health sweep", wait=False):

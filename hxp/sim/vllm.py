@@ -78,6 +78,7 @@ from dataclasses import dataclass, replace
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Literal, cast
+from urllib.parse import parse_qs
 
 from prometheus_client import (
     CollectorRegistry,
@@ -237,6 +238,11 @@ class SimConfig:
     engine_tokens_per_second: float = 0.0
     kv_log_lines: tuple[str, ...] = ()
     server_load_tracking: bool = False
+    # Sleep mode: vLLM registers /sleep, /wake_up and /is_sleeping only with
+    # VLLM_SERVER_DEV_MODE=1 in its environment; the engine can sleep only with
+    # --enable-sleep-mode.
+    enable_sleep_mode: bool = False
+    dev_mode: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -245,6 +251,7 @@ class SimConfig:
 
 
 ENV_PREFIX = "HXP_VLLM_SIM_"
+DEV_MODE_ENV = "VLLM_SERVER_DEV_MODE"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
             "DEVELOPMENT DOUBLE of a vLLM OpenAI-compatible server, for tests and demos. "
             "It is NOT vLLM: it loads no model and answers with deterministic fake tokens. "
             "Endpoints: /health /ping /load /version /metrics /v1/models /v1/completions "
-            "/v1/chat/completions; behaviour and metric names follow --version. Every option "
+            "/v1/chat/completions (and /sleep /wake_up /is_sleeping with --enable-sleep-mode and "
+            f"{DEV_MODE_ENV}=1, as in vLLM); behaviour and metric names follow --version. Every "
+            "option "
             "can also be set in the environment as "
             f"{ENV_PREFIX}<OPTION> (e.g. {ENV_PREFIX}STARTUP_DELAY=5; lists comma-separated)."
         ),
@@ -310,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--stall-after", type=float, default=None, help="engine stops making progress after N s")
     add("--keep-alive-timeout", type=float, default=d.keep_alive_timeout, help="idle seconds")
     add("--seed", type=int, default=d.seed, help="seed of the error and preemption draws")
+    add(
+        "--enable-sleep-mode",
+        dest="enable_sleep_mode",
+        action="store_true",
+        help="allow POST /sleep?level=1|2 and /wake_up, as vLLM's flag does (the endpoints "
+        f"exist only with {DEV_MODE_ENV}=1 in the environment, as in vLLM)",
+    )
     add(
         "--enable-server-load-tracking",
         dest="server_load_tracking",
@@ -395,7 +411,17 @@ def parse_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> SimC
         engine_tokens_per_second=ns.engine_tokens_per_second,
         kv_log_lines=kv_lines,
         server_load_tracking=ns.server_load_tracking,
+        enable_sleep_mode=ns.enable_sleep_mode,
+        dev_mode=_env_flag(environ.get(DEV_MODE_ENV, "")),
     )
+
+
+def _env_flag(raw: str) -> bool:
+    """vLLM's reading of VLLM_SERVER_DEV_MODE: `bool(int(value))`; anything else is off."""
+    try:
+        return bool(int(raw))
+    except ValueError:
+        return False
 
 
 # --- fake tokens (pure) --------------------------------------------------------------------
@@ -528,8 +554,8 @@ class SimMetrics:
             waiting_by.labels(*me, reason).set(0)
         self.waiting_capacity = waiting_by.labels(*me, "capacity")
         sleep = self._gauge("vllm:engine_sleep_state")
-        for state in SLEEP_STATES:
-            sleep.labels(*me, state).set(1 if state == "awake" else 0)
+        self.sleep_state = {state: sleep.labels(*me, state) for state in SLEEP_STATES}
+        self.set_sleep_level(0)
         # Before 0.11 vLLM sets the gpu_* twins of these with the same values.
         self.kv_usage = _Tee(
             self._gauge("vllm:kv_cache_usage_perc").labels(*me),
@@ -597,6 +623,13 @@ class SimMetrics:
         self.h_decode = h["request_decode_time_seconds"]
         self.h_preemptions = h["request_num_preemptions"]
         self.h_kv_computed = h["request_prefill_kv_computed_tokens"]
+
+    def set_sleep_level(self, level: int) -> None:
+        """vllm:engine_sleep_state as vLLM's record_sleep_state sets it: awake=1 while awake;
+        asleep, weights_offloaded=1 at level 1 and discard_all=1 at level 2."""
+        self.sleep_state["awake"].set(1 if level == 0 else 0)
+        self.sleep_state["weights_offloaded"].set(1 if level == 1 else 0)
+        self.sleep_state["discard_all"].set(1 if level == 2 else 0)
 
     def _register(self, spec: MetricSpec) -> Counter | Gauge | Histogram:
         family: Counter | Gauge | Histogram
@@ -735,6 +768,10 @@ class SimEngine:
             if not future.done():
                 future.set_exception(EngineAborted())
         self._publish()
+
+    def reset_kv_cache(self) -> None:
+        """Sleep discards the KV cache: the prefix cache starts empty after a wake."""
+        self._prefix.clear()
 
     @property
     def busy(self) -> int:
@@ -956,6 +993,7 @@ class HttpRequest:
     version: str
     headers: dict[str, str]
     body: bytes = b""
+    query: str = ""  # what followed `?` in the target
 
     @property
     def keep_alive(self) -> bool:
@@ -992,7 +1030,8 @@ def parse_head(head: bytes) -> HttpRequest:
                 headers[key] = headers[key] + ", " + text
         else:
             headers[key] = text
-    return HttpRequest(method, target.split("?", 1)[0], version, headers)
+    path, _, query = target.partition("?")
+    return HttpRequest(method, path, version, headers, query=query)
 
 
 class Connection:
@@ -1361,6 +1400,14 @@ class SimServer:
             "/v1/completions": ("POST", self._completions),
             "/v1/chat/completions": ("POST", self._chat),
         }
+        self.sleep_level = 0  # 0: awake; 1 or 2: asleep at that level
+        if config.dev_mode:  # vLLM: only in development mode (VLLM_SERVER_DEV_MODE=1)
+            self._routes["/sleep"] = ("POST", self._sleep)
+            self._routes["/wake_up"] = ("POST", self._wake_up)
+            self._routes["/is_sleeping"] = ("GET", self._is_sleeping)
+            self._routes["/collective_rpc"] = ("POST", self._collective_rpc)
+            self._routes["/reset_prefix_cache"] = ("POST", self._reset_prefix_cache)
+        self.weights_discarded = False  # after a level-2 sleep, until reload_weights
 
     # lifecycle
 
@@ -1584,6 +1631,88 @@ class SimServer:
         ]
         await conn.send_json(req, 200, {"object": "list", "data": cards})
 
+    async def _sleep(self, req: HttpRequest, conn: Connection) -> None:
+        """POST /sleep?level=1|2[&mode=abort|wait]: vLLM answers 200 with no body once the
+        engine sleeps. Level 1 offloads the weights to CPU RAM and discards the KV cache, level
+        2 discards both. mode=abort (vLLM's default) aborts requests in flight; wait lets them
+        finish first. New requests are refused from the start (see _refuse_asleep)."""
+        if not self.config.enable_sleep_mode:
+            # vLLM registers the route in development mode whatever the flag; its engine has
+            # then no sleep-mode allocator. The double refuses instead of pretending to sleep.
+            raise ApiError(
+                400, "sleep mode is not enabled (--enable-sleep-mode)", "BadRequestError"
+            )
+        params = parse_qs(req.query)
+        level, mode = params.get("level", ["1"])[0], params.get("mode", ["abort"])[0]
+        if level not in ("1", "2"):
+            raise ApiError(400, f"level must be 1 or 2, got {level!r}", "BadRequestError")
+        if mode not in ("abort", "wait"):
+            raise ApiError(400, f"mode must be abort or wait, got {mode!r}", "BadRequestError")
+        self.sleep_level = int(level)
+        self.weights_discarded = self.weights_discarded or self.sleep_level == 2
+        if self.engine.busy:
+            log.info("sleep (level %s, mode %s): %d request(s) in flight", level, mode,
+                     self.engine.busy)  # fmt: skip
+            if mode == "abort":
+                self.engine.abort_all()
+            while self.engine.busy:
+                await asyncio.sleep(0.01)
+            self.engine.aborting = False
+        self.engine.reset_kv_cache()
+        self.metrics.set_sleep_level(self.sleep_level)
+        log.info("asleep at level %d", self.sleep_level)
+        await conn.send(req, 200)
+
+    async def _wake_up(self, req: HttpRequest, conn: Connection) -> None:
+        """POST /wake_up: 200 with no body once awake (tags= for a partial wake are not
+        modelled: the double always wakes everything)."""
+        if self.sleep_level:
+            log.info("waking up from level %d", self.sleep_level)
+        self.sleep_level = 0
+        self.metrics.set_sleep_level(0)
+        await conn.send(req, 200)
+
+    async def _collective_rpc(self, req: HttpRequest, conn: Connection) -> None:
+        """POST /collective_rpc {"method": ...}: only `reload_weights` is modelled (what a
+        wake from level 2 needs); vLLM answers 200 with no body when the workers return None."""
+        method = _json_object(req.body).get("method")
+        if method is None:
+            raise ApiError(400, "Missing 'method' in request body", "BadRequestError")
+        if method != "reload_weights":
+            raise ApiError(400, f"hxp-vllm-sim models no collective_rpc {method!r}",
+                           "BadRequestError")  # fmt: skip
+        if self.sleep_level:
+            raise ApiError(400, "the model is sleeping: wake it up first", "BadRequestError")
+        self.weights_discarded = False
+        log.info("weights reloaded")
+        await conn.send(req, 200)
+
+    async def _reset_prefix_cache(self, req: HttpRequest, conn: Connection) -> None:
+        self.engine.reset_kv_cache()
+        await conn.send(req, 200)
+
+    async def _is_sleeping(self, req: HttpRequest, conn: Connection) -> None:
+        await conn.send_json(req, 200, {"is_sleeping": self.sleep_level > 0})
+
+    def _refuse_asleep(self) -> None:
+        """A generation request while asleep. vLLM does not guard it (its engine runs on
+        unmapped memory: issue #15483, a CUDA illegal-access crash; the 503 guard of PR
+        #16536 was never merged); the double fails it with 503 rather than serve."""
+        if self.sleep_level:
+            raise ApiError(
+                503,
+                f"the model is sleeping (level {self.sleep_level}): POST /wake_up first",
+                "ServiceUnavailableError",
+            )
+        if self.weights_discarded:
+            # vLLM would answer from discarded weights (garbage); the double fails instead.
+            raise ApiError(
+                500,
+                "the weights were discarded by a level-2 sleep: POST /collective_rpc "
+                '{"method": "reload_weights"} first',
+                "InternalServerError",
+            )
+
     async def _completions(self, req: HttpRequest, conn: Connection) -> None:
         await self._generate(req, conn, chat=False)
 
@@ -1591,6 +1720,7 @@ class SimServer:
         await self._generate(req, conn, chat=True)
 
     async def _generate(self, req: HttpRequest, conn: Connection, *, chat: bool) -> None:
+        self._refuse_asleep()
         # vLLM's load_aware_call counts a request from its start to its response's end.
         tracking = self.config.server_load_tracking
         self.server_load += tracking

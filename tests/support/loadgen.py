@@ -97,3 +97,57 @@ class BackgroundLoad:
         self._thread.join(timeout)
         assert self.result is not None, "the load generator did not finish"
         return self.result
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request of a ContinuousLoad: when it started, how long it took, what came back."""
+
+    at: float  # time.monotonic() when it was sent
+    seconds: float
+    status: int  # 0: no HTTP answer (connection error, timeout)
+    aborted: bool = False
+
+
+class ContinuousLoad:
+    """One-token completions to `url` from `concurrency` workers until stopped; every answer
+    kept with its start time and latency (a request that hangs shows as a long one)."""
+
+    def __init__(self, url: str, model: str, concurrency: int = 4, timeout: float = 30.0) -> None:
+        self.answers: list[Answer] = []
+        self._stop = threading.Event()
+        self._url, self._model = url, model
+        self._concurrency, self._timeout = concurrency, timeout
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        body = {"model": self._model, "prompt": "hello", "max_tokens": 2}
+        async with httpx.AsyncClient(timeout=self._timeout) as client:
+
+            async def worker() -> None:
+                while not self._stop.is_set():
+                    start = time.monotonic()
+                    try:
+                        response = await client.post(f"{self._url}/v1/completions", json=body)
+                    except httpx.HTTPError:
+                        self.answers.append(Answer(start, time.monotonic() - start, 0))
+                        continue
+                    took = time.monotonic() - start
+                    aborted = response.status_code == 200 and _aborted(response)
+                    self.answers.append(Answer(start, took, response.status_code, aborted))
+
+            await asyncio.gather(*(worker() for _ in range(self._concurrency)))
+
+    def start(self) -> ContinuousLoad:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60) -> list[Answer]:
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the load generator did not stop"
+        return list(self.answers)
+
+    def between(self, start: float, end: float) -> list[Answer]:
+        """The answers to requests sent within [start, end)."""
+        return [a for a in list(self.answers) if start <= a.at < end]

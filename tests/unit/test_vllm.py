@@ -259,3 +259,90 @@ def test_launch_passes_shutdown_timeout_sized_to_stop_timeout_from_0_18(engine: 
 def test_launch_keeps_the_operators_shutdown_timeout() -> None:
     args = _launch_args("0.33.0", extra_args=["--shutdown-timeout=3"])
     assert [a for a in args if a.startswith("--shutdown-timeout")] == ["--shutdown-timeout=3"]
+
+
+# --- sleep mode -----------------------------------------------------------------------------
+
+
+def _sleep_stack(sleep_mode: bool, engine: str = "vllm", version: str = "0.11.0") -> Any:
+    from hxp.spec import Stack
+
+    return Stack.model_validate(
+        {
+            "stack": "s",
+            "hosts": {"gpu": {"backend": "process"}},
+            "models": {
+                "chat": {
+                    "host": "gpu",
+                    "model": "org/model",
+                    "gpus": [0],
+                    "engine": engine,
+                    "sleep_mode": sleep_mode,
+                    "vllm": {"version": version, "tensor_parallel_size": 1},
+                },
+                "other": {"host": "gpu", "model": "org/other", "gpus": [1], "port": 8100},
+            },
+        }
+    )
+
+
+@pytest.mark.parametrize("engine", ["vllm", "simulator"])
+def test_sleep_mode_flag_and_dev_mode_only_for_the_model_that_opts_in(engine: str) -> None:
+    insts = {i.unit: i for i in expand_units(_sleep_stack(True, engine))}
+    chat, other = insts["chat"], insts["other"]
+    assert "--enable-sleep-mode" in chat.argv
+    assert "--enable-sleep-mode" in chat.container_args
+    assert dict(chat.env)["VLLM_SERVER_DEV_MODE"] == "1"
+    assert dict(chat.host_env)["VLLM_SERVER_DEV_MODE"] == "1"
+    assert dict(chat.container_env)["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "--enable-sleep-mode" not in other.argv
+    assert "VLLM_SERVER_DEV_MODE" not in dict(other.env)
+    off = {i.unit: i for i in expand_units(_sleep_stack(False, engine))}["chat"]
+    assert "--enable-sleep-mode" not in off.argv + off.container_args
+    assert "VLLM_SERVER_DEV_MODE" not in dict(off.env)
+
+
+def test_sleep_mode_in_docker_and_systemd_renders() -> None:
+    import yaml
+
+    stack = _sleep_stack(True)
+    (compose,) = render_stack(stack, "compose")
+    services = yaml.safe_load(compose.content)["services"]
+    assert "--enable-sleep-mode" in services["chat"]["command"]
+    assert services["chat"]["environment"]["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "--enable-sleep-mode" not in services["other"]["command"]
+    assert "VLLM_SERVER_DEV_MODE" not in (services["other"].get("environment") or {})
+    units = {f.path: f.content for f in render_stack(stack, "systemd")}
+    assert "--enable-sleep-mode" in units["hxp-s-chat.service"]
+    assert "VLLM_SERVER_DEV_MODE=1" in units["hxp-s-chat.service"]
+    assert "--enable-sleep-mode" not in units["hxp-s-other.service"]
+    assert "VLLM_SERVER_DEV_MODE" not in units["hxp-s-other.service"]
+
+
+def test_sleep_mode_needs_vllm_0_7() -> None:
+    with pytest.raises(StackValidationError) as err:
+        expand_units(_sleep_stack(True, version="0.6.6"))
+    assert "models.chat.sleep_mode" in str(err.value)
+    assert "0.7.0" in str(err.value)
+    assert "--enable-sleep-mode" in {a for i in expand_units(_sleep_stack(True, version="0.7.0"))
+                                     for a in i.argv}  # fmt: skip
+
+
+def test_sleep_mode_is_a_strict_bool_and_off_by_default() -> None:
+    assert model().sleep_mode is False
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        model(sleep_mode="perhaps")
+
+
+def test_sleep_mode_off_leaves_every_unit_hash_as_it_was() -> None:
+    from hxp.config import unit_config_hash
+
+    off, unset = _sleep_stack(False), _sleep_stack(False)
+    data = unset.model_dump(mode="json")
+    del data["models"]["chat"]["sleep_mode"]
+    from hxp.spec import Stack
+
+    assert unit_config_hash(off, "chat") == unit_config_hash(Stack.model_validate(data), "chat")
+    assert unit_config_hash(_sleep_stack(True), "chat") != unit_config_hash(off, "chat")

@@ -560,3 +560,93 @@ def test_metrics_samples_are_well_formed(client: httpx.Client) -> None:
             assert isinstance(s, Sample)
             if family.name.startswith("vllm:") and family.type == "counter":
                 assert s.name.endswith(("_total", "_created")), s.name
+
+
+# --- sleep mode ----------------------------------------------------------------------------
+
+SLEEPY = replace(FAST, enable_sleep_mode=True, dev_mode=True)
+
+
+def sleep_state(metrics: Scrape) -> dict[str, float]:
+    return {
+        state: value(metrics, "vllm:engine_sleep_state", sleep_state=state)
+        for state in ("awake", "weights_offloaded", "discard_all")
+    }
+
+
+@pytest.mark.parametrize(
+    ("level", "gauge"),
+    [("1", "weights_offloaded"), ("2", "discard_all")],
+)
+def test_sleep_refuses_completions_and_wake_up_serves_again(level: str, gauge: str) -> None:
+    """vLLM's /sleep, /is_sleeping and /wake_up; a completion while asleep fails (503), never
+    served; the sleep-state gauge follows the level."""
+    with running(SLEEPY) as (_, url), httpx.Client(base_url=url, timeout=10) as c:
+        assert c.get("/is_sleeping").json() == {"is_sleeping": False}
+        assert sleep_state(samples(c.get("/metrics").text))["awake"] == 1
+        slept = c.post(f"/sleep?level={level}")
+        assert (slept.status_code, slept.content) == (200, b"")
+        assert c.get("/is_sleeping").json() == {"is_sleeping": True}
+        states = sleep_state(samples(c.get("/metrics").text))
+        assert states == {"awake": 0, "weights_offloaded": 0, "discard_all": 0, gauge: 1}
+        refused = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert refused.status_code == 503
+        assert "sleeping" in refused.json()["error"]["message"]
+        assert c.post("/v1/chat/completions", json={"messages": []}).status_code == 503
+        assert c.get("/health").status_code == 200  # the engine is alive
+        assert c.get("/v1/models").status_code == 200  # needs no weights
+        woke = c.post("/wake_up")
+        assert (woke.status_code, woke.content) == (200, b"")
+        assert c.get("/is_sleeping").json() == {"is_sleeping": False}
+        assert sleep_state(samples(c.get("/metrics").text))["awake"] == 1
+        if level == "2":  # the weights were discarded: no answer until they are reloaded
+            broken = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+            assert broken.status_code == 500
+            assert "reload_weights" in broken.json()["error"]["message"]
+            assert c.post("/collective_rpc", json={"method": "reload_weights"}).status_code == 200
+            assert c.post("/reset_prefix_cache").status_code == 200
+        served = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert served.status_code == 200
+
+
+def test_sleep_endpoints_exist_only_in_dev_mode_and_need_the_flag() -> None:
+    with (
+        running(replace(FAST, enable_sleep_mode=True)) as (_, url),
+        httpx.Client(base_url=url) as c,
+    ):
+        for method, path in (("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping")):
+            assert c.request(method, path).status_code == 404, path
+    with running(replace(FAST, dev_mode=True)) as (_, url), httpx.Client(base_url=url) as c:
+        refused = c.post("/sleep?level=1")
+        assert refused.status_code == 400
+        assert "--enable-sleep-mode" in refused.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": "hi"}).status_code == 200
+    with running(SLEEPY) as (_, url), httpx.Client(base_url=url) as c:
+        assert c.post("/sleep?level=3").status_code == 400
+        assert c.get("/is_sleeping").json() == {"is_sleeping": False}
+
+
+def test_dev_mode_comes_from_the_environment_as_in_vllm() -> None:
+    assert parse_config(["--enable-sleep-mode"], {"VLLM_SERVER_DEV_MODE": "1"}).dev_mode
+    assert parse_config(["--enable-sleep-mode"], {}).enable_sleep_mode
+    assert not parse_config([], {}).dev_mode
+    assert not parse_config([], {"VLLM_SERVER_DEV_MODE": "0"}).dev_mode
+    assert not parse_config([], {"VLLM_SERVER_DEV_MODE": "yes"}).dev_mode
+
+
+def test_sleep_aborts_requests_in_flight_by_default() -> None:
+    config = replace(SLEEPY, latency_ms=2, tokens_per_second=5)
+
+    async def scenario(url: str) -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as c:
+            long = asyncio.create_task(
+                c.post("/v1/completions", json={"prompt": "x", "max_tokens": 50})
+            )
+            await asyncio.sleep(0.3)
+            slept = await c.post("/sleep?level=1")
+            return slept, await long
+
+    with running(config) as (_, url):
+        slept, long = asyncio.run(scenario(url))
+    assert slept.status_code == 200
+    assert long.json()["choices"][0]["finish_reason"] == "abort"
