@@ -17,9 +17,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.deploy import apply_config
 from flows.naming import stack_run_name
-from hxp.autoscale import counted_config
 from hxp.config import EffectiveConfig
-from hxp.store import Store
+from hxp.store import counted_at
 from tasks.autoscale import act, autoscaled, decide_model, read_signals
 from tasks.deploy import state_dir_of
 from tasks.stack import load_stack
@@ -50,9 +49,8 @@ def autoscale(
     logger = get_run_logger()
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     state = state_dir_of(state_dir)
-    store = Store(state)
     loaded = load_stack(files, list(overrides or []))
-    effective = counted_config(loaded, store.autoscale_counts(loaded.stack.stack))
+    effective = counted_at(state, loaded)
     stack = effective.stack
     models = autoscaled(stack)
     if not models:

@@ -17,7 +17,6 @@ from prefect.utilities.annotations import quote
 from flows.naming import run_holder, stack_run_name
 from flows.records import RecordKeeper, close_interrupted, deploy_record
 from flows.scheduling import MAX_PARALLEL_UNITS, run_ready_set
-from hxp.autoscale import counted_config
 from hxp.config import (
     ConfigSnapshot,
     Document,
@@ -31,7 +30,7 @@ from hxp.io.fleet_lock import run_lock
 from hxp.io.reach import preflight
 from hxp.plan import Action, ActionKind, Plan, StepKind, plan_stack
 from hxp.spec import Stack
-from hxp.store import Store
+from hxp.store import Store, counted_at
 from hxp.units import expand_units
 from tasks.bake import bake_units
 from tasks.deploy import (
@@ -475,7 +474,7 @@ def apply_config(
     state = state_dir_of(state_dir)
     store = Store(state)
     # An autoscaled model runs the autoscaler's count, not the stack's `replicas` (hxp.autoscale).
-    effective = counted_config(effective, store.autoscale_counts(stack.stack))
+    effective = counted_at(state, effective)
     stack = effective.stack
     holder = run_holder("deploy")
     with run_lock(state, stack.stack, holder, wait=wait_for_lock, on_wait=logger.info):

@@ -26,6 +26,7 @@ from hxp.io.fleet_lock import run_lock
 from hxp.io.monitoring import find_binaries
 from hxp.monitoring import MonitoringPaths, monitoring_stack_data
 from hxp.spec import Stack
+from hxp.store import counted_at
 from hxp.units import expand_units
 from tasks.deploy import observe_stack, remove_instance, state_dir_of
 from tasks.instances import RunContext
@@ -116,8 +117,9 @@ def down_stack(
         wait_for_lock: Wait for another run on the same stack (else fail fast).
     """
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
-    stack = load_stack(files, list(overrides or [])).stack
-    ctx = lifecycle_context(stack, state_dir_of(state_dir))
+    state = state_dir_of(state_dir)
+    stack = counted_at(state, load_stack(files, list(overrides or []))).stack
+    ctx = lifecycle_context(stack, state)
     return _take_down(ctx, drain, drain_timeout, run_holder("down"), wait_for_lock)
 
 

@@ -22,6 +22,7 @@ from flows.naming import stack_run_name
 from hxp.health import Status, SweepReport, SweepSettings, health_markdown, health_rows
 from hxp.io.sweep import load_stack_cached, record_metrics
 from hxp.io.telemetry import pushgateway_url as pushgateway_of
+from hxp.store import counted_at
 from tasks.deploy import state_dir_of
 from tasks.health import (
     check_health,
@@ -120,8 +121,8 @@ async def health_sweep(
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
     # Parsed in the flow, not in a task: the parse is cached by content, and a task run
     # costs more than the cache hit it would wrap.
-    stack = load_stack_cached(files, list(overrides or [])).stack
     state = state_dir_of(state_dir)
+    stack = counted_at(state, load_stack_cached(files, list(overrides or []))).stack
     started = time.monotonic()
     # quote(): the tasks get the values as they are, without Prefect walking through them.
     probed = await check_health(quote(stack), state, settings)

@@ -36,7 +36,7 @@ from hxp.io.lock import stack_lock as file_lock
 from hxp.lifecycle import CrashPolicy, ReloadKind, ReloadPlan, RollingPolicy, plan_reload
 from hxp.sleep import sleeping_model
 from hxp.spec import Stack
-from hxp.store import Store
+from hxp.store import Store, counted_at
 from tasks.deploy import state_dir_of, sync_gateway
 from tasks.instances import RunContext
 from tasks.lifecycle import (
@@ -58,9 +58,12 @@ from tasks.stack import load_stack
 _run_name = stack_run_name()
 
 
-def _load(stack_files: list[str] | str, overrides: list[str] | None) -> EffectiveConfig:
+def _load(
+    stack_files: list[str] | str, overrides: list[str] | None, state_dir: str | None
+) -> EffectiveConfig:
+    """The stack as it runs (autoscaled models at the autoscaler's count: counted_at)."""
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
-    return load_stack(files, list(overrides or []))
+    return counted_at(state_dir_of(state_dir), load_stack(files, list(overrides or [])))
 
 
 def _selected(stack: Stack, units: list[str] | None) -> list[str]:
@@ -160,7 +163,7 @@ def start_stack(
         state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
         wait_for_lock: Wait for another run on the same stack (else fail fast).
     """
-    stack = _load(stack_files, overrides).stack
+    stack = _load(stack_files, overrides, state_dir).stack
     state = state_dir_of(state_dir)
     ctx = lifecycle_context(stack, state)
     log = get_run_logger().info
@@ -220,7 +223,7 @@ def stop_stack(
         drain_timeout: The drain cap in seconds; default the gateway's drain_timeout.
         wait_for_lock: Wait for another run on the same stack (else fail fast).
     """
-    stack = _load(stack_files, overrides).stack
+    stack = _load(stack_files, overrides, state_dir).stack
     state = state_dir_of(state_dir)
     ctx = lifecycle_context(stack, state)
     log = get_run_logger().info
@@ -284,7 +287,7 @@ def restart_stack(
         drain_timeout: The drain cap in seconds; default the gateway's drain_timeout.
         wait_for_lock: Wait for another run on the same stack (else fail fast).
     """
-    stack = _load(stack_files, overrides).stack
+    stack = _load(stack_files, overrides, state_dir).stack
     state = state_dir_of(state_dir)
     ctx = lifecycle_context(stack, state)
     chosen = _selected(stack, units)
@@ -405,7 +408,7 @@ def sleep_model(
         drain_timeout: The drain cap in seconds; default the gateway's drain_timeout.
         wait_for_lock: Wait for another run on the same stack (else fail fast).
     """
-    stack = _load(stack_files, overrides).stack
+    stack = _load(stack_files, overrides, state_dir).stack
     sleeping_model(stack, model)
     state = state_dir_of(state_dir)
     ctx = lifecycle_context(stack, state)
@@ -434,7 +437,7 @@ def wake_model(
         state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
         wait_for_lock: Wait for another run on the same stack (else fail fast).
     """
-    stack = _load(stack_files, overrides).stack
+    stack = _load(stack_files, overrides, state_dir).stack
     sleeping_model(stack, model)
     state = state_dir_of(state_dir)
     ctx = lifecycle_context(stack, state)
@@ -471,7 +474,7 @@ def supervise_stack(
         backoff: Seconds before the second restart; doubled for each further crash.
         backoff_max: The longest wait between restarts.
     """
-    stack = _load(stack_files, overrides).stack
+    stack = _load(stack_files, overrides, state_dir).stack
     state = state_dir_of(state_dir)
     ctx = lifecycle_context(stack, state)
     policy = CrashPolicy(max_crashes, crash_window, backoff, backoff_max)
@@ -623,7 +626,7 @@ def reload_stack(
     """
     logger = get_run_logger()
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
-    effective = _load(files, overrides)
+    effective = _load(files, overrides, state_dir)
     stack = effective.stack
     state = state_dir_of(state_dir)
     store = Store(state)

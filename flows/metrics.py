@@ -18,6 +18,7 @@ from flows.naming import stack_run_name
 from hxp.io.telemetry import pushgateway_url
 from hxp.metrics import Scrape, replica_targets, summarize, wanted_families
 from hxp.spec import MetricsSpec
+from hxp.store import counted_at
 from tasks.deploy import state_dir_of
 from tasks.metrics import Scrapes, aggregate_scrapes, observe_models, push_metrics, scrape_metrics
 from tasks.stack import load_stack
@@ -48,8 +49,8 @@ def aggregate_metrics(
     started = time.monotonic()
     logger = get_run_logger()
     files = [stack_files] if isinstance(stack_files, str) else list(stack_files)
-    stack = load_stack(files, list(overrides or [])).stack
     state = state_dir_of(state_dir)
+    stack = counted_at(state, load_stack(files, list(overrides or []))).stack
     spec = stack.metrics or MetricsSpec()
     running = observe_models(stack, state) if observe else None
     targets, down = replica_targets(stack, running)

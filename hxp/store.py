@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hxp.autoscale import counted_config
 from hxp.calibration import Calibration, CalibrationKey
-from hxp.config import ConfigSnapshot
+from hxp.config import ConfigSnapshot, EffectiveConfig
 from hxp.errors import GpuAllocationError
 from hxp.gpu_alloc import Reservation
 from hxp.lifecycle import INITIAL, LifecycleRecord, State, Transition, check_transition
@@ -1002,3 +1003,15 @@ def _revision(row: sqlite3.Row) -> Revision:
         spec=json.loads(row["spec"]),
         created_at=row["created_at"],
     )
+
+
+def counted_at(state_dir: str | Path | None, effective: EffectiveConfig) -> EffectiveConfig:
+    """The configuration as it runs: each autoscaled model at the count the autoscaler chose
+    last (kept in the store of `state_dir`), not the stack's `replicas`
+    (hxp.autoscale.counted_config). Every run that acts on what runs (deploy, plan,
+    start/stop/restart, sleep/wake, down, the health sweep, metrics) takes its stack through
+    here; a stack without an autoscaled model opens no store."""
+    if all(m.autoscale is None for m in effective.stack.models.values()):
+        return effective
+    counts = Store(state_dir).autoscale_counts(effective.stack.stack)
+    return counted_config(effective, counts)

@@ -19,13 +19,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.offline:
         observed = {}
     else:
-        from hxp.autoscale import counted_config
         from hxp.backends import observe_all
-        from hxp.store import Store
+        from hxp.store import counted_at
 
         # As apply does: an autoscaled model at the autoscaler's count (hxp.autoscale).
-        counts = Store(state_dir(args)).autoscale_counts(effective.stack.stack)
-        effective = counted_config(effective, counts)
+        effective = counted_at(state_dir(args), effective)
 
         observed = observe_all(effective.stack, state_dir(args))
     plan = plan_stack(effective.stack, observed, effective.content_hash)

@@ -199,3 +199,35 @@ class NvmlWithoutDriver:
 
     def nvmlShutdown(self) -> None:  # pragma: no cover - never initialised
         pass
+
+
+def _running(state: Path, stack: str) -> list[str]:
+    observed = ProcessBackend(state).observe(stack)
+    return sorted(name for name, unit in observed.items() if unit.running)
+
+
+def test_every_run_that_acts_on_what_runs_takes_the_autoscaled_count(fleet) -> None:  # type: ignore[no-untyped-def]
+    """An autoscaled model runs the autoscaler's count, not the stack's `replicas` (1 here):
+    the health sweep keeps all of its replicas in the gateway, stop and start reach all of
+    them, and down removes all of them (each took the declared count before)."""
+    from flows.down import down_stack
+    from flows.health import run_health_sweep
+    from flows.lifecycle import start_stack, stop_stack
+
+    path, state, _url = fleet("counted")
+    Store(state).save_autoscale_state("counted", "chat", 3, None, None, time.time())
+    deploy(path, state)
+    three = _running(state, "counted")
+    assert len(three) == 3, three
+    assert len(live_ports(state, "counted", path)) == 3
+
+    run_health_sweep([str(path)], state_dir=str(state))
+    assert len(live_ports(state, "counted", path)) == 3  # the sweep routes all three
+
+    stop_stack([str(path)], state_dir=str(state), drain=False)
+    assert _running(state, "counted") == []
+    start_stack([str(path)], state_dir=str(state))
+    assert _running(state, "counted") == three
+
+    down_stack([str(path)], state_dir=str(state), drain=False)
+    assert ProcessBackend(state).observe("counted") == {}
