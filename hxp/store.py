@@ -24,6 +24,9 @@ from hxp.errors import GpuAllocationError
 from hxp.gpu_alloc import Reservation
 from hxp.lifecycle import INITIAL, LifecycleRecord, State, Transition, check_transition
 
+#: decisions kept as rows per model (their counts live on in autoscale_decision_totals)
+AUTOSCALE_DECISIONS_KEPT = 2000
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
     content_hash TEXT PRIMARY KEY,
@@ -176,6 +179,15 @@ CREATE TABLE IF NOT EXISTS autoscale_decisions (
     reason TEXT NOT NULL,
     outcome TEXT NOT NULL DEFAULT '',
     at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS autoscale_decisions_model ON autoscale_decisions (stack, model, id);
+CREATE TABLE IF NOT EXISTS autoscale_decision_totals (
+    stack TEXT NOT NULL,
+    model TEXT NOT NULL,
+    action TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    PRIMARY KEY (stack, model, action)
 );
 CREATE INDEX IF NOT EXISTS revisions_unit ON revisions (stack, unit, revision);
 CREATE INDEX IF NOT EXISTS events_stack ON events (stack, at);
@@ -923,13 +935,41 @@ class Store:
         reason: str,
         outcome: str = "",
     ) -> int:
+        """Record one decision (one per model and pass, holds included). Its count goes into
+        the totals the exporter's counters read; the rows themselves are kept for the last
+        AUTOSCALE_DECISIONS_KEPT decisions of the model (a pass every 15 s made ~5,800 rows a
+        day per model, and the exporter read them all on every scrape)."""
         with self.transaction() as db:
             cur = db.execute(
                 "INSERT INTO autoscale_decisions (stack, model, action, current, desired, value,"
                 " reason, outcome, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (stack, model, action, current, desired, value, reason, outcome, time.time()),
             )
-            return int(cur.lastrowid or 0)
+            # The first total of a key counts the rows already there (a store written before
+            # the totals existed); after that, one more each.
+            db.execute(
+                "INSERT INTO autoscale_decision_totals (stack, model, action, count, first_at)"
+                " SELECT ?, ?, ?, COUNT(*), MIN(at) FROM autoscale_decisions"
+                " WHERE stack = ? AND model = ? AND action = ?"
+                " ON CONFLICT (stack, model, action) DO UPDATE SET count = count + 1",
+                (stack, model, action, stack, model, action),
+            )
+            row_id = int(cur.lastrowid or 0)
+            db.execute(
+                "DELETE FROM autoscale_decisions WHERE stack = ? AND model = ? AND id <= ?",
+                (stack, model, row_id - AUTOSCALE_DECISIONS_KEPT),
+            )
+            return row_id
+
+    def autoscale_decision_totals(self, stack: str) -> list[dict[str, Any]]:
+        """Every decision ever recorded, counted per (model, action), with the first's time."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT model, action, count, first_at FROM autoscale_decision_totals"
+                " WHERE stack = ? ORDER BY model, action",
+                (stack,),
+            ).fetchall()
+        return [dict(r) for r in rows]
 
     def autoscale_decisions(self, stack: str, model: str | None = None) -> list[dict[str, Any]]:
         query = "SELECT * FROM autoscale_decisions WHERE stack = ?"

@@ -289,8 +289,11 @@ class StoreCollector(Collector):
         name, doc, labels = _shape(AUTOSCALE_REPLICAS)
         replicas = GaugeMetricFamily(name, doc, labels=list(labels))
         for stack in stacks:
-            for row in store.autoscale_decisions(stack):
-                _count(decisions, (stack, row["model"], row["action"]), row["at"])
+            for row in store.autoscale_decision_totals(stack):
+                decisions[(stack, row["model"], row["action"])] = [
+                    float(row["count"]),
+                    row["first_at"],
+                ]
             for model, count in sorted(store.autoscale_counts(stack).items()):
                 replicas.add_metric([stack, model], float(count))
         yield _counter(AUTOSCALE_DECISIONS, decisions)

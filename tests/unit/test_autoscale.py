@@ -339,3 +339,34 @@ def test_the_exporter_serves_decisions_and_the_chosen_count_from_the_store(tmp_p
     assert 'hxp_autoscale_replicas{model="m",stack="s"} 3.0' in text
     assert store.autoscale_counts("s") == {"m": 3}
     assert [r["reason"] for r in store.autoscale_decisions("s", "m")] == ["why"] * 3
+
+
+def test_decision_rows_are_pruned_and_the_counters_keep_counting(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from prometheus_client import generate_latest
+
+    from hxp import store as store_module
+    from hxp.io.telemetry import store_registry
+
+    store = store_module.Store(tmp_path)
+    # a store written before the totals existed: its rows count when the first total is made
+    with sqlite3.connect(tmp_path / "hxp.sqlite3") as db:
+        db.executemany(
+            "INSERT INTO autoscale_decisions (stack, model, action, current, desired, value,"
+            " reason, at) VALUES ('s', 'm', 'hold', 1, 1, 0, 'old', ?)",
+            [(100.0 + i,) for i in range(3)],
+        )
+    monkeypatch.setattr(store_module, "AUTOSCALE_DECISIONS_KEPT", 5)
+    for i in range(12):
+        store.add_autoscale_decision("s", "m", "hold", 1, 1, 0.0, f"pass {i}")
+    store.add_autoscale_decision("s", "other", "scale_up", 1, 2, 3.0, "load")
+    kept = store.autoscale_decisions("s", "m")
+    assert [r["reason"] for r in kept] == [f"pass {i}" for i in range(7, 12)]  # the last 5
+    assert [r["reason"] for r in store.autoscale_decisions("s", "other")] == ["load"]
+    text = generate_latest(store_registry(tmp_path, ["s"])).decode()
+    assert 'hxp_autoscale_decisions_total{action="hold",model="m",stack="s"} 15.0' in text
+    assert 'hxp_autoscale_decisions_total{action="scale_up",model="other",stack="s"} 1.0' in text
+    assert 'hxp_autoscale_decisions_created{action="hold",model="m",stack="s"} 100.0' in text
