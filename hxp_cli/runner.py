@@ -161,6 +161,8 @@ def delegate(state_dir: Path, argv: list[str]) -> int | None:
                 "umask": current_umask(),
                 "env": dict(os.environ),
                 "fingerprint": fingerprint(),
+                # a caller started with ^C ignored (a background job of a script) runs so
+                "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
             },
         )
     except OSError:  # not listening (yet): nothing was sent, run it here
@@ -183,11 +185,12 @@ def delegate(state_dir: Path, argv: list[str]) -> int | None:
     if "pid" not in answer:  # stale, or a command of the runner's own: it did not run
         sock.close()
         return None
-    return _wait(sock, int(answer["pid"]))
+    return _wait(sock, int(answer["pid"]), signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
 
 
-def _wait(sock: socket.socket, pid: int) -> int:
-    """Wait for the command's exit status, forwarding signals to it."""
+def _wait(sock: socket.socket, pid: int, sigint_ignored: bool) -> int:
+    """Wait for the command's exit status, forwarding signals to it (not ^C where this
+    process ignores it)."""
 
     def forward(signum: int, _frame: Any) -> None:
         try:
@@ -198,7 +201,8 @@ def _wait(sock: socket.socket, pid: int) -> int:
         except ProcessLookupError:
             pass
 
-    previous = {sig: signal.signal(sig, forward) for sig in SIGNALS}
+    forwarded = [s for s in SIGNALS if not (s == signal.SIGINT and sigint_ignored)]
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
     try:
         sock.settimeout(None)
         while True:
@@ -229,6 +233,7 @@ class Job:
     umask: int
     env: dict[str, str]
     fds: list[int]
+    sigint_ignored: bool = False
 
 
 def _preload() -> None:
@@ -348,7 +353,14 @@ def _keeper(conn: socket.socket, mine: str) -> Job | None:
             print("a caller runs other code: this runner is stale; exiting", flush=True)
             os.kill(os.getppid(), signal.SIGTERM)
             os._exit(0)
-        job = Job(request["argv"], request["cwd"], request["umask"], request["env"], fds)
+        job = Job(
+            request["argv"],
+            request["cwd"],
+            request["umask"],
+            request["env"],
+            fds,
+            bool(request.get("sigint_ignored")),
+        )
         pid = os.fork()
         if pid == 0:
             conn.close()
@@ -401,6 +413,11 @@ def run_job(job: Job, command: Callable[[list[str]], int]) -> int:
         os.dup2(fd, target)
         os.close(fd)
     sys.stdout.reconfigure(line_buffering=os.isatty(1))  # type: ignore[union-attr]
+    # ^C as the caller would have it, not as the runner was started (a runner started from a
+    # background job inherits SIGINT ignored)
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN if job.sigint_ignored else signal.default_int_handler
+    )
     os.chdir(job.cwd)
     os.umask(job.umask)
     os.environ.clear()

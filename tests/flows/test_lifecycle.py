@@ -29,6 +29,7 @@ from hxp.lifecycle import State
 from hxp.store import Store
 from tests.support.orchestrator import hxp_process
 from tests.support.stacks import free_port, free_range, sim_fleet, web_stack
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 PY = sys.executable
@@ -400,7 +401,15 @@ def test_an_orchestrator_killed_mid_drain_is_reconciled_by_the_next_run(tmp_path
             daemon=True,
         )
         long.start()
-        time.sleep(0.5)
+
+        def running() -> bool:  # the request is in the replica's batch (not merely sent)
+            page = httpx.get(f"http://127.0.0.1:{base}/metrics", timeout=5).text
+            return any(
+                line.startswith("vllm:num_requests_running") and float(line.split()[-1]) >= 1
+                for line in page.splitlines()
+            )
+
+        wait_for(running, "the long request to run at the replica", 30)
         proc = hxp("stop", "-f", str(path), state=state)
         deadline = time.monotonic() + 60
         while states(state, "orc").get("chat") is not State.DRAINING:

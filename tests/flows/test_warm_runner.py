@@ -188,7 +188,9 @@ def test_the_command_ends_with_its_caller(runner: Runner, tmp_path: Path, how: s
     folder = tmp_path / "never"
     _stack(folder, f"warm-{how.lower()}", "exec sleep 600", port)  # never ready
     before = len(runner.runs())
-    caller = _popen(runner.user, "apply", "-f", "stack.yaml", cwd=folder)
+    # ^C as at a terminal: a test run started in the background (CI) inherits it ignored
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    caller = _popen(runner.user, "apply", "-f", "stack.yaml", cwd=folder, preexec_fn=restore)
     try:
         runs = wait_for(lambda: runner.runs()[before:], "the apply to start in the runner", 60)
         command = runs[0]
