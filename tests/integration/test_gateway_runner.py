@@ -6,6 +6,9 @@ over SSH on the fleet lab). The upstream map and its lock stay on the orchestrat
 from __future__ import annotations
 
 import http.client
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,3 +103,35 @@ def test_route_changes_from_many_threads_through_the_runner_all_survive(
     text = (Path(gateway.nginx_prefix) / "nginx.conf").read_text()
     assert all(f"server {s} " in text for s in added)
     assert f"server 127.0.0.1:{BASE} " not in text
+
+
+def test_hxp_urls_names_a_remote_gateway_at_its_hosts_address(tmp_path: Path) -> None:
+    """`hxp urls` reads the gateway's address from its host (no lab needed: nothing is reached)."""
+    key = tmp_path / "key"
+    key.write_text("not used\n")
+    stack = tmp_path / "stack.yaml"
+    stack.write_text(
+        "stack: urls\n"
+        "hosts:\n"
+        f"  gw: {{backend: docker, runner: ssh, address: 198.18.0.2, ssh_key: {key}, "
+        f"known_hosts: {key}}}\n"
+        "  local: {backend: process}\n"
+        "services:\n"
+        "  web: {host: local, command: [web], ports: {http: 9000}}\n"
+        "gateway: {host: gw, bind: 0.0.0.0, routes: {web: 18090}}\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API") and k != "HXP_DIR"
+    }
+    env.update(HXP_STATE_DIR=str(tmp_path / "state"), HXP_WARM_RUNNER="0")
+    done = subprocess.run(
+        [sys.executable, "-m", "hxp_cli", "urls", "-f", str(stack)],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Gateway web: http://198.18.0.2:18090/" in " ".join(done.stdout.split()), done.stdout
