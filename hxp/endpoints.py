@@ -13,11 +13,10 @@ drains, health sweeps, the synthetic completion, Prometheus targets) goes throug
 from __future__ import annotations
 
 from collections.abc import Iterable
-from ipaddress import ip_address
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from hxp.spec import HealthSpec, HostSpec, Stack
+from hxp.spec import HealthSpec, HostSpec, Stack, is_loopback_address
 
 
 class UnitInstance(Protocol):
@@ -33,7 +32,6 @@ class UnitInstance(Protocol):
 
 
 LOOPBACK = "127.0.0.1"
-_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
 def address_of(host: HostSpec) -> str:
@@ -48,12 +46,7 @@ def host_address(stack: Stack, host: str) -> str:
 
 
 def is_loopback(address: str) -> bool:
-    if address.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ip_address(address.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_address(address)
 
 
 def netloc(address: str, port: int) -> str:

@@ -261,6 +261,16 @@ ExistingFile = Annotated[str, AfterValidator(_check_abs_path), AfterValidator(_c
 Version = Annotated[str, BeforeValidator(_check_version)]
 
 
+def is_loopback_address(address: str) -> bool:
+    """Whether `address` names this machine's loopback (`localhost`, 127.0.0.0/8, ::1)."""
+    if address.lower() in ("localhost", "[::1]"):
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -743,7 +753,24 @@ class GatewaySpec(_Model):
     drain_timeout: Duration = Field(
         default=30.0, description="how long an old replica may finish its in-flight requests"
     )
-    bind: Annotated[str, AfterValidator(_check_address)] = "127.0.0.1"
+    bind: Annotated[str, AfterValidator(_check_address)] = Field(
+        default="127.0.0.1",
+        description="the address nginx listens on; a gateway on a host reached over SSH must "
+        "listen where clients reach it (that host's address, or 0.0.0.0)",
+    )
+    directory: AbsPath | None = Field(
+        default=None,
+        description="on a gateway host reached over SSH: where nginx's config, pid, logs and "
+        "temporary files live there (default /var/lib/hxp-gateway/<stack>); a gateway on this "
+        "machine keeps them under STATE/gateway/<stack>/",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_directory(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("directory") is None:
+            data.pop("directory", None)
+        return data
 
 
 class DeploySpec(_Model):
@@ -903,8 +930,8 @@ class Stack(_Model):
         if self.gateway is not None:
             if self.gateway.host not in self.hosts:
                 problems.append(f"gateway.host: unknown host {self.gateway.host!r}")
-            elif self.hosts[self.gateway.host].backend != "process":
-                problems.append("gateway.host: the gateway runs on a local (process) host for now")
+            else:
+                problems.extend(self._gateway_host_problems())
             for routed in self.gateway.routes:
                 if routed not in self.services and routed not in self.models:
                     problems.append(f"gateway.routes.{routed}: unknown unit {routed!r}")
@@ -921,6 +948,27 @@ class Stack(_Model):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _gateway_host_problems(self) -> Iterator[str]:
+        """hxp runs nginx on this machine, on an agent host (a process host with an address:
+        its worker runs it there), or on any host it reaches over SSH; not elsewhere."""
+        assert self.gateway is not None
+        name = self.gateway.host
+        host = self.hosts[name]
+        here = host.address is None or is_loopback_address(host.address)
+        if host.runner == "ssh":
+            if is_loopback_address(self.gateway.bind) and not here:
+                yield (
+                    f"gateway.bind: {self.gateway.bind} on host {name!r} ({host.address}) is "
+                    "reachable only from that host: bind its address or 0.0.0.0"
+                )
+        elif host.runner == "docker-exec" or (host.backend != "process" and not here):
+            where = f", address {host.address}" if host.address else ""
+            yield (
+                f"gateway.host: hxp cannot run nginx on host {name!r} (backend {host.backend}, "
+                f"runner {host.runner}{where}): give the host `runner: ssh` (with its address, "
+                "ssh_user, ssh_key and known_hosts), or put the gateway on a local or agent host"
+            )
 
     def _backend_requirements(self) -> Iterator[str]:
         for name, svc in self.services.items():

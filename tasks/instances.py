@@ -32,7 +32,7 @@ from hxp.errors import (
 )
 from hxp.health import ReadinessGate
 from hxp.io import lifecycle as rec
-from hxp.io.gateway import NginxGateway
+from hxp.io.gateway import NginxGateway, stack_gateway
 from hxp.io.probes import DrainResult, probe_model_api, wait_drained, wait_ready
 from hxp.lifecycle import State
 from hxp.plan import Action, ActionKind, ObservedUnit, StepKind
@@ -104,7 +104,7 @@ class RunContext:
 
     def gateway(self) -> NginxGateway:
         assert self.stack.gateway is not None
-        return NginxGateway(self.state_dir, self.stack.stack, self.stack.gateway)
+        return stack_gateway(self.stack, self.state_dir)
 
     def event(self, kind: str, message: str, unit: str | None = None) -> None:
         """A store event of this run (tied to its deploy record, if it has one)."""

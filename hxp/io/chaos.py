@@ -108,7 +108,7 @@ def gateway_routes(stack: Stack, state_dir: str | Path) -> frozenset[str] | None
     """What the stack's gateway routes now, as `unit:port` (None: the stack has no gateway)."""
     if stack.gateway is None:
         return None
-    from hxp.io.gateway import NginxGateway
+    from hxp.io.gateway import stack_gateway
 
-    live = NginxGateway(state_dir, stack.stack, stack.gateway).live()
+    live = stack_gateway(stack, state_dir).live()
     return frozenset(f"{unit}:{port}" for unit, ports in live.items() for port in ports)

@@ -1,8 +1,14 @@
 """Run the stack's nginx gateway: write its config, check it with `nginx -t`, reload gracefully.
 
-Everything lives under STATE/gateway/<stack>/ (config, pid, logs, temp dirs). A reload starts
-new workers with the new upstreams while the old workers finish the requests they hold, so
-switching replicas loses no request.
+On this machine (a gateway host without a runner that goes elsewhere) everything lives under
+STATE/gateway/<stack>/ (config, pid, logs, temp dirs). On a host reached over SSH, nginx runs
+there, its files under `gateway.directory` on that host (default
+/var/lib/hxp-gateway/<stack>), and every step (write the config, `nginx -t`, start, the
+graceful reload and the wait for its new workers, stop) is a command through that host's
+runner; the upstream map, the lock and a copy of the config nginx runs stay here, under
+STATE/gateway/<stack>/, so route edits have one home whichever host runs nginx. A reload
+starts new workers with the new upstreams while the old workers finish the requests they hold,
+so switching replicas loses no request.
 
 Routes change only through `NginxGateway.add`, `remove` and `swap` (or `apply` for the whole
 map): each reads the upstream map, edits it and writes it back under a lock held across
@@ -25,10 +31,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from hxp.backends.runners import Runner, RunResult, runner_for
 from hxp.backends.supervisor import alive, start_ticks
 from hxp.errors import BackendError
 from hxp.gateway import Server, as_server, render_gateway, server_port
-from hxp.spec import GatewaySpec
+from hxp.spec import GatewaySpec, Stack
 
 NGINX_TIMEOUT = 30
 
@@ -66,16 +73,100 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-class NginxGateway:
-    """The gateway of one stack on this machine."""
+#: Where nginx's files live on a gateway host reached over SSH (`gateway.directory` unset).
+REMOTE_ROOT = "/var/lib/hxp-gateway"
+#: How long a reload may take to show new workers (as on this machine).
+RELOAD_WAIT = 5.0
 
-    def __init__(self, state_dir: str | Path, stack: str, spec: GatewaySpec) -> None:
+# The commands run on a remote gateway host: POSIX sh scripts taking their paths as arguments
+# ("$1"...), never as code. Each is one round trip over the host's multiplexed connection.
+_FIND_NGINX = "command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true"
+# $1 nginx, $2 prefix, $3 the new config (stdin), $4 the config nginx runs
+_INSTALL = (
+    'mkdir -p -- "$2/logs" "$2/tmp" && cat > "$3" || exit 3\n'
+    'if "$1" -t -q -p "$2/" -c "$3"; then mv -f -- "$3" "$4"; else rc=$?; rm -f -- "$3"; '
+    "exit $rc; fi"
+)
+# $1 prefix: the pid in nginx.pid and that process's command line (empty when none runs)
+_MASTER = (
+    'read -r pid < "$1/nginx.pid" 2>/dev/null || exit 0\n'
+    'case "$pid" in *[!0-9]*|"") exit 0;; esac\n'
+    'echo "$pid"; tr "\\0" " " < "/proc/$pid/cmdline" 2>/dev/null; echo'
+)
+# $1 nginx, $2 prefix, $3 config: start (nginx daemonizes) and wait for its pid file
+_START = (
+    '"$1" -p "$2/" -c "$3" || exit $?\n'
+    "i=0\n"
+    'while [ ! -s "$2/nginx.pid" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n'
+    'cat "$2/nginx.pid"'
+)
+# The children of master $m, from /proc with shell builtins only (no fork per process).
+_KIDS = (
+    'kids() { out=" "; for f in /proc/[0-9]*/stat; do '
+    'read -r l 2>/dev/null < "$f" || continue; r=${l##*") "}; set -- $r; '
+    'if [ "$2" = "$m" ]; then p=${f#/proc/}; out="$out${p%/stat} "; fi; done; }\n'
+)
+# $1 master pid, $2 tenths of seconds to wait: graceful reload, then wait for a new worker
+_RELOAD = (
+    "m=$1; n=$2\n" + _KIDS + "kids; before=$out\n"
+    'kill -HUP "$m" || exit 3\n'
+    "i=0\n"
+    'while [ $i -lt $((n * 5)) ]; do kids; for k in $out; do case "$before" in *" $k "*) ;; '
+    "*) exit 0;; esac; done; sleep 0.02; i=$((i+1)); done\n"
+    "exit 0"
+)
+# $1 master pid: graceful shutdown, SIGKILL after 10 s
+_STOP = (
+    'kill -QUIT "$1" 2>/dev/null || exit 0\n'
+    "i=0\n"
+    'while [ -e "/proc/$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done\n'
+    '[ -e "/proc/$1" ] && kill -KILL "$1" 2>/dev/null; exit 0'
+)
+# $1 prefix: what a stopped gateway leaves
+_CLEAR = 'rm -f -- "$1/nginx.pid" "$1"/nginx.conf.*.new; rm -rf -- "$1/tmp"'
+
+
+def is_master(cmdline: str, prefix: str) -> bool:
+    """Whether a process's command line (NULs as spaces) is the nginx master of `prefix`
+    (nginx names its master `nginx: master process <argv>`)."""
+    return cmdline.startswith("nginx: master process") and f" -p {prefix}/ " in f"{cmdline} "
+
+
+class NginxGateway:
+    """The gateway of one stack: on this machine, or (with `runner`) on the host that runner
+    reaches, named `host` in messages."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        stack: str,
+        spec: GatewaySpec,
+        runner: Runner | None = None,
+        *,
+        host: str | None = None,
+    ) -> None:
         self.stack = stack
         self.spec = spec
         self.prefix = Path(state_dir) / "gateway" / stack
-        self.conf = self.prefix / "nginx.conf"
+        self.conf = self.prefix / "nginx.conf"  # remote: a copy of the config nginx runs
         self.upstreams_file = self.prefix / "upstreams.json"
         self.lock_file = self.prefix / "gateway.lock"
+        self.runner = runner
+        self.host = host or spec.host
+        # nginx's own files: here, or on the remote host
+        self.nginx_prefix = (
+            str(self.prefix)
+            if runner is None
+            else (spec.directory or f"{REMOTE_ROOT}/{stack}").rstrip("/")
+        )
+        self._remote_nginx: str | None = None
+
+    @property
+    def where(self) -> str:
+        """The gateway's host in words, for messages."""
+        if self.runner is None:
+            return "this machine"
+        return f"host {self.host} ({self.runner.description})"
 
     # ------------------------------------------------------------ state
 
@@ -93,7 +184,10 @@ class NginxGateway:
         machine; `servers()` says which host each is on)."""
         return {unit: [server_port(s) for s in ss] for unit, ss in self.servers().items()}
 
-    def _pid(self) -> int | None:
+    def master_pid(self) -> int | None:
+        """The pid of the running nginx master (None when none runs)."""
+        if self.runner is not None:
+            return self._remote_pid()
         try:
             record = json.loads((self.prefix / "master.json").read_text())
         except (OSError, ValueError):
@@ -101,11 +195,37 @@ class NginxGateway:
         pid = record.get("pid")
         return pid if isinstance(pid, int) and alive(pid, record.get("ticks")) else None
 
+    def _remote_pid(self) -> int | None:
+        """The remote master's pid: the one in its pid file, if that process is the nginx
+        master of this prefix (a stale pid file, or a pid reused since, does not count)."""
+        assert self.runner is not None
+        out = self._remote(["sh", "-c", _MASTER, "sh", self.nginx_prefix]).text.split("\n", 1)
+        if len(out) < 2 or not out[0].strip().isdigit():
+            return None
+        return int(out[0]) if is_master(out[1].strip(), self.nginx_prefix) else None
+
     @property
     def running(self) -> bool:
-        return self._pid() is not None
+        return self.master_pid() is not None
 
     # ------------------------------------------------------------ actions
+
+    def _remote(self, argv: list[str], input: bytes | None = None, check: bool = True) -> RunResult:
+        """Run `argv` on the gateway's host."""
+        assert self.runner is not None
+        return self.runner.run(argv, input=input, check=check, timeout=NGINX_TIMEOUT)
+
+    def _nginx_there(self) -> str:
+        """nginx on the remote host (its path), or a BackendError naming the host."""
+        if self._remote_nginx is None:
+            found = self._remote(["sh", "-c", _FIND_NGINX]).text.strip()
+            if not found:
+                raise BackendError(
+                    f"gateway on {self.where}: nginx is not installed there "
+                    "(install Debian's nginx on that host, e.g. apt-get install nginx)"
+                )
+            self._remote_nginx = found
+        return self._remote_nginx
 
     def _nginx(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -172,6 +292,13 @@ class NginxGateway:
     def _write(self, live: Mapping[str, Sequence[Server]]) -> None:
         """Render, `nginx -t` a temporary copy of this write's own, then start or reload (the
         caller holds the lock)."""
+        if self.runner is not None:
+            self._write_there(live)
+        else:
+            self._write_here(live)
+        _write_atomically(self.upstreams_file, json.dumps({k: list(v) for k, v in live.items()}))
+
+    def _write_here(self, live: Mapping[str, Sequence[Server]]) -> None:
         for sub in ("logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
         text = render_gateway(self.stack, self.spec, live, str(self.prefix))
@@ -193,23 +320,58 @@ class NginxGateway:
             tmp.replace(self.conf)
         finally:
             tmp.unlink(missing_ok=True)
-        pid = self._pid()
+        pid = self.master_pid()
         if pid is None:
             self._start()
         elif previous != text:
             before = set(self._workers(pid))  # before the signal: new workers can be quick
             os.kill(pid, signal.SIGHUP)  # graceful reload: old workers finish their requests
             self._wait_reloaded(pid, before)
-        _write_atomically(self.upstreams_file, json.dumps({k: list(v) for k, v in live.items()}))
+
+    def _write_there(self, live: Mapping[str, Sequence[Server]]) -> None:
+        """The same on the remote host, through its runner: the config goes to a temporary
+        file there, `nginx -t` checks it, it replaces the one nginx runs, then nginx starts or
+        reloads gracefully and the new workers are waited for; the copy here follows."""
+        nginx = self._nginx_there()
+        prefix = self.nginx_prefix
+        text = render_gateway(self.stack, self.spec, live, prefix)
+        previous = self.conf.read_text() if self.conf.exists() else None
+        conf = f"{prefix}/nginx.conf"
+        tmp = f"{conf}.{os.getpid()}-{threading.get_ident()}.new"
+        check = self._remote(
+            ["sh", "-c", _INSTALL, "sh", nginx, prefix, tmp, conf],
+            input=text.encode("utf-8"),
+            check=False,
+        )
+        if check.returncode != 0:
+            raise BackendError(
+                f"gateway config rejected by nginx -t on {self.where}: "
+                f"{check.error_text or f'exit {check.returncode}'}"
+            )
+        pid = self._remote_pid()
+        if pid is None:
+            started = self._remote(["sh", "-c", _START, "sh", nginx, prefix, conf], check=False)
+            if started.returncode != 0 or not started.text.strip().isdigit():
+                raise BackendError(
+                    f"gateway did not start on {self.where}: "
+                    f"{started.error_text or 'it wrote no pid file'}"
+                )
+        elif previous != text:
+            tenths = str(int(RELOAD_WAIT * 10))
+            self._remote(["sh", "-c", _RELOAD, "sh", str(pid), tenths])
+        _write_atomically(self.conf, text)
 
     def clear(self) -> None:
         """After `stop`: remove what a stopped gateway leaves (pid file, temporary config
         files and directories, the upstream map), so the next start begins with no routes."""
         with self._locked():
-            (self.prefix / "nginx.pid").unlink(missing_ok=True)
-            for leftover in self.prefix.glob("*.new"):
-                leftover.unlink(missing_ok=True)
-            shutil.rmtree(self.prefix / "tmp", ignore_errors=True)
+            if self.runner is not None:
+                self._remote(["sh", "-c", _CLEAR, "sh", self.nginx_prefix])
+            else:
+                (self.prefix / "nginx.pid").unlink(missing_ok=True)
+                for leftover in self.prefix.glob("*.new"):
+                    leftover.unlink(missing_ok=True)
+                shutil.rmtree(self.prefix / "tmp", ignore_errors=True)
             self.upstreams_file.unlink(missing_ok=True)
 
     def _start(self) -> None:
@@ -235,7 +397,7 @@ class NginxGateway:
         old ones no longer accept connections (they finish the requests they hold, but until
         they close their listening sockets, ~0.1 s here, a new request may still reach a
         server the reload took out of the route)."""
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + RELOAD_WAIT
         while time.monotonic() < deadline:
             now = set(self._workers(pid))
             if now - before and not self._still_listening(before & now):
@@ -286,9 +448,12 @@ class NginxGateway:
         return out
 
     def stop(self) -> bool:
-        pid = self._pid()
+        pid = self.master_pid()
         if pid is None:
             return False
+        if self.runner is not None:
+            self._remote(["sh", "-c", _STOP, "sh", str(pid)])
+            return True
         os.kill(pid, signal.SIGQUIT)  # graceful shutdown
         deadline = time.monotonic() + 10
         ticks = start_ticks(pid)
@@ -298,3 +463,20 @@ class NginxGateway:
             os.kill(pid, signal.SIGKILL)
         (self.prefix / "master.json").unlink(missing_ok=True)
         return True
+
+
+def stack_gateway(stack: Stack, state_dir: str | Path) -> NginxGateway:
+    """The stack's gateway, driven where its host is: on this machine for a local host (or by
+    the agent on an agent host, for which that host is this machine), over SSH through the
+    host's runner otherwise (hxp.spec refuses a gateway host hxp cannot reach either way)."""
+    spec = stack.gateway
+    assert spec is not None, f"stack {stack.stack} has no gateway"
+    host = stack.hosts[spec.host]
+    match host.runner:
+        case "local":
+            return NginxGateway(state_dir, stack.stack, spec)
+        case "ssh":
+            runner = runner_for(host, timeout=NGINX_TIMEOUT, state_dir=state_dir)
+            return NginxGateway(state_dir, stack.stack, spec, runner, host=spec.host)
+        case "docker-exec":
+            raise BackendError(f"gateway.host {spec.host!r}: runner docker-exec cannot run nginx")

@@ -219,11 +219,15 @@ def reroute(
     cannot take the lock at once leaves them alone. Returns the decisions and notes."""
     if stack.gateway is None or not stack.gateway.routes:
         return [], []
-    from hxp.io.gateway import NginxGateway
+    from hxp.io.gateway import stack_gateway
     from hxp.io.lock import stack_lock
 
-    gateway = NginxGateway(state_dir, stack.stack, stack.gateway)
-    if not gateway.running:
+    gateway = stack_gateway(stack, state_dir)
+    try:
+        running = gateway.running  # a remote gateway: one command on its host
+    except BackendError as exc:
+        return [], [f"gateway: {exc}: upstreams left alone this sweep"]
+    if not running:
         return [], ["the gateway is not running: upstreams left alone"]
     units = {u.unit: u for u in report.units}
     store = Store(state_dir)

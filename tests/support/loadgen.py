@@ -1,6 +1,7 @@
 """A bounded load generator for tests and benchmarks: N requests at fixed concurrency.
 
-Traffic goes only to the given loopback URL; the loop stops by itself after N requests.
+Traffic goes only to the given URL (loopback, or a fleet-lab address); the loop stops by itself
+after N requests (with `until`: after N, once the event is set).
 """
 
 from __future__ import annotations
@@ -36,8 +37,15 @@ def _aborted(response: httpx.Response) -> bool:
     return any(c.get("finish_reason") == "abort" for c in choices if isinstance(c, dict))
 
 
-async def run_load(url: str, model: str, total: int, concurrency: int = 32) -> LoadResult:
-    """POST `total` one-token completions to `url` with `concurrency` in flight."""
+async def run_load(
+    url: str,
+    model: str,
+    total: int,
+    concurrency: int = 32,
+    until: threading.Event | None = None,
+) -> LoadResult:
+    """POST `total` one-token completions to `url` with `concurrency` in flight; with `until`,
+    at least `total`, and on until the event is set (load that outlasts an operation)."""
     result = LoadResult()
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
@@ -52,7 +60,8 @@ async def run_load(url: str, model: str, total: int, concurrency: int = 32) -> L
                 try:
                     queue.get_nowait()
                 except asyncio.QueueEmpty:
-                    return
+                    if until is None or until.is_set():
+                        return
                 result.sent += 1
                 try:
                     response = await client.post(f"{url}/v1/completions", json=body)
@@ -80,11 +89,18 @@ async def run_load(url: str, model: str, total: int, concurrency: int = 32) -> L
 class BackgroundLoad:
     """run_load in a thread, so a deploy can run in the foreground meanwhile."""
 
-    def __init__(self, url: str, model: str, total: int, concurrency: int = 32) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        total: int,
+        concurrency: int = 32,
+        until: threading.Event | None = None,
+    ) -> None:
         self.result: LoadResult | None = None
         self._thread = threading.Thread(
             target=lambda: setattr(
-                self, "result", asyncio.run(run_load(url, model, total, concurrency))
+                self, "result", asyncio.run(run_load(url, model, total, concurrency, until))
             ),
             daemon=True,
         )
