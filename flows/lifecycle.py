@@ -14,6 +14,7 @@ The runbooks they replace:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +53,7 @@ from tasks.lifecycle import (
     stop_unit,
     supervise_pass,
 )
-from tasks.sleep import SleepResult, sleep_unit, wake_unit
+from tasks.sleep import sleep_unit, wake_unit
 from tasks.stack import load_stack
 
 _run_name = stack_run_name()
@@ -371,7 +372,28 @@ def restart_service(
 # --------------------------------------------------------------------------- sleep and wake
 
 
-def _sleep_summary(ctx: RunContext, action: str, result: SleepResult) -> dict[str, Any]:
+def _model_action(
+    action: str,
+    stack_files: list[str] | str,
+    overrides: list[str] | None,
+    state_dir: str | None,
+    model: str,
+    wait_for_lock: bool,
+    act: Callable[[RunContext], UnitResult],
+) -> dict[str, Any]:
+    """Sleep or wake one model that opted in: under the stack lock, after reconciling."""
+    stack = _load(stack_files, overrides, state_dir).stack
+    sleeping_model(stack, model)
+    state = state_dir_of(state_dir)
+    ctx = lifecycle_context(stack, state)
+    log = get_run_logger().info
+    with stack_lock(state, stack.stack, run_holder(action), wait=wait_for_lock, on_wait=log):
+        reconcile_stack(quote(ctx))
+        result = act(ctx)
+    return _sleep_summary(ctx, action, result)
+
+
+def _sleep_summary(ctx: RunContext, action: str, result: UnitResult) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "action": action,
         "ok": result.ok,
@@ -408,15 +430,15 @@ def sleep_model(
         drain_timeout: The drain cap in seconds; default the gateway's drain_timeout.
         wait_for_lock: Wait for another run on the same stack (else fail fast).
     """
-    stack = _load(stack_files, overrides, state_dir).stack
-    sleeping_model(stack, model)
-    state = state_dir_of(state_dir)
-    ctx = lifecycle_context(stack, state)
-    log = get_run_logger().info
-    with stack_lock(state, stack.stack, run_holder("sleep"), wait=wait_for_lock, on_wait=log):
-        reconcile_stack(quote(ctx))
-        result = sleep_unit(quote(ctx), model, level, drain_timeout)
-    return _sleep_summary(ctx, "sleep", result)
+    return _model_action(
+        "sleep",
+        stack_files,
+        overrides,
+        state_dir,
+        model,
+        wait_for_lock,
+        lambda ctx: sleep_unit(quote(ctx), model, level, drain_timeout),
+    )
 
 
 @flow(name="wake-model", flow_run_name=stack_run_name("wake"))
@@ -437,15 +459,15 @@ def wake_model(
         state_dir: Where hxp keeps its store and process state; default $HXP_STATE_DIR.
         wait_for_lock: Wait for another run on the same stack (else fail fast).
     """
-    stack = _load(stack_files, overrides, state_dir).stack
-    sleeping_model(stack, model)
-    state = state_dir_of(state_dir)
-    ctx = lifecycle_context(stack, state)
-    log = get_run_logger().info
-    with stack_lock(state, stack.stack, run_holder("wake"), wait=wait_for_lock, on_wait=log):
-        reconcile_stack(quote(ctx))
-        result = wake_unit(quote(ctx), model)
-    return _sleep_summary(ctx, "wake", result)
+    return _model_action(
+        "wake",
+        stack_files,
+        overrides,
+        state_dir,
+        model,
+        wait_for_lock,
+        lambda ctx: wake_unit(quote(ctx), model),
+    )
 
 
 # --------------------------------------------------------------------------- supervise

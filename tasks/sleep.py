@@ -11,7 +11,6 @@ recorded `running` and put back behind the gateway. A replica that fails its wak
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -36,18 +35,16 @@ from tasks.instances import (
     route_remove,
     state_of,
 )
-from tasks.lifecycle import unit_instances
+from tasks.lifecycle import UnitResult, unit_instances
 
 
-@dataclass
-class SleepResult:
-    """What a sleep or wake did to each replica of one model."""
-
-    unit: str
-    ok: bool = True
-    done: dict[str, str] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
+def _finished(result: UnitResult, started: float, what: str) -> UnitResult:
+    """Close a sleep's or wake's result; a model with no replica to act on is an error."""
+    result.ok = not result.failed
+    result.seconds = time.monotonic() - started
+    if not result.done and not result.failed:
+        raise LifecycleError(f"{result.unit}: no running replica to {what}")
+    return result
 
 
 def _replicas(ctx: RunContext, unit: str) -> list[UnitInstance]:
@@ -92,14 +89,14 @@ def _release(ctx: RunContext, inst: UnitInstance, level: SleepLevel) -> SleepRel
 @task(name="sleep-model", task_run_name="sleep-{unit}", cache_policy=NO_CACHE)
 def sleep_unit(
     ctx: RunContext, unit: str, level: int = 1, drain_timeout: float | None = None
-) -> SleepResult:
+) -> UnitResult:
     """Every running replica of `unit` out of the gateway, drained, then asleep at `level`."""
     started = time.monotonic()
     sleeping_model(ctx.stack, unit)
     chosen = SleepLevel(level)
     store = ctx.store()
     stack = ctx.stack.stack
-    result = SleepResult(unit)
+    result = UnitResult(unit)
     awake: list[UnitInstance] = []
     for inst in _replicas(ctx, unit):
         current = state_of(store, stack, inst.name)
@@ -138,21 +135,17 @@ def sleep_unit(
         rec.record(store, stack, unit, inst.name, State.SLEEPING, why)
         ctx.event("sleep", f"{inst.name}: asleep, {release.explain()}", unit)
         result.done[inst.name] = f"asleep ({drained[inst.name]}); {release.explain()}"
-    result.ok = not result.failed
-    result.seconds = time.monotonic() - started
-    if not result.done and not result.failed:
-        raise LifecycleError(f"{unit}: no running replica to put to sleep")
-    return result
+    return _finished(result, started, "put to sleep")
 
 
 @task(name="wake-model", task_run_name="wake-{unit}", cache_policy=NO_CACHE)
-def wake_unit(ctx: RunContext, unit: str) -> SleepResult:
+def wake_unit(ctx: RunContext, unit: str) -> UnitResult:
     """Every sleeping replica of `unit` awake, a completion served, then behind the gateway."""
     started = time.monotonic()
     spec = sleeping_model(ctx.stack, unit)
     store = ctx.store()
     stack = ctx.stack.stack
-    result = SleepResult(unit)
+    result = UnitResult(unit)
     health = spec.health
     tries = health.retries if health is not None else 3
     pause = health.interval if health is not None else 2.0
@@ -182,11 +175,7 @@ def wake_unit(ctx: RunContext, unit: str) -> SleepResult:
         route_add(ctx, unit, inst)  # only now: a completion succeeded
         ctx.event("wake", f"{inst.name}: awake ({served}), back behind the gateway", unit)
         result.done[inst.name] = f"awake ({served}), back behind the gateway"
-    result.ok = not result.failed
-    result.seconds = time.monotonic() - started
-    if not result.done and not result.failed:
-        raise LifecycleError(f"{unit}: no running replica to wake")
-    return result
+    return _finished(result, started, "wake")
 
 
-__all__ = ["SleepResult", "sleep_unit", "wake_unit"]
+__all__ = ["sleep_unit", "wake_unit"]
