@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -1218,8 +1219,30 @@ def health_rows(report: SweepReport) -> list[dict[str, str]]:
     return rows
 
 
-def health_markdown(report: SweepReport) -> str:
-    """A short summary for the Prefect UI: the verdict, what changed, what was done."""
+def table_fingerprint(rows: Sequence[Mapping[str, str]]) -> int:
+    """What a health table says, latencies aside: a table with the same fingerprint as the
+    last one published tells nothing new (hxp.health.table_due)."""
+    return hash(
+        tuple((r["unit"], r["instance"], r["status"], r["layers"], r["reason"]) for r in rows)
+    )
+
+
+TABLE_EVERY = 300.0  # seconds: an unchanged table is published again this often
+
+
+def table_due(
+    fingerprint: int, last: tuple[int, float] | None, now: float, every: float = TABLE_EVERY
+) -> bool:
+    """Publish the sweep's table artifact? When it says something the last one published did
+    not (`last`: its fingerprint and time), or the last is `every` seconds old (its
+    latencies then refresh). A sweep of 1,000 healthy units that changed nothing saves the
+    rows and the request."""
+    return last is None or last[0] != fingerprint or now - last[1] >= every
+
+
+def health_markdown(report: SweepReport, table_since: float | None = None) -> str:
+    """A short summary for the Prefect UI: the verdict, what changed, what was done.
+    `table_since`: the time of the table artifact when this sweep did not publish one."""
     counts: dict[str, int] = {}
     for u in report.units:
         counts[u.status.value] = counts.get(u.status.value, 0) + 1
@@ -1261,4 +1284,7 @@ def health_markdown(report: SweepReport) -> str:
                 lines.append(f"- **ALERT** `{r.unit}`: {r.alert}")
     if report.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
+    if table_since is not None:
+        when = time.strftime("%H:%M:%S UTC", time.gmtime(table_since))
+        lines += ["", f"The table artifact is unchanged since {when} (latencies as then)."]
     return "\n".join(lines) + "\n"

@@ -205,10 +205,34 @@ def ensure_api(state_dir: Path) -> PrefectApi:
             started = running
     url: str = running["url"]
     os.environ["PREFECT_API_URL"] = url
+    if url.startswith("http://") and not os.environ.get("PREFECT_API_SSL_CERT_FILE"):
+        os.environ["PREFECT_API_SSL_CERT_FILE"] = str(plain_http_ca_file(state_dir))
     refresh_global_settings_context()
     if get_current_settings().api.url != url:  # a settings context of the caller's wins
         raise HxpError(f"could not point Prefect at the local server {url}")
     return PrefectApi(url, "local server", started)
+
+
+def plain_http_ca_file(state_dir: Path) -> Path:
+    """A CA file of one certificate, for Prefect clients of the local plain-HTTP server.
+
+    Every Prefect client (two or three per flow run) builds a TLS context from its CA file
+    whatever the API's scheme: the whole certifi bundle costs ~20 ms each time here, one
+    certificate well under 1 ms. No TLS is spoken to that server, so nothing is verified
+    against it; a user's own PREFECT_API_SSL_CERT_FILE, or API, is left alone."""
+    path = state_dir / "prefect" / "plain-http-ca.pem"
+    if not path.exists():
+        import certifi
+
+        bundle = Path(certifi.where()).read_text()
+        end = "-----END CERTIFICATE-----"
+        begin = bundle.index("-----BEGIN CERTIFICATE-----")
+        one = bundle[begin : bundle.index(end, begin) + len(end)] + "\n"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(one)
+        tmp.replace(path)
+    return path
 
 
 def ui_url(state_dir: Path) -> str | None:

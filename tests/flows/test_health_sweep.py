@@ -50,17 +50,22 @@ def read_events(prefix: str, resource_prefix: str) -> list[Any]:
     return sorted(page.events, key=lambda e: e.occurred)
 
 
-def read_artifact(key: str) -> Any:
+def read_artifacts(key: str, limit: int = 1) -> list[Any]:
+    """The artifacts (versions) of a key, newest first."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
+        return client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
             sort=ArtifactSort.CREATED_DESC,
-            limit=1,
+            limit=limit,
         )
+
+
+def read_artifact(key: str) -> Any:
+    found = read_artifacts(key)
     return found[0] if found else None
 
 
@@ -151,6 +156,14 @@ def test_sweep_flow_reports_changes_once_and_pushes_gauges(
         assert summary is not None
         assert "Health of stack `hf`: **healthy**" in summary.data
         assert "`db`: unhealthy → **healthy** (`hxp.health.recovered`)" in summary.data
+
+        # Nothing changed: a new summary, but no new table (the last one still says it all)
+        tables = len(read_artifacts("health-hf", limit=50))
+        summaries = len(read_artifacts("health-summary-hf", limit=50))
+        sweep(path, state, flap_threshold=1)
+        assert len(read_artifacts("health-summary-hf", limit=50)) == summaries + 1
+        assert len(read_artifacts("health-hf", limit=50)) == tables
+        assert "The table artifact is unchanged since" in read_artifact("health-summary-hf").data
     finally:
         remove_all(backend, "hf")
 

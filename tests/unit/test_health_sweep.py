@@ -46,6 +46,8 @@ from hxp.health import (
     synthetic_result,
     synthetic_skip,
     synthetic_unanswered,
+    table_due,
+    table_fingerprint,
     transitions,
 )
 from hxp.io.probes import parse_header_line, parse_status_line
@@ -779,6 +781,27 @@ def test_evaluate_sweep_end_to_end() -> None:
     text = health_markdown(report)
     assert "**unhealthy**" in text
     assert "`db` **unhealthy**" in text
+
+
+def test_table_is_published_when_it_says_something_new() -> None:
+    stack = _stack()
+    seen = _running("db", "api", "bare", "chat-0", "chat-1")
+    checks = plan_checks(stack, seen)
+    healthy = [_result("db", Layer.TCP, H), _result("api", Layer.HTTP, H)]
+    rows = health_rows(evaluate_sweep(stack, checks, healthy, seen, {}, {}, S, 5.0))
+    slower = [dict(r, latency_ms="999") for r in rows]
+    assert table_fingerprint(slower) == table_fingerprint(rows)  # latencies alone: same
+    down = [_result("db", Layer.TCP, U), _result("api", Layer.HTTP, H)]
+    changed = health_rows(evaluate_sweep(stack, checks, down, seen, {}, {}, S, 5.0))
+    assert table_fingerprint(changed) != table_fingerprint(rows)
+    fp = table_fingerprint(rows)
+    assert table_due(fp, None, 100.0)  # nothing published yet
+    assert not table_due(fp, (fp, 100.0), 160.0)
+    assert table_due(table_fingerprint(changed), (fp, 100.0), 101.0)
+    assert table_due(fp, (fp, 100.0), 100.0 + 300.0)  # refreshed every 5 minutes
+    report = evaluate_sweep(stack, checks, healthy, seen, {}, {}, S, 5.0)
+    assert "unchanged since 00:01:40 UTC" in health_markdown(report, table_since=100.0)
+    assert "unchanged since" not in health_markdown(report)
 
 
 def test_evaluate_sweep_damps_against_the_previous_sweep() -> None:
