@@ -5,6 +5,7 @@ version back and the run ends failed with a summary naming the unit, the check a
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -23,7 +24,8 @@ from hxp.config import (
     EffectiveConfig,
     build_config,
 )
-from hxp.errors import DeployError, FailureClass, InputError
+from hxp.endpoints import worker_absence
+from hxp.errors import DeployError, FailureClass, HostUnreachableError, InputError
 from hxp.graph import DependencyGraph
 from hxp.io.calibration import annotate_plan
 from hxp.io.fleet_lock import run_lock
@@ -362,6 +364,31 @@ def dispatch_host(deployment: str, label: str, parameters: dict[str, Any]) -> di
     return {"flow_run": run.name, "units": parameters.get("units") or []}
 
 
+#: Seconds a dispatched deploy waits for a worker of each host's pool to be online.
+WORKER_WAIT = 15.0
+
+
+def pool_workers(pool: str) -> list[tuple[str, str, float | None, float | None]]:
+    """The workers of a work pool as hxp.endpoints.worker_absence reads them."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            workers = client.read_workers_for_work_pool(pool)
+        except ObjectNotFound:
+            return []
+    return [
+        (
+            w.name,
+            str(getattr(w.status, "value", w.status)),
+            w.last_heartbeat_time.timestamp() if w.last_heartbeat_time else None,
+            float(w.heartbeat_interval_seconds) if w.heartbeat_interval_seconds else None,
+        )
+        for w in workers
+    ]
+
+
 def _dispatch(
     stack: Stack,
     files: list[str],
@@ -377,11 +404,6 @@ def _dispatch(
     """
     logger = get_run_logger()
     wanted = set(units) if units else set(stack.units())
-    # Every host of every part answers before any part starts: a dead host fails the deploy
-    # here, before anything changed on the others (hxp.io.reach).
-    checked = preflight(stack, sorted(wanted))
-    if checked:
-        logger.info("hosts answer: %s", ", ".join(checked))
     pools: dict[str, str] = {}
     for unit in sorted(wanted):
         host = stack.unit(unit).host
@@ -391,6 +413,21 @@ def _dispatch(
                 f"hosts.{host}.work_pool: required to dispatch unit {unit!r} (dispatch: true)"
             )
         pools[host] = pool
+    # Every host of every part answers before any part starts: a dead host fails the deploy
+    # here, before anything changed on the others. The hosts whose part goes to a worker are
+    # reached through it (a worker is online for each pool); others, such as a gateway host
+    # the parts drive over SSH, by a connect to their sshd (hxp.io.reach).
+    checked = preflight(stack, sorted(wanted), skip=pools)
+    for host, pool in sorted(pools.items()):
+        deadline = time.monotonic() + WORKER_WAIT  # a worker started a moment ago
+        while (why := worker_absence(pool, pool_workers(pool), time.time())) is not None:
+            if time.monotonic() >= deadline:
+                raise HostUnreachableError(host, stack.hosts[host].address or "agent", why)
+            logger.info("host %s: %s; waiting up to %.0fs", host, why, WORKER_WAIT)
+            time.sleep(1.0)
+    checked = sorted({*checked, *pools})
+    if checked:
+        logger.info("hosts answer: %s", ", ".join(checked))
     names = {pool: _host_deployment(pool) for pool in sorted(set(pools.values()))}
     scheduler = DependencyGraph(stack.dependencies()).scheduler(wanted)
     parts: list[dict[str, Any]] = []

@@ -132,3 +132,32 @@ def hosts_touched(stack: Stack, units: Iterable[str] | None = None) -> list[str]
     if gateway is not None and any(u in gateway.routes for u in wanted):
         hosts.add(gateway.host)
     return sorted(hosts)
+
+
+#: A worker is taken as gone when it missed this many heartbeats in a row (Prefect's own rule
+#: for marking a worker offline).
+WORKER_MISSED_HEARTBEATS = 3
+DEFAULT_WORKER_HEARTBEAT = 30.0
+
+
+def worker_absence(
+    pool: str, workers: Iterable[tuple[str, str, float | None, float | None]], now: float
+) -> str | None:
+    """Why an agent host's work pool has no worker to run its part of a deploy, or None when
+    one is online. `workers`: (name, Prefect status, last heartbeat as epoch seconds, its
+    heartbeat interval) of each worker of the pool. An agent host is reached through its
+    worker, not its sshd: a deploy whose host part nobody picks up would wait for ever."""
+    seen = list(workers)
+    latest: float | None = None
+    for _name, status, beat, interval in seen:
+        if beat is None:
+            continue
+        latest = beat if latest is None else max(latest, beat)
+        limit = WORKER_MISSED_HEARTBEATS * (interval or DEFAULT_WORKER_HEARTBEAT)
+        if status.upper() == "ONLINE" and now - beat <= limit:
+            return None
+    if not seen:
+        return f"no worker has ever polled work pool {pool}"
+    if latest is None:
+        return f"no worker of work pool {pool} is online"
+    return f"no worker of work pool {pool} is online (last heartbeat {now - latest:.0f}s ago)"

@@ -83,12 +83,16 @@ def reach_hosts(
 
 
 def preflight(
-    stack: Stack, units: Iterable[str] | None = None, timeout: float = REACH_TIMEOUT
+    stack: Stack,
+    units: Iterable[str] | None = None,
+    timeout: float = REACH_TIMEOUT,
+    skip: Iterable[str] = (),
 ) -> list[str]:
     """Before a deploy changes anything: every host it must reach (hxp.endpoints.hosts_touched)
-    answers, or HostUnreachableError names the first one that does not (by name). Returns the
-    hosts checked."""
-    touched = hosts_touched(stack, units)
+    answers, or HostUnreachableError names the first one that does not (by name). Hosts in
+    `skip` are reached otherwise (an agent host: through its worker). Returns the hosts
+    checked."""
+    touched = [h for h in hosts_touched(stack, units) if h not in set(skip)]
     answers = reach_hosts(stack, touched, timeout)
     for name in sorted(answers):
         r = answers[name]

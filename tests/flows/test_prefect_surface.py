@@ -285,6 +285,52 @@ def test_two_hosts_each_deployed_by_its_own_worker(prefect_server: str, tmp_path
             _remove_all(state, "pair")
 
 
+def test_a_host_whose_worker_is_gone_fails_the_dispatch_before_anything_changes(
+    prefect_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host b's pool has no worker: the deploy names b and its pool, and host a (whose worker
+    runs) deployed nothing; without the check the run waited for ever for b's part."""
+    import sys
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    import flows.deploy
+    from flows.deploy import deploy_stack, pool_workers
+    from hxp.endpoints import worker_absence
+    from hxp.errors import HostUnreachableError
+
+    monkeypatch.setattr(flows.deploy, "WORKER_WAIT", 3.0)
+    ports = {"db": free_port(), "api": free_port()}
+    path = tmp_path / "pair.yaml"
+    path.write_text(TWO_HOSTS.format(py=sys.executable, **ports))
+    state_a = tmp_path / "state-a"
+    with get_client(sync_client=True) as client:
+        for h in "ab":
+            client.create_work_pool(
+                WorkPoolCreate(name=f"hxp-host-{h}", type="process"), overwrite=True
+            )
+    worker = start_worker(prefect_server, "hxp-host-a", state_a, tmp_path / "worker-a.log")
+    try:
+        wait_for(
+            "worker a online",
+            lambda: worker_absence("hxp-host-a", pool_workers("hxp-host-a"), time.time()) is None,
+            180,
+            tmp_path / "worker-a.log",
+        )
+        started = time.monotonic()
+        with pytest.raises(HostUnreachableError) as failed:
+            deploy_stack([str(path)], dispatch=True)
+        assert time.monotonic() - started < 90  # not the endless wait of before
+    finally:
+        stop_worker(worker)
+    assert failed.value.host == "b"
+    assert "hxp-host-b" in str(failed.value)
+    assert "host b (agent) unreachable: no worker" in str(failed.value)
+    assert ProcessBackend(state_a).observe("pair") == {}
+    assert Store(state_a).deploys("pair") == []
+
+
 def test_reconcile_flow_closes_a_deploy_whose_process_died(
     prefect_server: str, tmp_path: Path
 ) -> None:

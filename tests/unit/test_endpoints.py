@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 
-from hxp.endpoints import base_url, endpoint, netloc, reach_health, reach_url, server
+from hxp.endpoints import (
+    base_url,
+    endpoint,
+    netloc,
+    reach_health,
+    reach_url,
+    server,
+    worker_absence,
+)
 from hxp.gateway import render_gateway
 from hxp.health import (
     HttpProbe,
@@ -180,3 +188,23 @@ def test_only_hxp_endpoints_decides_that_a_host_is_loopback(path: str) -> None:
     text = (ROOT / path).read_text()
     assert "127.0.0.1" not in text, path
     assert '"localhost"' not in text, path
+
+
+@pytest.mark.parametrize(
+    ("workers", "why"),
+    [
+        ([("w1", "ONLINE", 990.0, 30.0)], None),
+        ([("w1", "OFFLINE", 995.0, 30.0), ("w2", "ONLINE", 950.0, 30.0)], None),
+        (
+            [("w1", "ONLINE", 900.0, 30.0)],
+            "no worker of work pool p is online (last heartbeat 100s",
+        ),
+        ([("w1", "ONLINE", 900.0, 60.0)], None),  # its own interval: 3 x 60 s
+        ([("w1", "OFFLINE", 999.0, 30.0)], "no worker of work pool p is online (last heartbeat 1s"),
+        ([("w1", "ONLINE", None, None)], "no worker of work pool p is online"),
+        ([], "no worker has ever polled work pool p"),
+    ],
+)
+def test_worker_absence(workers: list[Any], why: str | None) -> None:
+    got = worker_absence("p", workers, 1000.0)
+    assert got == why if why is None else got is not None and got.startswith(why)
