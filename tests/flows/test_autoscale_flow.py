@@ -231,3 +231,46 @@ def test_every_run_that_acts_on_what_runs_takes_the_autoscaled_count(fleet) -> N
 
     down_stack([str(path)], state_dir=str(state), drain=False)
     assert ProcessBackend(state).observe("counted") == {}
+
+
+def test_a_sleeping_model_is_held_and_a_wake_resumes_from_its_count(fleet) -> None:  # type: ignore[no-untyped-def]
+    """Asleep, the model gets no traffic, so its metrics look idle: the autoscaler must not
+    scale it in (nor start awake replicas of it); each pass says `sleeping`, one event says
+    the hold began, the decisions counter counts it. A wake resumes from the count it had."""
+    from flows.lifecycle import sleep_model, wake_model
+    from hxp.io.telemetry import AUTOSCALE_DECISIONS
+    from hxp.lifecycle import State
+
+    path, state, _url = fleet("asz", sleep_mode=True)
+    Store(state).save_autoscale_state("asz", "chat", 2, None, None, time.time() - 60)
+    deploy(path, state)
+    assert len(_running(state, "asz")) == 2
+    assert sleep_model(str(path), "chat", state_dir=str(state))["ok"]
+    counted = AUTOSCALE_DECISIONS.labels("asz", "chat", "sleeping")
+    before = counted._value.get()
+    scaler = Autoscaler(path, state, "asz", INTERVAL)
+    held_from = time.monotonic()
+    while time.monotonic() - held_from < SCALE_DOWN_AFTER + 2 * INTERVAL:
+        scaler.once()
+        time.sleep(INTERVAL)
+    decisions = [d for _, ds in scaler.passes for d in ds]
+    assert len(decisions) >= 4
+    assert {d["action"] for d in decisions} == {"sleeping"}, decisions
+    assert all((d["current"], d["desired"]) == (2, 2) for d in decisions)
+    assert all(d["reason"].startswith("sleeping:") for d in decisions)
+    assert "hxp wake chat" in decisions[0]["reason"]
+    assert counted._value.get() - before == len(decisions)
+    store = Store(state)
+    assert store.autoscale_counts("asz") == {"chat": 2}
+    assert len(_running(state, "asz")) == 2
+    rows = store.lifecycle("asz")
+    assert [rows[n].state for n in sorted(rows)] == [State.SLEEPING, State.SLEEPING]
+    events = [e for e in store.events("asz") if e["kind"] == "autoscale-sleeping"]
+    assert len(events) == 1, events  # when the hold began, not one per pass
+    assert {r["action"] for r in store.autoscale_decisions("asz", "chat")} == {"sleeping"}
+
+    # Awake again: autoscaling resumes from 2, its timers started afresh (no scale-in yet).
+    assert wake_model(str(path), "chat", state_dir=str(state))["ok"]
+    resumed = scaler.once()
+    assert [(d["action"], d["current"]) for d in resumed] == [("hold", 2)], resumed
+    assert len(live_ports(state, "asz", path)) == 2
