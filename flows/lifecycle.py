@@ -35,7 +35,7 @@ from hxp.io import lifecycle as rec
 from hxp.io.fleet_lock import run_lock as stack_lock  # this machine, and across with a server
 from hxp.io.lock import stack_lock as file_lock
 from hxp.lifecycle import CrashPolicy, ReloadKind, ReloadPlan, RollingPolicy, plan_reload
-from hxp.sleep import sleeping_model
+from hxp.sleep import refuse_asleep, sleeping_model
 from hxp.spec import Stack
 from hxp.store import Store, counted_at
 from tasks.deploy import state_dir_of, sync_gateway
@@ -295,6 +295,8 @@ def restart_stack(
     log = get_run_logger().info
     with stack_lock(state, stack.stack, run_holder("restart"), wait=wait_for_lock, on_wait=log):
         reconciled = reconcile_stack(quote(ctx))
+        asleep = ctx.store().asleep(stack.stack)
+        refuse_asleep("rolling restart" if rolling else "restart", chosen, asleep)
         if rolling:
             policy = RollingPolicy(max(1, max_unavailable), max(0, max_fail), surge)
             summary = _roll(ctx, chosen, policy, drain_timeout)

@@ -31,7 +31,6 @@ from hxp.io import lifecycle as rec
 from hxp.io.gpus import discover_gpus
 from hxp.io.lock import stack_lock
 from hxp.io.telemetry import AUTOSCALE_DECISIONS, AUTOSCALE_REPLICAS
-from hxp.lifecycle import State
 from hxp.metrics import ModelFigures, Scrape, Target, replica_targets, wanted_families
 from hxp.spec import MetricsSpec, Stack
 from hxp.store import Store
@@ -169,8 +168,7 @@ def decide_model(stack: Stack, state_dir: str, model: str, sample: Sample, now: 
 
 def asleep_replicas(store: Store, stack: str, model: str) -> int:
     """How many of the model's replicas `hxp sleep` holds (the lifecycle says `sleeping`)."""
-    rows = store.lifecycle(stack).values()
-    return sum(1 for r in rows if r.unit == model and r.state is State.SLEEPING)
+    return sum(1 for unit in store.asleep(stack).values() if unit == model)
 
 
 #: The deploy engine as the flow hands it in: (effective config, units, state dir) -> summary.
