@@ -274,3 +274,47 @@ def test_a_sleeping_model_is_held_and_a_wake_resumes_from_its_count(fleet) -> No
     resumed = scaler.once()
     assert [(d["action"], d["current"]) for d in resumed] == [("hold", 2)], resumed
     assert len(live_ports(state, "asz", path)) == 2
+
+
+@pytest.mark.parametrize(
+    ("stack", "target", "args", "signal"),
+    [
+        # 64 KV tokens: the 4 slots' requests (16 tokens each, one prefix block) fill it.
+        ("askv", "kv_cache_usage", ("--kv-cache-tokens", "64"), "mean KV-cache use"),
+        # 250 ms prefill; 4 x the slots in flight wait about 3 services: TTFT p95 near 1 s.
+        ("astt", "ttft_p95", (), "TTFT p95"),
+    ],
+    ids=["kv", "ttft"],
+)
+def test_kv_and_ttft_targets_scale_out_under_load_and_back_in_when_idle(  # type: ignore[no-untyped-def]
+    fleet, stack: str, target: str, args: tuple[str, ...], signal: str
+) -> None:
+    import threading
+
+    path, state, url = fleet(stack, target=target, threshold=0.5, simulator_args=args)
+    deploy(path, state)
+    scaler = Autoscaler(path, state, stack, INTERVAL).start()
+    done = threading.Event()
+    load = BackgroundLoad(url, "chat", 200, concurrency=LOAD, until=done).start()
+    more = wait_for(lambda: len(live_ports(state, stack, path)) >= 2, timeout=120)
+    # The pass that scaled up returns once its deploy is committed, just after the routes.
+    wait_for(lambda: bool(scaler.actions("scale_up")), timeout=60)
+    done.set()
+    loaded = load.join()
+    assert more is not None, (scaler.passes[-3:], scaler.errors)
+    assert loaded.failed == 0, loaded.errors
+    ups = scaler.actions("scale_up")
+    assert ups, scaler.passes[-3:]
+    assert ups[0]["reason"].startswith(f"{signal} "), ups[0]
+    assert ups[0]["value"] > 0.5
+    assert ups[0]["current"] == 1
+
+    # Idle: back to min_replicas, one drained replica at a time.
+    back = wait_for(lambda: len(live_ports(state, stack, path)) == 1, timeout=120)
+    scaler.stop()
+    assert back is not None, (scaler.passes[-3:], scaler.errors)
+    assert scaler.errors == []
+    downs = scaler.actions("scale_down")
+    assert downs
+    assert all(signal in d["reason"] and "stopped (drained" in d["outcome"] for d in downs), downs
+    assert Store(state).autoscale_counts(stack) == {"chat": 1}
