@@ -318,3 +318,29 @@ def test_restart_apply_and_a_crash_of_a_sleeping_model(two_models, capsys) -> No
     with httpx.Client(timeout=5) as c:
         answer = c.post(f"{chat_url}/v1/completions", json={"model": "chat", "prompt": "x"})
     assert answer.status_code == 200
+
+
+def test_an_apply_that_changes_a_sleeping_model_starts_it_awake_and_says_so(two_models) -> None:  # type: ignore[no-untyped-def]
+    from flows.deploy import deploy_stack
+    from flows.lifecycle import sleep_model
+
+    path, state, chat_url, _ = two_models
+    deploy(path, state)
+    assert sleep_model(str(path), "chat", state_dir=str(state))["ok"]
+    text = path.read_text()
+    changed = text.replace("      interval: 500ms", "      interval: 400ms", 1)
+    assert changed != text
+    path.write_text(changed)
+    result = deploy_stack([str(path)], state_dir=str(state))
+    assert result["changed"] is True
+    warnings = result["plan"].get("warnings", [])
+    assert any(w.startswith("chat is asleep and its spec changed") for w in warnings), warnings
+    assert "chat" in result["units"]
+    store = Store(state)
+    assert store.asleep(STACK) == {}
+    assert store.sleeping(STACK) == {}
+    assert {r.state for r in store.lifecycle(STACK).values()} == {State.RUNNING}
+    assert len(routes(path, state)["chat"]) == 1
+    with httpx.Client(timeout=5) as c:
+        answer = c.post(f"{chat_url}/v1/completions", json={"model": "chat", "prompt": "x"})
+    assert answer.status_code == 200
