@@ -273,7 +273,8 @@ def restart_stack(
     drain_timeout: float | None = None,
     wait_for_lock: bool = True,
 ) -> dict[str, Any]:
-    """Restart a stack or some units: stop then start, or `rolling` replica by replica.
+    """Restart a stack or some units: stop then start, or `rolling` replica by replica. A
+    model asleep among them is refused (SleepModeError, exit 2): `hxp wake` it first.
 
     Args:
         stack_files: Stack file(s) in merge order; a later file wins.
