@@ -666,6 +666,9 @@ def reload_stack(
         plan = plan_reload(snapshot.restore(), stack)
         for line in plan.summary().splitlines():
             logger.info(line)
+        rolls = [c.unit for c in plan.units if c.kind is ReloadKind.ROLL]
+        otherwise = "`hxp apply` (its new revision starts awake)"
+        refuse_asleep("reload", rolls, store.asleep(stack.stack), otherwise)
         create_markdown_artifact(
             key=f"reload-plan-{stack.stack}",
             markdown=f"```\n{plan.summary()}\n```",

@@ -126,7 +126,12 @@ def sleep_release(
     return SleepRelease(level, gpus, weights, max(0, budget - weights), "upper bound")
 
 
-def refuse_asleep(action: str, units: Collection[str], asleep: Mapping[str, str]) -> None:
+def refuse_asleep(
+    action: str,
+    units: Collection[str],
+    asleep: Mapping[str, str],
+    otherwise: str = "restart only the other units",
+) -> None:
     """SleepModeError naming every model among `units` with a replica asleep (`asleep`:
     instance -> model). A restart would start it awake (vLLM always starts awake) behind the
     operator's back, and put it back to sleep would be a guess: the operator wakes it first."""
@@ -137,7 +142,7 @@ def refuse_asleep(action: str, units: Collection[str], asleep: Mapping[str, str]
     wakes = "; ".join(f"`hxp wake {m}`" for m in models)
     raise SleepModeError(
         f"{action} refused: model {names} is asleep (hxp sleep), and a restart would start it "
-        f"awake. Run {wakes} first, or restart only the other units; nothing was changed"
+        f"awake. Run {wakes} first, or {otherwise}; nothing was changed"
     )
 
 

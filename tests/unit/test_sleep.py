@@ -202,3 +202,15 @@ def test_the_plan_says_an_apply_keeps_a_sleeping_replica_asleep_or_starts_it_awa
     assert marked.warnings[0].startswith("chat-1 is asleep and its spec changed: the new")
     assert "starts awake" in marked.warnings[0]
     assert "`hxp sleep chat`" in marked.warnings[0]
+
+
+def test_a_reload_that_would_roll_a_sleeping_model_is_refused_pointing_at_apply() -> None:
+    with pytest.raises(SleepModeError) as err:
+        refuse_asleep(
+            "reload", ["chat"], {"chat": "chat"}, "`hxp apply` (its new revision starts awake)"
+        )
+    assert str(err.value) == (
+        "reload refused: model 'chat' is asleep (hxp sleep), and a restart would start it "
+        "awake. Run `hxp wake chat` first, or `hxp apply` (its new revision starts awake); "
+        "nothing was changed"
+    )
