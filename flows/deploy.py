@@ -31,6 +31,7 @@ from hxp.io.calibration import annotate_plan
 from hxp.io.fleet_lock import run_lock
 from hxp.io.reach import preflight
 from hxp.plan import Action, ActionKind, Plan, StepKind, plan_stack
+from hxp.sleep import plan_asleep
 from hxp.spec import Stack
 from hxp.store import Store, counted_at
 from hxp.units import expand_units
@@ -521,6 +522,7 @@ def apply_config(
         observed = observe_stack(quote(stack), state)
         plan = plan_stack(stack, observed, effective.content_hash, only)
         plan = annotate_plan(plan, stack, store)  # KV cache: predicted vs measured
+        plan = plan_asleep(plan, store.asleep(stack.stack))  # what it does to a sleeping one
         previous = _latest_stack(store, stack.stack)
 
         def unexpected(record: RecordKeeper, exc: BaseException) -> None:

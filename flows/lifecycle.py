@@ -35,7 +35,7 @@ from hxp.io import lifecycle as rec
 from hxp.io.fleet_lock import run_lock as stack_lock  # this machine, and across with a server
 from hxp.io.lock import stack_lock as file_lock
 from hxp.lifecycle import CrashPolicy, ReloadKind, ReloadPlan, RollingPolicy, plan_reload
-from hxp.sleep import sleeping_model
+from hxp.sleep import refuse_asleep, sleeping_model
 from hxp.spec import Stack
 from hxp.store import Store, counted_at
 from tasks.deploy import state_dir_of, sync_gateway
@@ -273,7 +273,8 @@ def restart_stack(
     drain_timeout: float | None = None,
     wait_for_lock: bool = True,
 ) -> dict[str, Any]:
-    """Restart a stack or some units: stop then start, or `rolling` replica by replica.
+    """Restart a stack or some units: stop then start, or `rolling` replica by replica. A
+    model asleep among them is refused (SleepModeError, exit 2): `hxp wake` it first.
 
     Args:
         stack_files: Stack file(s) in merge order; a later file wins.
@@ -295,6 +296,8 @@ def restart_stack(
     log = get_run_logger().info
     with stack_lock(state, stack.stack, run_holder("restart"), wait=wait_for_lock, on_wait=log):
         reconciled = reconcile_stack(quote(ctx))
+        asleep = ctx.store().asleep(stack.stack)
+        refuse_asleep("rolling restart" if rolling else "restart", chosen, asleep)
         if rolling:
             policy = RollingPolicy(max(1, max_unavailable), max(0, max_fail), surge)
             summary = _roll(ctx, chosen, policy, drain_timeout)
@@ -663,6 +666,9 @@ def reload_stack(
         plan = plan_reload(snapshot.restore(), stack)
         for line in plan.summary().splitlines():
             logger.info(line)
+        rolls = [c.unit for c in plan.units if c.kind is ReloadKind.ROLL]
+        otherwise = "`hxp apply` (its new revision starts awake)"
+        refuse_asleep("reload", rolls, store.asleep(stack.stack), otherwise)
         create_markdown_artifact(
             key=f"reload-plan-{stack.stack}",
             markdown=f"```\n{plan.summary()}\n```",

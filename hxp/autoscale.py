@@ -18,7 +18,10 @@ Rules (docs/configuration.md#autoscale):
   within `scale_down_below` of its slots; an empty queue alone says nothing of how near
   saturation the replicas run);
 - no action within `cooldown` of the last one; a count outside [min, max] is brought back at
-  once (still within the GPUs free).
+  once (still within the GPUs free);
+- a model with a replica asleep (`hxp sleep`) is held as it is (`sleeping`): no traffic reaches
+  it, so its signal says nothing, and the operator chose its state. Its count is kept and the
+  timers start over, so a wake resumes autoscaling from the count it had.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from hxp.errors import GpuAllocationError
 from hxp.gpu_alloc import GpuInfo, Reservation, choose_gpus
 from hxp.spec import AutoscaleSpec, ModelSpec, Stack
 
-Action = Literal["scale_up", "scale_down", "hold", "stale", "blocked"]
+Action = Literal["scale_up", "scale_down", "hold", "stale", "blocked", "sleeping"]
 #: Every action, in the order metrics and tables list them.
-ACTIONS: tuple[Action, ...] = ("scale_up", "scale_down", "hold", "stale", "blocked")
+ACTIONS: tuple[Action, ...] = ("scale_up", "scale_down", "hold", "stale", "blocked", "sleeping")
 #: How many intervals old a sample may be and still be acted on.
 STALE_INTERVALS = 2.0
 
@@ -159,15 +162,30 @@ def _low_enough(spec: AutoscaleSpec, sample: Sample, value: float, current: int)
 
 
 def decide(
-    model: str, spec: AutoscaleSpec, state: ScaleState, sample: Sample, now: float, room: Room
+    model: str,
+    spec: AutoscaleSpec,
+    state: ScaleState,
+    sample: Sample,
+    now: float,
+    room: Room,
+    asleep: int = 0,
 ) -> Decision:
-    """The decision for one model at `now` (see the module's rules)."""
+    """The decision for one model at `now` (see the module's rules); `asleep`: how many of
+    its replicas `hxp sleep` holds."""
     current = state.replicas
     age = now - sample.at
     limit = STALE_INTERVALS * spec.interval
 
     def out(action: Action, desired: int, reason: str, new: ScaleState) -> Decision:
         return Decision(model, action, current, desired, reason, sample.value, new)
+
+    if asleep:
+        reset = replace(state, above_since=None, below_since=None)
+        why = (
+            f"sleeping: {asleep} replica(s) asleep (hxp sleep); no scale action until "
+            f"`hxp wake {model}`, which resumes from {current} replica(s)"
+        )
+        return out("sleeping", current, why, reset)
 
     if sample.problem or sample.value is None or age > limit:
         if sample.problem:

@@ -173,8 +173,8 @@ def reconcile(
     health: str | None = None,
 ) -> Reconciliation | None:
     """Reconcile a stored state with what the backend sees after an orchestrator restart (or
-    between two passes). None: nothing to record. Crashes (`running` but not running) are the
-    supervisor's (see `supervise`), so this leaves them alone.
+    between two passes). None: nothing to record. Crashes (`running` or `sleeping` but not
+    running) are the supervisor's (see `supervise`), so this leaves them alone.
 
     `health` is the health sweep's word for the instance, when it has one.
     """
@@ -221,11 +221,7 @@ def reconcile(
             instance, (State.FAILED,), f"an interrupted start: not running ({observed.detail})"
         )
     if current is State.SLEEPING:
-        return Reconciliation(
-            instance,
-            tuple(path_between(current, State.STOPPED)),
-            f"was asleep, observed stopped ({observed.detail})",
-        )
+        return None  # asleep and gone: a crash like a serving one's, the supervisor's
     return Reconciliation(
         instance,
         tuple(path_between(current, State.STOPPED)),
@@ -258,6 +254,21 @@ class SupervisorDecision:
     restarts_seen: int | None = None
 
 
+#: What a crash of a sleeping replica means: vLLM always starts awake, so the restarted
+#: replica is awake; it is gated and serves again, and the operator is told.
+SLEEP_LOST = "it was asleep: vLLM restarts awake, so it serves again (hxp sleep to put it back)"
+
+
+def lost_sleep(stored: LifecycleRecord | None, observed: ObservedUnit | None) -> bool:
+    """A replica recorded asleep whose backend restarted it by itself since (its restart
+    counter moved): it runs awake, out of the gateway, until the supervisor's next pass."""
+    if stored is None or stored.state is not State.SLEEPING or observed is None:
+        return False
+    if not observed.running or observed.restarts is None or stored.restarts_seen is None:
+        return False
+    return observed.restarts != stored.restarts_seen
+
+
 def restart_delay(crashes_in_window: int, policy: CrashPolicy) -> float:
     """Seconds to wait before restarting after the n-th crash in the window: 0 after the
     first (the supervisor restarts it within the same pass), then backoff x 2^(n-2)."""
@@ -275,7 +286,7 @@ def supervise(
 ) -> SupervisorDecision:
     """Decide what a supervisor pass does with one instance the store says should serve.
 
-    A crash is a `running`/`degraded` instance that is not running, one whose backend
+    A crash is a `running`/`degraded`/`sleeping` instance that is not running, one whose backend
     restarted it by itself (its restart counter went up), or one that runs but is `stalled`
     (the health sweep saw requests running and no token generated for its stall window: the
     caller stops it). Crashes older than the window are forgotten; reaching `max_crashes` in
@@ -291,7 +302,8 @@ def supervise(
             new_crashes = seen_restarts
     baseline = seen_restarts if seen_restarts is not None else stored.restarts_seen
     up = observed is not None and observed.exists and observed.running and not stalled
-    serving = stored.state in (State.RUNNING, State.DEGRADED)
+    asleep = stored.state is State.SLEEPING
+    serving = asleep or stored.state in (State.RUNNING, State.DEGRADED)
     if serving and not up:
         new_crashes = max(new_crashes, 1)
     if stored.state is State.FAILED and not stored.held:
@@ -311,6 +323,8 @@ def supervise(
     detail = observed.detail if observed is not None else "gone"
     if stalled:
         detail = "stalled: requests running, no token generated for its stall window"
+    if asleep:
+        detail = f"{detail}; {SLEEP_LOST}"
     if len(crashes) >= policy.max_crashes:
         return SupervisorDecision(
             "give-up",
@@ -604,6 +618,7 @@ class LifecycleSummary:
 __all__ = [
     "INITIAL",
     "RELOADABLE_FIELDS",
+    "SLEEP_LOST",
     "STATES",
     "TRANSITIONS",
     "CrashPolicy",
@@ -621,6 +636,7 @@ __all__ = [
     "allowed",
     "check_transition",
     "event_name",
+    "lost_sleep",
     "path_between",
     "plan_reload",
     "reconcile",

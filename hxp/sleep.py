@@ -18,12 +18,13 @@ upper bound: gpu_memory_utilization x the GPU's memory minus the weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Any
 
 from hxp.errors import SleepModeError, UnknownUnitError
+from hxp.plan import Plan
 from hxp.resources import GIB
 from hxp.spec import ModelSpec, Stack
 from hxp.startup import start_grace
@@ -125,4 +126,58 @@ def sleep_release(
     return SleepRelease(level, gpus, weights, max(0, budget - weights), "upper bound")
 
 
-__all__ = ["SleepLevel", "SleepRelease", "sleep_release", "sleeping_model"]
+def refuse_asleep(
+    action: str,
+    units: Collection[str],
+    asleep: Mapping[str, str],
+    otherwise: str = "restart only the other units",
+) -> None:
+    """SleepModeError naming every model among `units` with a replica asleep (`asleep`:
+    instance -> model). A restart would start it awake (vLLM always starts awake) behind the
+    operator's back, and put it back to sleep would be a guess: the operator wakes it first."""
+    models = sorted({unit for unit in asleep.values() if unit in units})
+    if not models:
+        return
+    names = ", ".join(repr(m) for m in models)
+    wakes = "; ".join(f"`hxp wake {m}`" for m in models)
+    raise SleepModeError(
+        f"{action} refused: model {names} is asleep (hxp sleep), and a restart would start it "
+        f"awake. Run {wakes} first, or {otherwise}; nothing was changed"
+    )
+
+
+def plan_asleep(plan: Plan, asleep: Mapping[str, str]) -> Plan:
+    """The plan saying what an apply does to replicas asleep (`asleep`: instance -> model):
+    one left alone stays asleep (its no-op says so); one the apply changes (its spec changed)
+    is replaced by a new revision that starts awake and serves, which a warning says."""
+    if not asleep:
+        return plan
+    noops = tuple(
+        replace(n, reason=f"{n.reason}; asleep: left asleep (`hxp wake {n.unit}` serves it)")
+        if n.instance in asleep
+        else n
+        for n in plan.noops
+    )
+    woken = sorted(
+        {
+            (a.unit, a.replaces or a.instance)
+            for a in plan.actions
+            if a.instance in asleep or a.replaces in asleep
+        }
+    )
+    warnings = tuple(
+        f"{instance} is asleep and its spec changed: the new revision starts awake and serves "
+        f"behind the gateway (`hxp sleep {unit}` afterwards to put it back)"
+        for unit, instance in woken
+    )
+    return replace(plan, noops=noops, warnings=plan.warnings + warnings)
+
+
+__all__ = [
+    "SleepLevel",
+    "SleepRelease",
+    "plan_asleep",
+    "refuse_asleep",
+    "sleep_release",
+    "sleeping_model",
+]

@@ -748,6 +748,11 @@ class Store:
             rows = db.execute("SELECT * FROM lifecycle WHERE stack = ?", (stack,)).fetchall()
         return {r["instance"]: _lifecycle(r) for r in rows}
 
+    def asleep(self, stack: str) -> dict[str, str]:
+        """The stack's instances recorded asleep (`hxp sleep`), each with its model."""
+        rows = self.lifecycle(stack).values()
+        return {r.instance: r.unit for r in rows if r.state is State.SLEEPING}
+
     def transition(
         self,
         stack: str,

@@ -33,9 +33,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         warnings = gpu_plan_warnings(effective.stack, state_dir(args))
         plan = dataclasses.replace(plan, warnings=plan.warnings + warnings)
         from hxp.io.calibration import annotate_plan
+        from hxp.sleep import plan_asleep
         from hxp.store import Store
 
-        plan = annotate_plan(plan, effective.stack, Store(state_dir(args)))
+        store = Store(state_dir(args))
+        plan = annotate_plan(plan, effective.stack, store)
+        plan = plan_asleep(plan, store.asleep(effective.stack.stack))
     if args.json:
         print(plan.to_json())
     else:

@@ -20,7 +20,8 @@ class ModelRow:
     concurrency: float | None  # requests of max_model_len at once
     gateway: str  # "in", "out" (routed unit, not in the upstream now), "-" (not routed)
     health: str  # the last sweep's status; "not swept" before any; "down" if not running;
-    # "sleeping" while `hxp sleep` holds it
+    # "sleeping" while `hxp sleep` holds it; "crashed" if it crashed asleep and its backend
+    # restarted it (awake, out of the gateway) before the supervisor's pass
 
 
 def _predictions(stack: Any, notes: list[str]) -> dict[str, tuple[int, float]]:
@@ -47,6 +48,7 @@ def model_rows(
     """One row per model instance of `instances` (expanded units), and notes for the reader."""
     from hxp.endpoints import server
     from hxp.io.upstreams import live_upstreams
+    from hxp.lifecycle import SLEEP_LOST, lost_sleep
     from hxp.store import Store
 
     models = [i for i in instances if i.unit in stack.models]
@@ -61,6 +63,7 @@ def model_rows(
             reserved.setdefault(r.instance, []).append(r.gpu_index)
     swept, _units = store.health_state(stack.stack)
     asleep = store.sleeping(stack.stack)
+    states = store.lifecycle(stack.stack)
     live = live_upstreams(state, stack.stack)
     rows = []
     for inst in models:
@@ -75,6 +78,14 @@ def model_rows(
         record = swept.get(inst.name)
         if obs is None or not obs.running:
             health = "down"
+            if inst.name in asleep:
+                notes.append(f"{inst.name}: crashed while asleep ({SLEEP_LOST}; hxp supervise)")
+        elif lost_sleep(states.get(inst.name), obs):
+            health = "crashed"
+            notes.append(
+                f"{inst.name}: crashed while asleep and restarted by its backend, out of the "
+                f"gateway until the supervisor's next pass ({SLEEP_LOST}; hxp supervise)"
+            )
         elif inst.name in asleep:
             health = "sleeping"
             freed = asleep[inst.name].get("freed_bytes_per_gpu")

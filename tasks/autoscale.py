@@ -157,10 +157,18 @@ def decide_model(stack: Stack, state_dir: str, model: str, sample: Sample, now: 
         if kept is not None
         else ScaleState(spec.replicas)
     )
+    asleep = asleep_replicas(store, stack.stack, model)
     room = (
-        room_for(stack, state_dir, model, state.replicas) if sample.value is not None else Room(0)
+        room_for(stack, state_dir, model, state.replicas)
+        if sample.value is not None and not asleep
+        else Room(0)
     )
-    return decide(model, auto, state, sample, now, room)
+    return decide(model, auto, state, sample, now, room, asleep)
+
+
+def asleep_replicas(store: Store, stack: str, model: str) -> int:
+    """How many of the model's replicas `hxp sleep` holds (the lifecycle says `sleeping`)."""
+    return sum(1 for unit in store.asleep(stack).values() if unit == model)
 
 
 #: The deploy engine as the flow hands it in: (effective config, units, state dir) -> summary.
@@ -200,7 +208,7 @@ def act(effective: EffectiveConfig, state_dir: str, decision: Decision, deploy: 
         decision.reason,
         outcome,
     )
-    if decision.action != "hold":
+    if decision.action != "hold" and not _still_sleeping(store, stack.stack, decision):
         store.add_event(
             stack.stack, f"autoscale-{decision.action}", f"{decision.line()} [{outcome}]",
             decision.model,
@@ -208,6 +216,14 @@ def act(effective: EffectiveConfig, state_dir: str, decision: Decision, deploy: 
     AUTOSCALE_DECISIONS.labels(stack.stack, decision.model, decision.action).inc()
     AUTOSCALE_REPLICAS.labels(stack.stack, decision.model).set(new.replicas)
     return outcome
+
+
+def _still_sleeping(store: Store, stack: str, decision: Decision) -> bool:
+    """A `sleeping` decision after another: one event when the hold begins, not one a pass."""
+    if decision.action != "sleeping":
+        return False
+    rows = store.autoscale_decisions(stack, decision.model)
+    return len(rows) >= 2 and rows[-2]["action"] == "sleeping"
 
 
 def _scale_up(
@@ -288,6 +304,7 @@ __all__ = [
     "Deploy",
     "Reading",
     "act",
+    "asleep_replicas",
     "autoscaled",
     "counted_stack",
     "decide_model",

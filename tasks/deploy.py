@@ -532,9 +532,7 @@ def sync_gateway(ctx: RunContext) -> dict[str, list[str]]:
         return {}
     seen = observe_all(ctx.stack, ctx.state_dir)
     # A replica asleep (`hxp sleep`) runs, but serves nothing until `hxp wake` puts it back.
-    asleep = {
-        n for n, r in ctx.store().lifecycle(ctx.stack.stack).items() if r.state is State.SLEEPING
-    }
+    asleep = ctx.store().asleep(ctx.stack.stack)
     live: dict[str, list[str]] = {}
     for unit in ctx.stack.gateway.routes:
         live[unit] = sorted(

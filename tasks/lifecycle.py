@@ -490,14 +490,20 @@ class SupervisorReport:
 
 
 def _restart(
-    ctx: RunContext, backend: Backend, inst: UnitInstance, record: LifecycleRecord
+    ctx: RunContext,
+    backend: Backend,
+    inst: UnitInstance,
+    record: LifecycleRecord,
+    started: bool = False,
 ) -> str | None:
-    """failed -> starting -> running after a crash; the reason it failed, or None."""
+    """failed (or sleeping) -> starting -> running after a crash, gated and back behind the
+    gateway; `started`: the backend restarted it already. The reason it failed, or None."""
     store = ctx.store()
     stack = ctx.stack.stack
     rec.record(store, stack, inst.unit, inst.name, State.STARTING, "supervisor restart")
     try:
-        backend.apply(Start(UnitRef.of(inst)))
+        if not started:
+            backend.apply(Start(UnitRef.of(inst)))
     except Exception as exc:
         rec.count_error(store, stack, inst.unit, exc)
         rec.record(store, stack, inst.unit, inst.name, State.FAILED, f"restart failed: {exc}")
@@ -557,6 +563,17 @@ def supervise_pass(ctx: RunContext, policy: CrashPolicy) -> SupervisorReport:
                 )
                 rec.count_error(store, stack, inst.unit, BackendError(decision.reason, unit=name))
                 up = seen is not None and seen.running and not stall
+                asleep = record.state is State.SLEEPING
+                if asleep:  # vLLM restarts awake: say so (hxp.lifecycle.SLEEP_LOST)
+                    store.add_event(stack, "sleep-lost", f"{name}: {decision.reason}", inst.unit)
+                if up and asleep:  # restarted awake by its backend, out of the gateway
+                    store.note_crashes(stack, name, decision.crashes, decision.restarts_seen)
+                    why = _restart(ctx, backend, inst, record, started=True)
+                    if why is None:
+                        report.restarted.append(name)
+                    else:
+                        report.failed_restarts[name] = why
+                    continue
                 if up:  # restarted by its backend: still serving, only counted
                     store.note_crashes(stack, name, decision.crashes, decision.restarts_seen)
                     continue

@@ -31,7 +31,6 @@ from hxp.health import (
     plan_checks,
     plan_route,
 )
-from hxp.lifecycle import State
 from hxp.plan import ObservedUnit
 from hxp.spec import Stack
 from hxp.store import Store
@@ -149,7 +148,7 @@ async def probe(
 def asleep_of(store: Store, stack: Stack) -> set[str]:
     """The stack's instances recorded asleep (`hxp sleep`): not failed, and not the sweep's
     to put back behind the gateway."""
-    return {n for n, r in store.lifecycle(stack.stack).items() if r.state is State.SLEEPING}
+    return set(store.asleep(stack.stack))
 
 
 def reach(stack: Stack, settings: SweepSettings) -> dict[str, tuple[str, str]]:

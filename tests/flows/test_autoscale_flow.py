@@ -231,3 +231,91 @@ def test_every_run_that_acts_on_what_runs_takes_the_autoscaled_count(fleet) -> N
 
     down_stack([str(path)], state_dir=str(state), drain=False)
     assert ProcessBackend(state).observe("counted") == {}
+
+
+def test_a_sleeping_model_is_held_and_a_wake_resumes_from_its_count(fleet) -> None:  # type: ignore[no-untyped-def]
+    """Asleep, the model gets no traffic, so its metrics look idle: the autoscaler must not
+    scale it in (nor start awake replicas of it); each pass says `sleeping`, one event says
+    the hold began, the decisions counter counts it. A wake resumes from the count it had."""
+    from flows.lifecycle import sleep_model, wake_model
+    from hxp.io.telemetry import AUTOSCALE_DECISIONS
+    from hxp.lifecycle import State
+
+    path, state, _url = fleet("asz", sleep_mode=True)
+    Store(state).save_autoscale_state("asz", "chat", 2, None, None, time.time() - 60)
+    deploy(path, state)
+    assert len(_running(state, "asz")) == 2
+    assert sleep_model(str(path), "chat", state_dir=str(state))["ok"]
+    counted = AUTOSCALE_DECISIONS.labels("asz", "chat", "sleeping")
+    before = counted._value.get()
+    scaler = Autoscaler(path, state, "asz", INTERVAL)
+    held_from = time.monotonic()
+    # Past scale_down_after and the cooldown, and at least four passes (slow on a busy machine).
+    while len(scaler.passes) < 4 or time.monotonic() - held_from < SCALE_DOWN_AFTER + 2 * INTERVAL:
+        scaler.once()
+        time.sleep(INTERVAL)
+    decisions = [d for _, ds in scaler.passes for d in ds]
+    assert len(decisions) >= 4
+    assert {d["action"] for d in decisions} == {"sleeping"}, decisions
+    assert all((d["current"], d["desired"]) == (2, 2) for d in decisions)
+    assert all(d["reason"].startswith("sleeping:") for d in decisions)
+    assert "hxp wake chat" in decisions[0]["reason"]
+    assert counted._value.get() - before == len(decisions)
+    store = Store(state)
+    assert store.autoscale_counts("asz") == {"chat": 2}
+    assert len(_running(state, "asz")) == 2
+    rows = store.lifecycle("asz")
+    assert [rows[n].state for n in sorted(rows)] == [State.SLEEPING, State.SLEEPING]
+    events = [e for e in store.events("asz") if e["kind"] == "autoscale-sleeping"]
+    assert len(events) == 1, events  # when the hold began, not one per pass
+    assert {r["action"] for r in store.autoscale_decisions("asz", "chat")} == {"sleeping"}
+
+    # Awake again: autoscaling resumes from 2, its timers started afresh (no scale-in yet).
+    assert wake_model(str(path), "chat", state_dir=str(state))["ok"]
+    resumed = scaler.once()
+    assert [(d["action"], d["current"]) for d in resumed] == [("hold", 2)], resumed
+    assert len(live_ports(state, "asz", path)) == 2
+
+
+@pytest.mark.parametrize(
+    ("stack", "target", "args", "signal"),
+    [
+        # 64 KV tokens: the 4 slots' requests (16 tokens each, one prefix block) fill it.
+        ("askv", "kv_cache_usage", ("--kv-cache-tokens", "64"), "mean KV-cache use"),
+        # 250 ms prefill; 4 x the slots in flight wait about 3 services: TTFT p95 near 1 s.
+        ("astt", "ttft_p95", (), "TTFT p95"),
+    ],
+    ids=["kv", "ttft"],
+)
+def test_kv_and_ttft_targets_scale_out_under_load_and_back_in_when_idle(  # type: ignore[no-untyped-def]
+    fleet, stack: str, target: str, args: tuple[str, ...], signal: str
+) -> None:
+    import threading
+
+    path, state, url = fleet(stack, target=target, threshold=0.5, simulator_args=args)
+    deploy(path, state)
+    scaler = Autoscaler(path, state, stack, INTERVAL).start()
+    done = threading.Event()
+    load = BackgroundLoad(url, "chat", 200, concurrency=LOAD, until=done).start()
+    more = wait_for(lambda: len(live_ports(state, stack, path)) >= 2, timeout=120)
+    # The pass that scaled up returns once its deploy is committed, just after the routes.
+    wait_for(lambda: bool(scaler.actions("scale_up")), timeout=60)
+    done.set()
+    loaded = load.join()
+    assert more is not None, (scaler.passes[-3:], scaler.errors)
+    assert loaded.failed == 0, loaded.errors
+    ups = scaler.actions("scale_up")
+    assert ups, scaler.passes[-3:]
+    assert ups[0]["reason"].startswith(f"{signal} "), ups[0]
+    assert ups[0]["value"] > 0.5
+    assert ups[0]["current"] == 1
+
+    # Idle: back to min_replicas, one drained replica at a time.
+    back = wait_for(lambda: len(live_ports(state, stack, path)) == 1, timeout=120)
+    scaler.stop()
+    assert back is not None, (scaler.passes[-3:], scaler.errors)
+    assert scaler.errors == []
+    downs = scaler.actions("scale_down")
+    assert downs
+    assert all(signal in d["reason"] and "stopped (drained" in d["outcome"] for d in downs), downs
+    assert Store(state).autoscale_counts(stack) == {"chat": 1}

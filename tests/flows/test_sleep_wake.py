@@ -242,3 +242,105 @@ def test_a_model_that_did_not_opt_in_is_refused_with_exit_2(two_models, capsys) 
         assert code == 2, err
         assert "'code'" in err
         assert "models.code.sleep_mode" in err
+
+
+def _child_pid(state: Path, instance: str) -> int:
+    from hxp.backends.process import ProcessBackend
+
+    sup = json.loads(
+        (ProcessBackend(state).root / STACK / instance / "supervisor.json").read_text()
+    )
+    return int(sup["child_pid"])
+
+
+def test_restart_apply_and_a_crash_of_a_sleeping_model(two_models, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A restart of a sleeping model is refused (exit 2, naming it and `hxp wake`, nothing
+    changed); an apply of the same stack leaves it asleep and says so; a crash while asleep
+    is a crash (not `stopped`): status says so, the supervisor restarts it awake, gated, back
+    behind the gateway, and an event tells the operator it no longer sleeps."""
+    import os
+    import signal
+
+    from flows.deploy import deploy_stack
+    from flows.lifecycle import sleep_model, supervise_stack
+    from hxp.backends.process import ProcessBackend
+    from hxp.lifecycle import SLEEP_LOST
+    from hxp_cli import main
+
+    path, state, chat_url, _ = two_models
+    deploy(path, state)
+    before = routes(path, state)
+    assert sleep_model(str(path), "chat", state_dir=str(state))["ok"]
+    pid = _child_pid(state, "chat")
+
+    for rolling in ([], ["--rolling"]):
+        argv = ["restart", "-f", str(path), "--state-dir", str(state), *rolling, "chat"]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "refused: model 'chat' is asleep" in err
+        assert "`hxp wake chat` first" in err
+        assert Store(state).lifecycle(STACK)["chat"].state is State.SLEEPING
+        assert _child_pid(state, "chat") == pid  # not restarted
+        assert routes(path, state)["chat"] == []
+
+    again = deploy_stack([str(path)], state_dir=str(state))
+    assert again["changed"] is False
+    reasons = {n["instance"]: n["reason"] for n in again["plan"]["noops"]}
+    assert "asleep: left asleep (`hxp wake chat` serves it)" in reasons["chat"]
+    assert "asleep" not in reasons["code"]
+    assert Store(state).lifecycle(STACK)["chat"].state is State.SLEEPING
+    assert routes(path, state)["chat"] == []
+
+    # The sleeping replica crashes; its backend restarts it (awake: vLLM always starts so).
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seen = ProcessBackend(state).observe(STACK).get("chat")
+        if seen is not None and seen.running and (seen.restarts or 0) >= 1:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the process backend did not restart the crashed replica")
+    capsys.readouterr()
+    assert main(["status", "-f", str(path), "--state-dir", str(state), "--json"]) == 0
+    shown = {row["instance"]: row["model"] for row in json.loads(capsys.readouterr().out)}
+    assert shown["chat"]["health"] == "crashed", shown["chat"]
+
+    report = supervise_stack(str(path), state_dir=str(state))
+    assert "chat" in report["restarted"], report
+    assert Store(state).lifecycle(STACK)["chat"].state is State.RUNNING
+    assert "chat" not in Store(state).sleeping(STACK)
+    assert routes(path, state)["chat"] == before["chat"]
+    events = [e["message"] for e in Store(state).events(STACK) if e["kind"] == "sleep-lost"]
+    assert len(events) == 1
+    assert SLEEP_LOST in events[0]
+    with httpx.Client(timeout=5) as c:
+        answer = c.post(f"{chat_url}/v1/completions", json={"model": "chat", "prompt": "x"})
+    assert answer.status_code == 200
+
+
+def test_an_apply_that_changes_a_sleeping_model_starts_it_awake_and_says_so(two_models) -> None:  # type: ignore[no-untyped-def]
+    from flows.deploy import deploy_stack
+    from flows.lifecycle import sleep_model
+
+    path, state, chat_url, _ = two_models
+    deploy(path, state)
+    assert sleep_model(str(path), "chat", state_dir=str(state))["ok"]
+    text = path.read_text()
+    changed = text.replace("      interval: 500ms", "      interval: 400ms", 1)
+    assert changed != text
+    path.write_text(changed)
+    result = deploy_stack([str(path)], state_dir=str(state))
+    assert result["changed"] is True
+    warnings = result["plan"].get("warnings", [])
+    assert any(w.startswith("chat is asleep and its spec changed") for w in warnings), warnings
+    assert "chat" in result["units"]
+    store = Store(state)
+    assert store.asleep(STACK) == {}
+    assert store.sleeping(STACK) == {}
+    assert {r.state for r in store.lifecycle(STACK).values()} == {State.RUNNING}
+    assert len(routes(path, state)["chat"]) == 1
+    with httpx.Client(timeout=5) as c:
+        answer = c.post(f"{chat_url}/v1/completions", json={"model": "chat", "prompt": "x"})
+    assert answer.status_code == 200

@@ -37,14 +37,18 @@ def autoscale_fleet(
     scale_down_after: str = "3s",
     cooldown: str = "2s",
     threshold: float = 1.0,
+    target: str = "queue_per_replica",
+    sleep_mode: bool = False,
+    simulator_args: tuple[str, ...] = (),
 ) -> Path:
-    """Write the stack: model `chat`, min 1 / max `max_replicas`, queue-per-replica target.
-    With `gpus`, the host declares that many 80 GiB GPUs and each replica claims one."""
+    """Write the stack: model `chat`, min 1 / max `max_replicas`, a `target` (default queue
+    per replica), `sleep_mode` as given. With `gpus`, the host declares that many 80 GiB GPUs
+    and each replica claims one."""
     host = "{backend: process}"
     if gpus:
         declared = ", ".join(f"{{index: {i}, memory_gib: 80}}" for i in range(gpus))
         host = f"{{backend: process, gpus: [{declared}]}}"
-    args = ["--latency-ms", str(PREFILL_MS), "--tokens-per-second", "2000"]
+    args = ["--latency-ms", str(PREFILL_MS), "--tokens-per-second", "2000", *simulator_args]
     lines = [
         f"stack: {stack}",
         f"deploy: {{bake: {SHORT_BAKE}}}",  # the tests time scale-ups, not the bake window
@@ -61,6 +65,7 @@ def autoscale_fleet(
         "    served_name: chat",
         f"    port: {base}",
         f"    vllm: {{max_num_seqs: {SLOTS}}}",
+        f"    sleep_mode: {'true' if sleep_mode else 'false'}",
         f"    simulator_args: {args!r}".replace("'", '"'),
         "    health:",
         f'      http: {{url: "http://127.0.0.1:{base}/health"}}',
@@ -71,7 +76,7 @@ def autoscale_fleet(
         "    autoscale:",
         "      min_replicas: 1",
         f"      max_replicas: {max_replicas}",
-        "      target: queue_per_replica",
+        f"      target: {target}",
         f"      threshold: {threshold}",
         f"      scale_up_after: {scale_up_after}",
         f"      scale_down_after: {scale_down_after}",

@@ -370,3 +370,28 @@ def test_decision_rows_are_pruned_and_the_counters_keep_counting(
     assert 'hxp_autoscale_decisions_total{action="hold",model="m",stack="s"} 15.0' in text
     assert 'hxp_autoscale_decisions_total{action="scale_up",model="other",stack="s"} 1.0' in text
     assert 'hxp_autoscale_decisions_created{action="hold",model="m",stack="s"} 100.0' in text
+
+
+@pytest.mark.parametrize(
+    ("value", "replicas"),
+    [
+        (0.0, 2),  # idle (no traffic reaches a sleeping model): would scale in
+        (9.0, 1),  # loaded: would scale out
+        (None, 2),  # no signal: would be stale
+        (0.0, 5),  # outside [min, max]: would be brought back
+    ],
+    ids=["idle", "loaded", "no-signal", "out-of-bounds"],
+)
+def test_a_sleeping_model_is_held_at_its_count_and_timers_start_over(
+    value: float | None, replicas: int
+) -> None:
+    state = ScaleState(replicas, 900.0, 900.0, None)
+    d = decide("m", SPEC, state, Sample(value, 999.5, replicas), 1000.0, FREE, asleep=1)
+    assert (d.action, d.current, d.desired, d.changes) == ("sleeping", replicas, replicas, False)
+    assert d.reason.startswith("sleeping:")
+    assert "hxp wake m" in d.reason
+    assert d.state == ScaleState(replicas, None, None, None)
+    # Woken (asleep=0): the next decision starts from the kept count with fresh timers.
+    woke = decide("m", SPEC, d.state, Sample(0.0, 1004.5, replicas), 1005.0, FREE)
+    assert woke.current == replicas
+    assert woke.action != "sleeping"

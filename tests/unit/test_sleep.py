@@ -3,16 +3,27 @@ and the store's record beside the GPU reservations."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from hxp.errors import IllegalTransitionError, SleepModeError, UnknownUnitError
-from hxp.lifecycle import LifecycleRecord, State, check_transition, path_between, reconcile
+from hxp.lifecycle import (
+    SLEEP_LOST,
+    CrashPolicy,
+    LifecycleRecord,
+    State,
+    check_transition,
+    lost_sleep,
+    path_between,
+    reconcile,
+    supervise,
+)
 from hxp.plan import ObservedUnit
 from hxp.resources import GIB
-from hxp.sleep import SleepLevel, sleep_release, sleeping_model
+from hxp.sleep import SleepLevel, refuse_asleep, sleep_release, sleeping_model
 from hxp.spec import ModelSpec, Stack
 from hxp.store import Store
 
@@ -101,10 +112,29 @@ def observed(running: bool) -> ObservedUnit:
 def test_reconcile_leaves_a_sleeping_replica_asleep_whatever_its_health() -> None:
     for health in (None, "healthy", "unhealthy", "unknown"):
         assert reconcile("chat", record(State.SLEEPING), observed(True), health) is None
-    gone = reconcile("chat", record(State.SLEEPING), observed(False))
-    assert gone is not None
-    assert gone.path[-1] is State.STOPPED
-    assert not gone.back_in_gateway
+    # Asleep and not running is a crash, the supervisor's (it was recorded `stopped` before).
+    assert reconcile("chat", record(State.SLEEPING), observed(False)) is None
+
+
+def test_a_sleeping_replica_that_dies_is_a_crash_and_the_operator_is_told_it_wakes() -> None:
+    policy = CrashPolicy()
+    dead = supervise(record(State.SLEEPING), observed(False), 100.0, policy)
+    assert dead.kind == "crashed"
+    assert dead.crashes == (100.0,)
+    assert dead.next_restart == 100.0  # the first crash: restarted in the same pass
+    assert SLEEP_LOST in dead.reason
+    # Restarted by its backend (its counter moved): a crash too, and it runs awake now.
+    seen = replace(observed(True), restarts=1)
+    kept = replace(record(State.SLEEPING), restarts_seen=0)
+    assert lost_sleep(kept, seen)
+    again = supervise(kept, seen, 100.0, policy)
+    assert again.kind == "crashed"
+    assert SLEEP_LOST in again.reason
+    # Asleep and untouched: nothing to do, and not lost.
+    calm = replace(observed(True), restarts=0)
+    assert not lost_sleep(kept, calm)
+    assert supervise(kept, calm, 100.0, policy).kind == "ok"
+    assert not lost_sleep(replace(record(State.RUNNING), restarts_seen=0), seen)
 
 
 def test_the_store_keeps_what_a_sleeping_replica_freed(tmp_path: Path) -> None:
@@ -134,3 +164,53 @@ def test_leaving_sleeping_drops_the_record_of_freed_memory(tmp_path: Path) -> No
     store.record_sleep("s", "chat", "chat", "gpu", release.to_dict())
     store.forget_lifecycle("s", "chat", "removed")
     assert store.sleeping("s") == {}
+
+
+def test_a_restart_of_a_sleeping_model_is_refused_naming_it_and_the_wake() -> None:
+    asleep = {"chat-0": "chat", "chat-1": "chat"}
+    refuse_asleep("restart", ["code"], asleep)  # the other units: allowed
+    with pytest.raises(SleepModeError) as err:
+        refuse_asleep("rolling restart", ["chat", "code"], asleep)
+    assert err.value.exit_code == 2
+    message = str(err.value)
+    assert message.startswith("rolling restart refused: model 'chat' is asleep")
+    assert "`hxp wake chat` first" in message
+    assert "nothing was changed" in message
+
+
+def test_the_plan_says_an_apply_keeps_a_sleeping_replica_asleep_or_starts_it_awake() -> None:
+    from hxp.plan import Action, ActionKind, NoOp, Plan
+    from hxp.sleep import plan_asleep
+
+    plan = Plan(
+        "s",
+        "h",
+        ("chat", "code"),
+        actions=(
+            Action("chat", "chat-1-g", "local", ActionKind.REPLACE, "changed", "h2", "chat-1"),
+        ),
+        noops=(NoOp("chat", "chat-0", "up to date"), NoOp("code", "code", "up to date")),
+    )
+    assert plan_asleep(plan, {}) is plan
+    marked = plan_asleep(plan, {"chat-0": "chat", "chat-1": "chat"})
+    assert [n.reason for n in marked.noops] == [
+        "up to date; asleep: left asleep (`hxp wake chat` serves it)",
+        "up to date",
+    ]
+    assert marked.actions == plan.actions  # an apply still does what it did: it says so
+    assert len(marked.warnings) == 1
+    assert marked.warnings[0].startswith("chat-1 is asleep and its spec changed: the new")
+    assert "starts awake" in marked.warnings[0]
+    assert "`hxp sleep chat`" in marked.warnings[0]
+
+
+def test_a_reload_that_would_roll_a_sleeping_model_is_refused_pointing_at_apply() -> None:
+    with pytest.raises(SleepModeError) as err:
+        refuse_asleep(
+            "reload", ["chat"], {"chat": "chat"}, "`hxp apply` (its new revision starts awake)"
+        )
+    assert str(err.value) == (
+        "reload refused: model 'chat' is asleep (hxp sleep), and a restart would start it "
+        "awake. Run `hxp wake chat` first, or `hxp apply` (its new revision starts awake); "
+        "nothing was changed"
+    )
