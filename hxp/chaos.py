@@ -465,18 +465,24 @@ def generated_stack(
     backend: str = "process",
     host: Mapping[str, object] | None = None,
     image: str | None = None,
+    start_period: str | None = None,
 ) -> dict[str, object]:
     """A small stack for campaigns: len(ports) services of hxp.io.chaos_unit on one host of
     `backend` (`host`: that host's extra settings, e.g. a systemd host's runner; `image`: the
     docker backend's image, which must hold `python` and hxp.io.chaos_unit under
     CHAOS_PYTHONPATH), each depending on the one or two before it, with fast checks (a
-    never-ready revision fails in about 3 s). ValueError naming the field on bad input."""
+    never-ready revision fails in about 3 s). `start_period`: the checks' grace, 2 s on the
+    process backend and 8 s on docker and systemd by default (a container or unit start and
+    Python's own start take seconds on a loaded machine: with 2 s, runs at load average 20
+    failed plain revisions; a slow-start revision still listens after 1 s, inside it).
+    ValueError naming the field on bad input."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "docker" and not image:
         raise ValueError("image: the docker backend needs an image with Python")
     if backend != "docker" and image:
         raise ValueError(f"image: only the docker backend takes one, not {backend}")
+    grace = start_period or ("2s" if backend == "process" else "8s")
     services: dict[str, object] = {}
     for i, port in enumerate(ports):
         deps = [f"u{j}" for j in range(max(0, i - 2), i)] if i else []
@@ -495,7 +501,7 @@ def generated_stack(
                 "interval": "300ms",
                 "timeout": "500ms",
                 "retries": 2,
-                "start_period": "2s",
+                "start_period": grace,
             },
         }
         if image:

@@ -184,6 +184,10 @@ def test_the_generated_stack_runs_on_each_backend() -> None:
     assert stack_from_data(systemd).hosts["local"].container == "box"
     plain = generated_stack("s", [20001], "/py")
     assert "PYTHONPATH" not in plain["services"]["u0"]["env"]  # type: ignore[index]
+    assert stack_from_data(plain).unit("u0").health.start_period == 2.0  # type: ignore[union-attr]
+    assert stack_from_data(systemd).unit("u0").health.start_period == 8.0  # type: ignore[union-attr]
+    short = generated_stack("s", [20001], "python3", "docker", image="i:1", start_period="3s")
+    assert stack_from_data(short).unit("u0").health.start_period == 3.0  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
