@@ -118,7 +118,9 @@ def docker_holders(stack: str) -> list[Holder]:
 
     try:
         client = docker.from_env()
-        found = client.containers.list(all=True, filters={"label": f"{LABEL_STACK}={stack}"})
+        found = client.containers.list(
+            all=True, filters={"label": f"{LABEL_STACK}={stack}"}, ignore_removed=True
+        )
     except docker.errors.DockerException as exc:
         raise BackendError(f"cannot list the containers of stack {stack}: {exc}") from exc
     return [
