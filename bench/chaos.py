@@ -1,15 +1,21 @@
-"""A seeded fault campaign (`hxp chaos`, flows/chaos.py) on a generated stack, process backend.
+"""A seeded fault campaign (`hxp chaos`, flows/chaos.py) on a generated stack, on the process,
+docker or systemd backend. Docker and systemd run on a private dockerd this bench starts (its own
+socket, data and exec roots under a temporary folder; the machine's own engine is never
+touched): docker with the test image that holds Python and hxp.io.chaos_unit, systemd in a
+container with systemd as PID 1 (tests/support, as the integration tests).
 
 Each run injects one fault into a new revision of one unit or into the orchestrator and checks
 the invariants of hxp.chaos. Target (issue 19): at least 99.9% of runs consistent, so the last
 line's ratio is (inconsistent fraction / 0.001); ≤ 1.0 meets it.
 
 Run: .venv/bin/python bench/chaos.py [--runs 1000] [--units 4] [--seed S] [--out results.json]
+         [--backend process|docker|systemd]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import random
@@ -17,12 +23,48 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def lab_stack(
+    lab: contextlib.ExitStack, backend: str, ports: range, tmp: Path
+) -> dict[str, object]:
+    """The generated stack for `backend`, with what it runs on started inside `lab`: for docker
+    and systemd a private dockerd (DOCKER_HOST points at it while the lab lasts)."""
+    from hxp.chaos import generated_stack
+
+    if backend == "process":
+        return generated_stack("chaos", ports, sys.executable)
+    from tests.support.docker_engine import build_chaos_image, private_dockerd
+
+    url = lab.enter_context(private_dockerd(tmp / "dockerd"))
+    lab.enter_context(_environ("DOCKER_HOST", url))
+    if backend == "docker":
+        return generated_stack("chaos", ports, "python3", "docker", image=build_chaos_image(url))
+    from tests.support.systemd_container import import_systemd_image, run_systemd_container
+
+    container = lab.enter_context(run_systemd_container(url, import_systemd_image(url)))
+    host = {"runner": "docker-exec", "container": container}
+    return generated_stack("chaos", ports, "python3", "systemd", host=host)
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def main() -> None:
@@ -33,8 +75,9 @@ def main() -> None:
     parser.add_argument("--replay", metavar="SEED:RUN")
     parser.add_argument("--out", type=Path, help="the results as JSON (default: none)")
     parser.add_argument("--minutes", type=float, help="start no run after this many minutes")
+    parser.add_argument("--backend", choices=["process", "docker", "systemd"], default="process")
     args = parser.parse_args()
-    from hxp.chaos import generated_stack, inconsistent_fraction, parse_replay, render_table
+    from hxp.chaos import inconsistent_fraction, parse_replay, render_table
     from tests.support.stacks import free_range
 
     seed = args.seed if args.seed is not None else random.randrange(1, 10**6)
@@ -53,22 +96,23 @@ def main() -> None:
 
         from flows.chaos import Campaign, run_campaign, write_artifact
 
-        base = free_range(args.units)
-        stack = generated_stack("chaos", range(base, base + args.units), sys.executable)
-        stack_file = tmp / "stack.yaml"
-        stack_file.write_text(yaml.safe_dump(stack, sort_keys=False))
         print(f"chaos bench: seed {seed}, {args.runs} runs, {args.units} units", flush=True)
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            campaign = Campaign(stack_file, tmp / "state")
-            try:
-                stop_at = time.monotonic() + args.minutes * 60 if args.minutes else None
-                results = run_campaign(
-                    campaign, seed, args.runs, only, lambda s: print(s, flush=True), stop_at
-                )
-            finally:
-                campaign.teardown()
+        with (
+            contextlib.ExitStack() as lab,
+            temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+        ):
+            base = free_range(args.units)
+            stack = lab_stack(lab, args.backend, range(base, base + args.units), tmp)
+            stack_file = tmp / "stack.yaml"
+            stack_file.write_text(yaml.safe_dump(stack, sort_keys=False))
+            campaign = Campaign(stack_file, tmp / "state", args.backend)
+            lab.callback(campaign.teardown)
+            stop_at = time.monotonic() + args.minutes * 60 if args.minutes else None
+            results = run_campaign(
+                campaign, seed, args.runs, only, lambda s: print(s, flush=True), stop_at
+            )
         if args.out:
-            write_artifact(args.out, seed, "process", results)
+            write_artifact(args.out, seed, args.backend, results)
     finally:
         from hxp.io.prefect_server import stop_server
 
@@ -81,7 +125,8 @@ def main() -> None:
     )
     print(
         render_table(
-            results, f"Seed {seed}, process backend, {len(results)} of {args.runs} runs made.\n"
+            results,
+            f"Seed {seed}, {args.backend} backend, {len(results)} of {args.runs} runs made.\n",
         )
     )
     print(f"BENCH chaos ratio={inconsistent_fraction(results) / 0.001:.2f} target=1.0")

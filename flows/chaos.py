@@ -12,14 +12,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from hxp.chaos import (
+    BACKENDS,
     FAULTS,
+    Census,
     Fault,
     InstanceSeen,
     Observation,
@@ -34,11 +36,14 @@ from hxp.config import load_config, unit_config_hash
 from hxp.errors import HxpError, InputError
 from hxp.io.chaos import (
     answers,
+    docker_census,
     gateway_routes,
+    install_unit_program,
     observed,
     process_census,
     process_hash,
-    remove_process_stack,
+    remove_stack,
+    systemd_census,
 )
 from hxp.spec import Stack
 from hxp.store import Store
@@ -72,11 +77,11 @@ class Campaign:
         backend: str = "process",
         log: Callable[[str], None] = print,
     ) -> None:
-        if backend != "process":
-            raise InputError(
-                f"--backend {backend}: the campaign injects faults on the process backend only "
-                "so far (docker and systemd are not done yet)"
-            )
+        if backend not in BACKENDS:
+            raise InputError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+        self.backend = backend
+        # The unit program's interpreter: this one here; the host's or image's elsewhere.
+        self.python = sys.executable if backend == "process" else "python3"
         self.state = state_dir
         self.work = state_dir / "chaos"
         self.work.mkdir(parents=True, exist_ok=True)
@@ -91,6 +96,12 @@ class Campaign:
                 raise InputError(
                     f"{stack_file}: host {name} uses backend {host.backend}, not {backend}"
                 )
+            if backend == "docker" and host.runner != "local":
+                raise InputError(
+                    f"{stack_file}: host {name}: the docker campaign counts containers on the "
+                    f"local engine (DOCKER_HOST), not through runner {host.runner}"
+                )
+        self.stack = stack
         self.name = stack.stack
         self.ports = {u: check_port(stack, u) for u in stack.services}
         targets = {u: p for u, p in self.ports.items() if p is not None}
@@ -160,7 +171,11 @@ class Campaign:
         return None
 
     def setup(self) -> None:
-        """Deploy the stack as given: the first good revision every run starts from."""
+        """Deploy the stack as given: the first good revision every run starts from (on
+        systemd hosts, the unit program is installed first)."""
+        if self.backend == "systemd":
+            for host in self.stack.hosts:
+                install_unit_program(self.stack, host)
         code = self._apply_here(self.work / "good.yaml")
         if code != 0:
             raise HxpError(f"the stack's own first apply failed (exit {code}): nothing to test")
@@ -173,7 +188,7 @@ class Campaign:
     def run(self, plan: RunPlan) -> RunResult:
         result = RunResult(plan)
         spec = FAULTS[plan.fault]
-        python = sys.executable
+        python = self.python
         port = self.ports[plan.unit]
         assert port is not None
         before = self._last_id()
@@ -236,7 +251,10 @@ class Campaign:
         return result
 
     def _hash_of(self, unit: str) -> str | None:
-        return process_hash(self.state, self.name, unit)
+        if self.backend == "process":
+            return process_hash(self.state, self.name, unit)
+        seen = observed(self.stack, self.state).get(unit)
+        return seen.config_hash if seen else None
 
     def _rolled_back(self, before: int) -> bool:
         rows = self._rows_since(before)
@@ -256,7 +274,7 @@ class Campaign:
     def repair(self, plan: RunPlan) -> bool:
         """After a violation: a clean revision of the run's unit(s), so that one run's fault
         (a crash-looping committed revision) does not spill into the next runs' verdicts."""
-        python = sys.executable
+        python = self.python
         clean = self.good
         for unit in filter(None, (plan.unit, plan.partner)):
             port = self.ports[unit]
@@ -281,9 +299,9 @@ class Campaign:
         from hxp.plan import plan_stack
 
         seen = observed(stack, self.state)
-        census = process_census(self.state, self.name)
         instances = expand_units(stack)
         names = {i.name for i in instances}
+        counted = self._census(stack, sorted(names))
         out: list[InstanceSeen] = []
         should_route: set[str] = set()
         routes = stack.gateway.routes if stack.gateway is not None else {}
@@ -298,22 +316,13 @@ class Campaign:
                     config_hash=obs.config_hash if obs else None,
                     good_hash=good.config_hash if good else None,
                     answers=running and answers(inst),
-                    processes=len(census.units.get(inst.name, [])),
+                    processes=counted.per_instance.get(inst.name, 0),
                 )
             )
             if inst.unit in routes and out[-1].answers and inst.route_port is not None:
                 should_route.add(f"{inst.unit}:{inst.route_port}")
         leftovers = [f"instance {n} (not in the stack)" for n in sorted(set(seen) - names)]
-        for inst_name, pids in sorted(census.supervisors.items()):
-            if inst_name not in names or len(pids) > 1:
-                leftovers.append(f"{len(pids)} supervisor(s) of {inst_name}: pids {pids}")
-        leftovers += [
-            f"process {pid} of {n}"
-            for n, pids in sorted(census.units.items())
-            if n not in names
-            for pid in pids
-        ]
-        leftovers += census.orphans
+        leftovers += counted.leftovers
         content = load_config([good_file], {}).content_hash
         plan = plan_stack(stack, seen, content)
         changes = [f"{a.instance}: {a.kind.value} ({a.reason})" for a in plan.actions]
@@ -342,10 +351,37 @@ class Campaign:
             gpu_models=frozenset(gpu_models),
         )
 
+    def _census(self, stack: Stack, names: list[str]) -> Census:
+        """Processes (process backend), running containers (docker) or processes in the
+        unit's cgroup (systemd) per instance, and what is left over."""
+        if self.backend == "docker":
+            return docker_census(self.name, names)
+        if self.backend == "systemd":
+            out = Census(per_instance={n: 0 for n in names})
+            for host in stack.hosts:
+                part = systemd_census(stack, host, names)
+                for n, count in part.per_instance.items():
+                    out.per_instance[n] += count
+                out.leftovers += part.leftovers
+            return out
+        found = process_census(self.state, self.name)
+        out = Census(per_instance={n: len(found.units.get(n, [])) for n in names})
+        for inst_name, pids in sorted(found.supervisors.items()):
+            if inst_name not in names or len(pids) > 1:
+                out.leftovers.append(f"{len(pids)} supervisor(s) of {inst_name}: pids {pids}")
+        out.leftovers += [
+            f"process {pid} of {n}"
+            for n, pids in sorted(found.units.items())
+            if n not in names
+            for pid in pids
+        ]
+        out.leftovers += found.orphans
+        return out
+
     # ------------------------------------------------------------------ the campaign
 
     def teardown(self) -> None:
-        remove_process_stack(self.state, self.name)
+        remove_stack(self._load(self._write("good", self.good)), self.state)
 
 
 def run_campaign(
@@ -355,12 +391,15 @@ def run_campaign(
     only: int | None = None,
     log: Callable[[str], None] = print,
     stop_at: float | None = None,
+    select: Sequence[int] | None = None,
 ) -> list[RunResult]:
-    """Runs 0..runs-1 of campaign `seed` (only run `only` when replaying); no run starts after
-    `stop_at` (time.monotonic()), so a time-boxed campaign reports the runs it made."""
+    """Runs 0..runs-1 of campaign `seed` (only run `only` when replaying, only the runs in
+    `select` when given); no run starts after `stop_at` (time.monotonic()), so a time-boxed
+    campaign reports the runs it made."""
     campaign.setup()
     results: list[RunResult] = []
-    for run in [only] if only is not None else range(runs):
+    chosen = [only] if only is not None else list(select) if select is not None else range(runs)
+    for run in chosen:
         if stop_at is not None and time.monotonic() > stop_at:
             log(f"time is up after {len(results)} run(s)")
             break

@@ -200,6 +200,23 @@ def plan_campaign(
     return [plan_run(seed, run, faults, dependencies) for run in range(runs)]
 
 
+def covering_runs(
+    seed: int,
+    faults: Sequence[Fault],
+    dependencies: Mapping[str, Sequence[str]],
+    limit: int = 1000,
+) -> list[int]:
+    """The first run of campaign `seed` that draws each of `faults`, in run order: a short
+    campaign that still injects every fault (ValueError if one is not drawn in `limit` runs)."""
+    first: dict[Fault, int] = {}
+    for run in range(limit):
+        first.setdefault(plan_run(seed, run, faults, dependencies).fault, run)
+        if len(first) == len(set(faults)):
+            return sorted(first.values())
+    missing = sorted(set(faults) - set(first))
+    raise ValueError(f"seed {seed}: {missing} not drawn in {limit} runs")
+
+
 # ================================================================ invariants
 
 
@@ -279,6 +296,58 @@ def violations(spec: FaultSpec, seen: Observation) -> list[str]:
             f"GPU reservations held by {sorted(seen.reserved)}, running GPU models are "
             f"{sorted(seen.gpu_models)}"
         )
+    return out
+
+
+# ================================================================ backend census
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One thing on a docker or systemd host that belongs to the stack (a container, or a
+    systemd unit: loaded, or only its file installed), as the campaign listed it."""
+
+    name: str  # container name or unit name
+    instance: str | None  # the instance it is for (its label, or from its unit name)
+    running: bool
+    processes: int | None = None  # processes in it (a systemd unit's cgroup); None: not counted
+
+
+@dataclass
+class Census:
+    """Per instance: how many processes (or running containers) run it; and what is left over."""
+
+    per_instance: dict[str, int] = field(default_factory=dict)
+    leftovers: list[str] = field(default_factory=list)
+
+
+def census(
+    holders: Sequence[Holder],
+    instances: Sequence[str],
+    name_of: Mapping[str, str],
+    kept: Sequence[str] = (),
+    kind: str = "container",
+) -> Census:
+    """The census of a docker or systemd host: `name_of` maps each instance of the stack to the
+    one name its container or unit must have. A running container counts 1 for its instance
+    (however it is named: a kept previous version still running doubles it); a unit counts the
+    processes in its cgroup (a unit that runs counts at least 1). Anything not named for an
+    instance of the stack is left over (a kept previous version after the deploy ended, an
+    instance outside the stack), and so is every file in `kept` (a systemd unit's kept
+    previous unit file, which Commit and Restore remove)."""
+    out = Census(per_instance={i: 0 for i in instances})
+    wanted = set(instances)
+    for h in sorted(holders, key=lambda h: h.name):
+        mine = h.instance in wanted and name_of.get(h.instance or "") == h.name
+        if h.running and h.instance in wanted:
+            count = 1 if h.processes is None else max(h.processes, 1)
+            out.per_instance[h.instance or ""] += count
+        if not mine:
+            state = "running" if h.running else "stopped"
+            out.leftovers.append(f"{kind} {h.name} ({state}, instance {h.instance})")
+        elif not h.running and h.processes:
+            out.leftovers.append(f"{kind} {h.name}: {h.processes} process(es) of a stopped unit")
+    out.leftovers.extend(f"kept file {path}" for path in sorted(kept))
     return out
 
 
@@ -382,29 +451,67 @@ UNIT_FAULTS: dict[Fault, tuple[str, float] | None] = {
 MISSING = "/nonexistent/hxp-chaos-missing"
 
 
-def generated_stack(name: str, ports: Sequence[int], python: str) -> dict[str, object]:
-    """A small stack for campaigns: len(ports) services of hxp.io.chaos_unit on the process
-    backend, each depending on the one or two before it, with fast checks (a never-ready
-    revision fails in about 3 s)."""
+BACKENDS = ("process", "docker", "systemd")
+
+#: Where the docker and systemd backends' unit program lives on the host or in the image
+#: (`hxp.io.chaos_unit` under it; tests/support/chaos_hosts.py puts it there).
+CHAOS_PYTHONPATH = "/opt/hxp-chaos"
+
+
+def generated_stack(
+    name: str,
+    ports: Sequence[int],
+    python: str,
+    backend: str = "process",
+    host: Mapping[str, object] | None = None,
+    image: str | None = None,
+    start_period: str | None = None,
+) -> dict[str, object]:
+    """A small stack for campaigns: len(ports) services of hxp.io.chaos_unit on one host of
+    `backend` (`host`: that host's extra settings, e.g. a systemd host's runner; `image`: the
+    docker backend's image, which must hold `python` and hxp.io.chaos_unit under
+    CHAOS_PYTHONPATH), each depending on the one or two before it, with fast checks (a
+    never-ready revision fails in about 3 s). `start_period`: the checks' grace, 2 s on the
+    process backend and 8 s on docker and systemd by default (a container or unit start and
+    Python's own start take seconds on a loaded machine: with 2 s, runs at load average 20
+    failed plain revisions; a slow-start revision still listens after 1 s, inside it).
+    ValueError naming the field on bad input."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "docker" and not image:
+        raise ValueError("image: the docker backend needs an image with Python")
+    if backend != "docker" and image:
+        raise ValueError(f"image: only the docker backend takes one, not {backend}")
+    grace = start_period or ("2s" if backend == "process" else "8s")
     services: dict[str, object] = {}
     for i, port in enumerate(ports):
         deps = [f"u{j}" for j in range(max(0, i - 2), i)] if i else []
-        services[f"u{i}"] = {
+        env = {"HXP_CHAOS_VERSION": "0"}
+        if backend != "process":
+            env["PYTHONPATH"] = CHAOS_PYTHONPATH
+        svc: dict[str, object] = {
             "host": "local",
             "command": unit_program(python, port),
             "ports": {"http": port},
             "depends_on": deps[-1:] if i % 2 else deps,
-            "env": {"HXP_CHAOS_VERSION": "0"},
+            "env": env,
             "stop_timeout": "2s",
             "health": {
                 "http": {"url": f"http://127.0.0.1:{port}/"},
                 "interval": "300ms",
                 "timeout": "500ms",
                 "retries": 2,
-                "start_period": "2s",
+                "start_period": grace,
             },
         }
-    return {"stack": name, "hosts": {"local": {"backend": "process"}}, "services": services}
+        if image:
+            svc = {"host": "local", "image": image, **{k: v for k, v in svc.items() if k != "host"}}
+        services[f"u{i}"] = svc
+    return {
+        "stack": name,
+        "hosts": {"local": {**dict(host or {}), "backend": backend}},
+        "services": services,
+    }
 
 
 def new_revision(

@@ -34,11 +34,13 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         raise InputError(f"-f {stack_file}: no such file")
     from hxp.config import load_config
 
-    load_config([stack_file], {})  # bad input fails here, before anything starts
-    if args.backend != "process":
-        raise InputError(
-            f"--backend {args.backend}: not done yet; the campaign runs on the process backend"
-        )
+    stack = load_config([stack_file], {}).stack  # bad input fails here, before anything starts
+    for name, host in stack.hosts.items():
+        if host.backend != args.backend:
+            raise InputError(
+                f"--backend {args.backend}: host {name} of {stack_file} uses backend "
+                f"{host.backend} (hosts.{name}.backend)"
+            )
     if not args.debug:  # one line per run: the deploys' own failure logs are expected ones
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
     use_prefect(args)

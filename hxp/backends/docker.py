@@ -330,8 +330,10 @@ class DockerBackend:
     def observe(self, stack: str) -> dict[str, ObservedUnit]:
         out: dict[str, ObservedUnit] = {}
         with self._errors(None):
+            # A container removed between the engine's listing and its inspection (a deploy
+            # in another process discarding a kept version) is gone, not an error.
             found = self._client().containers.list(
-                all=True, filters={"label": f"{LABEL_STACK}={stack}"}
+                all=True, filters={"label": f"{LABEL_STACK}={stack}"}, ignore_removed=True
             )
             for container in found:
                 seen = observed_from_attrs(container.attrs, self.host_name)

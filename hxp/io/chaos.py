@@ -1,6 +1,8 @@
-"""What a fault campaign (hxp.chaos) observes on this machine beyond the backends' own view:
-the processes that run a stack's process-backend instances, counted from /proc, and one probe
-of an instance's health check."""
+"""What a fault campaign (hxp.chaos) observes beyond the backends' own view: the processes that
+run a stack's process-backend instances, counted from /proc; the containers of a docker host
+(all of them with the stack's label, kept previous versions included); the systemd units of a
+systemd host (loaded or installed), the processes in each unit's cgroup and the kept previous
+unit files; and one probe of an instance's health check. The verdicts are hxp.chaos's."""
 
 from __future__ import annotations
 
@@ -9,9 +11,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hxp.backends import observe_all
-from hxp.backends.base import Remove, UnitRef
+from hxp.backends import backend_for, observe_all
+from hxp.backends.base import LABEL_INSTANCE, LABEL_STACK, Remove, UnitRef
 from hxp.backends.process import ProcessBackend
+from hxp.backends.runners import runner_for
+from hxp.backends.systemd import BACKUP_ROOT, UNIT_DIR
+from hxp.chaos import Census, Holder, census
+from hxp.errors import BackendError
 from hxp.io.probes import probe
 from hxp.plan import ObservedUnit
 from hxp.spec import Stack
@@ -97,11 +103,107 @@ def process_hash(state_dir: str | Path, stack: str, instance: str) -> str | None
     return seen.config_hash if seen else None
 
 
-def remove_process_stack(state_dir: str | Path, stack: str) -> None:
-    """Remove every process-backend instance of `stack` (the campaign's teardown)."""
-    backend = ProcessBackend(state_dir)
-    for name in backend.observe(stack):
-        backend.apply(Remove(UnitRef(stack, name, name)))
+def remove_stack(stack: Stack, state_dir: str | Path) -> None:
+    """Remove every instance of `stack` that its hosts run, kept previous versions included
+    (the campaign's teardown, any backend)."""
+    for host_name, host in stack.hosts.items():
+        backend = backend_for(host_name, host, state_dir)
+        for name in backend.observe(stack.stack):
+            backend.apply(Remove(UnitRef(stack.stack, name, name)))
+
+
+def docker_holders(stack: str) -> list[Holder]:
+    """Every container of the local engine (DOCKER_HOST) labelled with `stack`."""
+    import docker
+
+    try:
+        client = docker.from_env()
+        found = client.containers.list(
+            all=True, filters={"label": f"{LABEL_STACK}={stack}"}, ignore_removed=True
+        )
+    except docker.errors.DockerException as exc:
+        raise BackendError(f"cannot list the containers of stack {stack}: {exc}") from exc
+    return [
+        Holder(
+            name=c.name,
+            instance=(c.labels or {}).get(LABEL_INSTANCE),
+            running=c.status in ("running", "restarting"),
+        )
+        for c in found
+    ]
+
+
+def docker_census(stack: str, instances: list[str]) -> Census:
+    from hxp.backends.docker import container_name
+
+    names = {i: container_name(stack, i) for i in instances}
+    return census(docker_holders(stack), instances, names, kind="container")
+
+
+_SYSTEMD_LISTING = """
+set -u
+p="hxp-$1-"
+echo "@units"
+systemctl list-units --all --plain --no-legend --full -- "$p*" 2>/dev/null
+echo "@files"
+find {unit_dir} -maxdepth 1 -name "$p*.service" -printf '%f\n' 2>/dev/null
+echo "@procs"
+ps -e -o unit= 2>/dev/null | grep "^$p" || true
+echo "@kept"
+find {backup_root}/"$1" -type f 2>/dev/null || true
+"""
+
+
+def parse_systemd_listing(text: str, stack: str) -> tuple[list[Holder], list[str]]:
+    """The holders and kept files of `_SYSTEMD_LISTING`'s answer."""
+    prefix = f"hxp-{stack}-"
+    part = ""
+    active: dict[str, bool] = {}
+    procs: dict[str, int] = {}
+    kept: list[str] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("@"):
+            part = line[1:]
+            continue
+        if not line:
+            continue
+        fields = line.split()
+        if part == "units" and len(fields) >= 3:
+            if fields[1] == "not-found" and fields[2] == "inactive":
+                continue  # only named (an After= of an absent blue-green slot): no unit
+            active[fields[0]] = fields[2] in ("active", "activating", "reloading", "deactivating")
+        elif part == "files":
+            active.setdefault(fields[0], False)
+        elif part == "procs":
+            procs[fields[0]] = procs.get(fields[0], 0) + 1
+        elif part == "kept":
+            kept.append(line)
+    for unit in procs:
+        active.setdefault(unit, False)
+    holders = [
+        Holder(
+            name=unit,
+            instance=unit[len(prefix) :].removesuffix(".service"),
+            running=running,
+            processes=procs.get(unit, 0),
+        )
+        for unit, running in sorted(active.items())
+        if unit.startswith(prefix) and unit.endswith(".service")
+    ]
+    return holders, kept
+
+
+def systemd_census(stack: Stack, host_name: str, instances: list[str]) -> Census:
+    """The units, their processes and the kept files of `stack` on systemd host `host_name`."""
+    script = _SYSTEMD_LISTING.format(unit_dir=UNIT_DIR, backup_root=BACKUP_ROOT)
+    runner = runner_for(stack.hosts[host_name])
+    done = runner.run(["sh", "-c", script, "sh", stack.stack], check=False)
+    if done.returncode != 0:
+        raise BackendError(f"cannot list the systemd units of {stack.stack}: {done.error_text}")
+    holders, kept = parse_systemd_listing(done.text, stack.stack)
+    names = {i: f"hxp-{stack.stack}-{i}.service" for i in instances}
+    return census(holders, instances, names, kept, kind="unit")
 
 
 def gateway_routes(stack: Stack, state_dir: str | Path) -> frozenset[str] | None:
@@ -112,3 +214,19 @@ def gateway_routes(stack: Stack, state_dir: str | Path) -> frozenset[str] | None
 
     live = stack_gateway(stack, state_dir).live()
     return frozenset(f"{unit}:{port}" for unit, ports in live.items() for port in ports)
+
+
+def install_unit_program(stack: Stack, host_name: str) -> None:
+    """Put hxp.io.chaos_unit (and the two package files it needs) under CHAOS_PYTHONPATH on a
+    systemd host, through its runner: the campaign's units run it from there."""
+    from hxp.chaos import CHAOS_PYTHONPATH
+
+    runner = runner_for(stack.hosts[host_name])
+    here = Path(__file__).resolve().parent
+    runner.run(["mkdir", "-p", "--", f"{CHAOS_PYTHONPATH}/hxp/io"])
+    for source, target in (
+        (here.parent / "__init__.py", "hxp/__init__.py"),
+        (here / "__init__.py", "hxp/io/__init__.py"),
+        (here / "chaos_unit.py", "hxp/io/chaos_unit.py"),
+    ):
+        runner.write_file(f"{CHAOS_PYTHONPATH}/{target}", source.read_text(), 0o644)

@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.docker_engine import (
     build_busybox_image,
+    build_chaos_image,
     build_python_image,
     dockerd_available,
     private_dockerd,
@@ -45,6 +46,12 @@ def busybox_image(docker_engine: str) -> str:
 @pytest.fixture(scope="session")
 def python_image(docker_engine: str) -> str:
     return build_python_image(docker_engine)
+
+
+@pytest.fixture(scope="session")
+def chaos_image(docker_engine: str, python_image: str) -> str:
+    """The Python image plus hxp.io.chaos_unit: the fault campaign's unit program."""
+    return build_chaos_image(docker_engine)
 
 
 @pytest.fixture(scope="session")

@@ -303,3 +303,44 @@ def test_a_name_owned_by_another_instance_is_left_alone(
     with pytest.raises(BackendError, match="belongs to"):
         backend.apply(Remove(other))
     assert backend.observe(stack_name)["web"].config_hash == "h2"
+
+
+def test_observe_skips_a_container_removed_between_listing_and_inspecting(
+    docker_engine: str, busybox_image: str, tmp_path: Path
+) -> None:
+    """A deploy in another process may remove a container (a kept previous version) after the
+    engine listed it and before observe inspected it. That container is gone, not an error:
+    the docker fault campaign's `--replay 19:90` (kill-during-apply) failed with `Docker on
+    host 'local': No such container: ...` while it watched a deploy. The removal is made real
+    on the engine at exactly that moment."""
+    from hxp.backends.base import LABEL_INSTANCE
+    from hxp.spec import HostSpec
+
+    name = f"race{uuid.uuid4().hex[:6]}"
+    client = docker.DockerClient(base_url=docker_engine)
+    labels = {LABEL_STACK: name, LABEL_INSTANCE: "web"}
+    client.containers.create(
+        busybox_image, ["sleep", "60"], name=container_name(name, "web"), labels=labels
+    )
+    kept = client.containers.create(
+        busybox_image, ["true"], name=previous_name(name, "web"), labels=labels
+    )
+    backend = DockerBackend("box", HostSpec(backend="docker"), tmp_path)
+    try:
+        assert set(backend.observe(name)) == {"web"}
+        api = backend._docker.api
+        inspect = api.inspect_container
+
+        def removed_first(container: Any) -> Any:
+            if container in (kept.id, kept.name):
+                client.containers.get(kept.id).remove(force=True)
+            return inspect(container)
+
+        api.inspect_container = removed_first
+        seen = backend.observe(name)
+        assert set(seen) == {"web"}
+        assert seen["web"].exists
+        assert [c.id for c in client.containers.list(all=True, filters={"id": kept.id})] == []
+    finally:
+        for c in client.containers.list(all=True, filters={"label": f"{LABEL_STACK}={name}"}):
+            c.remove(force=True)

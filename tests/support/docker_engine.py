@@ -150,3 +150,41 @@ def build_python_image(url: str, tag: str = PYTHON_IMAGE) -> str:
         (root / "tmp").mkdir(mode=0o1777, exist_ok=True)
         _import(url, root, tag)
     return tag
+
+
+CHAOS_IMAGE = "hxp-test/chaos-python:3"
+
+
+def build_chaos_image(url: str, tag: str = CHAOS_IMAGE) -> str:
+    """PYTHON_IMAGE plus hxp.io.chaos_unit (and the two package files it imports) under
+    hxp.chaos.CHAOS_PYTHONPATH: the fault campaign's unit program on the docker backend. Built
+    with the legacy builder FROM the local Python image (built first if missing)."""
+    import io
+
+    import docker
+
+    from hxp.chaos import CHAOS_PYTHONPATH
+
+    client = docker.DockerClient(base_url=url)
+    try:
+        client.images.get(PYTHON_IMAGE)
+    except docker.errors.ImageNotFound:
+        build_python_image(url)
+    src = Path(__file__).resolve().parents[2] / "hxp"
+    files = {
+        "hxp/__init__.py": src / "__init__.py",
+        "hxp/io/__init__.py": src / "io" / "__init__.py",
+        "hxp/io/chaos_unit.py": src / "io" / "chaos_unit.py",
+    }
+    dockerfile = f"FROM {PYTHON_IMAGE}\nCOPY hxp {CHAOS_PYTHONPATH}/hxp\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("Dockerfile", dockerfile.encode())] + [
+            (arc, path.read_bytes()) for arc, path in files.items()
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    client.images.build(fileobj=buf, custom_context=True, tag=tag, rm=True, pull=False)
+    return tag

@@ -136,7 +136,8 @@ def test_a_fault_revision_changes_only_its_unit() -> None:
     [
         (["--replay", "nine"], "--replay 'nine': expected SEED:RUN"),
         (["--runs", "0"], "--runs 0: must be 1 or more"),
-        (["--backend", "docker"], "--backend docker: not done yet"),
+        (["--backend", "docker"], "host local of"),
+        (["--backend", "systemd"], "uses backend process (hosts.local.backend)"),
     ],
 )
 def test_hxp_chaos_refuses_bad_input_with_exit_2(
@@ -158,3 +159,139 @@ def test_hxp_chaos_names_a_missing_stack_file(tmp_path, capsys) -> None:  # type
 
     assert main(["chaos", "-f", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: no such file" in capsys.readouterr().err
+
+
+# ================================================================ docker and systemd
+
+
+def test_the_generated_stack_runs_on_each_backend() -> None:
+    import yaml
+
+    from hxp.chaos import CHAOS_PYTHONPATH
+    from tests.support.render_data import stack_from_data
+
+    docker = generated_stack("s", [20001, 20002], "python3", "docker", image="img:1")
+    host = {"runner": "docker-exec", "container": "box"}
+    systemd = generated_stack("s", [20001, 20002], "python3", "systemd", host=host)
+    for data, backend in ((docker, "docker"), (systemd, "systemd")):
+        stack = stack_from_data(yaml.safe_load(yaml.safe_dump(data)))
+        assert stack.hosts["local"].backend == backend
+        u1 = stack.unit("u1")
+        assert u1.command[:3] == ["python3", "-m", "hxp.io.chaos_unit"]
+        assert u1.env["PYTHONPATH"] == CHAOS_PYTHONPATH
+        assert u1.depends_on == ["u0"]
+    assert stack_from_data(docker).unit("u0").image == "img:1"  # type: ignore[union-attr]
+    assert stack_from_data(systemd).hosts["local"].container == "box"
+    plain = generated_stack("s", [20001], "/py")
+    assert "PYTHONPATH" not in plain["services"]["u0"]["env"]  # type: ignore[index]
+    assert stack_from_data(plain).unit("u0").health.start_period == 2.0  # type: ignore[union-attr]
+    assert stack_from_data(systemd).unit("u0").health.start_period == 8.0  # type: ignore[union-attr]
+    short = generated_stack("s", [20001], "python3", "docker", image="i:1", start_period="3s")
+    assert stack_from_data(short).unit("u0").health.start_period == 3.0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"backend": "docker"}, "image: the docker backend needs an image"),
+        ({"backend": "systemd", "image": "x:1"}, "image: only the docker backend"),
+        ({"backend": "k8s"}, "backend 'k8s': expected one of process, docker, systemd"),
+    ],
+)
+def test_the_generated_stack_names_a_bad_field(kw: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        generated_stack("s", [20001], "python3", **kw)  # type: ignore[arg-type]
+
+
+def test_every_fault_but_the_not_yet_ones_applies_to_docker_and_systemd() -> None:
+    from hxp.chaos import NOT_YET
+
+    for backend in ("docker", "systemd"):
+        assert faults_for(backend) == faults_for("process") == list(FAULTS)
+        assert not set(NOT_YET) & set(faults_for(backend))
+
+
+def test_covering_runs_are_the_first_run_of_each_fault() -> None:
+    from hxp.chaos import covering_runs
+
+    faults = faults_for("docker")
+    runs = covering_runs(11, faults, DEPS)
+    plans = [plan_run(11, r, faults, DEPS) for r in runs]
+    assert {p.fault for p in plans} == set(faults)
+    assert runs == sorted(runs)
+    for p in plans:  # no earlier run drew the same fault
+        assert all(plan_run(11, r, faults, DEPS).fault is not p.fault for r in range(p.run))
+    with pytest.raises(ValueError, match="not drawn in 1 runs"):
+        covering_runs(11, faults, DEPS, limit=1)
+
+
+def test_a_docker_census_counts_running_containers_and_names_leftovers() -> None:
+    from hxp.chaos import Holder, census
+
+    names = {"a": "hxp-s-a", "b": "hxp-s-b", "c": "hxp-s-c"}
+    seen = census(
+        [
+            Holder("hxp-s-a", "a", True),
+            Holder("hxp-s-b", "b", True),
+            Holder("hxp-s-b-previous", "b", True),  # a kept old version still running
+            Holder("hxp-s-c-previous", "c", False),  # kept after the deploy ended
+            Holder("hxp-s-z", "z", False),  # an instance outside the stack
+        ],
+        ["a", "b", "c"],
+        names,
+    )
+    assert seen.per_instance == {"a": 1, "b": 2, "c": 0}
+    assert seen.leftovers == [
+        "container hxp-s-b-previous (running, instance b)",
+        "container hxp-s-c-previous (stopped, instance c)",
+        "container hxp-s-z (stopped, instance z)",
+    ]
+    clean = census([Holder("hxp-s-a", "a", True)], ["a"], {"a": "hxp-s-a"})
+    assert (clean.per_instance, clean.leftovers) == ({"a": 1}, [])
+
+
+def test_a_systemd_listing_counts_cgroup_processes_and_kept_files() -> None:
+    from hxp.chaos import census
+    from hxp.io.chaos import parse_systemd_listing
+
+    text = "\n".join(
+        [
+            "@units",
+            "hxp-s-a.service loaded active running A",
+            "hxp-s-b.service loaded active running B",
+            "hxp-s-a-g.service not-found inactive dead hxp-s-a-g.service",  # an After= only
+            "hxp-s-z.service loaded inactive dead Z",
+            "@files",
+            "hxp-s-a.service",
+            "hxp-s-b.service",
+            "hxp-s-c.service",
+            "@procs",
+            "hxp-s-a.service",
+            "hxp-s-b.service",
+            "hxp-s-b.service",
+            "@kept",
+            "/var/lib/hxp-systemd/s/b/previous.service",
+        ]
+    )
+    holders, kept = parse_systemd_listing(text, "s")
+    assert [(h.name, h.running, h.processes) for h in holders] == [
+        ("hxp-s-a.service", True, 1),
+        ("hxp-s-b.service", True, 2),
+        ("hxp-s-c.service", False, 0),
+        ("hxp-s-z.service", False, 0),
+    ]
+    names = {i: f"hxp-s-{i}.service" for i in "abc"}
+    seen = census(holders, ["a", "b", "c"], names, kept, kind="unit")
+    assert seen.per_instance == {"a": 1, "b": 2, "c": 0}
+    assert seen.leftovers == [
+        "unit hxp-s-z.service (stopped, instance z)",
+        "kept file /var/lib/hxp-systemd/s/b/previous.service",
+    ]
+    spec = FAULTS[Fault.NONE]
+    inst = InstanceSeen("b", True, "h", "h", True, seen.per_instance["b"])
+    found = violations(
+        spec,
+        Observation((0,), None, {}, [inst], {}, seen.leftovers, [], ["succeeded"], 0),
+    )
+    assert "b: 2 processes, expected exactly 1" in found
+    assert "left over: kept file /var/lib/hxp-systemd/s/b/previous.service" in found
