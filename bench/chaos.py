@@ -4,6 +4,10 @@ Each run injects one fault into a new revision of one unit or into the orchestra
 the invariants of hxp.chaos. Target (issue 19): at least 99.9% of runs consistent, so the last
 line's ratio is (inconsistent fraction / 0.001); ≤ 1.0 meets it.
 
+The generated stack has --units services, a model served by hxp-vllm-sim and an nginx gateway
+routing it (--plain: the services only); the state directory is the bench's own, on a small
+tmpfs it mounts (root), so the state-disk-full fault runs too.
+
 Run: .venv/bin/python bench/chaos.py [--runs 1000] [--units 4] [--seed S] [--out results.json]
 """
 
@@ -33,9 +37,15 @@ def main() -> None:
     parser.add_argument("--replay", metavar="SEED:RUN")
     parser.add_argument("--out", type=Path, help="the results as JSON (default: none)")
     parser.add_argument("--minutes", type=float, help="start no run after this many minutes")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="services only: no hxp-vllm-sim model, no gateway (and so no nginx-killed or "
+        "stalled-model runs)",
+    )
     args = parser.parse_args()
     from hxp.chaos import generated_stack, inconsistent_fraction, parse_replay, render_table
-    from tests.support.stacks import free_range
+    from tests.support.stacks import free_port, free_range
 
     seed = args.seed if args.seed is not None else random.randrange(1, 10**6)
     only = None
@@ -53,13 +63,16 @@ def main() -> None:
 
         from flows.chaos import Campaign, run_campaign, write_artifact
 
-        base = free_range(args.units)
-        stack = generated_stack("chaos", range(base, base + args.units), sys.executable)
+        base = free_range(args.units + 2)  # the model's two blue-green slots after the units
+        model, gateway = (None, None) if args.plain else (base + args.units, free_port())
+        stack = generated_stack(
+            "chaos", range(base, base + args.units), sys.executable, model, gateway
+        )
         stack_file = tmp / "stack.yaml"
         stack_file.write_text(yaml.safe_dump(stack, sort_keys=False))
         print(f"chaos bench: seed {seed}, {args.runs} runs, {args.units} units", flush=True)
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-            campaign = Campaign(stack_file, tmp / "state")
+            campaign = Campaign(stack_file, tmp / "state", own_state=True)
             try:
                 stop_at = time.monotonic() + args.minutes * 60 if args.minutes else None
                 results = run_campaign(

@@ -49,6 +49,14 @@ class FaultSpec:
     history: tuple[str, ...]
     backends: frozenset[str]
     about: str
+    #: what the stack (or campaign) must have for the fault to be injected: `model` (a routed
+    #: hxp-vllm-sim model), `gateway`, `own-state` (a state directory the campaign made itself)
+    needs: frozenset[str] = frozenset()
+    #: the faulty apply has an expected exit code and is followed by an apply of the last good
+    #: stack (after the fault is undone), which must exit 0
+    recovers: bool = False
+    #: other acceptable final states of the run's history rows
+    also: tuple[tuple[str, ...], ...] = ()
 
 
 _ALL = frozenset({"process", "docker", "systemd"})
@@ -119,20 +127,70 @@ FAULTS: dict[Fault, FaultSpec] = {
             "two applies of two new revisions at once: both succeed, one after the other; the "
             "later one's revision runs",
         ),
+        FaultSpec(
+            Fault.STATE_DISK_FULL,
+            1,
+            "previous",
+            ("failed", "succeeded"),
+            frozenset({"process"}),
+            "the state directory's file system (a tmpfs the campaign mounted) is filled once the "
+            "new revision runs; the apply must fail with a clear message (exit 1); with the "
+            "space freed, the next apply of the last good stack must exit 0 (the faulty apply's "
+            "row ends failed, or interrupted when not even that could be written)",
+            needs=frozenset({"own-state"}),
+            recovers=True,
+            also=(("interrupted", "succeeded"),),
+        ),
+        FaultSpec(
+            Fault.NGINX_KILLED,
+            0,
+            "new",
+            ("succeeded",),
+            frozenset({"process"}),
+            "a new model revision moves in blue-green; the gateway's nginx master is SIGKILLed "
+            "once the new slot runs, before the switch: the deploy must restart the gateway "
+            "and commit, routing exactly the healthy instances",
+            needs=frozenset({"model", "gateway"}),
+        ),
+        FaultSpec(
+            Fault.STALLED_MODEL,
+            1,
+            "previous",
+            ("failed",),
+            frozenset({"process"}),
+            "a new model revision gets ready, then its engine stalls (hxp-vllm-sim "
+            "--stall-after): the bake window must fail it and the previous revision serve",
+            needs=frozenset({"model"}),
+        ),
     )
 }
 
+#: Faults that change a model unit (the others change a service).
+MODEL_FAULTS = frozenset({Fault.NGINX_KILLED, Fault.STALLED_MODEL})
+
 #: Faults named by the issue that this campaign does not inject yet (see docs/reliability.md).
-NOT_YET: tuple[Fault, ...] = (
-    Fault.DOCKER_RESTART,
-    Fault.STATE_DISK_FULL,
-    Fault.NGINX_KILLED,
-    Fault.STALLED_MODEL,
-)
+NOT_YET: tuple[Fault, ...] = (Fault.DOCKER_RESTART,)
 
 
-def faults_for(backend: str) -> list[Fault]:
-    return [f for f, spec in FAULTS.items() if backend in spec.backends]
+def faults_for(backend: str, have: frozenset[str] = frozenset()) -> list[Fault]:
+    """The faults a campaign on `backend` injects, given what the stack and campaign `have`
+    (FaultSpec.needs); without `have`, the faults every stack gets."""
+    return [f for f, spec in FAULTS.items() if backend in spec.backends and spec.needs <= have]
+
+
+def skipped_faults(backend: str, have: frozenset[str]) -> dict[Fault, str]:
+    """The faults of `backend` a campaign leaves out, each with why."""
+    why = {
+        "model": "the stack has no routed hxp-vllm-sim model with an http check",
+        "gateway": "the stack has no gateway",
+        "own-state": "the state directory is not one the campaign made (it mounts a small file "
+        "system there to fill; it never does that on a user's state directory)",
+    }
+    return {
+        f: "; ".join(why[n] for n in sorted(spec.needs - have))
+        for f, spec in FAULTS.items()
+        if backend in spec.backends and not spec.needs <= have
+    }
 
 
 @dataclass(frozen=True)
@@ -167,10 +225,15 @@ def parse_replay(text: str) -> tuple[int, int]:
 
 
 def plan_run(
-    seed: int, run: int, faults: Sequence[Fault], dependencies: Mapping[str, Sequence[str]]
+    seed: int,
+    run: int,
+    faults: Sequence[Fault],
+    dependencies: Mapping[str, Sequence[str]],
+    models: Sequence[str] = (),
 ) -> RunPlan:
     """Run `run` of campaign `seed`: its own generator picks a fault and a unit (for a fault
-    that needs a changed dependency too, a unit that has one)."""
+    that needs a changed dependency too, a unit that has one; for a model fault, one of
+    `models`)."""
     if not faults:
         raise ValueError("no fault to inject")
     units = sorted(dependencies)
@@ -179,6 +242,10 @@ def plan_run(
     rng = random.Random(f"hxp-chaos:{seed}:{run}")  # noqa: S311 - a replayable draw
     fault = rng.choice(list(faults))
     partner = None
+    if fault in MODEL_FAULTS:
+        if not models:
+            raise ValueError(f"{fault}: the stack has no model to inject it into")
+        return RunPlan(seed, run, fault, rng.choice(sorted(models)), None, f"{seed}-{run}")
     if fault is Fault.KILL_DURING_ROLLBACK:
         with_deps = [u for u in units if dependencies[u]]
         if not with_deps:
@@ -196,8 +263,9 @@ def plan_campaign(
     runs: int,
     faults: Sequence[Fault],
     dependencies: Mapping[str, Sequence[str]],
+    models: Sequence[str] = (),
 ) -> list[RunPlan]:
-    return [plan_run(seed, run, faults, dependencies) for run in range(runs)]
+    return [plan_run(seed, run, faults, dependencies, models) for run in range(runs)]
 
 
 # ================================================================ invariants
@@ -232,6 +300,7 @@ class Observation:
     should_route: frozenset[str] | None = None  # the healthy routed instances
     reserved: frozenset[str] = frozenset()  # instances holding GPU reservations
     gpu_models: frozenset[str] = frozenset()  # running model instances that claim GPUs
+    gateway_up: bool | None = None  # its nginx master runs and its routes accept (None: none)
 
 
 def violations(spec: FaultSpec, seen: Observation) -> list[str]:
@@ -239,6 +308,8 @@ def violations(spec: FaultSpec, seen: Observation) -> list[str]:
     out: list[str] = []
     if spec.exit_code is not None and any(c != spec.exit_code for c in seen.exit_codes):
         out.append(f"exit code {list(seen.exit_codes)}, expected {spec.exit_code}")
+    if spec.recovers and seen.recovery_exit != 0:
+        out.append(f"the next apply of the last good stack exited {seen.recovery_exit}")
     if spec.exit_code is None:
         if any(c is not None and c >= 0 for c in seen.exit_codes):
             out.append(f"the orchestrator was to be killed but exited {list(seen.exit_codes)}")
@@ -265,7 +336,7 @@ def violations(spec: FaultSpec, seen: Observation) -> list[str]:
             out.append(f"{inst.name}: {inst.processes} processes, expected exactly 1")
     out.extend(f"left over: {what}" for what in seen.leftovers)
     out.extend(f"plan not empty: {change}" for change in seen.plan_changes)
-    if tuple(seen.history) != spec.history:
+    if tuple(seen.history) != spec.history and tuple(seen.history) not in spec.also:
         out.append(f"history rows {list(seen.history)}, expected {list(spec.history)}")
     if seen.unfinished:
         out.append(f"{seen.unfinished} history row(s) still running")
@@ -274,6 +345,8 @@ def violations(spec: FaultSpec, seen: Observation) -> list[str]:
             f"the gateway routes {sorted(seen.routed)}, the healthy routed instances are "
             f"{sorted(seen.should_route or ())}"
         )
+    if seen.gateway_up is False:
+        out.append("the gateway is down (no nginx master, or a route refuses connections)")
     if seen.reserved != seen.gpu_models:
         out.append(
             f"GPU reservations held by {sorted(seen.reserved)}, running GPU models are "
@@ -377,15 +450,33 @@ UNIT_FAULTS: dict[Fault, tuple[str, float] | None] = {
     Fault.KILL_DURING_APPLY: ("slow", 3.0),  # a window to kill the orchestrator in
     Fault.KILL_DURING_ROLLBACK: ("immediate-exit", 0.0),
     Fault.CONCURRENT_APPLIES: None,
+    Fault.STATE_DISK_FULL: None,
+    Fault.NGINX_KILLED: None,
+    Fault.STALLED_MODEL: None,
 }
+
+#: The generated model's hxp-vllm-sim arguments, and what a stalled-model revision adds: its
+#: engine stops making progress this long after it starts (its /health still answers 200).
+MODEL_SIM_ARGS = ["--latency-ms", "2", "--tokens-per-second", "2000"]
+STALL_AFTER = 1.5
+#: The generated model's bake window: a stalled revision fails inside it.
+MODEL_BAKE = "3s"
 
 MISSING = "/nonexistent/hxp-chaos-missing"
 
 
-def generated_stack(name: str, ports: Sequence[int], python: str) -> dict[str, object]:
+def generated_stack(
+    name: str,
+    ports: Sequence[int],
+    python: str,
+    model_port: int | None = None,
+    gateway_port: int | None = None,
+) -> dict[str, object]:
     """A small stack for campaigns: len(ports) services of hxp.io.chaos_unit on the process
     backend, each depending on the one or two before it, with fast checks (a never-ready
-    revision fails in about 3 s)."""
+    revision fails in about 3 s). With `model_port`, also a model `m0` served by hxp-vllm-sim
+    (one replica; a new revision moves in blue-green when it is routed); with `gateway_port`
+    too, an nginx gateway routing `m0` there."""
     services: dict[str, object] = {}
     for i, port in enumerate(ports):
         deps = [f"u{j}" for j in range(max(0, i - 2), i)] if i else []
@@ -404,7 +495,42 @@ def generated_stack(name: str, ports: Sequence[int], python: str) -> dict[str, o
                 "start_period": "2s",
             },
         }
-    return {"stack": name, "hosts": {"local": {"backend": "process"}}, "services": services}
+    out: dict[str, object] = {
+        "stack": name,
+        "hosts": {"local": {"backend": "process"}},
+        "services": services,
+    }
+    if model_port is None:
+        return out
+    out["models"] = {
+        "m0": {
+            "host": "local",
+            "engine": "simulator",
+            "python": python,
+            "model": "hxp-sim/chaos",
+            "served_name": "m0",
+            "replicas": 1,
+            "port": model_port,
+            "simulator_args": list(MODEL_SIM_ARGS),
+            "env": {"HXP_CHAOS_VERSION": "0"},
+            "stop_timeout": "2s",
+            "bake": MODEL_BAKE,
+            "health": {
+                "http": {"url": f"http://127.0.0.1:{model_port}/health"},
+                "interval": "300ms",
+                "timeout": "1s",
+                "retries": 2,
+                "start_period": "10s",
+            },
+        }
+    }
+    if gateway_port is not None:
+        out["gateway"] = {
+            "host": "local",
+            "routes": {"m0": gateway_port},
+            "drain_timeout": "2s",
+        }
+    return out
 
 
 def new_revision(
@@ -421,6 +547,19 @@ def new_revision(
     out = copy.deepcopy(dict(good))
     services = out["services"]
     assert isinstance(services, dict)
+    models = out.get("models") or {}
+    assert isinstance(models, dict)
+    if unit in models and unit not in services:
+        model = models[unit]
+        model["env"] = {**model.get("env", {}), "HXP_CHAOS_VERSION": version}
+        args = [a for a in model.get("simulator_args", MODEL_SIM_ARGS)]
+        if "--stall-after" in args:  # a clean revision drops an earlier run's stall
+            at = args.index("--stall-after")
+            del args[at : at + 2]
+        if fault is Fault.STALLED_MODEL:
+            args += ["--stall-after", f"{STALL_AFTER:g}"]
+        model["simulator_args"] = args
+        return out
     svc = services[unit]
     svc["env"] = {**svc.get("env", {}), "HXP_CHAOS_VERSION": version}
     if fault is Fault.MISSING_EXECUTABLE:

@@ -24,10 +24,12 @@ from tests.unit.test_vllm_sim import running
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[NginxGateway, str]]:
     port = free_port()
-    gw = NginxGateway(tmp_path / "state", "killed", GatewaySpec(host="local", routes={"chat": port}))
+    gw = NginxGateway(
+        tmp_path / "state", "killed", GatewaySpec(host="local", routes={"chat": port})
+    )
     yield gw, f"http://127.0.0.1:{port}"
     gw.stop()
-    gw._reap_orphans()  # noqa: SLF001 - whatever a failed run left
+    gw._reap_orphans()
 
 
 def test_a_route_change_after_the_master_was_killed_restarts_the_gateway(
@@ -42,7 +44,7 @@ def test_a_route_change_after_the_master_was_killed_restarts_the_gateway(
         gw.apply({"chat": [one.port]})
         old = gw.master_pid()
         assert old is not None
-        workers = gw._workers(old)  # noqa: SLF001
+        workers = gw._workers(old)
         assert workers
         os.kill(old, signal.SIGKILL)
         time.sleep(0.2)
@@ -52,7 +54,8 @@ def test_a_route_change_after_the_master_was_killed_restarts_the_gateway(
         gw.swap("chat", one.port, two.port)
 
         new = gw.master_pid()
-        assert new is not None and new != old
+        assert new is not None
+        assert new != old
         assert not any(_alive(w) for w in workers)
         assert gw.servers() == {"chat": [f"127.0.0.1:{two.port}"]}
         with httpx.Client(timeout=5) as client:
