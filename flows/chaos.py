@@ -46,6 +46,7 @@ from hxp.io.chaos import (
     process_census,
     process_hash,
     remove_process_stack,
+    running_hashes,
     stop_gateway,
     unmount,
 )
@@ -345,11 +346,9 @@ class Campaign:
 
     def _unit_runs(self, unit: str, want: str) -> bool:
         """An instance of `unit` (any blue-green slot) runs the config hash `want`."""
-        from hxp.backends.process import ProcessBackend
-
         slots = {i.name for i in all_slots(self._load(self.work / "good.yaml"), unit)}
-        seen = ProcessBackend(self.state).observe(self.name)
-        return any(o.config_hash == want and o.running for n, o in seen.items() if n in slots)
+        running = running_hashes(self.state, self.name)
+        return any(h == want for n, h in running.items() if n in slots)
 
     def _hash_of(self, unit: str) -> str | None:
         return process_hash(self.state, self.name, unit)

@@ -102,6 +102,12 @@ def process_hash(state_dir: str | Path, stack: str, instance: str) -> str | None
     return seen.config_hash if seen else None
 
 
+def running_hashes(state_dir: str | Path, stack: str) -> dict[str, str | None]:
+    """The config hash of every process-backend instance of `stack` that runs."""
+    seen = ProcessBackend(state_dir).observe(stack)
+    return {name: o.config_hash for name, o in seen.items() if o.running}
+
+
 def remove_process_stack(state_dir: str | Path, stack: str) -> None:
     """Remove every process-backend instance of `stack` (the campaign's teardown)."""
     backend = ProcessBackend(state_dir)
