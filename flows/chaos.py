@@ -297,8 +297,9 @@ class Campaign:
         elif plan.fault is Fault.NGINX_KILLED:
             want = unit_config_hash(cand_stack, plan.unit)
             stack_now = cand_stack
+            slots = {i.name for i in all_slots(cand_stack, plan.unit)}
             killer = _When(
-                lambda: self._unit_runs(plan.unit, want),
+                lambda: self._unit_runs(slots, want),
                 lambda: kill_gateway_master(stack_now, self.state),
             )
             codes = [self._apply_here(cand_file)]
@@ -344,9 +345,8 @@ class Campaign:
         )
         return result
 
-    def _unit_runs(self, unit: str, want: str) -> bool:
-        """An instance of `unit` (any blue-green slot) runs the config hash `want`."""
-        slots = {i.name for i in all_slots(self._load(self.work / "good.yaml"), unit)}
+    def _unit_runs(self, slots: set[str], want: str) -> bool:
+        """An instance in `slots` (a unit's blue-green slots) runs the config hash `want`."""
         running = running_hashes(self.state, self.name)
         return any(h == want for n, h in running.items() if n in slots)
 
