@@ -147,38 +147,43 @@ class Campaign:
         )
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = log
-        raw = yaml.safe_load(stack_file.read_text())
-        if not isinstance(raw, dict):
-            raise InputError(f"{stack_file}: not a stack mapping")
-        self.good: dict[str, Any] = raw
-        stack = self._load(self._write("good", raw))
-        for name, host in stack.hosts.items():
-            if host.backend != backend:
-                raise InputError(
-                    f"{stack_file}: host {name} uses backend {host.backend}, not {backend}"
-                )
-        self.name = stack.stack
-        self.ports = {u: check_port(stack, u) for u in stack.services}
-        targets = {u: p for u, p in self.ports.items() if p is not None}
-        if not targets:
-            raise InputError(f"{stack_file}: no service with an http or tcp health check")
-        self.deps = {u: [d for d in stack.unit(u).depends_on if d in targets] for u in targets}
-        routes = stack.gateway.routes if stack.gateway is not None else None
-        self.models = sorted(
-            m
-            for m, spec in stack.models.items()
-            if spec.engine == "simulator"
-            and spec.health is not None
-            and spec.health.http is not None
-            and (routes is None or m in routes)
-        )
-        if self.models:
-            have.add("model")
-            if routes is not None:
-                have.add("gateway")
-        self.faults = faults_for(backend, frozenset(have))
-        self.skipped = skipped_faults(backend, frozenset(have))
-        self.store = Store(state_dir)
+        try:
+            raw = yaml.safe_load(stack_file.read_text())
+            if not isinstance(raw, dict):
+                raise InputError(f"{stack_file}: not a stack mapping")
+            self.good: dict[str, Any] = raw
+            stack = self._load(self._write("good", raw))
+            for name, host in stack.hosts.items():
+                if host.backend != backend:
+                    raise InputError(
+                        f"{stack_file}: host {name} uses backend {host.backend}, not {backend}"
+                    )
+            self.name = stack.stack
+            self.ports = {u: check_port(stack, u) for u in stack.services}
+            targets = {u: p for u, p in self.ports.items() if p is not None}
+            if not targets:
+                raise InputError(f"{stack_file}: no service with an http or tcp health check")
+            self.deps = {u: [d for d in stack.unit(u).depends_on if d in targets] for u in targets}
+            routes = stack.gateway.routes if stack.gateway is not None else None
+            self.models = sorted(
+                m
+                for m, spec in stack.models.items()
+                if spec.engine == "simulator"
+                and spec.health is not None
+                and spec.health.http is not None
+                and (routes is None or m in routes)
+            )
+            if self.models:
+                have.add("model")
+                if routes is not None:
+                    have.add("gateway")
+            self.faults = faults_for(backend, frozenset(have))
+            self.skipped = skipped_faults(backend, frozenset(have))
+            self.store = Store(state_dir)
+        except BaseException:
+            if self.mounted:  # bad input: leave nothing mounted
+                unmount(state_dir)
+            raise
 
     # ------------------------------------------------------------------ files and applies
 
