@@ -143,8 +143,20 @@ class Supervisor:
         return os.path.join(self.dir, name)
 
     def record(self, **changes: Any) -> None:
+        """Keep `changes` and write the whole state to supervisor.json. A write that fails (a
+        full disk) is skipped, not raised: the supervisor must go on supervising, and above
+        all stop its child when told to (dying here left the child running with nobody to
+        stop it, holding its port); the next record writes the whole state again."""
         self.state.update(changes)
-        write_json(self._path("supervisor.json"), self.state)
+        path = self._path("supervisor.json")
+        try:
+            write_json(path, self.state)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".tmp")
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"hxp supervisor: cannot record its state: {exc}\n")
+                sys.stderr.flush()
 
     def env(self) -> dict[str, str]:
         base = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}

@@ -133,6 +133,7 @@ def stop_gateway(stack: Stack, state_dir: str | Path) -> None:
 
     gateway = stack_gateway(stack, state_dir)
     gateway.stop()
+    gateway.reap_orphans()  # the workers of a master the nginx-killed fault killed last
     gateway.clear()
 
 

@@ -332,10 +332,10 @@ class NginxGateway:
                 if self.master_pid() is None:  # it died while reloading
                     pid = None
         if pid is None:
-            self._reap_orphans()
+            self.reap_orphans()
             self._start()
 
-    def _reap_orphans(self) -> None:
+    def reap_orphans(self) -> None:
         """Before a start with no master running: stop the workers a killed master left
         behind (SIGKILL does not reach them; they keep the gateway's ports, so a new master
         could not listen). A process is one when it is nginx's and holds a file under this

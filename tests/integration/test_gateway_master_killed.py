@@ -29,7 +29,7 @@ def gateway(tmp_path: Path) -> Iterator[tuple[NginxGateway, str]]:
     )
     yield gw, f"http://127.0.0.1:{port}"
     gw.stop()
-    gw._reap_orphans()
+    gw.reap_orphans()
 
 
 def test_a_route_change_after_the_master_was_killed_restarts_the_gateway(
