@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from hxp.backends.base import Create, Remove, UnitRef
+from hxp.backends.base import Create, Remove, Start, Stop, UnitRef
 from hxp.backends.process import ProcessBackend
 from hxp.config import load_config
+from hxp.errors import BackendError
 from hxp.io.chaos import fill, free, mount_small_fs, unmount
 from hxp.units import expand_units
 from tests.integration.test_process_backend import serving, wait_for
@@ -66,6 +67,47 @@ def test_a_supervisor_on_a_full_disk_keeps_supervising_and_stops_its_program(
         free(small_state)
         for name in backend.observe(stack.stack):
             backend.apply(Remove(UnitRef(stack.stack, name, name)))
+
+
+def test_a_start_that_cannot_be_recorded_leaves_nothing_running(
+    small_state: Path, tmp_path: Path
+) -> None:
+    """The backend knows a start only by the supervisor's record of its program: on a full
+    disk the start fails, and neither the supervisor nor its program stays behind (one did,
+    unseen, holding the port; the next start ran a second copy beside it)."""
+    path, ports = web_stack(tmp_path)
+    stack = load_config([path], {}).stack
+    backend = ProcessBackend(small_state)
+    unit = next(u for u in expand_units(stack, {"db"}))
+    directory = backend.root / "t" / "db"
+    try:
+        backend.apply(Create(unit, "h", 1))
+        wait_for(lambda: serving(ports["db"]))
+        backend.apply(Remove(UnitRef.of(unit)))
+        backend.apply(Create(unit, "h", 1))  # its files are written, then the disk fills
+        backend.apply(Stop(UnitRef.of(unit)))
+        fill(small_state)
+        with pytest.raises(BackendError, match="did not start"):
+            backend.apply(Start(UnitRef.of(unit)))
+        wait_for(lambda: not _in(directory), timeout=10)
+        assert not serving(ports["db"])
+    finally:
+        free(small_state)
+        for name in backend.observe(stack.stack):
+            backend.apply(Remove(UnitRef(stack.stack, name, name)))
+
+
+def _in(directory: Path) -> list[int]:
+    """Processes whose working directory is `directory` (the unit's supervisor runs there)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "cwd") == str(directory):
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return [p for p in out if _running(p)]
 
 
 def _children(pid: int) -> list[int]:
