@@ -8,6 +8,10 @@ Each run injects one fault into a new revision of one unit or into the orchestra
 the invariants of hxp.chaos. Target (issue 19): at least 99.9% of runs consistent, so the last
 line's ratio is (inconsistent fraction / 0.001); ≤ 1.0 meets it.
 
+The generated stack has --units services, a model served by hxp-vllm-sim and an nginx gateway
+routing it (--plain: the services only); the state directory is the bench's own, on a small
+tmpfs it mounts (root), so the state-disk-full fault runs too.
+
 Run: .venv/bin/python bench/chaos.py [--runs 1000] [--units 4] [--seed S] [--out results.json]
          [--backend process|docker|systemd]
 """
@@ -33,14 +37,21 @@ sys.path.insert(0, str(ROOT))
 
 
 def lab_stack(
-    lab: contextlib.ExitStack, backend: str, ports: range, tmp: Path
+    lab: contextlib.ExitStack, backend: str, ports: range, tmp: Path, rich: bool = False
 ) -> dict[str, object]:
     """The generated stack for `backend`, with what it runs on started inside `lab`: for docker
-    and systemd a private dockerd (DOCKER_HOST points at it while the lab lasts)."""
+    and systemd a private dockerd (DOCKER_HOST points at it while the lab lasts). `rich`
+    (process backend): with a simulated model after the ports and a gateway routing it."""
     from hxp.chaos import generated_stack
+    from tests.support.stacks import free_port
 
     if backend == "process":
-        return generated_stack("chaos", ports, sys.executable)
+        if not rich:
+            return generated_stack("chaos", ports, sys.executable)
+        model, gateway = ports.stop, free_port()
+        return generated_stack(
+            "chaos", ports, sys.executable, model_port=model, gateway_port=gateway
+        )
     from tests.support.docker_engine import build_chaos_image, private_dockerd
 
     url = lab.enter_context(private_dockerd(tmp / "dockerd"))
@@ -76,6 +87,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="the results as JSON (default: none)")
     parser.add_argument("--minutes", type=float, help="start no run after this many minutes")
     parser.add_argument("--backend", choices=["process", "docker", "systemd"], default="process")
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="services only: no hxp-vllm-sim model, no gateway (and so no nginx-killed or "
+        "stalled-model runs); the docker and systemd campaigns are always plain",
+    )
     args = parser.parse_args()
     from hxp.chaos import inconsistent_fraction, parse_replay, render_table
     from tests.support.stacks import free_range
@@ -101,11 +118,12 @@ def main() -> None:
             contextlib.ExitStack() as lab,
             temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
         ):
-            base = free_range(args.units)
-            stack = lab_stack(lab, args.backend, range(base, base + args.units), tmp)
+            rich = args.backend == "process" and not args.plain
+            base = free_range(args.units + 2)  # the model's two blue-green slots after the units
+            stack = lab_stack(lab, args.backend, range(base, base + args.units), tmp, rich)
             stack_file = tmp / "stack.yaml"
             stack_file.write_text(yaml.safe_dump(stack, sort_keys=False))
-            campaign = Campaign(stack_file, tmp / "state", args.backend)
+            campaign = Campaign(stack_file, tmp / "state", args.backend, own_state=rich)
             lab.callback(campaign.teardown)
             stop_at = time.monotonic() + args.minutes * 60 if args.minutes else None
             results = run_campaign(

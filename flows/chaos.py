@@ -11,8 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from hxp.chaos import (
     faults_for,
     new_revision,
     plan_run,
+    skipped_faults,
     violations,
 )
 from hxp.config import load_config, unit_config_hash
@@ -37,17 +39,25 @@ from hxp.errors import HxpError, InputError
 from hxp.io.chaos import (
     answers,
     docker_census,
+    fill,
+    free,
     gateway_routes,
+    gateway_up,
     install_unit_program,
+    kill_gateway_master,
+    mount_small_fs,
     observed,
     process_census,
     process_hash,
     remove_stack,
+    running_hashes,
+    stop_gateway,
     systemd_census,
+    unmount,
 )
 from hxp.spec import Stack
 from hxp.store import Store
-from hxp.units import expand_units
+from hxp.units import UnitInstance, all_slots, expand_units, slot_instances
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_WAIT_SECONDS = 60.0
@@ -67,8 +77,48 @@ def check_port(stack: Stack, unit: str) -> int | None:
     return None
 
 
+def running_slot(stack: Stack, inst: UnitInstance, seen: Mapping[str, Any]) -> UnitInstance:
+    """The instance as it runs: a unit behind the gateway lives in slot `x` or `x-g` (a
+    blue-green move alternates them); the other slot when only that one exists."""
+    if stack.gateway is None or inst.unit not in stack.gateway.routes or inst.name in seen:
+        return inst
+    other = {i.name: i for i in slot_instances(stack, inst.unit, 1)}.get(f"{inst.name}-g")
+    return other if other is not None and other.name in seen else inst
+
+
+class _When:
+    """A thread that does `act` once `ready()` holds (polled every 20 ms) until stopped: how a
+    fault is injected in the middle of an apply made in this process."""
+
+    def __init__(self, ready: Callable[[], bool], act: Callable[[], object]) -> None:
+        self.done = False
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready, act), daemon=True)
+        self._thread.start()
+
+    def _run(self, ready: Callable[[], bool], act: Callable[[], object]) -> None:
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                if ready():
+                    act()
+                    self.done = True
+                    return
+            except Exception as exc:  # reported as the run's error, not raised in a thread
+                self.error = f"{type(exc).__name__}: {exc}"
+                return
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Campaign:
-    """Runs of one campaign on one stack file and state directory."""
+    """Runs of one campaign on one stack file and state directory. `own_state`: the caller
+    made `state_dir` for this campaign (bench, tests): it may mount a small file system there
+    and fill it (the state-disk-full fault); never on a user's state directory."""
 
     def __init__(
         self,
@@ -76,6 +126,7 @@ class Campaign:
         state_dir: Path,
         backend: str = "process",
         log: Callable[[str], None] = print,
+        own_state: bool = False,
     ) -> None:
         if backend not in BACKENDS:
             raise InputError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
@@ -83,33 +134,67 @@ class Campaign:
         # The unit program's interpreter: this one here; the host's or image's elsewhere.
         self.python = sys.executable if backend == "process" else "python3"
         self.state = state_dir
-        self.work = state_dir / "chaos"
+        self.mounted = False
+        have: set[str] = set()
+        if own_state:
+            try:
+                mount_small_fs(state_dir)
+            except HxpError as exc:
+                log(f"state-disk-full not injected: {exc}")
+            else:
+                self.mounted = True
+                have.add("own-state")
+        # the campaign's own files stay off a file system it fills
+        self.work = (
+            state_dir.with_name(state_dir.name + ".chaos")
+            if self.mounted
+            else (state_dir / "chaos")
+        )
         self.work.mkdir(parents=True, exist_ok=True)
         self.log = log
-        raw = yaml.safe_load(stack_file.read_text())
-        if not isinstance(raw, dict):
-            raise InputError(f"{stack_file}: not a stack mapping")
-        self.good: dict[str, Any] = raw
-        stack = self._load(self._write("good", raw))
-        for name, host in stack.hosts.items():
-            if host.backend != backend:
-                raise InputError(
-                    f"{stack_file}: host {name} uses backend {host.backend}, not {backend}"
-                )
-            if backend == "docker" and host.runner != "local":
-                raise InputError(
-                    f"{stack_file}: host {name}: the docker campaign counts containers on the "
-                    f"local engine (DOCKER_HOST), not through runner {host.runner}"
-                )
-        self.stack = stack
-        self.name = stack.stack
-        self.ports = {u: check_port(stack, u) for u in stack.services}
-        targets = {u: p for u, p in self.ports.items() if p is not None}
-        if not targets:
-            raise InputError(f"{stack_file}: no service with an http or tcp health check")
-        self.deps = {u: [d for d in stack.unit(u).depends_on if d in targets] for u in targets}
-        self.faults = faults_for(backend)
-        self.store = Store(state_dir)
+        try:
+            raw = yaml.safe_load(stack_file.read_text())
+            if not isinstance(raw, dict):
+                raise InputError(f"{stack_file}: not a stack mapping")
+            self.good: dict[str, Any] = raw
+            stack = self._load(self._write("good", raw))
+            for name, host in stack.hosts.items():
+                if host.backend != backend:
+                    raise InputError(
+                        f"{stack_file}: host {name} uses backend {host.backend}, not {backend}"
+                    )
+                if backend == "docker" and host.runner != "local":
+                    raise InputError(
+                        f"{stack_file}: host {name}: the docker campaign counts containers on "
+                        f"the local engine (DOCKER_HOST), not through runner {host.runner}"
+                    )
+            self.stack = stack
+            self.name = stack.stack
+            self.ports = {u: check_port(stack, u) for u in stack.services}
+            targets = {u: p for u, p in self.ports.items() if p is not None}
+            if not targets:
+                raise InputError(f"{stack_file}: no service with an http or tcp health check")
+            self.deps = {u: [d for d in stack.unit(u).depends_on if d in targets] for u in targets}
+            routes = stack.gateway.routes if stack.gateway is not None else None
+            self.models = sorted(
+                m
+                for m, spec in stack.models.items()
+                if spec.engine == "simulator"
+                and spec.health is not None
+                and spec.health.http is not None
+                and (routes is None or m in routes)
+            )
+            if self.models:
+                have.add("model")
+                if routes is not None:
+                    have.add("gateway")
+            self.faults = faults_for(backend, frozenset(have))
+            self.skipped = skipped_faults(backend, frozenset(have))
+            self.store = Store(state_dir)
+        except BaseException:
+            if self.mounted:  # bad input: leave nothing mounted
+                unmount(state_dir)
+            raise
 
     # ------------------------------------------------------------------ files and applies
 
@@ -173,6 +258,8 @@ class Campaign:
     def setup(self) -> None:
         """Deploy the stack as given: the first good revision every run starts from (on
         systemd hosts, the unit program is installed first)."""
+        for fault, why in self.skipped.items():
+            self.log(f"{fault} not injected: {why}")
         if self.backend == "systemd":
             for host in self.stack.hosts:
                 install_unit_program(self.stack, host)
@@ -183,14 +270,13 @@ class Campaign:
     # ------------------------------------------------------------------ one run
 
     def plan(self, seed: int, run: int) -> RunPlan:
-        return plan_run(seed, run, self.faults, self.deps)
+        return plan_run(seed, run, self.faults, self.deps, self.models)
 
     def run(self, plan: RunPlan) -> RunResult:
         result = RunResult(plan)
         spec = FAULTS[plan.fault]
         python = self.python
-        port = self.ports[plan.unit]
-        assert port is not None
+        port = self.ports.get(plan.unit) or 0  # a model's revisions keep its own port
         before = self._last_id()
         good_file = self._write("good", self.good)
         candidate = new_revision(self.good, plan.unit, plan.fault, plan.version, python, port)
@@ -228,6 +314,35 @@ class Campaign:
                 result.error = "the moment to kill the orchestrator never came"
             recovery = self._apply_here(good_file)
             final = self.good
+        elif plan.fault is Fault.NGINX_KILLED:
+            want = unit_config_hash(cand_stack, plan.unit)
+            stack_now = cand_stack
+            slots = {i.name for i in all_slots(cand_stack, plan.unit)}
+            killer = _When(
+                lambda: self._unit_runs(slots, want),
+                lambda: kill_gateway_master(stack_now, self.state),
+            )
+            codes = [self._apply_here(cand_file)]
+            killer.stop()
+            if not killer.done:
+                result.error = killer.error or "the moment to kill nginx never came"
+        elif plan.fault is Fault.STATE_DISK_FULL:
+            want = unit_config_hash(cand_stack, plan.unit)
+            proc = self._apply_process(cand_file, f"run-{plan.run}")
+            seen = self._wait(lambda: self._hash_of(plan.unit) == want, proc)
+            if seen:
+                fill(self.state)
+            codes = [proc.wait()]
+            free(self.state)
+            if not seen:
+                result.error = "the moment to fill the disk never came"
+            log_text = (self.work / f"run-{plan.run}.log").read_text(errors="replace")
+            if "Traceback" in log_text or "internal error" in log_text:
+                result.violations.append("the failed apply printed no clear error (see its log)")
+            elif seen and codes != [0] and "error: " not in log_text:
+                result.violations.append("the failed apply printed no error")
+            recovery = self._apply_here(good_file)
+            final = self.good
         else:
             codes = [self._apply_here(cand_file)]
             if spec.outcome == "previous":
@@ -242,13 +357,18 @@ class Campaign:
         if committed:
             self.good = final if spec.outcome == "new" else candidate
         observed_file = self._write("good", self.good)
-        result.violations = violations(
+        result.violations += violations(
             spec,
             self.observe(
                 self._load(observed_file), codes, recovery, expected_stack, rows, observed_file
             ),
         )
         return result
+
+    def _unit_runs(self, slots: set[str], want: str) -> bool:
+        """An instance in `slots` (a unit's blue-green slots) runs the config hash `want`."""
+        running = running_hashes(self.state, self.name)
+        return any(h == want for n, h in running.items() if n in slots)
 
     def _hash_of(self, unit: str) -> str | None:
         if self.backend == "process":
@@ -277,8 +397,7 @@ class Campaign:
         python = self.python
         clean = self.good
         for unit in filter(None, (plan.unit, plan.partner)):
-            port = self.ports[unit]
-            assert port is not None
+            port = self.ports.get(unit) or 0
             clean = new_revision(clean, unit, Fault.NONE, plan.version + "-repair", python, port)
         if self._apply_here(self._write(f"run-{plan.run}-repair", clean)) != 0:
             return False
@@ -299,12 +418,12 @@ class Campaign:
         from hxp.plan import plan_stack
 
         seen = observed(stack, self.state)
-        instances = expand_units(stack)
+        routes = stack.gateway.routes if stack.gateway is not None else {}
+        instances = [running_slot(stack, inst, seen) for inst in expand_units(stack)]
         names = {i.name for i in instances}
         counted = self._census(stack, sorted(names))
         out: list[InstanceSeen] = []
         should_route: set[str] = set()
-        routes = stack.gateway.routes if stack.gateway is not None else {}
         for inst in instances:
             obs = seen.get(inst.name)
             good = self.store.last_good(self.name, inst.unit)
@@ -326,7 +445,9 @@ class Campaign:
         content = load_config([good_file], {}).content_hash
         plan = plan_stack(stack, seen, content)
         changes = [f"{a.instance}: {a.kind.value} ({a.reason})" for a in plan.actions]
-        expected_hash = {u: unit_config_hash(expected, u) for u in expected.services}
+        expected_hash = {
+            u: unit_config_hash(expected, u) for u in [*expected.services, *expected.models]
+        }
         reserved = {
             r.instance for r in self.store.reservations() if getattr(r, "stack", "") == self.name
         }
@@ -349,6 +470,7 @@ class Campaign:
             should_route=frozenset(should_route) if stack.gateway is not None else None,
             reserved=frozenset(reserved),
             gpu_models=frozenset(gpu_models),
+            gateway_up=gateway_up(stack, self.state),
         )
 
     def _census(self, stack: Stack, names: list[str]) -> Census:
@@ -381,7 +503,13 @@ class Campaign:
     # ------------------------------------------------------------------ the campaign
 
     def teardown(self) -> None:
-        remove_stack(self._load(self._write("good", self.good)), self.state)
+        try:
+            remove_stack(self._load(self._write("good", self.good)), self.state)
+            stop_gateway(self._load(self.work / "good.yaml"), self.state)
+        finally:
+            if self.mounted:
+                self.store.close()
+                unmount(self.state)
 
 
 def run_campaign(

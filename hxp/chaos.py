@@ -49,6 +49,18 @@ class FaultSpec:
     history: tuple[str, ...]
     backends: frozenset[str]
     about: str
+    #: what the stack (or campaign) must have for the fault to be injected: `model` (a routed
+    #: hxp-vllm-sim model), `gateway`, `own-state` (a state directory the campaign made itself)
+    needs: frozenset[str] = frozenset()
+    #: the faulty apply has an expected exit code and is followed by an apply of the last good
+    #: stack (after the fault is undone), which must exit 0
+    recovers: bool = False
+    #: other acceptable final states of the run's history rows
+    also: tuple[tuple[str, ...], ...] = ()
+    #: a fault the apply may never meet (a disk filled after its last write that needed new
+    #: space: SQLite reuses free pages of its file): exit 0 with these history rows is
+    #: consistent too, every other invariant unchanged
+    unmet_history: tuple[str, ...] | None = None
 
 
 _ALL = frozenset({"process", "docker", "systemd"})
@@ -119,20 +131,73 @@ FAULTS: dict[Fault, FaultSpec] = {
             "two applies of two new revisions at once: both succeed, one after the other; the "
             "later one's revision runs",
         ),
+        FaultSpec(
+            Fault.STATE_DISK_FULL,
+            1,
+            "previous",
+            ("failed", "succeeded"),
+            frozenset({"process"}),
+            "the state directory's file system (a tmpfs the campaign mounted) is filled once the "
+            "new revision runs; the apply must fail with a clear message (exit 1); with the "
+            "space freed, the next apply of the last good stack must exit 0 (the faulty apply's "
+            "row ends failed, or interrupted when not even that could be written; when every "
+            "write the apply made still fit, it commits: exit 0, and the next apply of the "
+            "last good stack puts the previous revision back)",
+            needs=frozenset({"own-state"}),
+            recovers=True,
+            also=(("interrupted", "succeeded"),),
+            unmet_history=("succeeded", "succeeded"),
+        ),
+        FaultSpec(
+            Fault.NGINX_KILLED,
+            0,
+            "new",
+            ("succeeded",),
+            frozenset({"process"}),
+            "a new model revision moves in blue-green; the gateway's nginx master is SIGKILLed "
+            "once the new slot runs, before the switch: the deploy must restart the gateway "
+            "and commit, routing exactly the healthy instances",
+            needs=frozenset({"model", "gateway"}),
+        ),
+        FaultSpec(
+            Fault.STALLED_MODEL,
+            1,
+            "previous",
+            ("failed",),
+            frozenset({"process"}),
+            "a new model revision gets ready, then its engine stalls (hxp-vllm-sim "
+            "--stall-after): the bake window must fail it and the previous revision serve",
+            needs=frozenset({"model"}),
+        ),
     )
 }
 
+#: Faults that change a model unit (the others change a service).
+MODEL_FAULTS = frozenset({Fault.NGINX_KILLED, Fault.STALLED_MODEL})
+
 #: Faults named by the issue that this campaign does not inject yet (see docs/reliability.md).
-NOT_YET: tuple[Fault, ...] = (
-    Fault.DOCKER_RESTART,
-    Fault.STATE_DISK_FULL,
-    Fault.NGINX_KILLED,
-    Fault.STALLED_MODEL,
-)
+NOT_YET: tuple[Fault, ...] = (Fault.DOCKER_RESTART,)
 
 
-def faults_for(backend: str) -> list[Fault]:
-    return [f for f, spec in FAULTS.items() if backend in spec.backends]
+def faults_for(backend: str, have: frozenset[str] = frozenset()) -> list[Fault]:
+    """The faults a campaign on `backend` injects, given what the stack and campaign `have`
+    (FaultSpec.needs); without `have`, the faults every stack gets."""
+    return [f for f, spec in FAULTS.items() if backend in spec.backends and spec.needs <= have]
+
+
+def skipped_faults(backend: str, have: frozenset[str]) -> dict[Fault, str]:
+    """The faults of `backend` a campaign leaves out, each with why."""
+    why = {
+        "model": "the stack has no routed hxp-vllm-sim model with an http check",
+        "gateway": "the stack has no gateway",
+        "own-state": "the state directory is not one the campaign made (it mounts a small file "
+        "system there to fill; it never does that on a user's state directory)",
+    }
+    return {
+        f: "; ".join(why[n] for n in sorted(spec.needs - have))
+        for f, spec in FAULTS.items()
+        if backend in spec.backends and not spec.needs <= have
+    }
 
 
 @dataclass(frozen=True)
@@ -167,10 +232,15 @@ def parse_replay(text: str) -> tuple[int, int]:
 
 
 def plan_run(
-    seed: int, run: int, faults: Sequence[Fault], dependencies: Mapping[str, Sequence[str]]
+    seed: int,
+    run: int,
+    faults: Sequence[Fault],
+    dependencies: Mapping[str, Sequence[str]],
+    models: Sequence[str] = (),
 ) -> RunPlan:
     """Run `run` of campaign `seed`: its own generator picks a fault and a unit (for a fault
-    that needs a changed dependency too, a unit that has one)."""
+    that needs a changed dependency too, a unit that has one; for a model fault, one of
+    `models`)."""
     if not faults:
         raise ValueError("no fault to inject")
     units = sorted(dependencies)
@@ -179,6 +249,10 @@ def plan_run(
     rng = random.Random(f"hxp-chaos:{seed}:{run}")  # noqa: S311 - a replayable draw
     fault = rng.choice(list(faults))
     partner = None
+    if fault in MODEL_FAULTS:
+        if not models:
+            raise ValueError(f"{fault}: the stack has no model to inject it into")
+        return RunPlan(seed, run, fault, rng.choice(sorted(models)), None, f"{seed}-{run}")
     if fault is Fault.KILL_DURING_ROLLBACK:
         with_deps = [u for u in units if dependencies[u]]
         if not with_deps:
@@ -196,8 +270,9 @@ def plan_campaign(
     runs: int,
     faults: Sequence[Fault],
     dependencies: Mapping[str, Sequence[str]],
+    models: Sequence[str] = (),
 ) -> list[RunPlan]:
-    return [plan_run(seed, run, faults, dependencies) for run in range(runs)]
+    return [plan_run(seed, run, faults, dependencies, models) for run in range(runs)]
 
 
 def covering_runs(
@@ -205,12 +280,13 @@ def covering_runs(
     faults: Sequence[Fault],
     dependencies: Mapping[str, Sequence[str]],
     limit: int = 1000,
+    models: Sequence[str] = (),
 ) -> list[int]:
     """The first run of campaign `seed` that draws each of `faults`, in run order: a short
     campaign that still injects every fault (ValueError if one is not drawn in `limit` runs)."""
     first: dict[Fault, int] = {}
     for run in range(limit):
-        first.setdefault(plan_run(seed, run, faults, dependencies).fault, run)
+        first.setdefault(plan_run(seed, run, faults, dependencies, models).fault, run)
         if len(first) == len(set(faults)):
             return sorted(first.values())
     missing = sorted(set(faults) - set(first))
@@ -249,13 +325,23 @@ class Observation:
     should_route: frozenset[str] | None = None  # the healthy routed instances
     reserved: frozenset[str] = frozenset()  # instances holding GPU reservations
     gpu_models: frozenset[str] = frozenset()  # running model instances that claim GPUs
+    gateway_up: bool | None = None  # its nginx master runs and its routes accept (None: none)
 
 
 def violations(spec: FaultSpec, seen: Observation) -> list[str]:
     """Every invariant `seen` breaks, each as one line."""
     out: list[str] = []
-    if spec.exit_code is not None and any(c != spec.exit_code for c in seen.exit_codes):
+    unmet = (
+        spec.unmet_history is not None
+        and all(c == 0 for c in seen.exit_codes)
+        and tuple(seen.history) == spec.unmet_history
+    )
+    if unmet:
+        pass  # the fault never reached the apply: judged by the other invariants alone
+    elif spec.exit_code is not None and any(c != spec.exit_code for c in seen.exit_codes):
         out.append(f"exit code {list(seen.exit_codes)}, expected {spec.exit_code}")
+    if spec.recovers and seen.recovery_exit != 0:
+        out.append(f"the next apply of the last good stack exited {seen.recovery_exit}")
     if spec.exit_code is None:
         if any(c is not None and c >= 0 for c in seen.exit_codes):
             out.append(f"the orchestrator was to be killed but exited {list(seen.exit_codes)}")
@@ -282,7 +368,7 @@ def violations(spec: FaultSpec, seen: Observation) -> list[str]:
             out.append(f"{inst.name}: {inst.processes} processes, expected exactly 1")
     out.extend(f"left over: {what}" for what in seen.leftovers)
     out.extend(f"plan not empty: {change}" for change in seen.plan_changes)
-    if tuple(seen.history) != spec.history:
+    if tuple(seen.history) != spec.history and tuple(seen.history) not in spec.also and not unmet:
         out.append(f"history rows {list(seen.history)}, expected {list(spec.history)}")
     if seen.unfinished:
         out.append(f"{seen.unfinished} history row(s) still running")
@@ -291,6 +377,8 @@ def violations(spec: FaultSpec, seen: Observation) -> list[str]:
             f"the gateway routes {sorted(seen.routed)}, the healthy routed instances are "
             f"{sorted(seen.should_route or ())}"
         )
+    if seen.gateway_up is False:
+        out.append("the gateway is down (no nginx master, or a route refuses connections)")
     if seen.reserved != seen.gpu_models:
         out.append(
             f"GPU reservations held by {sorted(seen.reserved)}, running GPU models are "
@@ -446,7 +534,17 @@ UNIT_FAULTS: dict[Fault, tuple[str, float] | None] = {
     Fault.KILL_DURING_APPLY: ("slow", 3.0),  # a window to kill the orchestrator in
     Fault.KILL_DURING_ROLLBACK: ("immediate-exit", 0.0),
     Fault.CONCURRENT_APPLIES: None,
+    Fault.STATE_DISK_FULL: None,
+    Fault.NGINX_KILLED: None,
+    Fault.STALLED_MODEL: None,
 }
+
+#: The generated model's hxp-vllm-sim arguments, and what a stalled-model revision adds: its
+#: engine stops making progress this long after it starts (its /health still answers 200).
+MODEL_SIM_ARGS = ["--latency-ms", "2", "--tokens-per-second", "2000"]
+STALL_AFTER = 1.5
+#: The generated model's bake window: a stalled revision fails inside it.
+MODEL_BAKE = "3s"
 
 MISSING = "/nonexistent/hxp-chaos-missing"
 
@@ -466,6 +564,8 @@ def generated_stack(
     host: Mapping[str, object] | None = None,
     image: str | None = None,
     start_period: str | None = None,
+    model_port: int | None = None,
+    gateway_port: int | None = None,
 ) -> dict[str, object]:
     """A small stack for campaigns: len(ports) services of hxp.io.chaos_unit on one host of
     `backend` (`host`: that host's extra settings, e.g. a systemd host's runner; `image`: the
@@ -475,13 +575,17 @@ def generated_stack(
     process backend and 8 s on docker and systemd by default (a container or unit start and
     Python's own start take seconds on a loaded machine: with 2 s, runs at load average 20
     failed plain revisions; a slow-start revision still listens after 1 s, inside it).
-    ValueError naming the field on bad input."""
+    With `model_port` (process backend), also a model `m0` served by hxp-vllm-sim (one
+    replica; a new revision moves in blue-green when it is routed); with `gateway_port` too,
+    an nginx gateway routing `m0` there. ValueError naming the field on bad input."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "docker" and not image:
         raise ValueError("image: the docker backend needs an image with Python")
     if backend != "docker" and image:
         raise ValueError(f"image: only the docker backend takes one, not {backend}")
+    if backend != "process" and model_port is not None:
+        raise ValueError("model_port: the simulated model runs on the process backend only")
     grace = start_period or ("2s" if backend == "process" else "8s")
     services: dict[str, object] = {}
     for i, port in enumerate(ports):
@@ -507,11 +611,42 @@ def generated_stack(
         if image:
             svc = {"host": "local", "image": image, **{k: v for k, v in svc.items() if k != "host"}}
         services[f"u{i}"] = svc
-    return {
+    out: dict[str, object] = {
         "stack": name,
         "hosts": {"local": {**dict(host or {}), "backend": backend}},
         "services": services,
     }
+    if model_port is None:
+        return out
+    out["models"] = {
+        "m0": {
+            "host": "local",
+            "engine": "simulator",
+            "python": python,
+            "model": "hxp-sim/chaos",
+            "served_name": "m0",
+            "replicas": 1,
+            "port": model_port,
+            "simulator_args": list(MODEL_SIM_ARGS),
+            "env": {"HXP_CHAOS_VERSION": "0"},
+            "stop_timeout": "2s",
+            "bake": MODEL_BAKE,
+            "health": {
+                "http": {"url": f"http://127.0.0.1:{model_port}/health"},
+                "interval": "300ms",
+                "timeout": "1s",
+                "retries": 2,
+                "start_period": "10s",
+            },
+        }
+    }
+    if gateway_port is not None:
+        out["gateway"] = {
+            "host": "local",
+            "routes": {"m0": gateway_port},
+            "drain_timeout": "2s",
+        }
+    return out
 
 
 def new_revision(
@@ -528,6 +663,19 @@ def new_revision(
     out = copy.deepcopy(dict(good))
     services = out["services"]
     assert isinstance(services, dict)
+    models = out.get("models") or {}
+    assert isinstance(models, dict)
+    if unit in models and unit not in services:
+        model = models[unit]
+        model["env"] = {**model.get("env", {}), "HXP_CHAOS_VERSION": version}
+        args = [a for a in model.get("simulator_args", MODEL_SIM_ARGS)]
+        if "--stall-after" in args:  # a clean revision drops an earlier run's stall
+            at = args.index("--stall-after")
+            del args[at : at + 2]
+        if fault is Fault.STALLED_MODEL:
+            args += ["--stall-after", f"{STALL_AFTER:g}"]
+        model["simulator_args"] = args
+        return out
     svc = services[unit]
     svc["env"] = {**svc.get("env", {}), "HXP_CHAOS_VERSION": version}
     if fault is Fault.MISSING_EXECUTABLE:

@@ -45,6 +45,11 @@ class HxpError(Exception):
     exit_code = 1
 
 
+class StateDiskFullError(HxpError):
+    """The state directory's disk is full: the store (or a backend's files there) could not be
+    written. Nothing is corrupted (SQLite rolls the write back); free space and apply again."""
+
+
 class InputError(HxpError):
     """The operator's input (stack file, override, template) is wrong; nothing was changed."""
 

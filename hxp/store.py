@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 from hxp.autoscale import counted_config
 from hxp.calibration import Calibration, CalibrationKey
 from hxp.config import ConfigSnapshot, EffectiveConfig
-from hxp.errors import GpuAllocationError
+from hxp.errors import GpuAllocationError, StateDiskFullError
 from hxp.gpu_alloc import Reservation
 from hxp.lifecycle import INITIAL, LifecycleRecord, State, Transition, check_transition
 
@@ -268,7 +268,15 @@ class Store:
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=30000")
             self._local.db = db
-        yield db
+        try:
+            yield db
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc):
+                raise
+            raise StateDiskFullError(
+                f"state directory {self.state_dir}: its disk is full, the store could not be "
+                f"written ({exc}); nothing was corrupted: free space there and apply again"
+            ) from exc
 
     def close(self) -> None:
         """Close the calling thread's connection (a later call opens a new one)."""
@@ -283,10 +291,14 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk does): roll back only what
+                # is still open, so the error that ended the transaction is the one raised
+                if db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
 
     # ---------------------------------------------------------------- snapshots
 
@@ -984,6 +996,12 @@ class Store:
             args = (stack, model)
         with self._connect() as db:
             return [dict(r) for r in db.execute(query + " ORDER BY id", args).fetchall()]
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    """SQLITE_FULL ("database or disk is full"), or an I/O error of a write on a full disk."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
 def _lifecycle(row: sqlite3.Row) -> LifecycleRecord:

@@ -9,6 +9,7 @@ It never imports Prefect for commands that do not run flows, so those answer fas
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -94,6 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an hxp bug: say so, without a traceback unless asked
         if debug:
             traceback.print_exc()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # not a bug: the disk
+            print(
+                f"error: no space left on the disk of {exc.filename or 'a file hxp writes'}: "
+                "free space there and run it again",
+                file=sys.stderr,
+            )
+            return 1
         print(
             f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
             file=sys.stderr,

@@ -478,6 +478,7 @@ class ProcessBackend:
         state = self._supervisor(directory) or sup
         # What the unit owned goes with it: no pid stays recorded, no temporary file is left.
         state.update(state="stopped", child_pid=None, child_ticks=None, pid=None, ticks=None)
-        write_json(directory / "supervisor.json", state)
+        with contextlib.suppress(OSError):  # a full disk: it is stopped all the same (no pid alive)
+            write_json(directory / "supervisor.json", state)
         for leftover in directory.glob("*.tmp"):
             leftover.unlink(missing_ok=True)

@@ -142,9 +142,23 @@ class Supervisor:
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
-    def record(self, **changes: Any) -> None:
+    def record(self, **changes: Any) -> bool:
+        """Keep `changes` and write the whole state to supervisor.json. A write that fails (a
+        full disk) is skipped, not raised: the supervisor must go on supervising, and above
+        all stop its child when told to (dying here left the child running with nobody to
+        stop it, holding its port); the next record writes the whole state again."""
         self.state.update(changes)
-        write_json(self._path("supervisor.json"), self.state)
+        path = self._path("supervisor.json")
+        try:
+            write_json(path, self.state)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".tmp")
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(f"hxp supervisor: cannot record its state: {exc}\n")
+                sys.stderr.flush()
+            return False
+        return True
 
     def env(self) -> dict[str, str]:
         base = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
@@ -180,13 +194,18 @@ class Supervisor:
             )
             return False
         log.close()
-        self.record(
+        recorded = self.record(
             state="running",
             child_pid=self.child.pid,
             child_ticks=start_ticks(self.child.pid),
             child_started_at=time.time(),
             restarts=self.restarts,
         )
+        if not recorded and self.restarts == 0:
+            # The backend knows a start by this record alone (it waits for child_pid): a start
+            # it cannot see must not stay, or a later start would run a second copy beside it.
+            self.stop_child()
+            return False
         return True
 
     def on_term(self, signum: int, frame: object) -> None:

@@ -7,7 +7,11 @@ unit files; and one probe of an instance's health check. The verdicts are hxp.ch
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import signal
+import socket
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +21,7 @@ from hxp.backends.process import ProcessBackend
 from hxp.backends.runners import runner_for
 from hxp.backends.systemd import BACKUP_ROOT, UNIT_DIR
 from hxp.chaos import Census, Holder, census
-from hxp.errors import BackendError
+from hxp.errors import BackendError, HxpError
 from hxp.io.probes import probe
 from hxp.plan import ObservedUnit
 from hxp.spec import Stack
@@ -206,6 +210,19 @@ def systemd_census(stack: Stack, host_name: str, instances: list[str]) -> Census
     return census(holders, instances, names, kept, kind="unit")
 
 
+def running_hashes(state_dir: str | Path, stack: str) -> dict[str, str | None]:
+    """The config hash of every process-backend instance of `stack` that runs."""
+    seen = ProcessBackend(state_dir).observe(stack)
+    return {name: o.config_hash for name, o in seen.items() if o.running}
+
+
+def remove_process_stack(state_dir: str | Path, stack: str) -> None:
+    """Remove every process-backend instance of `stack` (the campaign's teardown)."""
+    backend = ProcessBackend(state_dir)
+    for name in backend.observe(stack):
+        backend.apply(Remove(UnitRef(stack, name, name)))
+
+
 def gateway_routes(stack: Stack, state_dir: str | Path) -> frozenset[str] | None:
     """What the stack's gateway routes now, as `unit:port` (None: the stack has no gateway)."""
     if stack.gateway is None:
@@ -230,3 +247,96 @@ def install_unit_program(stack: Stack, host_name: str) -> None:
         (here / "chaos_unit.py", "hxp/io/chaos_unit.py"),
     ):
         runner.write_file(f"{CHAOS_PYTHONPATH}/{target}", source.read_text(), 0o644)
+
+
+def stop_gateway(stack: Stack, state_dir: str | Path) -> None:
+    """Stop the stack's gateway, if it has one (the campaign's teardown)."""
+    if stack.gateway is None:
+        return
+    from hxp.io.gateway import stack_gateway
+
+    gateway = stack_gateway(stack, state_dir)
+    gateway.stop()
+    gateway.reap_orphans()  # the workers of a master the nginx-killed fault killed last
+    gateway.clear()
+
+
+def kill_gateway_master(stack: Stack, state_dir: str | Path) -> int | None:
+    """SIGKILL the stack's nginx master (its workers are left behind, as after an OOM kill);
+    its pid, or None when none ran."""
+    from hxp.io.gateway import stack_gateway
+
+    pid = stack_gateway(stack, state_dir).master_pid()
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def gateway_up(stack: Stack, state_dir: str | Path) -> bool | None:
+    """The stack's nginx master runs and every route's port accepts a connection (None: the
+    stack has no gateway)."""
+    if stack.gateway is None:
+        return None
+    from hxp.io.gateway import stack_gateway
+
+    if stack_gateway(stack, state_dir).master_pid() is None:
+        return False
+    for port in stack.gateway.routes.values():
+        try:
+            socket.create_connection((stack.gateway.bind, port), timeout=2).close()
+        except OSError:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ a state directory to fill
+
+FILLER = ".hxp-chaos-filler"
+
+
+def mount_small_fs(path: Path, size_mib: int = 64) -> None:
+    """Mount a tmpfs of `size_mib` on `path` (an empty directory the campaign made; root
+    only): a file system the campaign may fill without touching any other."""
+    path.mkdir(parents=True, exist_ok=True)
+    if any(path.iterdir()):
+        raise HxpError(f"{path}: not empty; the campaign mounts only on a state dir it made")
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "hxp-chaos", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise HxpError(f"mounting a tmpfs on {path} failed: {out.stderr.strip()}")
+
+
+def is_mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def unmount(path: Path) -> None:
+    """Unmount what mount_small_fs mounted (lazily: a process still holding a file there
+    does not keep it)."""
+    if os.path.ismount(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill(path: Path) -> int:
+    """Fill the file system of `path` to the last byte with one file; the bytes written."""
+    written = 0
+    chunk = b"\0" * (1 << 20)
+    with open(path / FILLER, "ab") as out:
+        for size in (1 << 20, 4096, 1):
+            while True:
+                try:
+                    written += os.write(out.fileno(), chunk[:size])
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    return written
+
+
+def free(path: Path) -> None:
+    """Undo fill()."""
+    (path / FILLER).unlink(missing_ok=True)

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from hxp.backends.runners import Runner, RunResult, runner_for
@@ -321,12 +321,51 @@ class NginxGateway:
         finally:
             tmp.unlink(missing_ok=True)
         pid = self.master_pid()
-        if pid is None:
-            self._start()
-        elif previous != text:
+        if pid is not None and previous != text:
             before = set(self._workers(pid))  # before the signal: new workers can be quick
-            os.kill(pid, signal.SIGHUP)  # graceful reload: old workers finish their requests
-            self._wait_reloaded(pid, before)
+            try:
+                os.kill(pid, signal.SIGHUP)  # graceful reload: old workers finish their requests
+            except ProcessLookupError:  # the master died just now: start a new one
+                pid = None
+            else:
+                self._wait_reloaded(pid, before)
+                if self.master_pid() is None:  # it died while reloading
+                    pid = None
+        if pid is None:
+            self.reap_orphans()
+            self._start()
+
+    def reap_orphans(self) -> None:
+        """Before a start with no master running: stop the workers a killed master left
+        behind (SIGKILL does not reach them; they keep the gateway's ports, so a new master
+        could not listen). A process is one when it is nginx's and holds a file under this
+        gateway's prefix (its error log)."""
+        prefix = str(self.prefix.resolve()) + "/"
+        orphans: list[tuple[int, int | None]] = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if not (entry / "cmdline").read_bytes().startswith(b"nginx: "):
+                    continue
+                fds = list((entry / "fd").iterdir())
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    target = os.readlink(fd)
+                except OSError:
+                    continue
+                if target.startswith(prefix):
+                    pid = int(entry.name)
+                    orphans.append((pid, start_ticks(pid)))
+                    break
+        for pid, _ in orphans:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(alive(p, t) for p, t in orphans) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _write_there(self, live: Mapping[str, Sequence[Server]]) -> None:
         """The same on the remote host, through its runner: the config goes to a temporary

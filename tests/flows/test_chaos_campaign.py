@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hxp.chaos import Fault, generated_stack
-from tests.support.stacks import free_range
+from hxp.chaos import MODEL_FAULTS, Fault, generated_stack
+from tests.support.stacks import free_port, free_range
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -53,6 +53,60 @@ def test_a_seeded_campaign_ends_consistent(
         if not r.consistent and r.plan.fault not in known
     ]
     assert len(results) == RUNS
+    assert not bad, f"seed {seed}:\n" + "\n".join(bad)
+
+
+NEW_FAULTS = (Fault.STATE_DISK_FULL, Fault.NGINX_KILLED, Fault.STALLED_MODEL)
+
+
+def test_the_faults_of_a_stack_with_a_model_and_a_gateway_end_consistent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stack with an hxp-vllm-sim model behind a real nginx gateway, on a state directory
+    the campaign made (a small tmpfs it mounts): the first run of each of state-disk-full,
+    nginx-killed and stalled-model of a random seed, and one more run of the seed, all end
+    consistent (each fault's expected outcome and every invariant)."""
+    from flows.chaos import Campaign
+
+    seed = random.randrange(1, 10**6)
+    base = free_range(5)
+    stack = tmp_path / "stack.yaml"
+    spec = generated_stack(
+        "richchaos",
+        range(base, base + 3),
+        sys.executable,
+        model_port=base + 3,
+        gateway_port=free_port(),
+    )
+    stack.write_text(yaml.safe_dump(spec))
+    lines: list[str] = []
+    campaign = Campaign(stack, tmp_path / "state", log=lines.append, own_state=True)
+    assert campaign.mounted
+    assert campaign.models == ["m0"]
+    assert set(NEW_FAULTS) <= set(campaign.faults)
+    runs = [next(r for r in range(2000) if campaign.plan(seed, r).fault is f) for f in NEW_FAULTS]
+    runs.append(next(r for r in range(2000) if r not in runs))
+    with capsys.disabled():
+        print(f"\nrich chaos campaign: seed {seed}, runs {runs}")
+    results = []
+    try:
+        campaign.setup()
+        for run in runs:
+            plan = campaign.plan(seed, run)
+            if plan.fault in MODEL_FAULTS:
+                assert plan.unit == "m0"
+            results.append(campaign.run(plan))
+            if not results[-1].consistent:
+                campaign.repair(plan)
+    finally:
+        campaign.teardown()
+    assert not (tmp_path / "state").is_mount()
+    bad = [
+        f"--replay {r.plan.key} {r.plan.fault}: {r.violations} {r.error or ''}"
+        for r in results
+        if not r.consistent
+    ]
+    assert [r.plan.fault for r in results][:3] == list(NEW_FAULTS)
     assert not bad, f"seed {seed}:\n" + "\n".join(bad)
 
 
