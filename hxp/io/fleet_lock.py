@@ -14,6 +14,7 @@ Order: the file lock first, then the limit, always; two runs never hold one each
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -142,6 +143,32 @@ def _flow_run_holder() -> Any:
     return ConcurrencyLeaseHolder(type="flow_run", id=run_id) if run_id else None
 
 
+class QuietLockWaits(logging.Filter):
+    """Drops Prefect's ERROR line for a slot acquisition that timed out: the stack lock tries
+    in short slices on purpose (FIRST_TRY, then up to 15 s), and each slice that ends without
+    the slot made Prefect's service log `Service 'ConcurrencySlotAcquisitionWithLeaseService'
+    failed to process item (...TimeoutError)` to the operator's terminal while the waiting run
+    had already said whom it waits for. Every other failure of that service still shows."""
+
+    SERVICE = "ConcurrencySlotAcquisitionWithLeaseService"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple) or len(args) < 2 or args[0] != self.SERVICE:
+            return True
+        return "TimeoutError" not in repr(args[1])
+
+
+_QUIET = QuietLockWaits()
+
+
+def quiet_lock_waits() -> None:
+    """Install QuietLockWaits on Prefect's concurrency logger (once)."""
+    log = logging.getLogger("prefect._internal.concurrency")
+    if _QUIET not in log.filters:
+        log.addFilter(_QUIET)
+
+
 @contextmanager
 def prefect_stack_lock(
     stack: str,
@@ -156,6 +183,7 @@ def prefect_stack_lock(
     from prefect.variables import Variable
 
     name = limit_name(stack)
+    quiet_lock_waits()
     try:
         _ensure_limit(name)
     except Exception as exc:

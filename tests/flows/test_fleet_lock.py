@@ -96,6 +96,8 @@ def test_two_orchestrators_deploying_one_stack_through_one_server_are_serialized
         assert first[1] < second[0], windows
         assert first[3] <= second[2] + 0.5, windows  # the second began once the first ended
         assert any("waiting for the lock of stack 'twin'" in out for out in outputs), outputs
+        # the lock's short tries are not errors to the operator (QuietLockWaits)
+        assert not any("failed to process item" in out for out in outputs), outputs
     finally:
         for state in states:
             down = hxp_process("down", "-f", str(path), state=state)
@@ -138,3 +140,32 @@ def test_a_holder_killed_on_this_machine_frees_the_lock_for_the_next_run(
         took = time.monotonic() - started
     assert took < FIRST_TRY + 20, took  # not the lease's expiry, not forever
     assert said == ["the lock of stack 'dead' was held by a run that died: freed"]
+
+
+def test_quiet_lock_waits_drops_only_the_timed_out_slot_tries() -> None:
+    import logging
+    from concurrent.futures import Future
+
+    from hxp.io.fleet_lock import QuietLockWaits
+
+    timed_out: Future[None] = Future()
+    timed_out.set_exception(TimeoutError())
+    refused: Future[None] = Future()
+    refused.set_exception(RuntimeError("server said 500"))
+
+    def record(service: str, item: object) -> logging.LogRecord:
+        return logging.LogRecord(
+            "prefect._internal.concurrency",
+            logging.ERROR,
+            __file__,
+            1,
+            "Service %r failed to process item %r",
+            (service, item),
+            None,
+        )
+
+    quiet = QuietLockWaits()
+    name = QuietLockWaits.SERVICE
+    assert not quiet.filter(record(name, (1, "concurrency", 3.0, timed_out)))
+    assert quiet.filter(record(name, (1, "concurrency", 3.0, refused)))
+    assert quiet.filter(record("EventsWorker", (1, timed_out)))
