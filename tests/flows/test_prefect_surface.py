@@ -303,13 +303,14 @@ def test_a_host_whose_worker_is_gone_fails_the_dispatch_before_anything_changes(
     monkeypatch.setattr(flows.deploy, "WORKER_WAIT", 3.0)
     ports = {"db": free_port(), "api": free_port()}
     path = tmp_path / "pair.yaml"
-    path.write_text(TWO_HOSTS.format(py=sys.executable, **ports))
+    # a pool no worker ever polled (hxp-host-b's worker of the test before may still count
+    # as online for three heartbeat intervals after it stopped)
+    pool_b = f"hxp-host-b-{uuid.uuid4().hex[:8]}"
+    path.write_text(TWO_HOSTS.format(py=sys.executable, **ports).replace("hxp-host-b", pool_b))
     state_a = tmp_path / "state-a"
     with get_client(sync_client=True) as client:
-        for h in "ab":
-            client.create_work_pool(
-                WorkPoolCreate(name=f"hxp-host-{h}", type="process"), overwrite=True
-            )
+        for name in ("hxp-host-a", pool_b):
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"), overwrite=True)
     worker = start_worker(prefect_server, "hxp-host-a", state_a, tmp_path / "worker-a.log")
     try:
         wait_for(
@@ -325,7 +326,7 @@ def test_a_host_whose_worker_is_gone_fails_the_dispatch_before_anything_changes(
     finally:
         stop_worker(worker)
     assert failed.value.host == "b"
-    assert "hxp-host-b" in str(failed.value)
+    assert pool_b in str(failed.value)
     assert "host b (agent) unreachable: no worker" in str(failed.value)
     assert ProcessBackend(state_a).observe("pair") == {}
     assert Store(state_a).deploys("pair") == []
