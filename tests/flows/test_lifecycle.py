@@ -29,7 +29,6 @@ from hxp.lifecycle import State
 from hxp.store import Store
 from tests.support.orchestrator import hxp_process
 from tests.support.stacks import free_port, free_range, sim_fleet, web_stack
-from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 PY = sys.executable
@@ -391,29 +390,34 @@ def test_an_orchestrator_killed_mid_drain_is_reconciled_by_the_next_run(tmp_path
     stack = load_config([path], {}).stack
     try:
         deploy([path], state)
-        # One long request keeps the replica busy: the stop waits in `draining`.
-        long = threading.Thread(
-            target=lambda: httpx.post(
-                f"http://127.0.0.1:{base}/v1/completions",
-                json={"model": "chat", "prompt": "x", "max_tokens": 1500},
-                timeout=120,
-            ),
-            daemon=True,
-        )
+        # One long streamed request keeps the replica busy: the stop waits in `draining`. Its
+        # own first token proves it is in the batch (a /metrics reading could be the bake's or
+        # a probe's one-token completion, gone before the stop looks: seen once in CI).
+        streaming = threading.Event()
+        outcome: list[str] = []
+
+        def long_request() -> None:
+            try:
+                with httpx.stream(
+                    "POST",
+                    f"http://127.0.0.1:{base}/v1/completions",
+                    json={"model": "chat", "prompt": "x", "max_tokens": 1500, "stream": True},
+                    timeout=120,
+                ) as answer:
+                    for line in answer.iter_lines():
+                        if line.startswith("data: {"):
+                            streaming.set()
+                outcome.append(f"ended with status {answer.status_code}")
+            except httpx.HTTPError as exc:
+                outcome.append(f"{type(exc).__name__}: {exc}")
+
+        long = threading.Thread(target=long_request, daemon=True)
         long.start()
-
-        def running() -> bool:  # the request is in the replica's batch (not merely sent)
-            page = httpx.get(f"http://127.0.0.1:{base}/metrics", timeout=5).text
-            return any(
-                line.startswith("vllm:num_requests_running") and float(line.split()[-1]) >= 1
-                for line in page.splitlines()
-            )
-
-        wait_for(running, "the long request to run at the replica", 30)
+        assert streaming.wait(30), f"the long request never streamed a token: {outcome}"
         proc = hxp("stop", "-f", str(path), state=state)
         deadline = time.monotonic() + 60
         while states(state, "orc").get("chat") is not State.DRAINING:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, (outcome, proc.stdout.read() if proc.stdout else "")
             assert time.monotonic() < deadline, "the stop never reached draining"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
