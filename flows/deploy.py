@@ -354,10 +354,48 @@ def _host_deployment(pool: str) -> str:
     return f"deploy-stack/{name}"
 
 
+#: Seconds a host's part may stay scheduled before it counts as never picked up: a worker
+#: polls every PREFECT_WORKER_QUERY_SECONDS (10 s by default), and a worker that stopped a
+#: moment ago still counts as online for three heartbeats, so the preflight can pass for it.
+PICKUP_WAIT = 60.0
+
+
+def await_part(run_id: Any, host: str, pool: str) -> Any:
+    """Wait for a dispatched host part to end; cancel it and raise HostUnreachableError when no
+    worker picked it up (still Scheduled) within PICKUP_WAIT. Once picked up, it is waited for
+    to its end (a part of many models can take long; its own deploy bounds each step)."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.responses import SetStateStatus
+    from prefect.states import Cancelled
+
+    started = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            state = run.state
+            if state is not None and state.is_final():
+                return run
+            waited = time.monotonic() - started
+            if state is not None and state.type is StateType.SCHEDULED and waited >= PICKUP_WAIT:
+                why = (
+                    f"no worker of work pool {pool} picked up its part in {PICKUP_WAIT:.0f}s "
+                    f"(flow run {run.name} cancelled; nothing ran there)"
+                )
+                answer = client.set_flow_run_state(run_id, Cancelled(message=why))
+                if answer.status is SetStateStatus.ACCEPT:
+                    raise HostUnreachableError(host, "agent", why)
+                # a worker took it at this very moment: wait for it like any other part
+            time.sleep(1.0)
+
+
 @task(name="dispatch-host", task_run_name="deploy-{label}", cache_policy=NO_CACHE)
-def dispatch_host(deployment: str, label: str, parameters: dict[str, Any]) -> dict[str, Any]:
+def dispatch_host(
+    deployment: str, label: str, parameters: dict[str, Any], host: str = "", pool: str = ""
+) -> dict[str, Any]:
     """Run one host's part of a deploy on that host's worker and wait for it to finish."""
-    run: Any = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=1)
+    created: Any = run_deployment(deployment, parameters=parameters, timeout=0)
+    run = await_part(created.id, host or label, pool or deployment)
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise DeployError(f"{label}: flow run {run.name} ({deployment}) ended {state}")
@@ -448,6 +486,8 @@ def _dispatch(
                     "wait_for_lock": wait_for_lock,
                     "bake": bake,
                 },
+                host,
+                pools[host],
             )
             for host, part in sorted(by_host.items())
         }

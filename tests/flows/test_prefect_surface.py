@@ -332,6 +332,72 @@ def test_a_host_whose_worker_is_gone_fails_the_dispatch_before_anything_changes(
     assert Store(state_a).deploys("pair") == []
 
 
+def test_a_part_no_worker_picks_up_is_cancelled_and_fails_the_dispatch(
+    prefect_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Host b's worker stopped a moment ago: Prefect still counts it online, so the preflight
+    passes, but nobody polls b's pool. b's part is cancelled after PICKUP_WAIT and the deploy
+    fails naming b and its pool (it used to wait for ever: CI hung there once)."""
+    import sys
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.client.schemas.objects import StateType
+
+    import flows.deploy
+    from flows.deploy import deploy_stack, pool_workers
+    from hxp.endpoints import worker_absence
+    from hxp.errors import DeployError
+
+    monkeypatch.setattr(flows.deploy, "PICKUP_WAIT", 3.0)
+    tag = uuid.uuid4().hex[:8]
+    pools = {h: f"hxp-host-{h}-{tag}" for h in "ab"}
+    ports = {"db": free_port(), "api": free_port()}
+    path = tmp_path / "pair.yaml"
+    text = TWO_HOSTS.format(py=sys.executable, **ports)
+    path.write_text(text.replace("hxp-host-a", pools["a"]).replace("hxp-host-b", pools["b"]))
+    states = {h: tmp_path / f"state-{h}" for h in "ab"}
+    logs = {h: tmp_path / f"worker-{h}.log" for h in "ab"}
+    with get_client(sync_client=True) as client:
+        for pool in pools.values():
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+    workers = {h: start_worker(prefect_server, pools[h], states[h], logs[h]) for h in "ab"}
+    try:
+        for h in "ab":
+            wait_for(
+                f"worker {h} online",
+                lambda h=h: worker_absence(pools[h], pool_workers(pools[h]), time.time()) is None,
+                180,
+                logs[h],
+            )
+        stop_worker(workers["b"])
+        # the premise: the stopped worker still counts as online
+        assert worker_absence(pools["b"], pool_workers(pools["b"]), time.time()) is None
+        started = time.monotonic()
+        with pytest.raises(DeployError) as failed:
+            deploy_stack([str(path)], dispatch=True)
+        assert time.monotonic() - started < 90
+    finally:
+        for proc in workers.values():
+            stop_worker(proc)
+    message = str(failed.value)
+    assert "failed on b: host b (agent) unreachable" in message
+    assert f"no worker of work pool {pools['b']} picked up its part in 3s" in message
+    assert "cancelled; nothing ran there" in message
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"deploy-stack/host-{pools['b']}")
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])
+            )
+        )
+    assert [r.state.type for r in runs if r.state] == [StateType.CANCELLED]
+    assert ProcessBackend(states["b"]).observe("pair") == {}
+    for state in states.values():
+        _remove_all(state, "pair")
+
+
 def test_reconcile_flow_closes_a_deploy_whose_process_died(
     prefect_server: str, tmp_path: Path
 ) -> None:
