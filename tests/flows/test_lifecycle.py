@@ -390,9 +390,11 @@ def test_an_orchestrator_killed_mid_drain_is_reconciled_by_the_next_run(tmp_path
     stack = load_config([path], {}).stack
     try:
         deploy([path], state)
-        # One long streamed request keeps the replica busy: the stop waits in `draining`. Its
-        # own first token proves it is in the batch (a /metrics reading could be the bake's or
-        # a probe's one-token completion, gone before the stop looks: seen once in CI).
+        # One long streamed request keeps the replica busy: the stop waits in `draining`. It
+        # must ignore EOS: the double (like a model) ends a completion at its own natural length,
+        # 8-64 tokens here, unless told not to; without it the request ended within 3 s at 20
+        # tokens/s, before the stop looked (CI failed so twice). Its own first token proves it
+        # is in the batch.
         streaming = threading.Event()
         outcome: list[str] = []
 
@@ -401,7 +403,13 @@ def test_an_orchestrator_killed_mid_drain_is_reconciled_by_the_next_run(tmp_path
                 with httpx.stream(
                     "POST",
                     f"http://127.0.0.1:{base}/v1/completions",
-                    json={"model": "chat", "prompt": "x", "max_tokens": 1500, "stream": True},
+                    json={
+                        "model": "chat",
+                        "prompt": "x",
+                        "max_tokens": 1500,
+                        "ignore_eos": True,  # else it ends at its 'natural' 8-64 tokens
+                        "stream": True,
+                    },
                     timeout=120,
                 ) as answer:
                     for line in answer.iter_lines():
