@@ -391,11 +391,11 @@ def await_part(run_id: Any, host: str, pool: str) -> Any:
 
 @task(name="dispatch-host", task_run_name="deploy-{label}", cache_policy=NO_CACHE)
 def dispatch_host(
-    deployment: str, label: str, parameters: dict[str, Any], host: str = "", pool: str = ""
+    deployment: str, label: str, parameters: dict[str, Any], host: str, pool: str
 ) -> dict[str, Any]:
     """Run one host's part of a deploy on that host's worker and wait for it to finish."""
     created: Any = run_deployment(deployment, parameters=parameters, timeout=0)
-    run = await_part(created.id, host or label, pool or deployment)
+    run = await_part(created.id, host, pool)
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise DeployError(f"{label}: flow run {run.name} ({deployment}) ended {state}")
