@@ -281,3 +281,64 @@ def test_failover_takes_a_hung_replica_out_and_back_under_load(fleet: Any) -> No
     assert sorted(gateway.live()["chat"]) == sorted(ports.values())
     last = wait_for(lambda: read_events("hxp.health.last-replica", "hxp.unit.fo.chat"), "alert")
     assert "every replica of chat" in last[0].payload["alert"]
+
+
+def test_a_sweep_run_reads_no_result_storage_and_returns_read_only_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep runs every 30 s: starting its flow run asks the server nothing about result
+    storage (Prefect would, three times per run, without the flow's own result settings), and
+    its per-unit maps come back as read-only mappings Prefect does not walk item by item."""
+    import pickle
+    import socket
+    from collections.abc import Mapping
+
+    import prefect.results
+
+    asked: list[str] = []
+
+    def sync_read() -> None:
+        asked.append("sync")
+        return None
+
+    async def async_read() -> None:
+        asked.append("async")
+        return None
+
+    monkeypatch.setattr(prefect.results, "_read_server_default_result_storage_block_id", sync_read)
+    monkeypatch.setattr(
+        prefect.results, "_aread_server_default_result_storage_block_id", async_read
+    )
+    listeners = {name: socket.create_server(("127.0.0.1", 0)) for name in ("a", "b")}
+    path = tmp_path / "stack.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "stack": "rs",
+                "hosts": {"local": {"backend": "process"}},
+                "services": {
+                    name: {
+                        "host": "local",
+                        "command": ["sleep", "60"],
+                        "ports": {"tcp": sock.getsockname()[1]},
+                        "health": {"tcp": {"port": sock.getsockname()[1]}},
+                    }
+                    for name, sock in listeners.items()
+                },
+            }
+        )
+    )
+    try:
+        out = sweep(path, tmp_path / "state", observe=False)
+    finally:
+        for sock in listeners.values():
+            sock.close()
+    assert asked == []
+    assert out["status"] == "healthy", out
+    for key in ("units", "instances"):
+        assert isinstance(out[key], Mapping)
+        assert not isinstance(out[key], dict)
+    assert sorted(out["instances"]) == ["a", "b"]
+    assert out["instances"]["a"] == "healthy"
+    assert out["units"].get("b")["status"] == "healthy"
+    assert dict(pickle.loads(pickle.dumps(out["units"]))) == dict(out["units"])
