@@ -358,34 +358,57 @@ def _host_deployment(pool: str) -> str:
 #: polls every PREFECT_WORKER_QUERY_SECONDS (10 s by default), and a worker that stopped a
 #: moment ago still counts as online for three heartbeats, so the preflight can pass for it.
 PICKUP_WAIT = 60.0
+#: Seconds between looks at a running part's work pool for a live worker.
+LIVENESS_EVERY = 5.0
 
 
 def await_part(run_id: Any, host: str, pool: str) -> Any:
-    """Wait for a dispatched host part to end; cancel it and raise HostUnreachableError when no
-    worker picked it up (still Scheduled) within PICKUP_WAIT. Once picked up, it is waited for
-    to its end (a part of many models can take long; its own deploy bounds each step)."""
+    """Wait for a dispatched host part to end.
+
+    - Still Scheduled after PICKUP_WAIT (no worker took it): cancelled, HostUnreachableError.
+    - Taken (Pending or Running): waited for to its end (a part of many models can take long;
+      its own deploy bounds each step), while the pool keeps a live worker. Every
+      LIVENESS_EVERY seconds the pool's workers are read; when none is online any more
+      (WORKER_MISSED_HEARTBEATS missed, Prefect's own rule), the host is taken as gone: the
+      part is marked Crashed and HostUnreachableError raised. Without this a host that died
+      mid-part left its run Running and the deploy waiting for ever (the part's own flow
+      heartbeat comes every 180 s, and nothing marks it crashed unless an automation does)."""
     from prefect import get_client
     from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.responses import SetStateStatus
-    from prefect.states import Cancelled
+    from prefect.states import Cancelled, Crashed
 
     started = time.monotonic()
+    looked = started
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(run_id)
             state = run.state
             if state is not None and state.is_final():
                 return run
-            waited = time.monotonic() - started
-            if state is not None and state.type is StateType.SCHEDULED and waited >= PICKUP_WAIT:
-                why = (
-                    f"no worker of work pool {pool} picked up its part in {PICKUP_WAIT:.0f}s "
-                    f"(flow run {run.name} cancelled; nothing ran there)"
-                )
-                answer = client.set_flow_run_state(run_id, Cancelled(message=why))
-                if answer.status is SetStateStatus.ACCEPT:
-                    raise HostUnreachableError(host, "agent", why)
-                # a worker took it at this very moment: wait for it like any other part
+            now = time.monotonic()
+            if state is not None and state.type is StateType.SCHEDULED:
+                if now - started >= PICKUP_WAIT:
+                    why = (
+                        f"no worker of work pool {pool} picked up its part in "
+                        f"{PICKUP_WAIT:.0f}s (flow run {run.name} cancelled; nothing ran there)"
+                    )
+                    answer = client.set_flow_run_state(run_id, Cancelled(message=why))
+                    if answer.status is SetStateStatus.ACCEPT:
+                        raise HostUnreachableError(host, "agent", why)
+                    # a worker took it at this very moment: wait for it like any other part
+            elif now - looked >= LIVENESS_EVERY:
+                looked = now
+                gone = worker_absence(pool, pool_workers(pool), time.time())
+                if gone is not None:
+                    why = (
+                        f"{gone} while its part ran (flow run {run.name} marked crashed; what "
+                        "it changed there is reconciled by the host's next apply)"
+                    )
+                    answer = client.set_flow_run_state(run_id, Crashed(message=why))
+                    if answer.status is SetStateStatus.ACCEPT:
+                        raise HostUnreachableError(host, "agent", why)
+                    # it ended at this very moment: the next read returns it
             time.sleep(1.0)
 
 

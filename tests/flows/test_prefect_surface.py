@@ -6,6 +6,9 @@ workers (one work pool per host)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -396,6 +399,122 @@ def test_a_part_no_worker_picks_up_is_cancelled_and_fails_the_dispatch(
     assert ProcessBackend(states["b"]).observe("pair") == {}
     for state in states.values():
         _remove_all(state, "pair")
+
+
+NEVER_READY_ON_B = """\
+stack: gone
+hosts:
+  a: {{backend: process, work_pool: {pool_a}}}
+  b: {{backend: process, work_pool: {pool_b}}}
+deploy: {{bake: 500ms}}
+services:
+  db:
+    host: a
+    command: [{py}, -m, http.server, "{db}", --bind, 127.0.0.1]
+    ports: {{http: {db}}}
+    health: {{http: {{url: "http://127.0.0.1:{db}/"}}, interval: 500ms, retries: 3}}
+  api:
+    host: b
+    depends_on: [db]
+    command: [{py}, -c, "import time; time.sleep(600)"]
+    ports: {{http: {api}}}
+    health:
+      http: {{url: "http://127.0.0.1:{api}/"}}
+      interval: 1s
+      start_period: 300s
+"""
+
+
+def test_a_part_whose_host_dies_while_it_runs_is_crashed_and_fails_the_dispatch(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    """Host b dies while its part runs (its worker and the part's process SIGKILLed, as when
+    the machine goes): once b's worker has missed three heartbeats the part is marked crashed
+    and the deploy fails naming b (it used to wait for ever: nothing marks such a run crashed)."""
+    import sys
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.client.schemas.objects import StateType
+
+    from flows.deploy import deploy_stack, pool_workers
+    from hxp.endpoints import worker_absence
+    from hxp.errors import DeployError
+
+    tag = uuid.uuid4().hex[:8]
+    pools = {h: f"hxp-host-{h}-{tag}" for h in "ab"}
+    path = tmp_path / "gone.yaml"
+    path.write_text(
+        NEVER_READY_ON_B.format(
+            py=sys.executable,
+            db=free_port(),
+            api=free_port(),
+            pool_a=pools["a"],
+            pool_b=pools["b"],
+        )
+    )
+    states = {h: tmp_path / f"state-{h}" for h in "ab"}
+    logs = {h: tmp_path / f"worker-{h}.log" for h in "ab"}
+    with get_client(sync_client=True) as client:
+        for pool in pools.values():
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+    # a heartbeat every 2 s: b's worker counts as gone 6 s after it dies (30 s and 90 s by
+    # default)
+    beat = {"PREFECT_WORKER_HEARTBEAT_SECONDS": "2"}
+    workers = {
+        h: start_worker(prefect_server, pools[h], states[h], logs[h], env=beat) for h in "ab"
+    }
+
+    def b_part_runs() -> bool:
+        with get_client(sync_client=True) as client:
+            try:
+                deployment = client.read_deployment_by_name(f"deploy-stack/host-{pools['b']}")
+            except Exception:
+                return False
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])
+                )
+            )
+        return any(r.state and r.state.type is StateType.RUNNING for r in runs)
+
+    def kill_b_when_its_part_runs() -> None:
+        wait_for("b's part running", b_part_runs, 180, logs["b"])
+        time.sleep(1.0)
+        os.killpg(workers["b"].pid, signal.SIGKILL)  # the worker and the part's process
+
+    try:
+        for h in "ab":
+            wait_for(
+                f"worker {h} online",
+                lambda h=h: worker_absence(pools[h], pool_workers(pools[h]), time.time()) is None,
+                180,
+                logs[h],
+            )
+        killer = threading.Thread(target=kill_b_when_its_part_runs, daemon=True)
+        killer.start()
+        with pytest.raises(DeployError) as failed:
+            deploy_stack([str(path)], dispatch=True)
+        killer.join(5)
+        assert workers["b"].poll() is not None, "b's worker was not killed before the failure"
+    finally:
+        for proc in workers.values():
+            stop_worker(proc)
+    message = str(failed.value)
+    assert "failed on b: host b (agent) unreachable" in message, message
+    assert f"no worker of work pool {pools['b']} is online" in message, message
+    assert "while its part ran" in message, message
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"deploy-stack/host-{pools['b']}")
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])
+            )
+        )
+    assert [r.state.type for r in runs if r.state] == [StateType.CRASHED]
+    for state in states.values():
+        _remove_all(state, "gone")
 
 
 def test_reconcile_flow_closes_a_deploy_whose_process_died(

@@ -45,9 +45,15 @@ def prefect_cli(api_url: str, *args: str, timeout: float = 120) -> str:
 
 
 def start_worker(
-    api_url: str, pool: str, state_dir: Path, log: Path, queue: str | None = None
+    api_url: str,
+    pool: str,
+    state_dir: Path,
+    log: Path,
+    queue: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`prefect worker start --pool POOL --type process` with its own HXP_STATE_DIR."""
+    """`prefect worker start --pool POOL --type process` with its own HXP_STATE_DIR (and `env`
+    added to its environment)."""
     args = [PREFECT, "worker", "start", "--pool", pool, "--type", "process"]
     if queue:
         args += ["--work-queue", queue]
@@ -55,7 +61,7 @@ def start_worker(
         return subprocess.Popen(
             args,
             cwd=ROOT,
-            env=prefect_env(api_url, HXP_STATE_DIR=str(state_dir)),
+            env=prefect_env(api_url, HXP_STATE_DIR=str(state_dir), **(env or {})),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
