@@ -421,7 +421,10 @@ def dispatch_host(
     run = await_part(created.id, host, pool)
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
-        raise DeployError(f"{label}: flow run {run.name} ({deployment}) ended {state}")
+        why = f"{label}: flow run {run.name} ({deployment}) ended {state}"
+        if run.state is not None and run.state.is_crashed():
+            why += f" (its process died: check host {host} and its worker, then apply again)"
+        raise DeployError(why)
     # The result stays on the host (results are not persisted): its store has the details.
     return {"flow_run": run.name, "units": parameters.get("units") or []}
 

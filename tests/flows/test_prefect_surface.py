@@ -502,9 +502,14 @@ def test_a_part_whose_host_dies_while_it_runs_is_crashed_and_fails_the_dispatch(
         for proc in workers.values():
             stop_worker(proc)
     message = str(failed.value)
-    assert "failed on b: host b (agent) unreachable" in message, message
-    assert f"no worker of work pool {pools['b']} is online" in message, message
-    assert "while its part ran" in message, message
+    assert "multi-host deploy failed on b: " in message, message
+    # hxp marks the part crashed once b's worker missed three heartbeats; when the part's run
+    # was already marked crashed otherwise (seen once in a full run of this file), its state says so
+    assert (
+        f"host b (agent) unreachable: no worker of work pool {pools['b']} is online (last heartbeat"
+        in message
+        and "while its part ran" in message
+    ) or "ended Crashed (its process died: check host b and its worker" in message, message
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(f"deploy-stack/host-{pools['b']}")
         runs = client.read_flow_runs(
