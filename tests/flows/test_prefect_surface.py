@@ -335,6 +335,44 @@ def test_a_host_whose_worker_is_gone_fails_the_dispatch_before_anything_changes(
     assert Store(state_a).deploys("pair") == []
 
 
+def _online_workers(
+    api: str, tmp_path: Path, pools: dict[str, str], env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Fresh process work pools, one worker each (its own state dir and log under tmp_path),
+    returned once every one is online."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.deploy import pool_workers
+    from hxp.endpoints import worker_absence
+
+    with get_client(sync_client=True) as client:
+        for pool in pools.values():
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+    workers = {
+        h: start_worker(api, pool, tmp_path / f"state-{h}", tmp_path / f"worker-{h}.log", env=env)
+        for h, pool in pools.items()
+    }
+    try:
+        for h, pool in pools.items():
+            wait_for(
+                f"worker {h} online",
+                lambda pool=pool: worker_absence(pool, pool_workers(pool), time.time()) is None,
+                180,
+                tmp_path / f"worker-{h}.log",
+            )
+    except BaseException:
+        for proc in workers.values():
+            stop_worker(proc)
+        raise
+    return workers
+
+
+def _part_states(pool: str) -> list[Any]:
+    """The state types of the host-part flow runs of work pool `pool`."""
+    return [r.state.type for r in _runs(_deployment(f"deploy-stack/host-{pool}").id) if r.state]
+
+
 def test_a_part_no_worker_picks_up_is_cancelled_and_fails_the_dispatch(
     prefect_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -343,9 +381,6 @@ def test_a_part_no_worker_picks_up_is_cancelled_and_fails_the_dispatch(
     fails naming b and its pool (it used to wait for ever: CI hung there once)."""
     import sys
 
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
     from prefect.client.schemas.objects import StateType
 
     import flows.deploy
@@ -361,19 +396,8 @@ def test_a_part_no_worker_picks_up_is_cancelled_and_fails_the_dispatch(
     text = TWO_HOSTS.format(py=sys.executable, **ports)
     path.write_text(text.replace("hxp-host-a", pools["a"]).replace("hxp-host-b", pools["b"]))
     states = {h: tmp_path / f"state-{h}" for h in "ab"}
-    logs = {h: tmp_path / f"worker-{h}.log" for h in "ab"}
-    with get_client(sync_client=True) as client:
-        for pool in pools.values():
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
-    workers = {h: start_worker(prefect_server, pools[h], states[h], logs[h]) for h in "ab"}
+    workers = _online_workers(prefect_server, tmp_path, pools)
     try:
-        for h in "ab":
-            wait_for(
-                f"worker {h} online",
-                lambda h=h: worker_absence(pools[h], pool_workers(pools[h]), time.time()) is None,
-                180,
-                logs[h],
-            )
         stop_worker(workers["b"])
         # the premise: the stopped worker still counts as online
         assert worker_absence(pools["b"], pool_workers(pools["b"]), time.time()) is None
@@ -388,41 +412,10 @@ def test_a_part_no_worker_picks_up_is_cancelled_and_fails_the_dispatch(
     assert "failed on b: host b (agent) unreachable" in message
     assert f"no worker of work pool {pools['b']} picked up its part in 3s" in message
     assert "cancelled; nothing ran there" in message
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"deploy-stack/host-{pools['b']}")
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])
-            )
-        )
-    assert [r.state.type for r in runs if r.state] == [StateType.CANCELLED]
+    assert _part_states(pools["b"]) == [StateType.CANCELLED]
     assert ProcessBackend(states["b"]).observe("pair") == {}
     for state in states.values():
         _remove_all(state, "pair")
-
-
-NEVER_READY_ON_B = """\
-stack: gone
-hosts:
-  a: {{backend: process, work_pool: {pool_a}}}
-  b: {{backend: process, work_pool: {pool_b}}}
-deploy: {{bake: 500ms}}
-services:
-  db:
-    host: a
-    command: [{py}, -m, http.server, "{db}", --bind, 127.0.0.1]
-    ports: {{http: {db}}}
-    health: {{http: {{url: "http://127.0.0.1:{db}/"}}, interval: 500ms, retries: 3}}
-  api:
-    host: b
-    depends_on: [db]
-    command: [{py}, -c, "import time; time.sleep(600)"]
-    ports: {{http: {api}}}
-    health:
-      http: {{url: "http://127.0.0.1:{api}/"}}
-      interval: 1s
-      start_period: 300s
-"""
 
 
 def test_a_part_whose_host_dies_while_it_runs_is_crashed_and_fails_the_dispatch(
@@ -433,65 +426,40 @@ def test_a_part_whose_host_dies_while_it_runs_is_crashed_and_fails_the_dispatch(
     and the deploy fails naming b (it used to wait for ever: nothing marks such a run crashed)."""
     import sys
 
-    from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    import yaml
     from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
 
-    from flows.deploy import deploy_stack, pool_workers
-    from hxp.endpoints import worker_absence
+    from flows.deploy import deploy_stack
     from hxp.errors import DeployError
 
     tag = uuid.uuid4().hex[:8]
     pools = {h: f"hxp-host-{h}-{tag}" for h in "ab"}
+    text = TWO_HOSTS.format(py=sys.executable, db=free_port(), api=free_port())
+    spec = yaml.safe_load(text.replace("hxp-host-a", pools["a"]).replace("hxp-host-b", pools["b"]))
+    spec["stack"] = "gone"
+    api = spec["services"]["api"]  # on b: runs, never ready (the gate waits its start_period)
+    api["command"] = [sys.executable, "-c", "import time; time.sleep(600)"]
+    api["health"].update(interval="1s", start_period="300s")
     path = tmp_path / "gone.yaml"
-    path.write_text(
-        NEVER_READY_ON_B.format(
-            py=sys.executable,
-            db=free_port(),
-            api=free_port(),
-            pool_a=pools["a"],
-            pool_b=pools["b"],
-        )
-    )
-    states = {h: tmp_path / f"state-{h}" for h in "ab"}
-    logs = {h: tmp_path / f"worker-{h}.log" for h in "ab"}
-    with get_client(sync_client=True) as client:
-        for pool in pools.values():
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+    path.write_text(yaml.safe_dump(spec))
     # a heartbeat every 2 s: b's worker counts as gone 6 s after it dies (30 s and 90 s by
     # default)
     beat = {"PREFECT_WORKER_HEARTBEAT_SECONDS": "2"}
-    workers = {
-        h: start_worker(prefect_server, pools[h], states[h], logs[h], env=beat) for h in "ab"
-    }
+    workers = _online_workers(prefect_server, tmp_path, pools, env=beat)
 
     def b_part_runs() -> bool:
-        with get_client(sync_client=True) as client:
-            try:
-                deployment = client.read_deployment_by_name(f"deploy-stack/host-{pools['b']}")
-            except Exception:
-                return False
-            runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])
-                )
-            )
-        return any(r.state and r.state.type is StateType.RUNNING for r in runs)
+        try:
+            return StateType.RUNNING in _part_states(pools["b"])
+        except ObjectNotFound:  # the part's deployment is made by the deploy
+            return False
 
     def kill_b_when_its_part_runs() -> None:
-        wait_for("b's part running", b_part_runs, 180, logs["b"])
+        wait_for("b's part running", b_part_runs, 180, tmp_path / "worker-b.log")
         time.sleep(1.0)
         os.killpg(workers["b"].pid, signal.SIGKILL)  # the worker and the part's process
 
     try:
-        for h in "ab":
-            wait_for(
-                f"worker {h} online",
-                lambda h=h: worker_absence(pools[h], pool_workers(pools[h]), time.time()) is None,
-                180,
-                logs[h],
-            )
         killer = threading.Thread(target=kill_b_when_its_part_runs, daemon=True)
         killer.start()
         with pytest.raises(DeployError) as failed:
@@ -510,16 +478,9 @@ def test_a_part_whose_host_dies_while_it_runs_is_crashed_and_fails_the_dispatch(
         in message
         and "while its part ran" in message
     ) or "ended Crashed (its process died: check host b and its worker" in message, message
-    with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(f"deploy-stack/host-{pools['b']}")
-        runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])
-            )
-        )
-    assert [r.state.type for r in runs if r.state] == [StateType.CRASHED]
-    for state in states.values():
-        _remove_all(state, "gone")
+    assert _part_states(pools["b"]) == [StateType.CRASHED]
+    for h in "ab":
+        _remove_all(tmp_path / f"state-{h}", "gone")
 
 
 def test_reconcile_flow_closes_a_deploy_whose_process_died(

@@ -7,7 +7,6 @@ leave no container or unit of the stack behind."""
 from __future__ import annotations
 
 import random
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import yaml
 from hxp.backends.base import LABEL_STACK
 from hxp.chaos import covering_runs, faults_for, generated_stack
 from tests.support.stacks import free_range
+from tests.support.systemd_container import unit_files_left
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -76,10 +76,4 @@ def test_a_campaign_on_the_systemd_backend_ends_consistent(
     stack = generated_stack(name, range(base, base + 3), "python3", "systemd", host=host)
     bad = campaign(tmp_path, "systemd", stack, seed)
     assert not bad, f"seed {seed}:\n" + "\n".join(bad)
-    left = subprocess.run(
-        ["docker", "exec", systemd_container, "sh", "-c", f"ls /etc/systemd/system/hxp-{name}-*"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert left.stdout == ""
+    assert unit_files_left(systemd_container, name) == ""

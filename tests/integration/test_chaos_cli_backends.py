@@ -20,6 +20,7 @@ import yaml
 from hxp.backends.base import LABEL_STACK
 from hxp.chaos import generated_stack
 from tests.support.stacks import free_range
+from tests.support.systemd_container import unit_files_left
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
@@ -66,10 +67,4 @@ def test_hxp_chaos_on_a_systemd_host_from_the_cli(systemd_container: str, tmp_pa
     host = {"runner": "docker-exec", "container": systemd_container}
     stack = generated_stack(name, range(base, base + 3), "python3", "systemd", host=host)
     run_chaos(tmp_path, "systemd", stack)
-    left = subprocess.run(
-        ["docker", "exec", systemd_container, "sh", "-c", f"ls /etc/systemd/system/hxp-{name}-*"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert left.stdout == ""
+    assert unit_files_left(systemd_container, name) == ""

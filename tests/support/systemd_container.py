@@ -144,3 +144,15 @@ def run_systemd_container(url: str, image: str = SYSTEMD_IMAGE) -> Iterator[str]
             container.stop(timeout=10)
         finally:
             container.remove(force=True)
+
+
+def unit_files_left(container: str, stack: str) -> str:
+    """The unit files hxp installed for `stack` still in `container` (`ls` output; empty when
+    none is left). The `docker` CLI reaches the container through DOCKER_HOST."""
+    left = subprocess.run(
+        ["docker", "exec", container, "sh", "-c", f"ls /etc/systemd/system/hxp-{stack}-*"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return left.stdout
