@@ -10,7 +10,8 @@ line's ratio is (inconsistent fraction / 0.001); ≤ 1.0 meets it.
 
 The generated stack has --units services, a model served by hxp-vllm-sim and an nginx gateway
 routing it (--plain: the services only); the state directory is the bench's own, on a small
-tmpfs it mounts (root), so the state-disk-full fault runs too.
+tmpfs it mounts (root), so the state-disk-full fault runs too. On docker the campaign is handed
+the bench's own dockerd to restart (the docker-restart fault: down for DOWN_SECONDS).
 
 Run: .venv/bin/python bench/chaos.py [--runs 1000] [--units 4] [--seed S] [--out results.json]
          [--backend process|docker|systemd]
@@ -27,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -36,33 +37,43 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+#: How long the docker-restart fault keeps the bench's private daemon down (as
+#: tests/integration/test_docker_restart.py): longer than the deploy task's own retries.
+DOWN_SECONDS = 5.0
+
+
 def lab_stack(
     lab: contextlib.ExitStack, backend: str, ports: range, tmp: Path, rich: bool = False
-) -> dict[str, object]:
+) -> tuple[dict[str, object], Callable[[], None] | None]:
     """The generated stack for `backend`, with what it runs on started inside `lab`: for docker
     and systemd a private dockerd (DOCKER_HOST points at it while the lab lasts). `rich`
-    (process backend): with a simulated model after the ports and a gateway routing it."""
+    (process backend): with a simulated model after the ports and a gateway routing it. Also,
+    on docker, how to restart that daemon (the bench's own: the docker-restart fault)."""
     from hxp.chaos import generated_stack
     from tests.support.stacks import free_port
 
     if backend == "process":
         if not rich:
-            return generated_stack("chaos", ports, sys.executable)
+            return generated_stack("chaos", ports, sys.executable), None
         model, gateway = ports.stop, free_port()
-        return generated_stack(
+        stack = generated_stack(
             "chaos", ports, sys.executable, model_port=model, gateway_port=gateway
         )
-    from tests.support.docker_engine import build_chaos_image, private_dockerd
+        return stack, None
+    from tests.support.docker_engine import build_chaos_image, own_dockerd
 
-    url = lab.enter_context(private_dockerd(tmp / "dockerd"))
+    engine = lab.enter_context(own_dockerd(tmp / "dockerd"))
+    url = engine.url
     lab.enter_context(_environ("DOCKER_HOST", url))
     if backend == "docker":
-        return generated_stack("chaos", ports, "python3", "docker", image=build_chaos_image(url))
+        image = build_chaos_image(url)
+        stack = generated_stack("chaos", ports, "python3", "docker", image=image)
+        return stack, lambda: engine.restart(DOWN_SECONDS)
     from tests.support.systemd_container import import_systemd_image, run_systemd_container
 
     container = lab.enter_context(run_systemd_container(url, import_systemd_image(url)))
     host = {"runner": "docker-exec", "container": container}
-    return generated_stack("chaos", ports, "python3", "systemd", host=host)
+    return generated_stack("chaos", ports, "python3", "systemd", host=host), None
 
 
 @contextlib.contextmanager
@@ -120,10 +131,12 @@ def main() -> None:
         ):
             rich = args.backend == "process" and not args.plain
             base = free_range(args.units + 2)  # the model's two blue-green slots after the units
-            stack = lab_stack(lab, args.backend, range(base, base + args.units), tmp, rich)
+            stack, restart = lab_stack(lab, args.backend, range(base, base + args.units), tmp, rich)
             stack_file = tmp / "stack.yaml"
             stack_file.write_text(yaml.safe_dump(stack, sort_keys=False))
-            campaign = Campaign(stack_file, tmp / "state", args.backend, own_state=rich)
+            campaign = Campaign(
+                stack_file, tmp / "state", args.backend, own_state=rich, restart_docker=restart
+            )
             lab.callback(campaign.teardown)
             stop_at = time.monotonic() + args.minutes * 60 if args.minutes else None
             results = run_campaign(

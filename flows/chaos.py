@@ -118,7 +118,9 @@ class _When:
 class Campaign:
     """Runs of one campaign on one stack file and state directory. `own_state`: the caller
     made `state_dir` for this campaign (bench, tests): it may mount a small file system there
-    and fill it (the state-disk-full fault); never on a user's state directory."""
+    and fill it (the state-disk-full fault); never on a user's state directory.
+    `restart_docker`: the caller started the Docker daemon the stack's host uses (bench,
+    tests) and hands over how to restart it (the docker-restart fault); never a user's."""
 
     def __init__(
         self,
@@ -127,6 +129,7 @@ class Campaign:
         backend: str = "process",
         log: Callable[[str], None] = print,
         own_state: bool = False,
+        restart_docker: Callable[[], None] | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise InputError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
@@ -135,7 +138,10 @@ class Campaign:
         self.python = sys.executable if backend == "process" else "python3"
         self.state = state_dir
         self.mounted = False
+        self.restart_docker = restart_docker
         have: set[str] = set()
+        if restart_docker is not None and backend == "docker":
+            have.add("own-dockerd")
         if own_state:
             try:
                 mount_small_fs(state_dir)
@@ -326,6 +332,16 @@ class Campaign:
             killer.stop()
             if not killer.done:
                 result.error = killer.error or "the moment to kill nginx never came"
+        elif plan.fault is Fault.DOCKER_RESTART:
+            restart = self.restart_docker
+            if restart is None:
+                raise HxpError("docker-restart: the campaign was given no daemon to restart")
+            want = unit_config_hash(cand_stack, plan.unit)
+            restarter = _When(lambda: self._hash_of(plan.unit) == want, restart)
+            codes = [self._apply_here(cand_file)]
+            restarter.stop()
+            if not restarter.done:
+                result.error = restarter.error or "the moment to restart the daemon never came"
         elif plan.fault is Fault.STATE_DISK_FULL:
             want = unit_config_hash(cand_stack, plan.unit)
             proc = self._apply_process(cand_file, f"run-{plan.run}")

@@ -50,7 +50,8 @@ class FaultSpec:
     backends: frozenset[str]
     about: str
     #: what the stack (or campaign) must have for the fault to be injected: `model` (a routed
-    #: hxp-vllm-sim model), `gateway`, `own-state` (a state directory the campaign made itself)
+    #: hxp-vllm-sim model), `gateway`, `own-state` (a state directory the campaign made itself),
+    #: `own-dockerd` (a Docker daemon the campaign was handed to restart)
     needs: frozenset[str] = frozenset()
     #: the faulty apply has an expected exit code and is followed by an apply of the last good
     #: stack (after the fault is undone), which must exit 0
@@ -132,6 +133,17 @@ FAULTS: dict[Fault, FaultSpec] = {
             "later one's revision runs",
         ),
         FaultSpec(
+            Fault.DOCKER_RESTART,
+            0,
+            "new",
+            ("succeeded",),
+            frozenset({"docker"}),
+            "the Docker daemon is stopped (SIGTERM) once the new revision's container exists "
+            "(it listens after 3 s), and started again with the same arguments (only a daemon "
+            "the campaign started): the deploy waits for the daemon and must commit",
+            needs=frozenset({"own-dockerd"}),
+        ),
+        FaultSpec(
             Fault.STATE_DISK_FULL,
             1,
             "previous",
@@ -176,7 +188,7 @@ FAULTS: dict[Fault, FaultSpec] = {
 MODEL_FAULTS = frozenset({Fault.NGINX_KILLED, Fault.STALLED_MODEL})
 
 #: Faults named by the issue that this campaign does not inject yet (see docs/reliability.md).
-NOT_YET: tuple[Fault, ...] = (Fault.DOCKER_RESTART,)
+NOT_YET: tuple[Fault, ...] = ()
 
 
 def faults_for(backend: str, have: frozenset[str] = frozenset()) -> list[Fault]:
@@ -192,6 +204,8 @@ def skipped_faults(backend: str, have: frozenset[str]) -> dict[Fault, str]:
         "gateway": "the stack has no gateway",
         "own-state": "the state directory is not one the campaign made (it mounts a small file "
         "system there to fill; it never does that on a user's state directory)",
+        "own-dockerd": "the Docker daemon is not one the campaign started (it stops and starts "
+        "the daemon; it never does that to a user's daemon)",
     }
     return {
         f: "; ".join(why[n] for n in sorted(spec.needs - have))
@@ -534,6 +548,7 @@ UNIT_FAULTS: dict[Fault, tuple[str, float] | None] = {
     Fault.KILL_DURING_APPLY: ("slow", 3.0),  # a window to kill the orchestrator in
     Fault.KILL_DURING_ROLLBACK: ("immediate-exit", 0.0),
     Fault.CONCURRENT_APPLIES: None,
+    Fault.DOCKER_RESTART: ("slow", 3.0),  # a window to restart the daemon in
     Fault.STATE_DISK_FULL: None,
     Fault.NGINX_KILLED: None,
     Fault.STALLED_MODEL: None,

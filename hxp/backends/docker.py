@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
@@ -66,6 +68,12 @@ ON_FAILURE_RETRIES = 5
 NANOSECONDS = 1_000_000_000
 DEFAULT_GRACE = 10.0
 RUN_SLACK = 0.1  # seconds before StartedAt where a run's log starts (run_since)
+#: How long an engine this process has reached before is waited for when it stops answering
+#: (its daemon restarting: stopping its containers, then starting again) before a call fails.
+#: An engine never reached fails at once.
+ENGINE_RETURN_SECONDS = 30.0
+ENGINE_POLL_SECONDS = 0.25
+_REACHED: set[tuple[str, str, str]] = set()  # (host, runner, DOCKER_HOST) that answered
 
 
 # ---------------------------------------------------------------- pure: names and specs
@@ -433,25 +441,41 @@ class DockerBackend:
         self._start(self._client().containers.create(**kwargs), ref)
 
     def _client(self) -> Any:
-        """The Docker client, connected on first use."""
+        """The Docker client, connected on first use. An engine that answered this process
+        before and does not now (its daemon restarting) is waited for, up to
+        ENGINE_RETURN_SECONDS; one never reached fails at once."""
         if self._docker is not None:
             return self._docker
         where = f"Docker on host {self.host_name!r}"
-        try:
-            match self.host.runner:
-                case "local":
-                    client = docker.from_env()
-                case "ssh":
-                    client = docker.DockerClient(base_url=f"unix://{self._forwarded_socket()}")
-                case "docker-exec":
+        engine = (self.host_name, self.host.runner, os.environ.get("DOCKER_HOST", ""))
+        deadline = time.monotonic() + ENGINE_RETURN_SECONDS
+        while True:
+            try:
+                client = self._connect()
+                break
+            except (docker.errors.DockerException, OSError) as exc:
+                if engine not in _REACHED or time.monotonic() >= deadline:
+                    waited = f" (waited {ENGINE_RETURN_SECONDS:g}s)" if engine in _REACHED else ""
                     raise BackendError(
-                        f"host {self.host_name!r}: the docker backend runs on a local or ssh "
-                        "host, not inside a container (runner docker-exec)"
-                    )
-            client.ping()
-        except (docker.errors.DockerException, OSError) as exc:
-            raise BackendError(f"cannot reach {where}: {exc}", transient=True) from exc
+                        f"cannot reach {where}{waited}: {exc}", transient=True
+                    ) from exc
+                time.sleep(ENGINE_POLL_SECONDS)
+        _REACHED.add(engine)
         self._docker = client
+        return client
+
+    def _connect(self) -> Any:
+        match self.host.runner:
+            case "local":
+                client = docker.from_env()
+            case "ssh":
+                client = docker.DockerClient(base_url=f"unix://{self._forwarded_socket()}")
+            case "docker-exec":
+                raise BackendError(
+                    f"host {self.host_name!r}: the docker backend runs on a local or ssh "
+                    "host, not inside a container (runner docker-exec)"
+                )
+        client.ping()
         return client
 
     def _forwarded_socket(self) -> Path:
@@ -483,6 +507,7 @@ class DockerBackend:
         except docker.errors.DockerException as exc:
             raise BackendError(f"{where}: {exc}", unit=unit) from exc
         except OSError as exc:  # requests' connection errors and timeouts, ssh failures
+            self._docker = None  # the next call connects afresh (and waits for a restart)
             raise BackendError(f"cannot reach {where}: {exc}", transient=True, unit=unit) from exc
 
     def _require_image(self, image: str, ref: UnitRef) -> None:

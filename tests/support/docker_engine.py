@@ -25,14 +25,15 @@ def dockerd_available() -> bool:
     return shutil.which("dockerd") is not None and os.geteuid() == 0
 
 
-@contextmanager
-def private_dockerd(root: Path) -> Iterator[str]:
-    """Start dockerd with its own data/exec roots and socket; yield its DOCKER_HOST."""
-    root.mkdir(parents=True, exist_ok=True)
-    sock = root / "docker.sock"
-    log = (root / "dockerd.log").open("ab")
-    proc = subprocess.Popen(
-        [
+class PrivateDockerd:
+    """A dockerd with its own data/exec roots and socket under `root`, started by this test
+    run: only such an engine may be restarted (`restart`: SIGTERM, then started again with the
+    same arguments), never one the run did not start."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = f"unix://{root / 'docker.sock'}"
+        self.argv = [
             "dockerd",
             "--storage-driver=overlay2",
             "--iptables=false",
@@ -40,38 +41,71 @@ def private_dockerd(root: Path) -> Iterator[str]:
             f"--data-root={root / 'data'}",
             f"--exec-root={root / 'exec'}",
             f"--pidfile={root / 'docker.pid'}",
-            f"--host=unix://{sock}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"unix://{sock}"
-    try:
+            f"--host={self.url}",
+        ]
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the engine and wait until it answers (RuntimeError if it exits first)."""
         import docker
 
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "dockerd.log").open("ab") as log:
+            self._proc = proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited: see {root / 'dockerd.log'}")
+                raise RuntimeError(f"dockerd exited: see {self.root / 'dockerd.log'}")
             try:
-                docker.DockerClient(base_url=url).ping()
-                break
+                docker.DockerClient(base_url=self.url).ping()
+                return
             except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        yield url
-    finally:
+
+    def stop(self) -> None:
+        """SIGTERM the engine (it stops its containers) and wait for it to exit."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
-        for mount in (root / "exec" / "netns" / "default", root / "data"):
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop the engine and start it again with the same arguments (after `down_seconds`)."""
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        for mount in (self.root / "exec" / "netns" / "default", self.root / "data"):
             subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+
+
+@contextmanager
+def own_dockerd(root: Path) -> Iterator[PrivateDockerd]:
+    """A PrivateDockerd under `root`, started for the block and stopped after it."""
+    engine = PrivateDockerd(root)
+    try:
+        engine.start()
+        yield engine
+    finally:
+        engine.close()
+
+
+@contextmanager
+def private_dockerd(root: Path) -> Iterator[str]:
+    """Start dockerd with its own data/exec roots and socket; yield its DOCKER_HOST."""
+    with own_dockerd(root) as engine:
+        yield engine.url
 
 
 def _import(url: str, folder: Path, tag: str) -> None:

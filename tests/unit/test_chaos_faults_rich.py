@@ -36,7 +36,9 @@ def test_a_stack_of_services_gets_the_same_faults_and_draws_as_before() -> None:
     plain = faults_for("process")
     assert Fault.STATE_DISK_FULL not in plain
     assert not set(plain) & MODEL_FAULTS
-    assert plain == [f for f in FAULTS if f not in MODEL_FAULTS | {Fault.STATE_DISK_FULL}]
+    assert plain == [
+        f for f in FAULTS if f not in MODEL_FAULTS | {Fault.STATE_DISK_FULL, Fault.DOCKER_RESTART}
+    ]
     # the draws of a campaign on a plain stack did not move (replay keys stay valid)
     assert plan_run(3, 11, plain, DEPS) == plan_run(3, 11, plain, DEPS, models=())
 
@@ -50,8 +52,54 @@ def test_each_missing_part_is_named_as_the_reason_a_fault_is_left_out() -> None:
     with_model = skipped_faults("process", frozenset({"model"}))
     assert set(with_model) == {Fault.STATE_DISK_FULL, Fault.NGINX_KILLED}
     assert skipped_faults("process", RICH) == {}
-    assert set(faults_for("process", RICH)) == set(FAULTS) - set(NOT_YET)
-    assert NOT_YET == (Fault.DOCKER_RESTART,)
+    assert set(faults_for("process", RICH)) == set(FAULTS) - {Fault.DOCKER_RESTART}
+    assert NOT_YET == ()
+
+
+def test_a_docker_restart_is_injected_only_into_a_daemon_the_campaign_owns() -> None:
+    own = frozenset({"own-dockerd"})
+    assert Fault.DOCKER_RESTART not in faults_for("docker")
+    skipped = skipped_faults("docker", frozenset())
+    assert set(skipped) == {Fault.DOCKER_RESTART}
+    assert "not one the campaign started" in skipped[Fault.DOCKER_RESTART]
+    assert faults_for("docker", own) == [*faults_for("docker"), Fault.DOCKER_RESTART]
+    assert skipped_faults("docker", own) == {}
+    for backend in ("process", "systemd"):  # only the docker backend has a daemon to restart
+        assert Fault.DOCKER_RESTART not in faults_for(backend, RICH | own)
+        assert Fault.DOCKER_RESTART not in skipped_faults(backend, frozenset())
+    # a campaign not handed its daemon draws as before (replay keys stay valid)
+    assert [plan_run(5, r, faults_for("docker"), DEPS).fault for r in range(50)] == [
+        plan_run(
+            5, r, [f for f in faults_for("docker", own) if f is not Fault.DOCKER_RESTART], DEPS
+        ).fault
+        for r in range(50)
+    ]
+
+
+def test_a_docker_restart_must_commit_the_new_revision() -> None:
+    spec = FAULTS[Fault.DOCKER_RESTART]
+    assert (spec.exit_code, spec.outcome, spec.history, spec.also) == (0, "new", ("succeeded",), ())
+    assert not spec.recovers
+    good = generated_stack("s", [21001, 21002], "python3", "docker", image="x:1")
+    new = new_revision(good, "u1", Fault.DOCKER_RESTART, "7-1", "python3", 21002)
+    command = new["services"]["u1"]["command"]  # type: ignore[index]
+    assert command[-4:] == ["--fault", "slow", "--delay", "3"]  # a window to restart in
+    seen = Observation(
+        exit_codes=(1,),
+        recovery_exit=None,
+        expected_hash={},
+        instances=[],
+        unit_of={},
+        leftovers=["container hxp-s-u1-prev (stopped, instance u1)"],
+        plan_changes=[],
+        history=["failed"],
+        unfinished=0,
+    )
+    assert violations(spec, seen) == [
+        "exit code [1], expected 0",
+        "left over: container hxp-s-u1-prev (stopped, instance u1)",
+        "history rows ['failed'], expected ['succeeded']",
+    ]
 
 
 def test_model_faults_target_a_model_and_the_others_a_service() -> None:

@@ -361,6 +361,20 @@ def test_an_unreachable_engine_is_a_transient_error_naming_the_host(
     assert info.value.transient
 
 
+def test_an_engine_never_reached_is_not_waited_for(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an engine this process reached before is waited for (its daemon restarting)."""
+    import time
+
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/never.sock")
+    started = time.monotonic()
+    with pytest.raises(BackendError, match="cannot reach Docker") as info:
+        DockerBackend("fresh", HostSpec(backend="docker"), tmp_path).observe("demo")
+    assert "waited" not in str(info.value)
+    assert time.monotonic() - started < 5
+
+
 def test_docker_exec_hosts_are_refused(tmp_path: Any) -> None:
     host = HostSpec(backend="docker", runner="docker-exec", container="box")
     with pytest.raises(BackendError, match="docker-exec") as info:
