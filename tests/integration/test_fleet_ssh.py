@@ -34,6 +34,7 @@ from tests.support.fleet_lab import (
     lab_available,
     set_gpus,
     ssh_connections,
+    sshd_log,
 )
 from tests.support.nvidia_smi_double import h200
 from tests.support.render_data import stack_from_data
@@ -43,7 +44,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 UNITS = 30
-MAX_CONNECTIONS = 3
+#: One shared connection is the rule (three runs beside two busy CPU loops opened exactly one
+#: each). OpenSSH's multiplexing client opens a connection of its own when the master cannot give
+#: it a session (mux.c falls back to a direct connection), which a loaded sshd that has not yet
+#: released the sessions just closed can cause: one CI run saw 4 on the systemd host. "A handful"
+#: is the issue's word; more than 5 fails, with what sshd logged meanwhile.
+MAX_CONNECTIONS = 5
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +124,7 @@ def test_thirty_units_on_one_ssh_host_share_one_connection(
     stack = thirty_unit_stack(lab, host)
     state_dir = tmp_path / "state"
     before = ssh_connections(lab.host(host))
+    log_before = len(sshd_log(lab.host(host)))
     try:
         deploy_each_unit(stack, host, state_dir)
         seen = backend_for(host, stack.hosts[host], state_dir).observe(stack.stack)
@@ -128,7 +135,11 @@ def test_thirty_units_on_one_ssh_host_share_one_connection(
         close_shared_connection(stack, host, state_dir)
     opened = ssh_connections(lab.host(host)) - before
     print(f"{host}: {UNITS} units deployed over {opened} TCP connection(s) to sshd")
-    assert 1 <= opened <= MAX_CONNECTIONS
+    logged = sshd_log(lab.host(host))[log_before:]
+    notable = [ln for ln in logged.splitlines() if "Accepted publickey" not in ln]
+    assert 1 <= opened <= MAX_CONNECTIONS, "what sshd logged meanwhile:\n" + "\n".join(
+        notable[-60:]
+    )
     # The containers ran on the lab host's own engine, not on any engine of this machine.
     if host == "dock":
         engine = docker.DockerClient(base_url=f"unix://{lab.host(host).docker_socket}")

@@ -639,10 +639,9 @@ def set_gpus(host: LabHost, gpus: list[dict[str, Any]], processes: list[dict[str
     host.gpus_file.write_text(json.dumps({"gpus": gpus, "processes": processes}) + "\n")
 
 
-def ssh_connections(host: LabHost) -> int:
-    """TCP connections the host's sshd accepted so far: sshd logs each one at LogLevel VERBOSE
-    (`Connection from ADDR port N on ADDR port 22`), to its log file or, on a systemd host, to
-    the container's journal (read through the lab's own engine, not through SSH)."""
+def sshd_log(host: LabHost) -> str:
+    """What the host's sshd logged so far (LogLevel VERBOSE): its log file or, on a systemd
+    host, the container's journal (read through the lab's own engine, not through SSH)."""
     if host.role == "systemd":
         import docker
 
@@ -650,13 +649,17 @@ def ssh_connections(host: LabHost) -> int:
         _code, out = client.containers.get(host.container).exec_run(
             ["journalctl", "-u", "ssh.service", "-o", "cat", "--no-pager"]
         )
-        text = out.decode(errors="replace")
-    else:
-        try:
-            text = host.sshd_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return 0
-    return len(re.findall(r"^.*Connection from \S+ port \d+ on ", text, re.M))
+        return out.decode(errors="replace")
+    try:
+        return host.sshd_log.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def ssh_connections(host: LabHost) -> int:
+    """TCP connections the host's sshd accepted so far: it logs each one at LogLevel VERBOSE
+    (`Connection from ADDR port N on ADDR port 22`)."""
+    return len(re.findall(r"^.*Connection from \S+ port \d+ on ", sshd_log(host), re.M))
 
 
 def wait_for_ssh(state: LabState, host: LabHost, seconds: float = 60.0) -> None:
