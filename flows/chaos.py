@@ -237,6 +237,13 @@ class Campaign:
             start_new_session=True,
         )
 
+    def _settle_store(self) -> bool:
+        for _ in range(50):
+            if self.store.checkpoint():
+                return True
+            time.sleep(0.1)
+        return False
+
     def _last_id(self) -> int:
         rows = self.store.deploys(self.name, 1)
         return rows[0].id if rows else 0
@@ -344,6 +351,11 @@ class Campaign:
                 result.error = restarter.error or "the moment to restart the daemon never came"
         elif plan.fault is Fault.STATE_DISK_FULL:
             want = unit_config_hash(cand_stack, plan.unit)
+            # An empty write-ahead log: each write of the apply appends to it, so every write
+            # made after the fill needs new space (SQLite would otherwise reuse log space an
+            # earlier apply left, and the deploy's last writes could still fit).
+            if not self._settle_store():
+                result.error = "the store's write-ahead log could not be emptied before the run"
             proc = self._apply_process(cand_file, f"run-{plan.run}")
             seen = self._wait(lambda: self._hash_of(plan.unit) == want, proc)
             if seen:

@@ -278,6 +278,14 @@ class Store:
                 f"written ({exc}); nothing was corrupted: free space there and apply again"
             ) from exc
 
+    def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the database and truncate the log to zero bytes
+        (PRAGMA wal_checkpoint(TRUNCATE)); False when a reader or writer kept it from finishing.
+        Every write after it grows the log, so its space is taken from the disk anew."""
+        with self._connect() as db:
+            busy, _log, _done = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return bool(busy == 0)
+
     def close(self) -> None:
         """Close the calling thread's connection (a later call opens a new one)."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)

@@ -60,3 +60,31 @@ def test_a_full_disk_fails_the_write_clearly_and_the_store_recovers(small_state:
     store.close()
     with sqlite3.connect(small_state / "hxp.sqlite3") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_after_a_checkpoint_the_first_write_on_a_full_disk_fails(small_state: Path) -> None:
+    """Why the campaign empties the log before its state-disk-full run: a write-ahead log that
+    earlier writes grew and a checkpoint emptied is reused from its start, so writes made after
+    the disk filled still fit and the apply never meets the full disk. `Store.checkpoint()`
+    truncates the log: the next write needs new space."""
+    store = Store(small_state)
+    first = store.begin_deploy("s", "apply", "h1", {"actions": []})
+    for i in range(40):  # an earlier apply's writes: the log grows by about 40 pages
+        store.add_event("s", "note", "x" * 4000 + str(i), deploy_id=first)
+    assert store.path.with_name("hxp.sqlite3-wal").stat().st_size > 40 * 4096
+    other = sqlite3.connect(store.path)  # what SQLite's automatic checkpoint does now and then
+    assert other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
+    other.close()
+
+    fill(small_state)
+    store.add_event("s", "note", "fits in the reused log", deploy_id=first)  # the unmet fault
+    free(small_state)
+
+    assert store.checkpoint()
+    assert store.path.with_name("hxp.sqlite3-wal").stat().st_size == 0
+    fill(small_state)
+    with pytest.raises(StateDiskFullError):
+        store.add_event("s", "note", "needs new space", deploy_id=first)
+    free(small_state)
+    store.finish_deploy(first, "failed", {"error": "disk full"})
+    assert store.deploys("s")[0].status == "failed"

@@ -203,14 +203,11 @@ def test_the_generated_stack_names_a_bad_field(kw: dict[str, str], message: str)
         generated_stack("s", [20001], "python3", **kw)  # type: ignore[arg-type]
 
 
-def test_every_fault_but_the_not_yet_ones_applies_to_docker_and_systemd() -> None:
-    from hxp.chaos import NOT_YET
-
+def test_every_fault_without_needs_applies_to_docker_and_systemd() -> None:
     # the faults every stack gets; the model, gateway and full-disk faults need more
     plain = [f for f, spec in FAULTS.items() if not spec.needs]
     for backend in ("docker", "systemd"):
         assert faults_for(backend) == faults_for("process") == plain
-        assert not set(NOT_YET) & set(faults_for(backend))
 
 
 def test_covering_runs_are_the_first_run_of_each_fault() -> None:
