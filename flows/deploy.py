@@ -636,8 +636,9 @@ def _apply_plan(
         if refused:
             raise _refuse(record, refused)
     record.save_snapshot(effective)
+    here = sorted({a.host for a in plan.actions})  # the other agent hosts are not seen here
     if stack.gateway is not None:
-        sync_gateway(ctx)  # nginx up, pointing at what runs now
+        sync_gateway(ctx, here)  # nginx up, pointing at what runs now
     outcomes, failure = _apply_graph(ctx, plan)
     if failure is None and outcomes:
         failure = verify_units(ctx, outcomes)
@@ -672,7 +673,7 @@ def _apply_plan(
     for outcome in outcomes:
         commit_unit(ctx, outcome)
     if stack.gateway is not None:
-        sync_gateway(ctx)
+        sync_gateway(ctx, here)
     result: dict[str, dict[str, Any]] = {
         o.unit: {
             "revision": o.revision,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -525,23 +525,50 @@ def replace_refusals(ctx: RunContext, actions: list[Action]) -> dict[str, str]:
     return refused
 
 
+def agent_hosts_elsewhere(stack: Stack, here: Iterable[str]) -> set[str]:
+    """The agent hosts (process backend, a work pool) that are not `here`: their processes
+    are local to their own machine, so only the deploy part run there can see them."""
+    return {
+        name
+        for name, host in stack.hosts.items()
+        if host.backend == "process" and host.work_pool is not None and name not in set(here)
+    }
+
+
 @task(name="gateway", task_run_name="gateway-{ctx.stack.stack}", cache_policy=NO_CACHE)
-def sync_gateway(ctx: RunContext) -> dict[str, list[str]]:
-    """Point the gateway at the routed instances that run now (starting nginx if needed)."""
+def sync_gateway(ctx: RunContext, here: Iterable[str] | None = None) -> dict[str, list[str]]:
+    """Point the gateway at the routed instances that run now (starting nginx if needed).
+
+    `here`: the hosts this run deploys (a part of a dispatched deploy). The instances of
+    another agent host cannot be seen from here: they keep their place in the gateway as it
+    is (that host's own part, or the health sweep, decides it). A gateway on another agent
+    host is left to that host's part (this machine is not where it runs)."""
     if ctx.stack.gateway is None:
         return {}
-    seen = observe_all(ctx.stack, ctx.state_dir)
+    elsewhere = set() if here is None else agent_hosts_elsewhere(ctx.stack, here)
+    if ctx.stack.gateway.host in elsewhere:
+        return {}  # nginx runs on another agent host: only that host's part can drive it
+    seen = observe_all(
+        ctx.stack, ctx.state_dir, hosts=[h for h in sorted(ctx.stack.hosts) if h not in elsewhere]
+    )
     # A replica asleep (`hxp sleep`) runs, but serves nothing until `hxp wake` puts it back.
     asleep = ctx.store().asleep(ctx.stack.stack)
     live: dict[str, list[str]] = {}
+    unseen: dict[str, set[str]] = {}
     for unit in ctx.stack.gateway.routes:
+        slots = all_slots(ctx.stack, unit)
         live[unit] = sorted(
             route_server(i)
-            for i in all_slots(ctx.stack, unit)
-            if i.name in seen and seen[i.name].running and i.name not in asleep
+            for i in slots
+            if i.host not in elsewhere
+            and i.name in seen
+            and seen[i.name].running
+            and i.name not in asleep
         )
-    ctx.gateway().apply(live)
-    return live
+        unseen[unit] = {route_server(i) for i in slots if i.host in elsewhere}
+    if not elsewhere:
+        return ctx.gateway().apply(live)
+    return ctx.gateway().apply(live, keep=lambda unit, server: server in unseen.get(unit, ()))
 
 
 @task(name="verify", task_run_name="verify-{ctx.stack.stack}", cache_policy=NO_CACHE)

@@ -5,8 +5,11 @@ STATE/gateway/<stack>/ (config, pid, logs, temp dirs). On a host reached over SS
 there, its files under `gateway.directory` on that host (default
 /var/lib/hxp-gateway/<stack>), and every step (write the config, `nginx -t`, start, the
 graceful reload and the wait for its new workers, stop) is a command through that host's
-runner; the upstream map, the lock and a copy of the config nginx runs stay here, under
-STATE/gateway/<stack>/, so route edits have one home whichever host runs nginx. A reload
+runner. The upstream map of a remote gateway lives on its host too (`upstreams.json` beside
+the config), written with the config in one command under a lock there, and only if the map is
+still the one the edit read (else the edit reads it again and retries): the deploy parts of a
+fleet run on several machines (agents), and each edits that one map. A copy of the map and of
+the config nginx runs stays here, under STATE/gateway/<stack>/. A reload
 starts new workers with the new upstreams while the old workers finish the requests they hold,
 so switching replicas loses no request.
 
@@ -27,7 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -81,12 +84,29 @@ RELOAD_WAIT = 5.0
 # The commands run on a remote gateway host: POSIX sh scripts taking their paths as arguments
 # ("$1"...), never as code. Each is one round trip over the host's multiplexed connection.
 _FIND_NGINX = "command -v nginx || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true"
-# $1 nginx, $2 prefix, $3 the new config (stdin), $4 the config nginx runs
+# $1 nginx, $2 prefix, $3 the new config (stdin), $4 the config nginx runs, $5 the map the
+# edit read ("-": no check), $6 the new map. Under the gateway's lock on that host: exit
+# MAP_CHANGED when the map is no longer $5 (another machine edited it meanwhile); else `nginx
+# -t` the config, install it and the map, and print whether the config changed.
 _INSTALL = (
-    'mkdir -p -- "$2/logs" "$2/tmp" && cat > "$3" || exit 3\n'
-    'if "$1" -t -q -p "$2/" -c "$3"; then mv -f -- "$3" "$4"; else rc=$?; rm -f -- "$3"; '
-    "exit $rc; fi"
+    'mkdir -p -- "$2/logs" "$2/tmp" || exit 3\n'
+    'exec 9>>"$2/gateway.lock" && flock 9 || exit 3\n'
+    'if [ "$5" != "-" ]; then have=$(cat -- "$2/upstreams.json" 2>/dev/null); '
+    '[ "$have" = "$5" ] || exit 75; fi\n'
+    'cat > "$3" || exit 3\n'
+    'if "$1" -t -q -p "$2/" -c "$3"; then :; else rc=$?; rm -f -- "$3"; exit $rc; fi\n'
+    'if cmp -s -- "$3" "$4"; then rm -f -- "$3"; echo same; else mv -f -- "$3" "$4"; '
+    "echo changed; fi\n"
+    'printf %s "$6" > "$2/upstreams.json.new" && mv -f -- "$2/upstreams.json.new" '
+    '"$2/upstreams.json"'
 )
+#: _INSTALL's exit when the remote map changed since it was read (EX_TEMPFAIL).
+MAP_CHANGED = 75
+#: How often an edit of a remote gateway's map is read again and retried when another machine
+#: edited the map between its read and its write.
+MAP_TRIES = 20
+# $1 prefix: the remote map (nothing when there is none)
+_READ_MAP = 'cat -- "$1/upstreams.json" 2>/dev/null; exit 0'
 # $1 prefix: the pid in nginx.pid and that process's command line (empty when none runs)
 _MASTER = (
     'read -r pid < "$1/nginx.pid" 2>/dev/null || exit 0\n'
@@ -123,7 +143,23 @@ _STOP = (
     '[ -e "/proc/$1" ] && kill -KILL "$1" 2>/dev/null; exit 0'
 )
 # $1 prefix: what a stopped gateway leaves
-_CLEAR = 'rm -f -- "$1/nginx.pid" "$1"/nginx.conf.*.new; rm -rf -- "$1/tmp"'
+_CLEAR = 'rm -f -- "$1/nginx.pid" "$1"/nginx.conf.*.new "$1/upstreams.json"; rm -rf -- "$1/tmp"'
+
+
+def _parse_map(text: str) -> dict[str, list[Server]]:
+    """An upstream map as written (`{unit: [server, ...]}`); nothing for an empty or broken
+    one."""
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(u): [as_server(s) for s in ss] for u, ss in data.items() if isinstance(ss, list)}
+
+
+def _map_text(live: Mapping[str, Sequence[Server]]) -> str:
+    return json.dumps({k: list(v) for k, v in sorted(live.items())})
 
 
 def is_master(cmdline: str, prefix: str) -> bool:
@@ -172,12 +208,27 @@ class NginxGateway:
 
     def servers(self) -> dict[str, list[Server]]:
         """The upstream servers (`address:port`) per routed unit, as last applied (a map
-        written before addresses held bare ports: those are on this machine)."""
+        written before addresses held bare ports: those are on this machine). A remote
+        gateway's map is read on its host (the copy here when the host does not answer)."""
+        if self.runner is not None:
+            with suppress(BackendError):
+                return self._read_map()[1]
+        return _parse_map(self._local_map())
+
+    def _local_map(self) -> str:
         try:
-            data: dict[str, list[str | int]] = json.loads(self.upstreams_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return {unit: [as_server(s) for s in servers] for unit, servers in data.items()}
+            return self.upstreams_file.read_text()
+        except OSError:
+            return ""
+
+    def _read_map(self) -> tuple[str | None, dict[str, list[Server]]]:
+        """The map an edit starts from, and the text a remote write must still find there
+        (None on this machine, where the lock here is enough). A remote host with no map yet
+        (a gateway written before the map lived there) starts from the copy here."""
+        if self.runner is None:
+            return None, _parse_map(self._local_map())
+        there = self._remote(["sh", "-c", _READ_MAP, "sh", self.nginx_prefix]).text
+        return there, _parse_map(there or self._local_map())
 
     def live(self) -> dict[str, list[int]]:
         """The ports of `servers()` per routed unit (enough where every unit is on one
@@ -247,11 +298,26 @@ class NginxGateway:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def apply(self, live: Mapping[str, Sequence[Server | int]]) -> None:
+    def apply(
+        self,
+        live: Mapping[str, Sequence[Server | int]],
+        keep: Callable[[str, Server], bool] | None = None,
+    ) -> dict[str, list[Server]]:
         """Point every route at the `live` servers (the whole map; `address:port`, a bare port
-        is one on this machine): write, `nginx -t`, then start or reload."""
+        is one on this machine): write, `nginx -t`, then start or reload. `keep(unit, server)`:
+        a server the map has now that stays too (one on a host this process cannot observe).
+        The map written."""
         with self._locked():
-            self._write({u: [as_server(s) for s in ss] for u, ss in live.items()})
+            for _ in range(MAP_TRIES):
+                expected, now = self._read_map()
+                new = {u: [as_server(s) for s in ss] for u, ss in live.items()}
+                if keep is not None:
+                    for unit, servers in now.items():
+                        kept = [s for s in servers if keep(unit, s)]
+                        new[unit] = list(dict.fromkeys([*kept, *new.get(unit, [])]))
+                if self._write(new, expected):
+                    return new
+        raise self._kept_changing()
 
     def add(self, unit: str, *servers: Server | int) -> list[Server]:
         """Put `servers` behind the unit's route (those already there stay); the unit's
@@ -275,28 +341,46 @@ class NginxGateway:
         """Read the live map, edit the unit's servers, write it back: all under the lock.
         Nothing is written when the servers stay the same."""
         drop = {as_server(s) for s in remove}
+        adds = list(dict.fromkeys(map(as_server, add)))
         with self._locked():
-            before = self.servers().get(unit, [])
-            servers = [s for s in before if s not in drop]
-            servers += [s for s in dict.fromkeys(map(as_server, add)) if s not in servers]
-            if servers != before:
-                self._set_upstream(unit, servers)
-            return servers
+            for _ in range(MAP_TRIES):
+                expected, live = self._read_map()
+                before = live.get(unit, [])
+                servers = [s for s in before if s not in drop]
+                servers += [s for s in adds if s not in servers]
+                if servers == before or self._set_upstream(unit, servers, live, expected):
+                    return servers
+        raise self._kept_changing()
 
-    def _set_upstream(self, unit: str, servers: Sequence[Server]) -> None:
-        """Write the unit's servers into the live map (the caller holds the lock)."""
-        live = self.servers()
-        live[unit] = list(servers)
-        self._write(live)
+    def _set_upstream(
+        self,
+        unit: str,
+        servers: Sequence[Server],
+        live: Mapping[str, Sequence[Server]],
+        expected: str | None,
+    ) -> bool:
+        """Write the unit's servers into `live` (the map as read) and write it back (the
+        caller holds the lock); False when a remote map changed since it was read."""
+        return self._write({**live, unit: list(servers)}, expected)
 
-    def _write(self, live: Mapping[str, Sequence[Server]]) -> None:
+    def _kept_changing(self) -> BackendError:
+        return BackendError(
+            f"gateway on {self.where}: its route map changed under every one of {MAP_TRIES} "
+            "edits (other machines editing it without pause); try again"
+        )
+
+    def _write(self, live: Mapping[str, Sequence[Server]], expected: str | None = None) -> bool:
         """Render, `nginx -t` a temporary copy of this write's own, then start or reload (the
-        caller holds the lock)."""
+        caller holds the lock). On a remote host only while its map is still `expected`:
+        False (nothing written) when it is not."""
+        text = _map_text(live)
         if self.runner is not None:
-            self._write_there(live)
+            if not self._write_there(live, text, expected):
+                return False
         else:
             self._write_here(live)
-        _write_atomically(self.upstreams_file, json.dumps({k: list(v) for k, v in live.items()}))
+        _write_atomically(self.upstreams_file, text)
+        return True
 
     def _write_here(self, live: Mapping[str, Sequence[Server]]) -> None:
         for sub in ("logs", "tmp"):
@@ -367,21 +451,37 @@ class NginxGateway:
         while any(alive(p, t) for p, t in orphans) and time.monotonic() < deadline:
             time.sleep(0.02)
 
-    def _write_there(self, live: Mapping[str, Sequence[Server]]) -> None:
+    def _write_there(
+        self, live: Mapping[str, Sequence[Server]], map_text: str, expected: str | None
+    ) -> bool:
         """The same on the remote host, through its runner: the config goes to a temporary
-        file there, `nginx -t` checks it, it replaces the one nginx runs, then nginx starts or
-        reloads gracefully and the new workers are waited for; the copy here follows."""
+        file there; under the lock there, if the map there is still `expected`, `nginx -t`
+        checks it and it replaces the one nginx runs, with the map; then nginx starts or
+        reloads gracefully and the new workers are waited for; the copy here follows. False
+        when the map there changed since it was read (nothing written)."""
         nginx = self._nginx_there()
         prefix = self.nginx_prefix
         text = render_gateway(self.stack, self.spec, live, prefix)
-        previous = self.conf.read_text() if self.conf.exists() else None
         conf = f"{prefix}/nginx.conf"
         tmp = f"{conf}.{os.getpid()}-{threading.get_ident()}.new"
         check = self._remote(
-            ["sh", "-c", _INSTALL, "sh", nginx, prefix, tmp, conf],
+            [
+                "sh",
+                "-c",
+                _INSTALL,
+                "sh",
+                nginx,
+                prefix,
+                tmp,
+                conf,
+                "-" if expected is None else expected,
+                map_text,
+            ],
             input=text.encode("utf-8"),
             check=False,
         )
+        if check.returncode == MAP_CHANGED:
+            return False
         if check.returncode != 0:
             raise BackendError(
                 f"gateway config rejected by nginx -t on {self.where}: "
@@ -395,10 +495,11 @@ class NginxGateway:
                     f"gateway did not start on {self.where}: "
                     f"{started.error_text or 'it wrote no pid file'}"
                 )
-        elif previous != text:
+        elif check.text.strip().endswith("changed"):
             tenths = str(int(RELOAD_WAIT * 10))
             self._remote(["sh", "-c", _RELOAD, "sh", str(pid), tenths])
         _write_atomically(self.conf, text)
+        return True
 
     def clear(self) -> None:
         """After `stop`: remove what a stopped gateway leaves (pid file, temporary config

@@ -395,10 +395,10 @@ def test_rolling_back_several_replicas_gives_each_its_own_port_back(  # type: ig
     upstreams: list[list[int]] = []
     real_set = NginxGateway._set_upstream
 
-    def spy(self, unit, servers):  # type: ignore[no-untyped-def]
+    def spy(self, unit, servers, *rest):  # type: ignore[no-untyped-def]
         if unit == "chat":
             upstreams.append(sorted(server_port(s) for s in servers))
-        real_set(self, unit, servers)
+        return real_set(self, unit, servers, *rest)
 
     monkeypatch.setattr(NginxGateway, "_set_upstream", spy)
     bad = overlay(
@@ -446,12 +446,12 @@ def test_an_unexpected_error_mid_move_is_rolled_back_like_a_failed_gate(  # type
     real_set = NginxGateway._set_upstream
     calls: list[list[int]] = []
 
-    def flaky(self, unit, servers):  # type: ignore[no-untyped-def]
+    def flaky(self, unit, servers, *rest):  # type: ignore[no-untyped-def]
         ports = [server_port(s) for s in servers]  # the servers are `address:port`
         calls.append(sorted(ports))
         if unit == "chat" and base + 3 in ports:  # chat-1's switch to its new slot
             raise RuntimeError("injected: nginx config disk full")
-        real_set(self, unit, servers)
+        return real_set(self, unit, servers, *rest)
 
     monkeypatch.setattr(NginxGateway, "_set_upstream", flaky)
     with pytest.raises(DeployError) as err:

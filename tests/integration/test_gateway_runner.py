@@ -1,7 +1,8 @@
 """The gateway driven through a command runner (a real nginx): what hxp does on a gateway host
 reached over SSH, every step a command through the host's runner; here the runner is a local
 one, so the same scripts run without a lab (tests/integration/test_fleet_gateway.py runs them
-over SSH on the fleet lab). The upstream map and its lock stay on the orchestrator's side."""
+over SSH on the fleet lab). The upstream map lives there too, with a lock there, so that the
+deploy parts of several machines (agents) edit one map; a copy stays on each machine's side."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def test_start_reload_stop_and_clear_through_the_runner(gateway: NginxGateway) -
     assert gateway.stop()
     assert not gateway.running
     gateway.clear()
-    assert sorted(p.name for p in there.iterdir()) == ["logs", "nginx.conf"]
+    assert sorted(p.name for p in there.iterdir()) == ["gateway.lock", "logs", "nginx.conf"]
     assert gateway.servers() == {}
 
 
@@ -135,3 +136,44 @@ def test_hxp_urls_names_a_remote_gateway_at_its_hosts_address(tmp_path: Path) ->
     )
     assert done.returncode == 0, done.stderr
     assert "Gateway web: http://198.18.0.2:18090/" in " ".join(done.stdout.split()), done.stdout
+
+
+def test_two_machines_editing_one_remote_gateway_keep_each_others_routes(
+    gateway: NginxGateway, tmp_path: Path
+) -> None:
+    """Two machines (two state directories: the agents of two model hosts) edit the routes of
+    one gateway on a third host at once, each its own unit. Each edit starts from the map on
+    the gateway's host and is written only while that map is still the one it read, so
+    neither drops the other's servers (with the map kept on each machine's side, the second
+    machine's first edit wrote a map holding only its own unit)."""
+    other = NginxGateway(tmp_path / "other", "rgw", gateway.spec, LocalRunner(), host="gw")
+    gateway.apply({"chat": [f"127.0.0.1:{BASE}"], "web": []})
+    assert other.add("web", f"127.0.0.1:{BASE + 1}") == [f"127.0.0.1:{BASE + 1}"]
+    assert (
+        gateway.servers()
+        == other.servers()
+        == {
+            "chat": [f"127.0.0.1:{BASE}"],
+            "web": [f"127.0.0.1:{BASE + 1}"],
+        }
+    )
+
+    chat = [f"127.0.0.1:{BASE + 100 + i}" for i in range(6)]
+    web = [f"127.0.0.1:{BASE + 200 + i}" for i in range(6)]
+    threads = [threading.Thread(target=gateway.add, args=("chat", s)) for s in chat]
+    threads += [threading.Thread(target=other.add, args=("web", s)) for s in web]
+    threads.append(threading.Thread(target=other.remove, args=("chat", f"127.0.0.1:{BASE}")))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = {"chat": sorted(chat), "web": sorted([f"127.0.0.1:{BASE + 1}", *web])}
+    for machine in (gateway, other):
+        assert {u: sorted(ss) for u, ss in machine.servers().items()} == want
+    text = (Path(gateway.nginx_prefix) / "nginx.conf").read_text()
+    assert all(f"server {s} " in text for s in [*chat, *web])
+    assert f"server 127.0.0.1:{BASE} " not in text
+    # a whole-map write keeps what the caller says it cannot see (the other machine's unit)
+    written = gateway.apply({"chat": chat[:1], "web": []}, keep=lambda unit, _server: unit == "web")
+    assert sorted(written["web"]) == want["web"]
+    assert other.servers()["chat"] == chat[:1]
