@@ -28,6 +28,7 @@ from hxp.chaos import (
     Observation,
     RunPlan,
     RunResult,
+    candidate_stack,
     faults_for,
     new_revision,
     plan_run,
@@ -292,11 +293,7 @@ class Campaign:
         port = self.ports.get(plan.unit) or 0  # a model's revisions keep its own port
         before = self._last_id()
         good_file = self._write("good", self.good)
-        candidate = new_revision(self.good, plan.unit, plan.fault, plan.version, python, port)
-        if plan.partner is not None:
-            candidate = new_revision(
-                candidate, plan.partner, Fault.NONE, plan.version, python, port
-            )
+        candidate = candidate_stack(self.good, plan, python, self.ports)
         cand_file = self._write(f"run-{plan.run}", candidate)
         cand_stack = self._load(cand_file)
         codes: list[int | None] = []

@@ -115,9 +115,10 @@ FAULTS: dict[Fault, FaultSpec] = {
             "previous",
             ("interrupted", "succeeded"),
             _ALL,
-            "two units change, the dependent one fails; the orchestrator is SIGKILLed once the "
-            "rollback has restored one of them; the next apply of the last good stack must "
-            "finish it",
+            "two units change, the dependent one exits at once and its dependency's new "
+            "revision takes 1.5 s to stop; the orchestrator is SIGKILLed once the rollback has "
+            "restored the first (so before the second is); the next apply of the last good "
+            "stack must finish it",
         ),
         FaultSpec(
             Fault.CONCURRENT_APPLIES,
@@ -514,12 +515,23 @@ def render_table(results: Sequence[RunResult], header: str = "") -> str:
 # ================================================================ stacks and revisions
 
 
-def unit_program(python: str, port: int, fault: str = "none", delay: float = 1.0) -> list[str]:
-    """The argv of hxp.io.chaos_unit serving `port` (with `fault`)."""
+def unit_program(
+    python: str, port: int, fault: str = "none", delay: float = 1.0, stop_delay: float = 0.0
+) -> list[str]:
+    """The argv of hxp.io.chaos_unit serving `port` (with `fault`; taking `stop_delay` seconds
+    to stop)."""
     argv = [python, "-m", "hxp.io.chaos_unit", "--port", str(port)]
     if fault != "none":
         argv += ["--fault", fault, "--delay", f"{delay:g}"]
+    if stop_delay > 0:
+        argv += ["--stop-delay", f"{stop_delay:g}"]
     return argv
+
+
+#: How long the partner's new revision of a kill-during-rollback run takes to stop: the
+#: rollback restores the failed unit first and the partner after it, so the orchestrator,
+#: killed at the first restore, is killed while the partner's restore still waits for this.
+PARTNER_STOP_SECONDS = 1.5
 
 
 #: The new revision's command for each unit fault (None: the unit's own command).
@@ -656,8 +668,10 @@ def new_revision(
     version: str,
     python: str,
     port: int,
+    stop_delay: float = 0.0,
 ) -> dict[str, object]:
-    """The stack `good` with a new revision of service `unit` that carries `fault`."""
+    """The stack `good` with a new revision of service `unit` (serving `port`, its own) that
+    carries `fault` (and takes `stop_delay` seconds to stop)."""
     import copy
 
     out = copy.deepcopy(dict(good))
@@ -683,7 +697,30 @@ def new_revision(
         return out
     how = UNIT_FAULTS.get(fault)
     if how is not None:
-        svc["command"] = unit_program(python, port, *how)
+        svc["command"] = unit_program(python, port, *how, stop_delay=stop_delay)
     elif svc.get("command") and "hxp.io.chaos_unit" in svc["command"]:
-        svc["command"] = unit_program(python, port)
+        svc["command"] = unit_program(python, port, stop_delay=stop_delay)
+    return out
+
+
+def candidate_stack(
+    good: Mapping[str, object],
+    plan: RunPlan,
+    python: str,
+    ports: Mapping[str, int | None],
+) -> dict[str, object]:
+    """The new stack of run `plan`: its unit's revision with the fault and, for a rollback
+    kill, its partner's clean revision, slow to stop (PARTNER_STOP_SECONDS); each serving its
+    own port (`ports`: each service's check port; a model keeps its own)."""
+    out = new_revision(good, plan.unit, plan.fault, plan.version, python, ports.get(plan.unit) or 0)
+    if plan.partner is not None:
+        out = new_revision(
+            out,
+            plan.partner,
+            Fault.NONE,
+            plan.version,
+            python,
+            ports.get(plan.partner) or 0,
+            stop_delay=PARTNER_STOP_SECONDS,
+        )
     return out

@@ -1,13 +1,14 @@
 """`python -m hxp.io.chaos_unit --port P --fault F`: the unit program of fault campaigns
 (hxp.chaos). An HTTP server answering 200 on every path of 127.0.0.1:P, or one of the faults a
 new revision can bring: exit at once, crash before listening, crash after serving, never listen,
-listen late."""
+listen late. `--stop-delay S`: on SIGTERM it exits only S seconds later (a slow stop)."""
 
 from __future__ import annotations
 
 import argparse
 import http.server
 import os
+import signal
 import sys
 import threading
 import time
@@ -34,7 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["none", "slow", "immediate-exit", "crash-before", "crash-after", "never-ready"],
     )
     parser.add_argument("--delay", type=float, default=1.0, help="seconds, for slow and crashes")
+    parser.add_argument("--stop-delay", type=float, default=0.0, help="SIGTERM to exit, s")
     args = parser.parse_args(argv)
+    if args.stop_delay > 0:
+        later = args.stop_delay
+        signal.signal(
+            signal.SIGTERM, lambda *_: threading.Timer(later, lambda: os._exit(0)).start()
+        )
     print(f"chaos unit: port {args.port}, fault {args.fault}", flush=True)
     if args.fault == "immediate-exit":
         return 3

@@ -6,11 +6,13 @@ import pytest
 
 from hxp.chaos import (
     FAULTS,
+    PARTNER_STOP_SECONDS,
     Fault,
     InstanceSeen,
     Observation,
     RunPlan,
     RunResult,
+    candidate_stack,
     faults_for,
     generated_stack,
     new_revision,
@@ -39,6 +41,27 @@ def test_a_rollback_kill_changes_a_unit_and_one_of_its_dependencies() -> None:
     # no dependencies at all: nothing to roll back in order, it becomes a kill during apply
     alone = plan_run(1, 0, [Fault.KILL_DURING_ROLLBACK], {"a": []})
     assert (alone.fault, alone.partner) == (Fault.KILL_DURING_APPLY, None)
+
+
+def test_a_rollback_kill_partner_serves_its_own_port_and_is_slow_to_stop() -> None:
+    """The partner's new revision must pass its own check (it once got the failing unit's port,
+    failed first, and left the rollback one short restore: the kill then came too late, 23:113)
+    and take PARTNER_STOP_SECONDS to stop, the window the kill lands in."""
+    stack = generated_stack("s", [20001, 20002, 20003], "/usr/bin/python3")
+    plan = RunPlan(5, 0, Fault.KILL_DURING_ROLLBACK, "u2", "u0", "5-0")
+    ports = {"u0": 20001, "u1": 20002, "u2": 20003}
+    new = candidate_stack(stack, plan, "/usr/bin/python3", ports)
+    services = new["services"]
+    assert isinstance(services, dict)
+    assert services["u2"]["command"][4:] == ["20003", "--fault", "immediate-exit", "--delay", "0"]
+    assert services["u0"]["command"][3:] == [
+        "--port",
+        "20001",
+        "--stop-delay",
+        f"{PARTNER_STOP_SECONDS:g}",
+    ]
+    assert services["u0"]["env"]["HXP_CHAOS_VERSION"] == "5-0"
+    assert services["u1"] == stack["services"]["u1"]  # type: ignore[index]
 
 
 @pytest.mark.parametrize("text", ["7", "x:1", "7:", "7:-1"])
