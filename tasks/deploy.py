@@ -528,10 +528,11 @@ def replace_refusals(ctx: RunContext, actions: list[Action]) -> dict[str, str]:
 def agent_hosts_elsewhere(stack: Stack, here: Iterable[str]) -> set[str]:
     """The agent hosts (process backend, a work pool) that are not `here`: their processes
     are local to their own machine, so only the deploy part run there can see them."""
+    mine = set(here)
     return {
         name
         for name, host in stack.hosts.items()
-        if host.backend == "process" and host.work_pool is not None and name not in set(here)
+        if host.backend == "process" and host.work_pool is not None and name not in mine
     }
 
 
@@ -566,8 +567,6 @@ def sync_gateway(ctx: RunContext, here: Iterable[str] | None = None) -> dict[str
             and i.name not in asleep
         )
         unseen[unit] = {route_server(i) for i in slots if i.host in elsewhere}
-    if not elsewhere:
-        return ctx.gateway().apply(live)
     return ctx.gateway().apply(live, keep=lambda unit, server: server in unseen.get(unit, ()))
 
 

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TypeVar
 
 from hxp.backends.runners import Runner, RunResult, runner_for
 from hxp.backends.supervisor import alive, start_ticks
@@ -41,6 +42,7 @@ from hxp.gateway import Server, as_server, render_gateway, server_port
 from hxp.spec import GatewaySpec, Stack
 
 NGINX_TIMEOUT = 30
+_T = TypeVar("_T")
 
 
 def nginx_binary() -> str:
@@ -307,17 +309,20 @@ class NginxGateway:
         is one on this machine): write, `nginx -t`, then start or reload. `keep(unit, server)`:
         a server the map has now that stays too (one on a host this process cannot observe).
         The map written."""
-        with self._locked():
-            for _ in range(MAP_TRIES):
-                expected, now = self._read_map()
-                new = {u: [as_server(s) for s in ss] for u, ss in live.items()}
-                if keep is not None:
-                    for unit, servers in now.items():
-                        kept = [s for s in servers if keep(unit, s)]
-                        new[unit] = list(dict.fromkeys([*kept, *new.get(unit, [])]))
-                if self._write(new, expected):
-                    return new
-        raise self._kept_changing()
+
+        keeps: Callable[[str, Server], bool] = keep or (lambda _unit, _server: False)
+
+        def attempt(
+            expected: str | None, now: dict[str, list[Server]]
+        ) -> dict[str, list[Server]] | None:
+            new = {u: [as_server(s) for s in ss] for u, ss in live.items()}
+            for unit, servers in now.items():
+                kept = [s for s in servers if keeps(unit, s)]
+                if kept:
+                    new[unit] = list(dict.fromkeys([*kept, *new.get(unit, [])]))
+            return new if self._write(new, expected) else None
+
+        return self._until_written(attempt)
 
     def add(self, unit: str, *servers: Server | int) -> list[Server]:
         """Put `servers` behind the unit's route (those already there stay); the unit's
@@ -342,15 +347,33 @@ class NginxGateway:
         Nothing is written when the servers stay the same."""
         drop = {as_server(s) for s in remove}
         adds = list(dict.fromkeys(map(as_server, add)))
+
+        def attempt(expected: str | None, live: dict[str, list[Server]]) -> list[Server] | None:
+            before = live.get(unit, [])
+            servers = [s for s in before if s not in drop]
+            servers += [s for s in adds if s not in servers]
+            if servers == before or self._set_upstream(unit, servers, live, expected):
+                return servers
+            return None
+
+        return self._until_written(attempt)
+
+    def _until_written(
+        self, attempt: Callable[[str | None, dict[str, list[Server]]], _T | None]
+    ) -> _T:
+        """Under the lock: read the map and make `attempt` of it (the map's text as read, for
+        a remote write to check, and the map), until an attempt is not None: a remote map
+        another machine changed between the read and the write is read again, MAP_TRIES
+        times at most."""
         with self._locked():
             for _ in range(MAP_TRIES):
-                expected, live = self._read_map()
-                before = live.get(unit, [])
-                servers = [s for s in before if s not in drop]
-                servers += [s for s in adds if s not in servers]
-                if servers == before or self._set_upstream(unit, servers, live, expected):
-                    return servers
-        raise self._kept_changing()
+                done = attempt(*self._read_map())
+                if done is not None:
+                    return done
+        raise BackendError(
+            f"gateway on {self.where}: its route map changed under every one of {MAP_TRIES} "
+            "edits (other machines editing it without pause); try again"
+        )
 
     def _set_upstream(
         self,
@@ -362,12 +385,6 @@ class NginxGateway:
         """Write the unit's servers into `live` (the map as read) and write it back (the
         caller holds the lock); False when a remote map changed since it was read."""
         return self._write({**live, unit: list(servers)}, expected)
-
-    def _kept_changing(self) -> BackendError:
-        return BackendError(
-            f"gateway on {self.where}: its route map changed under every one of {MAP_TRIES} "
-            "edits (other machines editing it without pause); try again"
-        )
 
     def _write(self, live: Mapping[str, Sequence[Server]], expected: str | None = None) -> bool:
         """Render, `nginx -t` a temporary copy of this write's own, then start or reload (the
