@@ -468,7 +468,7 @@ def _dispatch(
     a failed part stops the waves after it and the run fails naming the host.
     """
     logger = get_run_logger()
-    wanted = set(units) if units else set(stack.units())
+    wanted = {p for u in units for p in stack.unit_names(u)} if units else set(stack.units())
     pools: dict[str, str] = {}
     for unit in sorted(wanted):
         host = stack.unit(unit).host
@@ -566,10 +566,9 @@ def apply_config(
     raises DeployError with the summary (the record closed `failed`)."""
     logger = get_run_logger()
     stack = effective.stack
-    only = set(units) if units else None
-    if only:
-        for unit in only:
-            stack.unit(unit)
+    # UnknownUnitError names a unit the stack lacks; a unit declared with `hosts:` means each
+    # of its parts
+    only = {part for unit in units for part in stack.unit_names(unit)} if units else None
     # Before anything else: every host this deploy must reach answers (a deploy that would
     # reach a dead host fails here, before it changed anything anywhere; hxp.io.reach).
     checked = preflight(stack, sorted(only) if only else None)
@@ -750,8 +749,8 @@ def release_overrides(
     stack: Stack, unit: str, image: str | None, revision: str | None, version: str | None
 ) -> list[str]:
     """`--set` overrides that put a CI release (image or model revision, version) on a unit."""
-    stack.unit(unit)  # UnknownUnitError names the unit and what the stack has
-    section = "models" if unit in stack.models else "services"
+    parts = stack.unit_names(unit)  # UnknownUnitError names the unit and what the stack has
+    section = "models" if parts[0] in stack.models else "services"
     out = []
     if image:
         out.append(f"{section}.{unit}.image={image}")

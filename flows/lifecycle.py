@@ -70,9 +70,9 @@ def _load(
 def _selected(stack: Stack, units: list[str] | None) -> list[str]:
     if not units:
         return sorted(stack.units())
-    for unit in units:
-        stack.unit(unit)  # UnknownUnitError names the unit and what the stack has
-    return sorted(set(units))
+    # UnknownUnitError names the unit and what the stack has; a unit declared with `hosts:`
+    # means each of its parts
+    return sorted({part for unit in units for part in stack.unit_names(unit)})
 
 
 def _summarise(run: GraphRun[Any], action: str) -> dict[str, Any]:

@@ -545,6 +545,7 @@ def unit_config_hash(stack: Stack, unit: str) -> str:
         fields.pop("replicas", None)
     for name in DEPLOY_POLICY_FIELDS:
         fields.pop(name, None)
+    fields.pop("part_of", None)  # which declared unit a part belongs to changes no process
     payload = {
         "unit": fields,
         "host": stack.hosts[spec.host].model_dump(mode="json"),
@@ -597,6 +598,25 @@ def _is_union_tag(part: Any) -> bool:
     )
 
 
+def _locate_parts(data: Data, prov: dict[PathKey, Location]) -> None:
+    """The parts of a unit declared with `hosts:` (hxp.spec.spread_hosts) are where the unit
+    is: a problem in part `chat-m1` points at the lines of `chat`."""
+    for kind in ("services", "models"):
+        units = data.get(kind)
+        if not isinstance(units, dict):
+            continue
+        for name, unit in units.items():
+            hosts = unit.get("hosts") if isinstance(unit, dict) else None
+            if not isinstance(hosts, list):
+                continue
+            declared = (kind, name)
+            for host in hosts:
+                part = (kind, f"{name}-{host}")
+                prov.update(
+                    {part + key[2:]: loc for key, loc in list(prov.items()) if key[:2] == declared}
+                )
+
+
 def build_config(
     documents: Sequence[Document],
     environ: Mapping[str, str] | None = None,
@@ -612,6 +632,7 @@ def build_config(
     for source, path, value in [*env_overrides(environ or {}), *set_overrides(overrides)]:
         data = _set_path(data, path, value, source, prov)
     data.setdefault("version", CURRENT_VERSION)
+    _locate_parts(data, prov)
     try:
         stack = Stack.model_validate(data)
     except ValidationError as exc:

@@ -27,18 +27,31 @@ def server_port(server: Server) -> int:
 
 @dataclass(frozen=True)
 class Route:
-    unit: str
+    unit: str  # the route's name: its unit, or the unit several hosts' parts are part of
     port: int
     servers: tuple[Server, ...]
+    units: tuple[str, ...] = ()  # the routed units it balances over (default: `unit` alone)
 
 
-def gateway_routes(spec: GatewaySpec, live: Mapping[str, Sequence[str | int]]) -> list[Route]:
-    """One route per routed unit, its upstream the `address:port` of the unit's live replicas
-    (a bare port: one on this machine)."""
-    return [
-        Route(unit, port, tuple(sorted(as_server(s) for s in live.get(unit, ()))))
-        for unit, port in sorted(spec.routes.items())
-    ]
+def gateway_routes(
+    spec: GatewaySpec,
+    live: Mapping[str, Sequence[str | int]],
+    names: Mapping[str, str] | None = None,
+) -> list[Route]:
+    """One route per gateway port, its upstream the `address:port` of the live replicas of
+    every unit routed there (a bare port: one on this machine). Units share a port when they
+    are the parts of one unit declared on several hosts; `names`: unit -> that unit's name."""
+    names = names or {}
+    by_port: dict[int, list[str]] = {}
+    for unit, port in sorted(spec.routes.items()):
+        by_port.setdefault(port, []).append(unit)
+    routes = []
+    for port, units in sorted(by_port.items(), key=lambda item: item[1][0]):
+        shared = {names.get(u, u) for u in units}
+        name = shared.pop() if len(shared) == 1 else units[0]
+        servers = sorted({as_server(s) for u in units for s in live.get(u, ())})
+        routes.append(Route(name, port, tuple(servers), tuple(units)))
+    return routes
 
 
 def render_gateway(
@@ -47,13 +60,15 @@ def render_gateway(
     live: Mapping[str, Sequence[str | int]],
     prefix: str,
     renderer: Renderer | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> str:
-    """nginx.conf for the stack's gateway, with every path under `prefix`."""
+    """nginx.conf for the stack's gateway, with every path under `prefix` (`names`: as for
+    gateway_routes)."""
     renderer = renderer or Renderer()
     rendered = renderer.render(
         "nginx/gateway.conf.j2",
         stack=stack,
-        routes=gateway_routes(spec, live),
+        routes=gateway_routes(spec, live, names),
         prefix=prefix,
         bind=spec.bind,
     )

@@ -402,6 +402,11 @@ class _UnitSpec(_Model):
     """Fields every deployable unit (service or model) shares."""
 
     host: Name
+    part_of: Name | None = Field(
+        default=None,
+        description="set by hxp: the unit declared with `hosts:` that this unit is the part "
+        "of on one host (hxp.spec.spread_hosts)",
+    )
     env: dict[EnvKey, EnvValue] = Field(default_factory=dict)
     secret_env: dict[EnvKey, Name] = Field(
         default_factory=dict,
@@ -883,6 +888,98 @@ class MetricsSpec(_Model):
 UnitSpec = ServiceSpec | ModelSpec
 
 
+def spread_hosts(data: Any) -> Any:
+    """A unit declared on several hosts (`hosts: [a, b]`, each running `replicas` replicas)
+    becomes one unit per host, named `<unit>-<host>`, with `host` set and `part_of: <unit>`.
+    A gateway route or a `depends_on` that names the declared unit names every part: the
+    gateway balances one route over the parts of all hosts. A model's parts serve it under the
+    declared name (`served_name`, unless given). Raw stack data in, raw data out."""
+    if not isinstance(data, dict):
+        return data
+    declared = [
+        (kind, name)
+        for kind in ("services", "models")
+        if isinstance(data.get(kind), dict)
+        for name, unit in data[kind].items()
+        if isinstance(unit, dict) and "hosts" in unit
+    ]
+    if not declared:
+        return data
+    known: dict[str, Any] = data["hosts"] if isinstance(data.get("hosts"), dict) else {}
+    out = dict(data)
+    parts: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for kind in ("services", "models"):
+        units = data.get(kind)
+        if not isinstance(units, dict):
+            continue
+        spread: dict[str, Any] = {}
+        for name, unit in units.items():
+            if not (isinstance(unit, dict) and "hosts" in unit):
+                spread[name] = unit
+                continue
+            where = f"{kind}.{name}.hosts"
+            hosts = unit["hosts"]
+            if "host" in unit:
+                problems.append(f"{where}: give `host` (one host) or `hosts`, not both")
+                continue
+            if (
+                not isinstance(hosts, list)
+                or not hosts
+                or not all(isinstance(h, str) and _NAME_RE.fullmatch(h) for h in hosts)
+            ):
+                problems.append(f"{where}: expected a non-empty list of host names, got {hosts!r}")
+                continue
+            if len(set(hosts)) != len(hosts):
+                problems.append(f"{where}: a host is listed twice in {hosts}")
+                continue
+            unknown = [h for h in hosts if h not in known]
+            if unknown:
+                problems.append(f"{where}: unknown host(s) {unknown}")
+                continue
+            body = {k: v for k, v in unit.items() if k != "hosts"}
+            if kind == "models":  # every part serves the model under the declared name
+                body.setdefault("served_name", name)
+            parts[name] = [f"{name}-{h}" for h in hosts]
+            for host, part in zip(hosts, parts[name], strict=True):
+                spread[part] = {**body, "host": host, "part_of": name}
+        out[kind] = spread
+    taken: dict[str, str] = {}
+    for kind in ("services", "models"):
+        for name in data.get(kind) or {}:
+            taken.setdefault(name, kind)
+    for name, names in parts.items():
+        for part in names:
+            clash = taken.get(part)
+            if clash is not None and part not in parts:
+                problems.append(
+                    f"{clash}.{part}: name already used by the part of {name!r} on a host"
+                )
+    if problems:
+        raise ValueError("\n".join(problems))
+
+    def named(units: Any) -> Any:
+        if not isinstance(units, list):
+            return units
+        return [p for u in units for p in (parts.get(u, [u]) if isinstance(u, str) else [u])]
+
+    for kind in ("services", "models"):
+        if isinstance(out.get(kind), dict):
+            out[kind] = {
+                n: (
+                    {**u, "depends_on": named(u["depends_on"])}
+                    if isinstance(u, dict) and "depends_on" in u
+                    else u
+                )
+                for n, u in out[kind].items()
+            }
+    gateway = out.get("gateway")
+    if isinstance(gateway, dict) and isinstance(gateway.get("routes"), dict):
+        routes = {p: port for u, port in gateway["routes"].items() for p in parts.get(u, [u])}
+        out["gateway"] = {**gateway, "routes": routes}
+    return out
+
+
 class Stack(_Model):
     """A whole fleet: hosts, services, models and their monitoring."""
 
@@ -898,6 +995,11 @@ class Stack(_Model):
     templates_dir: AbsPath | None = Field(
         default=None, description="directory whose templates override the built-in ones"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spread_hosts(cls, data: Any) -> Any:
+        return spread_hosts(data)
 
     @model_validator(mode="after")
     def _references(self) -> Stack:
@@ -932,6 +1034,16 @@ class Stack(_Model):
                 problems.append(f"gateway.host: unknown host {self.gateway.host!r}")
             else:
                 problems.extend(self._gateway_host_problems())
+            kinds: dict[int, set[str]] = {}
+            for routed, port in self.gateway.routes.items():
+                kinds.setdefault(port, set()).add("models" if routed in self.models else "services")
+            for port, both in sorted(kinds.items()):
+                if len(both) > 1:
+                    shared = sorted(u for u, p in self.gateway.routes.items() if p == port)
+                    problems.append(
+                        f"gateway.routes: port {port} is shared by models and services "
+                        f"({', '.join(shared)}); a route balances units of one kind"
+                    )
             for routed in self.gateway.routes:
                 if routed not in self.services and routed not in self.models:
                     problems.append(f"gateway.routes.{routed}: unknown unit {routed!r}")
@@ -1038,8 +1150,10 @@ class Stack(_Model):
             slots = 2 if name in routed else 1
             yield "models", name, model.host, model.port, model.replica_span() * slots
         if self.gateway is not None:
-            for unit, port in sorted(self.gateway.routes.items()):
-                yield "gateway", unit, self.gateway.host, port, 1
+            # Units may share a route (one port balanced over all of them, such as the parts
+            # of a unit declared on several hosts): the port is the gateway's claim, once.
+            for port in sorted(set(self.gateway.routes.values())):
+                yield "gateway", "routes", self.gateway.host, port, 1
         if self.monitoring is not None:
             for part in ("prometheus", "alertmanager", "pushgateway"):
                 spec = getattr(self.monitoring, part)
@@ -1059,6 +1173,18 @@ class Stack(_Model):
 
             raise UnknownUnitError(f"unknown unit {name!r}; the stack has {sorted(units)}")
         return units[name]
+
+    def unit_names(self, name: str) -> list[str]:
+        """The units a name given by an operator means: the unit itself, or every part of a
+        unit declared with `hosts:` (hxp.spec.spread_hosts)."""
+        units = self.units()
+        if name in units:
+            return [name]
+        parts = [n for n, u in units.items() if u.part_of == name]
+        if parts:
+            return parts
+        self.unit(name)  # raises UnknownUnitError
+        return []
 
     def dependencies(self) -> dict[str, list[str]]:
         """unit -> the units it depends on."""

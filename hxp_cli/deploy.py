@@ -189,13 +189,16 @@ def cmd_history(args: argparse.Namespace) -> int:
         return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
     if args.unit:
-        effective.stack.unit(args.unit)
-        print(f"{'rev':>4}  {'status':<12} {'config':<12} {'deploy':>6}  created")
-        for rev in store.revisions(stack, args.unit):
-            print(
-                f"{rev.revision:>4}  {rev.status:<12} {rev.config_hash[:12]:<12} "
-                f"{rev.deploy_id or '-':>6}  {when(rev.created_at)}"
-            )
+        parts = effective.stack.unit_names(args.unit)  # a unit on several hosts: each part
+        for part in parts:
+            if len(parts) > 1:
+                print(f"{part}:")
+            print(f"{'rev':>4}  {'status':<12} {'config':<12} {'deploy':>6}  created")
+            for rev in store.revisions(stack, part):
+                print(
+                    f"{rev.revision:>4}  {rev.status:<12} {rev.config_hash[:12]:<12} "
+                    f"{rev.deploy_id or '-':>6}  {when(rev.created_at)}"
+                )
         return 0
     print(
         f"{'id':>4}  {'kind':<8} {'status':<11} {'config':<12} {'actor':<10} started"

@@ -182,9 +182,12 @@ class NginxGateway:
         runner: Runner | None = None,
         *,
         host: str | None = None,
+        names: Mapping[str, str] | None = None,
     ) -> None:
         self.stack = stack
         self.spec = spec
+        # routed unit -> the unit declared on several hosts it is a part of (one route)
+        self.names = dict(names or {})
         self.prefix = Path(state_dir) / "gateway" / stack
         self.conf = self.prefix / "nginx.conf"  # remote: a copy of the config nginx runs
         self.upstreams_file = self.prefix / "upstreams.json"
@@ -402,7 +405,7 @@ class NginxGateway:
     def _write_here(self, live: Mapping[str, Sequence[Server]]) -> None:
         for sub in ("logs", "tmp"):
             (self.prefix / sub).mkdir(parents=True, exist_ok=True)
-        text = render_gateway(self.stack, self.spec, live, str(self.prefix))
+        text = render_gateway(self.stack, self.spec, live, str(self.prefix), names=self.names)
         previous = self.conf.read_text() if self.conf.exists() else None
         fd, name = tempfile.mkstemp(dir=self.prefix, prefix="nginx.conf.", suffix=".new")
         tmp = Path(name)
@@ -478,7 +481,7 @@ class NginxGateway:
         when the map there changed since it was read (nothing written)."""
         nginx = self._nginx_there()
         prefix = self.nginx_prefix
-        text = render_gateway(self.stack, self.spec, live, prefix)
+        text = render_gateway(self.stack, self.spec, live, prefix, names=self.names)
         conf = f"{prefix}/nginx.conf"
         tmp = f"{conf}.{os.getpid()}-{threading.get_ident()}.new"
         check = self._remote(
@@ -629,11 +632,12 @@ def stack_gateway(stack: Stack, state_dir: str | Path) -> NginxGateway:
     spec = stack.gateway
     assert spec is not None, f"stack {stack.stack} has no gateway"
     host = stack.hosts[spec.host]
+    names = {u: s.part_of for u, s in stack.units().items() if s.part_of is not None}
     match host.runner:
         case "local":
-            return NginxGateway(state_dir, stack.stack, spec)
+            return NginxGateway(state_dir, stack.stack, spec, names=names)
         case "ssh":
             runner = runner_for(host, timeout=NGINX_TIMEOUT, state_dir=state_dir)
-            return NginxGateway(state_dir, stack.stack, spec, runner, host=spec.host)
+            return NginxGateway(state_dir, stack.stack, spec, runner, host=spec.host, names=names)
         case "docker-exec":
             raise BackendError(f"gateway.host {spec.host!r}: runner docker-exec cannot run nginx")

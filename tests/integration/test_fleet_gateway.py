@@ -4,17 +4,19 @@ on two hosts, behind nginx on a third, under continuous load: 0 failed.
 - gw: a Docker host driven over SSH (its stack entry from `LabState.ssh_host_entry`); hxp runs
   nginx there through that host's runner (lab hosts share this machine's files, so Debian's
   nginx is there), its files under `gateway.directory`, listening on gw's address.
-- m1, m2: each runs two `hxp-vllm-sim` replicas of the model `chat` (served name `chat`; the
-  unit `chat` on m1, `chatb` on m2: a unit lives on one host), each unit behind its route. Each
-  host's part of a deploy is `hxp apply --unit` run inside that host's namespace, as the agent
-  on that host does (the process backend is local to its host); both parts edit the one
-  gateway on gw over SSH, its upstream map and lock in the shared state directory.
+- m1, m2: the model `chat` is declared once with `hosts: [m1, m2]` and runs two
+  `hxp-vllm-sim` replicas on each (its parts `chat-m1` and `chat-m2`, hxp.spec.spread_hosts),
+  behind one route that balances over all four. Each host's part of a deploy is
+  `hxp apply --unit chat-<host>` run inside that host's namespace, as the agent on that host
+  does (the process backend is local to its host); both parts edit the one gateway on gw over
+  SSH, its route map and lock on gw.
 
 The move: v1 on both hosts, then continuous load through gw on both routes while v2 (a new
 revision: another max_model_len) replaces every replica blue-green on both hosts; the load
-keeps going until both parts are done and at least 10,000 requests were sent. Afterwards every
-route holds only new-slot replicas, which answer with the new revision; a health sweep from
-here reads and keeps the remote gateway's routes; `hxp urls` names gw's address.
+keeps going until both parts are done and at least 10,000 requests were sent, and the new
+replicas of both hosts served some of them. Afterwards the route holds only new-slot replicas,
+which answer with the new revision; a health sweep from here reads and keeps the remote
+gateway's routes; `hxp urls` names gw's address.
 """
 
 from __future__ import annotations
@@ -49,19 +51,19 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
 ROOT = Path(__file__).resolve().parents[2]
 SIM_PORT = 18300  # inside each model host's own namespace
-ROUTES = {"chat": 18480, "chatb": 18481}  # nginx's ports on gw
+ROUTES = {"chat": 18480}  # nginx's port on gw: one route over both hosts' replicas
+PARTS = {"m1": "chat-m1", "m2": "chat-m2"}  # the parts of `chat`, host by host
 REQUESTS = 10_000  # at least, in all, during the move
 NEW_LEN = 3072  # v2's max_model_len (v1: the simulator's default)
 
 
-def model(host: str, version: int) -> dict[str, Any]:
+def model(version: int) -> dict[str, Any]:
     args = list(SIM_ARGS) + (["--max-model-len", str(NEW_LEN)] if version == 2 else [])
     return {
-        "host": host,
+        "hosts": list(PARTS),
         "engine": "simulator",
         "python": sys.executable,
         "model": "hxp-sim/chat",
-        "served_name": "chat",
         "replicas": 2,
         "port": SIM_PORT,
         "simulator_args": args,
@@ -84,7 +86,7 @@ def stack_file(state: LabState, folder: Path, version: int) -> Path:
             "m2": {"backend": "process", "address": state.host("m2").address},
         },
         "deploy": {"bake": SHORT_BAKE},
-        "models": {"chat": model("m1", version), "chatb": model("m2", version)},
+        "models": {"chat": model(version)},
         "gateway": {
             "host": "gw",
             "bind": gw,
@@ -156,7 +158,7 @@ def part(lab: Lab, host: str, path: Path, unit: str) -> subprocess.Popen[str]:
 def deploy(lab: Lab, path: Path) -> float:
     """Both hosts' parts at once (the stack's lock serializes them); their wall time."""
     started = time.monotonic()
-    runs = {"chat": part(lab, "m1", path, "chat"), "chatb": part(lab, "m2", path, "chatb")}
+    runs = {unit: part(lab, host, path, unit) for host, unit in PARTS.items()}
     for unit, run in runs.items():
         out, _ = run.communicate(timeout=400)
         assert run.returncode == 0, f"{unit}: {out}"
@@ -169,6 +171,18 @@ def get(address: str, port: int, path: str) -> Any:
     response = conn.getresponse()
     assert response.status == 200, (path, response.status)
     return json.loads(response.read())
+
+
+def successes(address: str, port: str) -> float:
+    """vllm:request_success_total of the simulator at address:port (every finish reason)."""
+    conn = http.client.HTTPConnection(address, int(port), timeout=5)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
 
 
 def netns_inode(pid: int) -> int:
@@ -188,21 +202,27 @@ def test_blue_green_move_on_two_hosts_behind_a_gateway_on_a_third_loses_nothing(
 
     first = deploy(lab, v1)
     old = {
-        "chat": [f"{m1}:{SIM_PORT}", f"{m1}:{SIM_PORT + 1}"],
-        "chatb": [f"{m2}:{SIM_PORT}", f"{m2}:{SIM_PORT + 1}"],
+        "chat-m1": [f"{m1}:{SIM_PORT}", f"{m1}:{SIM_PORT + 1}"],
+        "chat-m2": [f"{m2}:{SIM_PORT}", f"{m2}:{SIM_PORT + 1}"],
     }
     assert {u: sorted(s) for u, s in gateway.servers().items()} == old
     pid = gateway.master_pid()
     assert pid is not None
     # nginx runs on gw: inside gw's network namespace, its files in gateway.directory there
     assert netns_inode(pid) == os.stat(f"/run/netns/{lab.state.host('gw').namespace}").st_ino
-    assert (lab.folder / "gw-nginx" / "nginx.conf").read_text() == gateway.conf.read_text()
+    conf = (lab.folder / "gw-nginx" / "nginx.conf").read_text()
+    assert conf == gateway.conf.read_text()
+    # one listener, its upstream over the replicas of both hosts
+    assert conf.count(f"listen {gw}:") == 1
+    assert all(f"server {s} max_fails=0;" in conf for s in old["chat-m1"] + old["chat-m2"])
     assert get(gw, ROUTES["chat"], "/v1/models")["data"][0]["max_model_len"] != NEW_LEN
 
     done = threading.Event()
     loads = [
-        BackgroundLoad(f"http://{gw}:{port}", "chat", REQUESTS // 2, 16, until=done).start()
-        for port in ROUTES.values()
+        BackgroundLoad(
+            f"http://{gw}:{ROUTES['chat']}", "chat", REQUESTS // 2, 16, until=done
+        ).start()
+        for _ in range(2)  # two clients of 16 connections each on the one route
     ]
     try:
         time.sleep(2.0)  # the load runs before the move starts
@@ -223,9 +243,14 @@ def test_blue_green_move_on_two_hosts_behind_a_gateway_on_a_third_loses_nothing(
     assert sent >= REQUESTS
 
     new = {
-        "chat": [f"{m1}:{SIM_PORT + 2}", f"{m1}:{SIM_PORT + 3}"],
-        "chatb": [f"{m2}:{SIM_PORT + 2}", f"{m2}:{SIM_PORT + 3}"],
+        "chat-m1": [f"{m1}:{SIM_PORT + 2}", f"{m1}:{SIM_PORT + 3}"],
+        "chat-m2": [f"{m2}:{SIM_PORT + 2}", f"{m2}:{SIM_PORT + 3}"],
     }
+    # the one route balanced the load over both hosts' new replicas
+    for unit, servers in new.items():
+        served = sum(successes(*s.split(":")) for s in servers)
+        print(f"{unit}: its new replicas served {served:.0f} requests")
+        assert served > 0, unit
     assert {u: sorted(s) for u, s in gateway.servers().items()} == new
     assert gateway.master_pid() == pid  # reloads all along, never a restart
     for port in ROUTES.values():
@@ -258,7 +283,6 @@ def test_blue_green_move_on_two_hosts_behind_a_gateway_on_a_third_loses_nothing(
     )
     assert urls.returncode == 0, urls.stderr
     assert f"http://{gw}:{ROUTES['chat']}/v1" in urls.stdout, urls.stdout
-    assert f"http://{gw}:{ROUTES['chatb']}/v1" in urls.stdout, urls.stdout
 
 
 def sim_pid(lab: Lab, host: str, port: int) -> int:
@@ -282,20 +306,20 @@ def test_the_sweep_fails_over_on_the_remote_gateway(lab: Lab) -> None:
     stack = load_config([lab.folder / "v2.yaml"], {}).stack
     gateway = stack_gateway(stack, lab.state_dir)
     both = [f"{m1}:{SIM_PORT + 2}", f"{m1}:{SIM_PORT + 3}"]
-    assert sorted(gateway.servers()["chat"]) == both, "runs after the blue-green move"
+    assert sorted(gateway.servers()["chat-m1"]) == both, "runs after the blue-green move"
     settings = SweepSettings(flap_threshold=1, synthetic_window=0)
     pid = sim_pid(lab, "m1", SIM_PORT + 2)
     os.kill(pid, signal.SIGSTOP)  # alive, but answers nothing
     try:
         out = sweep_stack(stack, lab.state_dir, settings)
-        assert gateway.servers()["chat"] == both[1:], out.to_dict()
+        assert gateway.servers()["chat-m1"] == both[1:], out.to_dict()
         conf = (lab.folder / "gw-nginx" / "nginx.conf").read_text()  # what nginx on gw runs
         assert f"server {both[0]} " not in conf
         assert f"server {both[1]} " in conf
     finally:
         os.kill(pid, signal.SIGCONT)
     deadline = time.monotonic() + 30
-    while sorted(gateway.servers()["chat"]) != both:
+    while sorted(gateway.servers()["chat-m1"]) != both:
         assert time.monotonic() < deadline, gateway.servers()
         sweep_stack(stack, lab.state_dir, settings)
     print(f"\nfailover on the remote gateway: out in one sweep ({out.seconds:.2f}s), back")
