@@ -1074,6 +1074,17 @@ class Stack(_Model):
                     f"gateway.bind: {self.gateway.bind} on host {name!r} ({host.address}) is "
                     "reachable only from that host: bind its address or 0.0.0.0"
                 )
+        elif host.backend == "process" and host.work_pool is not None and not here:
+            # An agent host: only the deploy part its own worker runs can drive nginx there
+            # (its runner is local to it); another host's part has no way to reach it.
+            others = sorted(u for u in self.gateway.routes if self._host_of(u) not in (name, None))
+            if others:
+                yield (
+                    f"gateway.host: the gateway runs on agent host {name!r}, which only its own "
+                    f"worker's deploy part can drive, but routed unit(s) {', '.join(others)} run "
+                    "on other hosts, whose parts cannot reach it: put the gateway on a host "
+                    "reached over SSH (`runner: ssh`) or on this machine"
+                )
         elif host.runner == "docker-exec" or (host.backend != "process" and not here):
             where = f", address {host.address}" if host.address else ""
             yield (
@@ -1081,6 +1092,10 @@ class Stack(_Model):
                 f"runner {host.runner}{where}): give the host `runner: ssh` (with its address, "
                 "ssh_user, ssh_key and known_hosts), or put the gateway on a local or agent host"
             )
+
+    def _host_of(self, unit: str) -> str | None:
+        spec = self.services.get(unit) or self.models.get(unit)
+        return None if spec is None else spec.host
 
     def _backend_requirements(self) -> Iterator[str]:
         for name, svc in self.services.items():

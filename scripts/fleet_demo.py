@@ -1,10 +1,10 @@
-"""`make fleet-demo` / `make fleet-demo-down`: the fleet lab with three hosts, deployed through
+"""`make fleet-demo` / `make fleet-demo-down`: the fleet lab with four hosts, deployed through
 the local Prefect server (see examples/fleet-demo/stack.yaml.tmpl for what runs where).
 
-up: the lab `demo` (edge: docker, gpu1: agent, sysd: systemd), `hxp server start`, a Prefect
-worker here for the SSH hosts and one inside gpu1, the stack deployed with `dispatch`, URLs
-printed. down: stop the workers, remove what was deployed, stop the server, remove the lab.
-Needs root (network namespaces); says so and exits 2 otherwise.
+up: the lab `demo` (edge: docker, gpu1 and gpu2: agents, sysd: systemd), `hxp server start`, a
+Prefect worker here for the SSH hosts and one inside each agent host, the stack deployed with
+`dispatch`, URLs printed. down: stop the workers, remove what was deployed, stop the server,
+remove the lab. Needs root (network namespaces); says so and exits 2 otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from tests.support.fleet_lab import FleetLab, LabError, require_root  # noqa: E4
 
 STATE = Path(os.environ.get("HXP_STATE_DIR", ROOT / ".hxp-fleet-demo"))
 TEMPLATE = ROOT / "examples" / "fleet-demo" / "stack.yaml.tmpl"
-POOLS = ("hxl-demo-here", "hxl-demo-gpu1")
+POOLS = ("hxl-demo-here", "hxl-demo-gpu1", "hxl-demo-gpu2")
+AGENTS = ("gpu1", "gpu2")  # the model hosts, each with its worker (POOLS[1:])
 
 
 def _stack_file(state: object) -> Path:
@@ -36,6 +37,8 @@ def _stack_file(state: object) -> Path:
         "edge_address": state.host("edge").address,
         "sysd_address": state.host("sysd").address,
         "gpu1_address": state.host("gpu1").address,
+        "gpu2_address": state.host("gpu2").address,
+        "state": str(STATE),
         "client_key": state.client_key,
         "known_hosts": state.known_hosts,
         "edge_docker_socket": state.host("edge").docker_socket,
@@ -53,7 +56,7 @@ def up() -> int:
 
     STATE.mkdir(parents=True, exist_ok=True)
     lab = FleetLab("demo")
-    state = lab.up([("edge", "docker"), ("gpu1", "agent"), ("sysd", "systemd")])
+    state = lab.up([("edge", "docker"), ("gpu1", "agent"), ("gpu2", "agent"), ("sysd", "systemd")])
     build_busybox_image(f"unix://{state.host('edge').docker_socket}")
     server = start_server(STATE)
     api = server["url"]
@@ -66,17 +69,22 @@ def up() -> int:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
     here = start_worker(api, POOLS[0], STATE / "here", STATE / "worker-here.log")
     (STATE / "worker-here.pid").write_text(f"{here.pid}\n")
-    lab.start_agent(state, "gpu1", api, POOLS[1], STATE / "gpu1", STATE / "worker-gpu1.log")
+    for host, pool in zip(AGENTS, POOLS[1:], strict=True):
+        lab.start_agent(state, host, api, pool, STATE / host, STATE / f"worker-{host}.log")
     path = _stack_file(state)
     from flows.deploy import deploy_stack
 
     result = deploy_stack([str(path)], dispatch=True)
     parts = ", ".join(f"{p['host']}: {'+'.join(sorted(p['units']))}" for p in result["dispatched"])
-    gpu1, edge = state.host("gpu1").address, state.host("edge").address
+    edge = state.host("edge").address
     print(f"\nFleet demo deployed ({parts}); stack file {path}")
     print(f"  Prefect UI        {server['ui']}")
-    print(f"  gateway (chat)    http://{gpu1}:18080/v1/models   (on gpu1)")
-    print(f"  chat replicas     http://{gpu1}:18000/metrics  http://{gpu1}:18001/metrics")
+    print(f"  gateway (chat)    http://{edge}:18080/v1/models   (on edge, over gpu1 and gpu2)")
+    for host in AGENTS:
+        address = state.host(host).address
+        print(
+            f"  chat on {host}       http://{address}:18000/metrics  http://{address}:18001/metrics"
+        )
     print(f"  web (Docker)      http://{edge}:8080/   (on edge)")
     print(f"  worker (systemd)  on sysd {state.host('sysd').address}")
     print("  (the lab's addresses are reachable from this machine only; as root)")
@@ -122,7 +130,8 @@ def down() -> int:
             timeout=300,
             check=False,
         )
-    removed = FleetLab("demo").down()  # gpu1's worker, units and gateway end with its namespace
+    # the agents' workers and units, and nginx on edge, end with their namespaces
+    removed = FleetLab("demo").down()
     stopped = stop_server(STATE) if STATE.exists() else False
     print(f"fleet demo: removed {len(removed)} lab thing(s); Prefect server stopped: {stopped}")
     return 0

@@ -1,6 +1,7 @@
-"""`make fleet-demo` / `make fleet-demo-down` (scripts/fleet_demo.py): three fleet-lab hosts
-deployed through the local Prefect server; the URLs it prints answer; down removes it all.
-Not as root, it says so and exits 2."""
+"""`make fleet-demo` / `make fleet-demo-down` (scripts/fleet_demo.py): four fleet-lab hosts
+deployed through the local Prefect server; the URLs it prints answer, the gateway on edge
+balancing the one model over the replicas of both model hosts; down removes it all. Not as
+root, it says so and exits 2."""
 
 from __future__ import annotations
 
@@ -60,12 +61,17 @@ def test_fleet_demo_up_serves_and_down_removes_everything(tmp_path: Path) -> Non
         assert gateway, up.stdout
         assert web, up.stdout
         assert re.search(r"Prefect UI\s+http://127\.0\.0\.1:\d+", up.stdout)
-        conn = http.client.HTTPConnection(gateway[1], int(gateway[2]), timeout=5)
-        body = json.dumps({"model": "chat", "prompt": "hi", "max_tokens": 2})
-        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-        answer = conn.getresponse()
-        assert answer.status == 200
-        assert json.loads(answer.read())["model"] == "chat"
+        replicas = re.findall(r"chat on (gpu\d)\s+(http://[\d.]+:\d+)/metrics", up.stdout)
+        assert [host for host, _ in replicas] == ["gpu1", "gpu2"], up.stdout
+        for _ in range(40):
+            conn = http.client.HTTPConnection(gateway[1], int(gateway[2]), timeout=5)
+            body = json.dumps({"model": "chat", "prompt": "hi", "max_tokens": 2})
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            answer = conn.getresponse()
+            assert answer.status == 200
+            assert json.loads(answer.read())["model"] == "chat"
+        for host, url in replicas:  # the one route reached both model hosts
+            assert served(url) > 0, host
         conn = http.client.HTTPConnection(web[1], int(web[2]), timeout=5)
         conn.request("GET", "/")
         assert conn.getresponse().status in (200, 404)  # busybox httpd answers
@@ -80,6 +86,23 @@ def test_fleet_demo_up_serves_and_down_removes_everything(tmp_path: Path) -> Non
     )
     assert leftover.stdout.strip() == ""
     assert started_under(state) == []  # no Prefect server (or anything) left behind
+
+
+def served(base: str) -> float:
+    """Completions the simulators of one model host served: vllm:request_success_total of both
+    its replicas (ports 18000 and 18001)."""
+    address = base.removeprefix("http://").split(":")[0]
+    total = 0.0
+    for port in (18000, 18001):
+        conn = http.client.HTTPConnection(address, port, timeout=5)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        total += sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("vllm:request_success_total")
+        )
+    return total
 
 
 def started_under(state: Path) -> list[int]:

@@ -159,3 +159,18 @@ def test_a_problem_in_a_part_points_at_the_declared_units_lines(tmp_path: Path) 
         load_config([path], {})
     text = str(caught.value)
     assert f"{path}:9 models.chat-m1.port" in text, text
+
+
+def test_a_gateway_on_an_agent_host_routes_only_that_hosts_units() -> None:
+    """An agent host's nginx is driven by the deploy part its own worker runs; the part of
+    another host cannot reach it, so such a stack is refused when it is read."""
+    agents = data()
+    for name in ("m1", "m2"):
+        agents["hosts"][name]["work_pool"] = f"pool-{name}"
+    agents["gateway"]["host"] = "m1"
+    agents["gateway"]["bind"] = "0.0.0.0"
+    with pytest.raises(ValidationError, match=r"gateway\.host: the gateway runs on agent host"):
+        Stack.model_validate(agents)
+    del agents["models"]["chat"]["hosts"]
+    agents["models"]["chat"]["host"] = "m1"  # its own host's units alone: allowed
+    assert Stack.model_validate(agents).gateway is not None
