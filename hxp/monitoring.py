@@ -376,6 +376,16 @@ def has_gpus(stack: Stack) -> bool:
     return any(m.engine == "vllm" for m in stack.models.values())
 
 
+def unit_down_for(stack: Stack) -> float:
+    """HxpUnitDown's `for`: `alerts.down_for` plus one scrape interval and two evaluations.
+    When a host dies, its targets fail their scrapes up to one scrape interval apart, and
+    HxpHostDown (every target down, `for` down_for) can start firing only after the last of
+    them, up to an evaluation later still; with the margin it fires first, so the unit alerts
+    of that host reach Alertmanager already inhibited, however short `group_wait` is."""
+    prom = _prometheus(stack)
+    return _monitoring(stack).alerts.down_for + prom.scrape_interval + 2 * evaluation_interval(prom)
+
+
 def alert_rules(stack: Stack) -> list[AlertRule]:
     """Every alert of the stack, each with a severity, a scope and a runbook."""
     mon = _monitoring(stack)
@@ -392,7 +402,7 @@ def alert_rules(stack: Stack) -> list[AlertRule]:
             "{{ $labels.replica }} of {{ $labels.stack }} is down",
             "Prometheus cannot scrape {{ $labels.replica }} (unit {{ $labels.unit }}) on host "
             "{{ $labels.host }}: no slot of the replica answers on /metrics.",
-            down,
+            unit_down_for(stack),
         ),
         AlertRule(
             "HxpHostDown",
