@@ -76,6 +76,11 @@ def up() -> int:
 
     result = deploy_stack([str(path)], dispatch=True)
     parts = ", ".join(f"{p['host']}: {'+'.join(sorted(p['units']))}" for p in result["dispatched"])
+    from flows.monitoring import deploy_monitoring
+
+    # Prometheus on this machine (the stack's host `here`), in the state of the worker here
+    monitoring = deploy_monitoring([str(path)], state_dir=str(STATE / "here"))
+    up_targets = len(monitoring["targets_up"])
     edge = state.host("edge").address
     print(f"\nFleet demo deployed ({parts}); stack file {path}")
     print(f"  Prefect UI        {server['ui']}")
@@ -83,8 +88,10 @@ def up() -> int:
     for host in AGENTS:
         address = state.host(host).address
         print(
-            f"  chat on {host}       http://{address}:18000/metrics  http://{address}:18001/metrics"
+            f"  chat on {host}      http://{address}:18000/metrics  http://{address}:18001/metrics"
         )
+    prometheus = monitoring["urls"]["prometheus"]
+    print(f"  Prometheus        {prometheus}/targets   ({up_targets} targets up; on this machine)")
     print(f"  web (Docker)      http://{edge}:8080/   (on edge)")
     print(f"  worker (systemd)  on sysd {state.host('sysd').address}")
     print("  (the lab's addresses are reachable from this machine only; as root)")
@@ -117,6 +124,18 @@ def down() -> int:
     path = STATE / "fleet-demo.yaml"
     running = server_status(STATE) if STATE.exists() else None
     if path.exists() and running is not None:
+        # Prometheus (on this machine, in the state of the worker here)
+        subprocess.run(
+            [sys.executable, "-m", "hxp_cli", "monitoring", "--down", "-f", str(path)],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "HXP_STATE_DIR": str(STATE / "here"),
+                "PREFECT_API_URL": running["url"],
+            },
+            timeout=300,
+            check=False,
+        )
         # What the worker here deployed (the Docker and systemd units), its flow run on the
         # demo's server (else `hxp down` would start a server of its own in that state dir).
         subprocess.run(

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,19 @@ def test_fleet_demo_up_serves_and_down_removes_everything(tmp_path: Path) -> Non
             assert json.loads(answer.read())["model"] == "chat"
         for host, url in replicas:  # the one route reached both model hosts
             assert served(url) > 0, host
+        # Prometheus (on this machine) scrapes the replicas of both model hosts by address
+        prom = re.search(r"Prometheus\s+http://(127\.0\.0\.1):(\d+)/targets", up.stdout)
+        assert prom, up.stdout
+        deadline = time.monotonic() + 30
+        while True:
+            conn = http.client.HTTPConnection(prom[1], int(prom[2]), timeout=5)
+            conn.request("GET", "/api/v1/targets")
+            active = json.loads(conn.getresponse().read())["data"]["activeTargets"]
+            up_on = {t["labels"].get("host") for t in active if t["health"] == "up"}
+            if {"gpu1", "gpu2"} <= up_on:
+                break
+            assert time.monotonic() < deadline, active
+            time.sleep(1)
         conn = http.client.HTTPConnection(web[1], int(web[2]), timeout=5)
         conn.request("GET", "/")
         assert conn.getresponse().status in (200, 404)  # busybox httpd answers
