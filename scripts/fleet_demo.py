@@ -124,31 +124,21 @@ def down() -> int:
     path = STATE / "fleet-demo.yaml"
     running = server_status(STATE) if STATE.exists() else None
     if path.exists() and running is not None:
-        # Prometheus (on this machine, in the state of the worker here)
-        subprocess.run(
-            [sys.executable, "-m", "hxp_cli", "monitoring", "--down", "-f", str(path)],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "HXP_STATE_DIR": str(STATE / "here"),
-                "PREFECT_API_URL": running["url"],
-            },
-            timeout=300,
-            check=False,
-        )
-        # What the worker here deployed (the Docker and systemd units), its flow run on the
-        # demo's server (else `hxp down` would start a server of its own in that state dir).
-        subprocess.run(
-            [sys.executable, "-m", "hxp_cli", "down", "-f", str(path)],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "HXP_STATE_DIR": str(STATE / "here"),
-                "PREFECT_API_URL": running["url"],
-            },
-            timeout=300,
-            check=False,
-        )
+        # Prometheus (on this machine), then what the worker here deployed (the Docker and
+        # systemd units): in its state, as flow runs on the demo's server (else `hxp down`
+        # would start a server of its own in that state dir).
+        for command in (["monitoring", "--down"], ["down"]):
+            subprocess.run(
+                [sys.executable, "-m", "hxp_cli", *command, "-f", str(path)],
+                cwd=ROOT,
+                env={
+                    **os.environ,
+                    "HXP_STATE_DIR": str(STATE / "here"),
+                    "PREFECT_API_URL": running["url"],
+                },
+                timeout=300,
+                check=False,
+            )
     # the agents' workers and units, and nginx on edge, end with their namespaces
     removed = FleetLab("demo").down()
     stopped = stop_server(STATE) if STATE.exists() else False

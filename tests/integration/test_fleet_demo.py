@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.fleet_lab import lab_available
+from tests.support.loadgen import served
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "fleet_demo.py"
@@ -72,7 +73,7 @@ def test_fleet_demo_up_serves_and_down_removes_everything(tmp_path: Path) -> Non
             assert answer.status == 200
             assert json.loads(answer.read())["model"] == "chat"
         for host, url in replicas:  # the one route reached both model hosts
-            assert served(url) > 0, host
+            assert served_by_host(url) > 0, host
         # Prometheus (on this machine) scrapes the replicas of both model hosts by address
         prom = re.search(r"Prometheus\s+http://(127\.0\.0\.1):(\d+)/targets", up.stdout)
         assert prom, up.stdout
@@ -102,21 +103,10 @@ def test_fleet_demo_up_serves_and_down_removes_everything(tmp_path: Path) -> Non
     assert started_under(state) == []  # no Prefect server (or anything) left behind
 
 
-def served(base: str) -> float:
-    """Completions the simulators of one model host served: vllm:request_success_total of both
-    its replicas (ports 18000 and 18001)."""
+def served_by_host(base: str) -> float:
+    """Completions both replicas of one model host served (ports 18000 and 18001)."""
     address = base.removeprefix("http://").split(":")[0]
-    total = 0.0
-    for port in (18000, 18001):
-        conn = http.client.HTTPConnection(address, port, timeout=5)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        total += sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("vllm:request_success_total")
-        )
-    return total
+    return served(address, 18000) + served(address, 18001)
 
 
 def started_under(state: Path) -> list[int]:

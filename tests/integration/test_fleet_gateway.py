@@ -44,7 +44,7 @@ from hxp.health import SweepSettings
 from hxp.io.gateway import stack_gateway
 from hxp.io.sweep import sweep_stack
 from tests.support.fleet_lab import FleetLab, LabState, lab_available
-from tests.support.loadgen import BackgroundLoad
+from tests.support.loadgen import BackgroundLoad, served
 from tests.support.stacks import SHORT_BAKE, SIM_ARGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -173,18 +173,6 @@ def get(address: str, port: int, path: str) -> Any:
     return json.loads(response.read())
 
 
-def successes(address: str, port: str) -> float:
-    """vllm:request_success_total of the simulator at address:port (every finish reason)."""
-    conn = http.client.HTTPConnection(address, int(port), timeout=5)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("vllm:request_success_total")
-    )
-
-
 def netns_inode(pid: int) -> int:
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
@@ -248,9 +236,9 @@ def test_blue_green_move_on_two_hosts_behind_a_gateway_on_a_third_loses_nothing(
     }
     # the one route balanced the load over both hosts' new replicas
     for unit, servers in new.items():
-        served = sum(successes(*s.split(":")) for s in servers)
-        print(f"{unit}: its new replicas served {served:.0f} requests")
-        assert served > 0, unit
+        count = sum(served(s.split(":")[0], int(s.split(":")[1])) for s in servers)
+        print(f"{unit}: its new replicas served {count:.0f} requests")
+        assert count > 0, unit
     assert {u: sorted(s) for u, s in gateway.servers().items()} == new
     assert gateway.master_pid() == pid  # reloads all along, never a restart
     for port in ROUTES.values():

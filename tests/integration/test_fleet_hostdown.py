@@ -43,6 +43,7 @@ from hxp.io.sweep import sweep_stack
 from hxp.store import Store
 from tests.support.fleet_lab import FleetLab, LabState, lab_available
 from tests.support.lab_units import start_host_units
+from tests.support.loadgen import served
 from tests.support.stacks import SHORT_BAKE, SIM_ARGS
 
 pytestmark = pytest.mark.slow
@@ -379,18 +380,7 @@ def test_host_failure_drill_under_load(clean: Fleet) -> None:
 
 def successes(fleet: Fleet, host: str) -> float:
     """Completions the host's replicas answered (their vllm:request_success_total)."""
-    total = 0.0
-    for server in fleet.servers[host]:
-        address, port = server.split(":")
-        conn = http.client.HTTPConnection(address, int(port), timeout=2)
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-        total += sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("vllm:request_success_total")
-        )
-    return total
+    return sum(served(s.split(":")[0], int(s.split(":")[1])) for s in fleet.servers[host])
 
 
 SCRAPE = 0.5  # seconds: scrape and rule evaluation interval

@@ -7,6 +7,7 @@ after N requests (with `until`: after N, once the event is set).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import threading
 import time
 from collections import Counter
@@ -167,3 +168,16 @@ class ContinuousLoad:
     def between(self, start: float, end: float) -> list[Answer]:
         """The answers to requests sent within [start, end)."""
         return [a for a in list(self.answers) if start <= a.at < end]
+
+
+def served(address: str, port: int) -> float:
+    """Completions the simulator (or vLLM) at address:port answered: the sum of its
+    vllm:request_success_total over every finish reason."""
+    conn = http.client.HTTPConnection(address, port, timeout=5)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("vllm:request_success_total")
+    )
