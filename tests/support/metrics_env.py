@@ -24,16 +24,34 @@ from tests.support.loadgen import run_load
 ROOT = Path(__file__).parents[2]
 
 
-def free_port() -> int:
+# Ports this process has handed out: a port is free again once its probe socket closes, so a
+# later free_port() could return one of a run free_ports() gave (a clash a stack then refuses).
+_GIVEN: set[int] = set()
+
+
+def _unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def free_ports(n: int) -> int:
-    """The first of `n` consecutive free ports (a model's replicas take port, port+1, ...)."""
+def free_port() -> int:
+    """A free loopback port that this process has not handed out before."""
     for _ in range(200):
-        base = free_port()
+        port = _unused_port()
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+    raise RuntimeError("no free port")
+
+
+def free_ports(n: int) -> int:
+    """The first of `n` consecutive free ports (a model's replicas take port, port+1, ...),
+    none handed out before by this process."""
+    for _ in range(200):
+        base = _unused_port()
+        if _GIVEN & set(range(base, base + n)):
+            continue
         if base + n > 65535:
             continue
         try:
@@ -47,6 +65,7 @@ def free_ports(n: int) -> int:
         finally:
             for s in held:
                 s.close()
+        _GIVEN.update(range(base, base + n))
         return base
     raise RuntimeError("no run of free ports")
 
