@@ -468,7 +468,7 @@ def _dispatch(
     a failed part stops the waves after it and the run fails naming the host.
     """
     logger = get_run_logger()
-    wanted = {p for u in units for p in stack.unit_names(u)} if units else set(stack.units())
+    wanted = set(stack.named_units(units)) if units else set(stack.units())
     pools: dict[str, str] = {}
     for unit in sorted(wanted):
         host = stack.unit(unit).host
@@ -568,7 +568,7 @@ def apply_config(
     stack = effective.stack
     # UnknownUnitError names a unit the stack lacks; a unit declared with `hosts:` means each
     # of its parts
-    only = {part for unit in units for part in stack.unit_names(unit)} if units else None
+    only = set(stack.named_units(units)) if units else None
     # Before anything else: every host this deploy must reach answers (a deploy that would
     # reach a dead host fails here, before it changed anything anywhere; hxp.io.reach).
     checked = preflight(stack, sorted(only) if only else None)

@@ -72,7 +72,7 @@ def _selected(stack: Stack, units: list[str] | None) -> list[str]:
         return sorted(stack.units())
     # UnknownUnitError names the unit and what the stack has; a unit declared with `hosts:`
     # means each of its parts
-    return sorted({part for unit in units for part in stack.unit_names(unit)})
+    return stack.named_units(units)
 
 
 def _summarise(run: GraphRun[Any], action: str) -> dict[str, Any]:

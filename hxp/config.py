@@ -20,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from hxp.errors import Issue, Location, StackFileError, StackValidationError
-from hxp.spec import CURRENT_VERSION, Stack
+from hxp.spec import CURRENT_VERSION, Stack, part_name
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 200_000
@@ -611,7 +611,7 @@ def _locate_parts(data: Data, prov: dict[PathKey, Location]) -> None:
                 continue
             declared = (kind, name)
             for host in hosts:
-                part = (kind, f"{name}-{host}")
+                part = (kind, part_name(name, host))
                 prov.update(
                     {part + key[2:]: loc for key, loc in list(prov.items()) if key[:2] == declared}
                 )

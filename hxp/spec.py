@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -888,6 +888,11 @@ class MetricsSpec(_Model):
 UnitSpec = ServiceSpec | ModelSpec
 
 
+def part_name(unit: str, host: str) -> str:
+    """The name of the part on `host` of a unit declared with `hosts:`."""
+    return f"{unit}-{host}"
+
+
 def spread_hosts(data: Any) -> Any:
     """A unit declared on several hosts (`hosts: [a, b]`, each running `replicas` replicas)
     becomes one unit per host, named `<unit>-<host>`, with `host` set and `part_of: <unit>`.
@@ -940,7 +945,7 @@ def spread_hosts(data: Any) -> Any:
             body = {k: v for k, v in unit.items() if k != "hosts"}
             if kind == "models":  # every part serves the model under the declared name
                 body.setdefault("served_name", name)
-            parts[name] = [f"{name}-{h}" for h in hosts]
+            parts[name] = [part_name(name, h) for h in hosts]
             for host, part in zip(hosts, parts[name], strict=True):
                 spread[part] = {**body, "host": host, "part_of": name}
         out[kind] = spread
@@ -1200,6 +1205,10 @@ class Stack(_Model):
             return parts
         self.unit(name)  # raises UnknownUnitError
         return []
+
+    def named_units(self, names: Iterable[str]) -> list[str]:
+        """`unit_names` of each name, together, sorted."""
+        return sorted({part for name in names for part in self.unit_names(name)})
 
     def dependencies(self) -> dict[str, list[str]]:
         """unit -> the units it depends on."""

@@ -417,7 +417,8 @@ class SystemdBackend:
                 self._install(unit, h, rev, secrets)
             case Start(ref=ref):
                 self._require_installed(_checked(ref))
-                self._launch(ref, "start", SYSTEMCTL_TIMEOUT)
+                self._systemctl("reset-failed", ref, check=False)
+                self._systemctl("start", ref)
             case Stop(ref=ref, grace_seconds=grace):
                 self._systemctl("stop", _checked(ref), timeout=grace + SYSTEMCTL_TIMEOUT)
             case Remove(ref=ref):
@@ -425,15 +426,8 @@ class SystemdBackend:
             case Restore(ref=ref):
                 self._restore(_checked(ref))
             case Commit(ref=ref):
-                self.runner.run(
-                    [
-                        "rm",
-                        "-f",
-                        "--",
-                        self.previous_path(_checked(ref)),
-                        self.previous_env_path(ref),
-                    ]
-                )
+                self.runner.run(["rm", "-f", "--", self.previous_path(_checked(ref))])
+                self.runner.run(["rm", "-f", "--", self.previous_env_path(ref)])
 
     def logs(self, ref: UnitRef, lines: int = 50, since: LogScope = "run") -> list[str]:
         """The journal of the unit's current invocation: what its program wrote and what
@@ -508,43 +502,6 @@ class SystemdBackend:
             ["systemctl", verb, *flags, "--", self.unit_name(ref)], check=check, timeout=timeout
         )
 
-    def _launch(self, ref: UnitRef, verb: str, timeout: float, enable: bool = False) -> None:
-        """`systemctl reset-failed` (a failed unit refuses to start) then `verb` (start,
-        restart), after `enable --no-reload` when asked: one command, one SSH round trip."""
-        script = (
-            '{ [ "$2" = no ] || systemctl enable --no-reload -- "$1"; } && '
-            '{ systemctl reset-failed -- "$1" 2>/dev/null; systemctl "$3" -- "$1"; }'
-        )
-        name = self.unit_name(ref)
-        self.runner.run(
-            ["sh", "-c", script, "sh", name, "yes" if enable else "no", verb], timeout=timeout
-        )
-
-    def _put_unit_file(self, user: str, path: str, content: str, stale_env: str | None) -> None:
-        """Make sure the system user exists, remove a stale environment file, and replace the
-        unit file atomically: one command (one SSH round trip, not four)."""
-        if not _USER_RE.fullmatch(user):
-            raise BackendError(f"invalid user name {user!r}")
-        script = (
-            'if ! id -u -- "$1" >/dev/null 2>&1; then '
-            "useradd --system --user-group --no-create-home --home-dir /nonexistent "
-            '--shell /usr/sbin/nologin -- "$1" || id -u -- "$1" >/dev/null 2>&1 || exit 65; fi; '
-            '{ [ -z "$4" ] || rm -f -- "$4"; } && '
-            'cat > "$2.hxp-tmp" && chmod "$3" -- "$2.hxp-tmp" && mv -f -- "$2.hxp-tmp" "$2"'
-        )
-        done = self.runner.run(
-            ["sh", "-c", script, "sh", user, path, "644", stale_env or ""],
-            input=content.encode("utf-8"),
-            check=False,
-        )
-        if done.returncode == 65:  # two units deployed at once may both add it: not an error
-            raise BackendError(f"cannot add system user {user!r}: {done.error_text}")
-        if done.returncode != 0:
-            raise BackendError(
-                f"{self.runner.description}: cannot write {path}: exit {done.returncode}: "
-                f"{done.error_text or '(no output)'}"
-            )
-
     def _daemon_reload(self) -> None:
         """Make systemd read the unit files written so far: one `daemon-reload` for every
         change made before it started (ReloadBatch: 10 units created side by side on a host
@@ -557,6 +514,32 @@ class SystemdBackend:
         probe = self.runner.run(["test", "-f", self.unit_path(ref)], check=False)
         if probe.returncode != 0:
             raise BackendError("not created", unit=str(ref))
+
+    def _ensure_user(self, user: str) -> None:
+        if not _USER_RE.fullmatch(user):
+            raise BackendError(f"invalid user name {user!r}")
+        if self.runner.run(["id", "-u", "--", user], check=False).returncode == 0:
+            return
+        added = self.runner.run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                "--",
+                user,
+            ],
+            check=False,
+        )
+        # Two units deployed at once may both add the user: only a missing user is an error.
+        if added.returncode == 0:
+            return
+        if self.runner.run(["id", "-u", "--", user], check=False).returncode != 0:
+            raise BackendError(f"cannot add system user {user!r}: {added.error_text}")
 
     def _install(
         self, unit: UnitInstance, config_hash: str, revision: int, secrets: Mapping[str, str]
@@ -571,6 +554,7 @@ class SystemdBackend:
             )
         env_text = env_file_text({k: secrets[k] for k in unit.spec.secret_env})
         content = render_unit(unit, config_hash, revision)
+        self._ensure_user(unit.spec.user)
         path = self.unit_path(ref)
         current = self.runner.read_file(path)
         # A restart first stops the running version: allow for the longer stop timeout.
@@ -588,10 +572,13 @@ class SystemdBackend:
         if unit.spec.secret_env:
             self.runner.run(["install", "-d", "-m", "0700", "--", f"{ENV_ROOT}/{ref.stack}"])
             self.runner.write_file(self.env_path(ref), env_text, 0o600)
-        stale_env = None if unit.spec.secret_env else self.env_path(ref)
-        self._put_unit_file(unit.spec.user, path, content, stale_env)
+        else:
+            self.runner.run(["rm", "-f", "--", self.env_path(ref)])
+        self.runner.write_file(path, content, 0o644)
         self._daemon_reload()
-        self._launch(ref, "restart", budget, enable=True)  # enable --no-reload: reloaded above
+        self._systemctl("enable", ref, flags=("--no-reload",))  # reloaded just above
+        self._systemctl("reset-failed", ref, check=False)
+        self._systemctl("restart", ref, timeout=budget)
 
     def _restore(self, ref: UnitRef) -> None:
         previous = self.runner.read_file(self.previous_path(ref))
@@ -606,7 +593,8 @@ class SystemdBackend:
             self.runner.run(["rm", "-f", "--", self.previous_env_path(ref)])
         self.runner.run(["rm", "-f", "--", self.previous_path(ref)])
         self._daemon_reload()
-        self._launch(ref, "restart", budget)
+        self._systemctl("reset-failed", ref, check=False)
+        self._systemctl("restart", ref, timeout=budget)
 
     def _remove(self, ref: UnitRef) -> None:
         installed = self.runner.read_file(self.unit_path(ref))
